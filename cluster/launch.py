@@ -1,0 +1,145 @@
+"""Launch real Scatter nodes on free loopback ports, and stop or break them by PID.
+
+Used by the tests, the benchmark and by hand::
+
+    python -m cluster.launch --nodes 1      # prints each node's address and pid, Ctrl-C stops
+
+A ``LocalNode`` owns one node process (and through it, its worker processes, which die
+with it). Nothing is ever stopped by name: only the PIDs this module started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class LocalNode:
+    """One node process on loopback, with its own data directory."""
+
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "node not started"
+        return self.process.pid
+
+    def start(self, timeout: float = 30.0) -> LocalNode:
+        """Start the node and wait until it accepts connections."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.data_dir / "node.log"
+        env = dict(os.environ, SCATTER_AUTOSTART="0")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "scatter._node",
+                    "--address",
+                    self.address,
+                    "--data-dir",
+                    str(self.data_dir),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
+        deadline = time.monotonic() + timeout
+        while not port_open(self.host, self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"node exited with {self.process.returncode}: {self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise TimeoutError(f"node at {self.address} did not listen in {timeout} s")
+            time.sleep(0.02)
+        return self
+
+    def log(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in time."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: the node gets no chance to clean up (its workers die with it)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def pause(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def __enter__(self) -> LocalNode:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m cluster.launch")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--data-root", type=Path, default=None)
+    args = parser.parse_args(argv)
+    root = args.data_root or Path(tempfile.mkdtemp(prefix="scatter-cluster-"))
+    nodes = [LocalNode(root / f"node-{i}") for i in range(args.nodes)]
+    try:
+        for node in nodes:
+            node.start()
+            print(f"{node.address} pid {node.pid} data {node.data_dir}", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            while all(n.process is not None and n.process.poll() is None for n in nodes):
+                time.sleep(0.5)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+if __name__ == "__main__":
+    main()

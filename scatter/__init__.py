@@ -1,0 +1,84 @@
+"""Scatter: plain, type-annotated Python functions as versioned remote functions.
+
+Example::
+
+    from scatter import scatter, make_callable
+
+    @scatter
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    make_callable("add")(1, 2)   # 3, validated on both sides
+"""
+
+from ._api import (
+    connect as connect,
+    current_version as current_version,
+    functions as functions,
+    make_callable as make_callable,
+    rollback as rollback,
+    scatter as scatter,
+    vaporize as vaporize,
+    versions as versions,
+)
+from ._client import Client as Client, RemoteFunction as RemoteFunction
+from ._core._registry import FunctionInfo as FunctionInfo, VersionInfo as VersionInfo
+from ._exceptions import (
+    CallTimeout as CallTimeout,
+    ConfigError as ConfigError,
+    FunctionNotFound as FunctionNotFound,
+    NotScatterable as NotScatterable,
+    ProtocolError as ProtocolError,
+    RemoteError as RemoteError,
+    ScatterError as ScatterError,
+    SignatureChanged as SignatureChanged,
+    Unreachable as Unreachable,
+    ValidationError as ValidationError,
+    VersionNotFound as VersionNotFound,
+    WorkerCrashed as WorkerCrashed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallTimeout",
+    "Client",
+    "ConfigError",
+    "FunctionInfo",
+    "FunctionNotFound",
+    "NotScatterable",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteFunction",
+    "ScatterError",
+    "SignatureChanged",
+    "Unreachable",
+    "ValidationError",
+    "VersionInfo",
+    "VersionNotFound",
+    "WorkerCrashed",
+    "connect",
+    "current_version",
+    "functions",
+    "make_callable",
+    "rollback",
+    "scatter",
+    "vaporize",
+    "versions",
+]
+
+
+def _fixup_module_metadata() -> None:
+    # Tracebacks and pickles say scatter.RemoteError, not scatter._exceptions.RemoteError
+    # (trio's fixup_module_metadata).
+    for name in __all__:
+        obj = globals()[name]
+        if getattr(obj, "__module__", "").startswith("scatter."):
+            try:
+                obj.__module__ = "scatter"
+            except (AttributeError, TypeError):
+                pass
+
+
+_fixup_module_metadata()
+del _fixup_module_metadata

@@ -1,0 +1,5 @@
+"""``python -m scatter``: the command line."""
+
+from ._cli import main
+
+main()

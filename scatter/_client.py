@@ -1,0 +1,562 @@
+"""The client: control requests to a node, calls straight to the node's workers.
+
+``Client`` is blocking and never starts an event loop, so it works the same from a
+script, from threads and from inside a running loop (a Jupyter kernel). Async callers
+use ``RemoteFunction.call_async``, which runs the blocking call in a worker thread of
+whichever library (trio or asyncio) is running.
+
+Sockets are never shared between threads at the same time: control requests use one
+DEALER per thread; calls check a worker connection out of a pool and put it back.
+
+A call's path: ``RemoteFunction.__call__`` binds (Python's own TypeError on bad arity),
+encodes and validates the arguments with the version's ``CallSpec``, checks out a
+``WorkerConnection``, sends one ``Call`` frame, waits for one ``Result`` or ``Failure``
+frame, and decodes the result with the same spec. One message each way, no hop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cloudpickle
+import msgspec
+import zmq
+
+from . import _wire
+from ._config import ClientConfig, data_dir_for, parse_address, resolve_client_config
+from ._core._signature import CallSpec, build_call_spec
+from ._exceptions import (
+    CallTimeout,
+    FunctionNotFound,
+    ProtocolError,
+    RemoteError,
+    ScatterError,
+    SignatureChanged,
+    Unreachable,
+    ValidationError,
+    VersionNotFound,
+    WorkerCrashed,
+)
+
+T = TypeVar("T")
+
+# A worker interrupts a call at its deadline and kills it `kill_grace` later; the client
+# waits that long plus this margin before it gives up on the reply itself.
+_REPLY_MARGIN = 3.0
+# How often a waiting call checks whether its worker's connection dropped (seconds):
+# the delay before a crashed worker (os._exit, segfault) is reported.
+_CRASH_CHECK_INTERVAL = 0.1
+
+
+def error_from_failure(failure: _wire.Failure) -> ScatterError:
+    """The exception a Failure stands for (the client-side half of the error tree)."""
+    kind = failure.kind
+    if kind == "remote":
+        return RemoteError(failure.remote_type, failure.message, failure.remote_traceback)
+    if kind == "validation":
+        return ValidationError(failure.message, parameter=failure.parameter, path=failure.path)
+    if kind == "not_found":
+        return FunctionNotFound(failure.message)
+    if kind == "version_not_found":
+        return VersionNotFound(failure.message)
+    if kind == "signature_changed":
+        return SignatureChanged(
+            failure.message,
+            name=failure.name,
+            old_version=failure.old_version,
+            new_version=failure.new_version,
+        )
+    if kind == "timeout":
+        return CallTimeout(failure.message)
+    if kind == "protocol":
+        return ProtocolError(failure.message)
+    if kind == "load":
+        return RemoteError("scatter.LoadError", failure.message)
+    return ScatterError(failure.message)
+
+
+class _Undelivered(Exception):
+    """The call never left this process: safe to retry elsewhere."""
+
+
+class WorkerConnection:
+    """One DEALER socket to one leased worker, used by one thread at a time."""
+
+    def __init__(self, context: zmq.Context[Any], lease: int, endpoint: str) -> None:
+        self.lease = lease
+        self.endpoint = endpoint
+        self.sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        # Queue only on a live connection, so a send to a dead worker fails (and can be
+        # retried) instead of waiting forever for a reconnect.
+        self.sock.setsockopt(zmq.IMMEDIATE, 1)
+        self.sock.setsockopt(zmq.SNDTIMEO, 5000)
+        self.sock.setsockopt(zmq.RCVTIMEO, int(_CRASH_CHECK_INTERVAL * 1000))
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.sock.connect(endpoint)
+        self.broken = False
+
+    def dropped(self) -> bool:
+        with contextlib.suppress(zmq.Again):
+            if self.monitor.recv_multipart(zmq.NOBLOCK):
+                self.broken = True
+        return self.broken
+
+    def request(self, frame: bytes, call_id: int, timeout: float) -> _wire.Result | _wire.Failure:
+        """Send one call, wait for its reply; a dropped connection raises WorkerCrashed."""
+        try:
+            self.sock.send(frame)
+        except zmq.Again:
+            self.broken = True
+            raise _Undelivered from None
+        started = time.monotonic()
+        give_up = started + timeout + _REPLY_MARGIN
+        recv = self.sock.recv
+        decode = _wire.worker_reply_decoder.decode
+        while True:
+            try:
+                reply = decode(recv())
+            except zmq.Again:
+                now = time.monotonic()
+                if self.dropped():
+                    if now - started >= timeout:
+                        raise CallTimeout(
+                            f"the call ran past its timeout of {timeout:g} s; its worker was "
+                            "stopped and replaced"
+                        ) from None
+                    raise WorkerCrashed(
+                        "scatter.WorkerCrashed",
+                        "the process running the call exited before answering (os._exit, "
+                        "a crash in a C extension, or the node stopped); the node replaces "
+                        "it and keeps serving",
+                    ) from None
+                if now > give_up:
+                    self.broken = True
+                    raise CallTimeout(
+                        f"no reply within {timeout + _REPLY_MARGIN:g} s (timeout {timeout:g} s)"
+                    ) from None
+                continue
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ProtocolError(f"malformed reply from {self.endpoint}: {exc}") from None
+            if reply.id == call_id or reply.id == 0:
+                return reply
+
+    def close(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Version:
+    """What a callable knows of the version it validates against; replaced whole."""
+
+    number: int
+    spec: CallSpec
+    timeout: float
+    description: _wire.Description
+
+
+class Client:
+    """A blocking client of one node.
+
+    Args:
+        address: the node's address, such as ``tcp://127.0.0.1:4242``; default
+            ``SCATTER_ADDRESS``, else ``tcp://127.0.0.1:4242``.
+        autostart: start a detached local node when none answers (default: on, unless
+            ``SCATTER_AUTOSTART=0`` or the address is not on loopback).
+
+    Example::
+
+        client = scatter.Client("tcp://127.0.0.1:4242")
+        add = client.make_callable("add")
+        add(1, 2)
+    """
+
+    def __init__(self, address: str | None = None, *, autostart: bool | None = None) -> None:
+        config = resolve_client_config(address)
+        if autostart is not None:
+            config = ClientConfig(
+                address=config.address,
+                autostart=autostart,
+                connect_timeout=config.connect_timeout,
+                data_dir=config.data_dir,
+                secret=config.secret,
+            )
+        self.config = config
+        self.address = config.address
+        self._context: zmq.Context[Any] = zmq.Context()
+        self._ids = itertools.count(1)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._control_sockets: list[zmq.Socket[bytes]] = []
+        self._idle: list[WorkerConnection] = []
+        self._checked_out = 0
+        self._node_ready = False
+        self._closed = False
+        self._pid = os.getpid()
+        weakref.finalize(self, Client._release_all, self._idle, self._context)
+
+    # -- node control --
+
+    def _control_socket(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] | None = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.address)
+            self._local.sock = sock
+            with self._lock:
+                self._control_sockets.append(sock)
+        return sock
+
+    def _reset_control_socket(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            sock.close(linger=0)
+            self._local.sock = None
+
+    def request(self, make: Callable[[int], Any], timeout: float | None = None) -> Any:
+        """Send one control request (built by ``make(request_id)``) and return its reply."""
+        if self._closed:
+            raise ScatterError("this client is closed")
+        self._ensure_node()
+        request_id = next(self._ids)
+        frame = _wire.encoder.encode(make(request_id))
+        sock = self._control_socket()
+        sock.send(frame)
+        wait_ms = int((timeout or self.config.connect_timeout) * 1000)
+        deadline = time.monotonic() + wait_ms / 1000
+        while True:
+            remaining = max(0, int((deadline - time.monotonic()) * 1000))
+            if not sock.poll(remaining, zmq.POLLIN):
+                # A late answer must not reach the next request: start a fresh socket.
+                self._reset_control_socket()
+                self._node_ready = False
+                raise Unreachable(
+                    f"no node answered at {self.address} within {wait_ms / 1000:g} s; "
+                    "start one with `scatter node start` or set SCATTER_ADDRESS"
+                )
+            try:
+                reply = _wire.control_reply_decoder.decode(sock.recv())
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ProtocolError(f"malformed reply from {self.address}: {exc}") from None
+            if reply.id not in (request_id, 0):
+                continue  # an answer to a request abandoned earlier on this socket
+            if isinstance(reply, _wire.Failure):
+                raise error_from_failure(reply)
+            return reply
+
+    def _ensure_node(self) -> None:
+        if self._node_ready:
+            return
+        host, port = parse_address(self.address)
+        if _port_open(host, port):
+            self._node_ready = True
+            return
+        if not self.config.autostart:
+            raise Unreachable(
+                f"no node answered at {self.address}; start one with `scatter node start`, "
+                "or unset SCATTER_AUTOSTART=0 to let Scatter start one"
+            )
+        with _autostart_lock:
+            if not _port_open(host, port):
+                start_background_node(self.address, self.config.data_dir, announce=True)
+        self._node_ready = True
+
+    # -- the public operations --
+
+    def publish(
+        self, fn: Callable[..., Any], *, name: str | None = None, timeout: float | None = None
+    ) -> _wire.Published:
+        from ._publish import prepare_publish
+
+        fields = prepare_publish(fn, name=name, timeout=timeout)
+        published: _wire.Published = self.request(lambda i: _wire.Publish(id=i, **fields))
+        return published
+
+    def describe(self, name: str, version: int | None = None, *, source: bool = False) -> _wire.Description:
+        description: _wire.Description = self.request(
+            lambda i: _wire.Describe(i, name, version or 0, source)
+        )
+        return description
+
+    def current_version(self, name: str) -> int:
+        return self.describe(name).current_version
+
+    def rollback(self, name: str, to: int | None = None) -> int:
+        moved: _wire.Moved = self.request(lambda i: _wire.Rollback(i, name, to))
+        return moved.version
+
+    def vaporize(self, name: str) -> None:
+        self.request(lambda i: _wire.Vaporize(i, name))
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        listing: _wire.Listing = self.request(lambda i: _wire.ListVersions(i, name))
+        return listing.rows
+
+    def functions(self) -> list[dict[str, Any]]:
+        listing: _wire.Listing = self.request(lambda i: _wire.ListFunctions(i))
+        return listing.rows
+
+    def status(self) -> _wire.NodeStatus:
+        status: _wire.NodeStatus = self.request(lambda i: _wire.Status(i))
+        return status
+
+    def shutdown(self) -> None:
+        """Stop the node this client talks to."""
+        self.request(lambda i: _wire.Shutdown(i))
+
+    def make_callable(self, name: str, version: int | None = None) -> RemoteFunction:
+        return RemoteFunction(self, name, version)
+
+    # -- worker connections --
+
+    def _checkout(self) -> WorkerConnection:
+        if os.getpid() != self._pid:
+            raise ScatterError(
+                "this client was created in another process (before a fork); "
+                "make a new one with scatter.connect() in this process"
+            )
+        with self._lock:
+            while self._idle:
+                connection = self._idle.pop()
+                if not connection.dropped():
+                    return connection
+                connection.close()
+        leased: _wire.Leased = self.request(lambda i: _wire.Lease(i))
+        return WorkerConnection(self._context, leased.lease, leased.endpoint)
+
+    def _checkin(self, connection: WorkerConnection) -> None:
+        if connection.broken or self._closed:
+            self._discard(connection)
+            return
+        with self._lock:
+            self._idle.append(connection)
+
+    def _discard(self, connection: WorkerConnection) -> None:
+        connection.close()
+        with contextlib.suppress(ScatterError):
+            self.request(lambda i: _wire.Release(i, connection.lease), timeout=1.0)
+
+    def call(self, frame_for: Callable[[int], bytes], timeout: float) -> _wire.Result | _wire.Failure:
+        """Send one call to a leased worker; retried once only if it was never delivered."""
+        for attempt in range(2):
+            connection = self._checkout()
+            call_id = next(self._ids)
+            try:
+                reply = connection.request(frame_for(call_id), call_id, timeout)
+            except _Undelivered:
+                self._discard(connection)
+                if attempt:
+                    raise Unreachable(
+                        f"no worker of the node at {self.address} accepted the call"
+                    ) from None
+                continue
+            except BaseException:
+                connection.broken = True
+                self._discard(connection)
+                raise
+            self._checkin(connection)
+            return reply
+        raise AssertionError("unreachable")
+
+    # -- lifecycle --
+
+    def close(self) -> None:
+        """Release leases and sockets. Callables made by this client stop working."""
+        if self._closed:
+            return
+        for connection in list(self._idle):
+            with contextlib.suppress(ScatterError):
+                self.request(lambda i, c=connection: _wire.Release(i, c.lease), timeout=0.5)
+        self._closed = True
+        Client._release_all(self._idle, self._context)
+
+    @staticmethod
+    def _release_all(idle: list[WorkerConnection], context: zmq.Context[Any]) -> None:
+        for connection in idle:
+            connection.close()
+        idle.clear()
+        context.destroy(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class RemoteFunction:
+    """A callable standing for a scattered function: same signature, name and docstring.
+
+    Arguments are validated here before anything is sent, and again on the node.
+    Unpinned (``version=None``), it follows the current version: a body-only update is
+    invisible to callers; a signature change raises ``SignatureChanged`` once, after which
+    the callable validates against the new signature. Pinned, it runs that version while
+    it exists. Safe to share between threads.
+    """
+
+    def __init__(self, client: Client, name: str, version: int | None = None) -> None:
+        self._client = client
+        self._name = name
+        self._pinned = version
+        self._version = self._load(version)
+        self.__name__ = name
+        self.__qualname__ = name
+
+    def _load(self, version: int | None) -> _Version:
+        description = self._client.describe(self._name, version)
+        try:
+            signature: inspect.Signature = cloudpickle.loads(description.signature)
+        except Exception as exc:
+            raise ScatterError(
+                f"cannot read the signature of {self._name} v{description.version} here "
+                f"({type(exc).__name__}: {exc}); its annotations need a module this "
+                "process lacks"
+            ) from exc
+        spec = build_call_spec(self._name, signature)
+        self.__signature__ = signature
+        self.__doc__ = description.doc
+        return _Version(description.version, spec, description.timeout, description)
+
+    @property
+    def version(self) -> int:
+        """The version the next call validates against (and runs, if pinned)."""
+        return self._version.number
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned is not None
+
+    def __repr__(self) -> str:
+        pin = "pinned" if self._pinned else "following current"
+        return f"<RemoteFunction {self._name}{self._version.spec.signature} v{self.version} {pin}>"
+
+    def refresh(self) -> None:
+        """Re-read the version this callable follows (the current one unless pinned)."""
+        self._version = self._load(self._pinned)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+    def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Call with an explicit per-call ``timeout`` in seconds (``__call__`` has none, so
+        that a parameter named ``timeout`` keeps working)."""
+        state = self._version
+        payload = msgspec.Raw(state.spec.encode_arguments(args, kwargs))
+        pinned = self._pinned or 0
+        name = self._name
+        signature_id = "" if pinned else state.spec.signature_id
+        number = state.number
+        encode = _wire.encoder.encode
+
+        def frame(call_id: int) -> bytes:
+            return encode(
+                _wire.Call(call_id, name, pinned, number, signature_id, timeout or 0.0, payload)
+            )
+
+        reply = self._client.call(frame, timeout or state.timeout)
+        if isinstance(reply, _wire.Failure):
+            raise self._failure(reply, state)
+        if reply.version != number and not pinned:
+            # Body-only update (the signature id matched): follow it silently.
+            self._version = _Version(reply.version, state.spec, state.timeout, state.description)
+        return state.spec.decode_result(reply.value)
+
+    def _failure(self, failure: _wire.Failure, state: _Version) -> ScatterError:
+        error = error_from_failure(failure)
+        if isinstance(error, SignatureChanged):
+            with contextlib.suppress(ScatterError):
+                self.refresh()
+        return error
+
+    async def call_async(self, *args: Any, **kwargs: Any) -> Any:
+        """Await a call from trio or asyncio code (runs the blocking call in a thread)."""
+        import sniffio
+
+        call = functools.partial(self.call, *args, **kwargs)
+        if sniffio.current_async_library() == "trio":
+            import trio
+
+            return await trio.to_thread.run_sync(call)
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
+# -- auto-start --
+
+_autostart_lock = threading.Lock()
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_background_node(
+    address: str, data_dir: Path | None = None, *, announce: bool = False, wait: float = 60.0
+) -> int:
+    """Start a detached node process (it outlives this one) and wait until it answers.
+
+    Returns:
+        the node's pid.
+    """
+    directory = data_dir or data_dir_for(address)
+    directory.mkdir(parents=True, exist_ok=True)
+    log_path = directory / "node.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "scatter._node",
+                "--address",
+                address,
+                "--data-dir",
+                str(directory),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+    if announce:
+        print(
+            f"scatter: no node answered at {address}; started one in the background "
+            f"(pid {process.pid}, log {log_path})",
+            file=sys.stderr,
+        )
+    host, port = parse_address(address)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if _port_open(host, port):
+            return process.pid
+        if process.poll() is not None and not _port_open(host, port):
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise Unreachable(
+                f"the background node exited with code {process.returncode}: "
+                + " | ".join(tail)
+            )
+        time.sleep(0.05)
+    raise Unreachable(f"the background node did not start listening at {address} in {wait:g} s")

@@ -1,0 +1,175 @@
+"""Configuration: defaults, profiles and the one place that reads ``SCATTER_*``.
+
+Precedence is arguments, then environment, then defaults, resolved only in
+:func:`resolve_client_config` and :func:`resolve_node_config`. A bad environment
+value raises :class:`~scatter.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ._exceptions import ConfigError
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:4242"
+DEFAULT_CALL_TIMEOUT = 30.0  # seconds; a function's own timeout or a per-call one overrides it
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds a client waits for a node's control answer
+
+# Frames above this are refused before decoding: a function body or an argument list
+# larger than this is almost certainly a mistake, and it bounds a node's memory per message.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+ENV_ADDRESS = "SCATTER_ADDRESS"
+ENV_DATA_DIR = "SCATTER_DATA_DIR"
+ENV_AUTOSTART = "SCATTER_AUTOSTART"
+ENV_SECRET = "SCATTER_SECRET"
+
+
+def default_data_dir() -> Path:
+    """The user's data directory for Scatter (XDG on Linux, the platform's idea elsewhere)."""
+    if sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    elif os.name == "nt":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "scatter"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Split ``tcp://HOST:PORT`` into its host and port, or raise ConfigError."""
+    parts = urlsplit(address)
+    if parts.scheme != "tcp" or not parts.hostname or parts.port is None:
+        raise ConfigError(
+            f"bad node address {address!r}: expected tcp://HOST:PORT, such as {DEFAULT_ADDRESS}"
+        )
+    return parts.hostname, parts.port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def data_dir_for(address: str, root: Path | None = None) -> Path:
+    """Where the node listening at ``address`` keeps its replica when none is configured.
+
+    One directory per port, so two local nodes started with the defaults never share a store.
+    """
+    host, port = parse_address(address)
+    return (root or default_data_dir()) / f"node-{host}-{port}"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client finds and talks to a node."""
+
+    address: str = DEFAULT_ADDRESS
+    # Start a detached local node when none answers at a loopback address and the user
+    # configured none. Off when SCATTER_AUTOSTART=0 or when an address was configured.
+    autostart: bool = True
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # seconds per control request
+    data_dir: Path | None = None  # for an auto-started node; None: data_dir_for(address)
+    secret: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """How a node listens, stores and executes.
+
+    Use a profile, then override what differs: ``NodeConfig.local(address=...)``.
+    """
+
+    address: str = DEFAULT_ADDRESS
+    data_dir: Path = field(default_factory=lambda: data_dir_for(DEFAULT_ADDRESS))
+    # Timeout of a call when neither the call nor the function sets one (seconds).
+    call_timeout: float = DEFAULT_CALL_TIMEOUT
+    # Worker processes kept warm. Each client connection leases one; a hung or CPU-heavy
+    # call then holds up only its own caller. More workers cost ~30 MB of memory each.
+    min_workers: int = 2
+    # The pool grows on demand up to this; beyond it, leases share workers (least loaded).
+    max_workers: int = 16
+    # Unleased idle workers above min_workers are retired after this long (seconds).
+    worker_idle_retire: float = 60.0
+    # A call past its deadline first gets a soft interrupt (CallTimeout raised inside the
+    # function); if it is still running this long after, its worker is killed and replaced.
+    kill_grace: float = 1.0  # seconds
+    # How often the supervisor checks worker deadlines: the timeout's precision (seconds).
+    supervise_interval: float = 0.02
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    secret: str | None = None
+
+    @classmethod
+    def local(cls, **overrides: object) -> NodeConfig:
+        """Loopback, fast timers: the default profile for a node on one machine."""
+        return replace(cls(), **overrides)  # type: ignore[arg-type]
+
+
+def _env_bool(name: str, value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean; use 1 or 0")
+
+
+def resolve_client_config(
+    address: str | None = None, *, environ: dict[str, str] | None = None
+) -> ClientConfig:
+    """Arguments, then SCATTER_* variables, then defaults."""
+    env = os.environ if environ is None else environ
+    configured = address is not None or ENV_ADDRESS in env
+    resolved = address or env.get(ENV_ADDRESS) or DEFAULT_ADDRESS
+    try:
+        parse_address(resolved)
+    except ConfigError as exc:
+        if address is None and ENV_ADDRESS in env:
+            raise ConfigError(f"{ENV_ADDRESS}: {exc}") from None
+        raise
+    autostart = True
+    if ENV_AUTOSTART in env:
+        autostart = _env_bool(ENV_AUTOSTART, env[ENV_AUTOSTART])
+    data_dir = Path(env[ENV_DATA_DIR]) if env.get(ENV_DATA_DIR) else None
+    return ClientConfig(
+        address=resolved,
+        # A configured address means the user runs their node; only the default one
+        # (or one set through SCATTER_ADDRESS on loopback) may be started for them.
+        autostart=autostart and (not configured or is_loopback(parse_address(resolved)[0])),
+        data_dir=data_dir,
+        secret=env.get(ENV_SECRET) or None,
+    )
+
+
+def resolve_node_config(
+    address: str | None = None,
+    data_dir: str | Path | None = None,
+    *,
+    environ: dict[str, str] | None = None,
+    **overrides: object,
+) -> NodeConfig:
+    """Arguments, then SCATTER_* variables, then the local profile's defaults."""
+    env = os.environ if environ is None else environ
+    resolved = address or env.get(ENV_ADDRESS) or DEFAULT_ADDRESS
+    host, _port = parse_address(resolved)
+    secret = env.get(ENV_SECRET) or None
+    if not is_loopback(host):
+        # The cluster secret that makes a non-loopback bind safe comes with the cluster
+        # work; until then a node refuses to expose code execution to a network.
+        raise ConfigError(
+            f"refusing to listen on {resolved}: a node binds to loopback only "
+            "(127.0.0.0/8 or ::1); use tcp://127.0.0.1:PORT"
+        )
+    if data_dir is None and env.get(ENV_DATA_DIR):
+        data_dir = env[ENV_DATA_DIR]
+    path = Path(data_dir) if data_dir is not None else data_dir_for(resolved)
+    return NodeConfig.local(address=resolved, data_dir=path.expanduser(), secret=secret, **overrides)

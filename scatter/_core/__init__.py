@@ -1,0 +1,1 @@
+"""The pure, transport-free core: state machines that take messages and "now" in and give values out."""

@@ -1,0 +1,1172 @@
+################################################################
+# The function registry
+################################################################
+#
+# Rule 1: everything that decides what a name resolves to lives in this file:
+# version numbers, the current pointer, sets, tombstones and the conflict rule
+# below. The node stores, gossips and executes; it never decides.
+#
+# Rule 2: no I/O and no clock reads. Callers pass `now`; the registry hands back
+# `Change` values for the node to persist and gossip, and applies the `Change`
+# values the node received. Property tests drive it with random histories, the
+# node with sockets, the simulator with virtual time: one implementation.
+#
+# Rule 3: the state is a function of the SET of changes seen, and of nothing
+# else: not of the order they arrived in, not of which node we are. Local changes
+# go through the same apply path as remote ones (as h11 refuses to cheat for its
+# own side), so what a node decided for itself is what every other node computes.
+#
+# Rule 4: a name is a function or a function set, never both, and numbers under a
+# name are never reused: the high-water mark outlives vaporize (the tombstone).
+#
+# THE ONE CONFLICT RULE
+# =====================
+#
+# Every change applies in one total order, the same on every node: sorted by
+#
+#     (clock.total(), origin, change_id)
+#
+# This order extends causal order (a change sorts after everything its origin had
+# seen, see VectorClock.total), so it only has a say between CONCURRENT changes,
+# and there it says: the change that sorts later applies later, on top of the
+# effects of the earlier one, exactly as if its origin had seen the earlier one.
+# Each op is read against the state at the moment it applies. Everything else in
+# this file follows from that; none of these is a special case:
+#
+# - Numbers. A publish takes the next free number under its name when it applies:
+#   the highest number ever given under that name + 1 (1 for a new name). Two
+#   concurrent publishes that both proposed N: the earlier keeps N, the later one
+#   gets the next free number. The op carries the number its origin proposed, so
+#   versions() shows `conflict=True, proposed_version=N` on the moved one.
+# - Current pointer. Publish, rollback and set changes move it; the later change wins.
+# - Rollback targets a version's IDENTITY (the change that created it), never a
+#   number, since numbers may move in a merge. If that version is gone when the
+#   rollback applies (vaporized by a change sorting earlier), the rollback does nothing.
+# - Vaporize versus publish. Vaporize sorting later: the function is gone, the
+#   concurrently published version included. Publish sorting later: the function
+#   comes back with that one version, numbered after the high-water mark.
+# - Kind clash. A function and a set published concurrently under one name: the
+#   later change takes the name as if it began with vaporize(name).
+# - Set membership. A function belongs to one set or to none; the publish that
+#   sorts last decides (a set publish adopts it, a plain publish makes it stand
+#   alone). A set rollback moves only the functions the set still owns.
+#
+# No record is lost: a published version leaves versions() only through a
+# vaporize (explicit, of its set, or by a kind clash) that applies after it.
+#
+# Sets
+# ----
+# A set has its own numbered versions. Set version N maps each member function
+# to one version identity of that member. Publishing or rolling back a set applies
+# that whole map in one change: every member moves to its version, and functions
+# the set owns that the map does not list are RETIRED (no current version: their
+# name no longer resolves, their history and pinned versions stay) until a set
+# rollback brings them back. So no node serves a mix of two set versions. Vaporize
+# of a set tombstones the set and every function it owns, in the same change.
+#
+# Locally, publish/rollback/vaporize of a function that belongs to a set, outside
+# of its set, is refused (it would break the set's atomicity). A change that does
+# it anyway can only have been made concurrently, without knowledge of the set; it
+# applies like any other change, by the rule above.
+#
+# Implementation
+# --------------
+# The log of changes is kept sorted. A change that sorts after everything applied
+# (the common case: every local change, and every remote change that was not
+# concurrent with a later one) applies incrementally, in O(size of the change).
+# Otherwise the state is rebuilt by replaying the sorted log from scratch: simple,
+# and obviously the same answer every node computes.
+#
+# Two clocks. `Registry.clock` is the FRONTIER: for each origin, the highest n
+# such that changes 1..n of that origin are all held. It is what anti-entropy
+# sends, so that a peer's `changes_since()` never skips a change that was lost
+# in a gap. A new local change instead increments the merge of every clock seen,
+# so that it sorts after everything this node has applied. The two differ only
+# while a change is missing from the middle of an origin's sequence.
+
+"""The function registry: versions, current pointers, sets, tombstones, one conflict rule.
+
+The rules are written at the top of this module; read them before changing anything here.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from typing import Literal, TypeAlias
+
+import msgspec
+
+from .._exceptions import ConfigError, FunctionNotFound, ProtocolError, VersionNotFound
+from ._vclock import VectorClock
+
+__all__ = [
+    "Change",
+    "FunctionInfo",
+    "FunctionView",
+    "Op",
+    "PublishOp",
+    "PublishSetOp",
+    "Registry",
+    "RegistryStatistics",
+    "RollbackOp",
+    "VaporizeOp",
+    "VersionInfo",
+    "VersionRecord",
+    "order_key",
+]
+
+
+# ---------------------------------------------------------------------------
+# Persisted and gossiped values. Fields are append-only, new fields need defaults:
+# these are stored on disk and sent between nodes of different releases.
+# ---------------------------------------------------------------------------
+
+
+class VersionRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One body of one function, as the caller built it; never changes afterwards."""
+
+    content_id: str  # hash of body + signature, computed by the caller; never moves
+    name: str
+    body: bytes  # cloudpickle of the function; opaque to the registry
+    signature_text: str  # "(a: int, b: int) -> int"
+    signature_id: str  # hash of the signature alone: equal ids, compatible callers
+    source: str | None = None
+    doc: str | None = None
+    origin: str  # node id of the node that built the record
+    python: str  # "3.11.7": where the body was pickled
+    created_at: float  # unix seconds
+    timeout: float | None = None  # per-function call timeout, seconds; None: the node's default
+    signature: bytes = b""  # cloudpickle of the inspect.Signature, for clients' validation
+
+
+# ONLY APPEND new op kinds, and only with new tags.
+
+
+class PublishOp(msgspec.Struct, frozen=True, kw_only=True, tag="publish"):
+    """Add ``record`` as a new version of ``record.name`` and make it current."""
+
+    record: VersionRecord
+    proposed_version: int  # the number the origin gave it; see "Numbers" above
+    set_name: str | None = None  # published as a member of this set (same change)
+
+
+class PublishSetOp(msgspec.Struct, frozen=True, kw_only=True, tag="publish_set"):
+    """Add a new version of set ``name`` and move every member to it."""
+
+    name: str
+    proposed_version: int
+    # {member function name: change_id of the member version}; the complete membership
+    members: dict[str, str]
+
+
+class RollbackOp(msgspec.Struct, frozen=True, kw_only=True, tag="rollback"):
+    """Make the version created by change ``target`` current again (function or set)."""
+
+    name: str
+    target: str  # change_id that created the version: the identity that never moves
+    target_version: int  # the number the origin knew it by, for logs and humans only
+
+
+class VaporizeOp(msgspec.Struct, frozen=True, kw_only=True, tag="vaporize"):
+    """Tombstone ``name``: a function, or a set together with every function it owns."""
+
+    name: str
+
+
+Op: TypeAlias = PublishOp | PublishSetOp | RollbackOp | VaporizeOp
+
+
+class Change(msgspec.Struct, frozen=True, kw_only=True):
+    """One registry change: the unit that is gossiped, persisted and applied atomically.
+
+    A change may touch several names (a set and its members); each name at most once.
+    """
+
+    change_id: str  # f"{origin}:{clock[origin]}", unique in the cluster
+    origin: str  # node id of the node that made the change
+    clock: VectorClock  # the origin's clock after counting this change
+    at: float  # unix seconds at the origin, for humans; never used for ordering
+    ops: tuple[Op, ...]
+
+
+def order_key(change: Change) -> tuple[int, str, str]:
+    """The sort key of THE ONE CONFLICT RULE: a total order that extends causal order."""
+    return (change.clock.total(), change.origin, change.change_id)
+
+
+# ---------------------------------------------------------------------------
+# Read-only answers. No bodies: these go to clients and worker processes.
+# ---------------------------------------------------------------------------
+
+
+class VersionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of ``versions(name)``: who made which version, and whether it moved."""
+
+    name: str
+    version: int
+    kind: Literal["function", "set"] = "function"
+    current: bool
+    change_id: str  # the version's identity: the change that created it
+    origin: str
+    created_at: float
+    proposed_version: int  # the number its origin gave it
+    conflict: bool  # True when a concurrent change kept proposed_version (see the rule)
+    set_name: str | None = None  # function versions: published as a member of this set
+    content_id: str = ""
+    signature_text: str = ""
+    signature_id: str = ""
+    python: str = ""
+    doc: str | None = None
+    timeout: float | None = None
+    # set versions: {member name: member version number}; members whose version was
+    # vaporized since are left out
+    members: dict[str, int] = {}
+
+
+class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of ``functions()``: a live function or set and its current version."""
+
+    name: str
+    kind: Literal["function", "set"] = "function"
+    version: int
+    origin: str
+    created_at: float
+    set_name: str | None = None  # functions: the set that owns it
+    content_id: str = ""
+    signature_text: str = ""
+    signature_id: str = ""
+    doc: str | None = None
+    members: dict[str, int] = {}  # sets: {member name: member version number}
+
+
+class FunctionView(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker process needs to route a call by name, without any body."""
+
+    name: str
+    # None when the function was left out of its set's current version: unpinned
+    # calls fail, pinned ones still run
+    current: int | None
+    content_ids: dict[int, str]  # {number: content_id} of every live version
+    signature_ids: dict[int, str]  # {number: signature_id} of every live version
+    set_name: str | None = None
+
+
+class RegistryStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Counts for ``statistics()``; cheap enough to poll."""
+
+    functions: int  # functions with a current version (callable by name)
+    sets: int  # live sets
+    versions: int  # live function versions, retired functions included
+    tombstones: int  # names vaporized and not published again
+    changes: int  # changes held (applied)
+    rebuilds: int  # times an out-of-order change forced a replay of the log
+
+
+# ---------------------------------------------------------------------------
+# Mutable state, private to the Registry.
+# ---------------------------------------------------------------------------
+
+
+class _Version:
+    __slots__ = ("at", "change_id", "number", "proposed", "record", "set_name")
+
+    def __init__(
+        self,
+        number: int,
+        record: VersionRecord,
+        change_id: str,
+        proposed: int,
+        set_name: str | None,
+        at: float,
+    ) -> None:
+        self.number = number
+        self.record = record
+        self.change_id = change_id
+        self.proposed = proposed
+        self.set_name = set_name
+        self.at = at
+
+
+class _Function:
+    __slots__ = ("by_change", "current", "last", "name", "owner", "versions")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.versions: dict[int, _Version] = {}  # {number: live version}
+        self.by_change: dict[str, int] = {}  # {change_id: number}: identity -> number
+        self.current: int | None = None  # None: retired from its set
+        self.last = 0  # highest live number (numbers only grow while the function lives)
+        self.owner: str | None = None  # the set that owns this function
+
+
+class _SetVersion:
+    __slots__ = ("at", "change_id", "members", "number", "origin", "proposed")
+
+    def __init__(
+        self,
+        number: int,
+        change_id: str,
+        proposed: int,
+        origin: str,
+        at: float,
+        members: dict[str, str],
+    ) -> None:
+        self.number = number
+        self.change_id = change_id
+        self.proposed = proposed
+        self.origin = origin
+        self.at = at
+        self.members = members  # {member name: change_id of the member version}
+
+
+class _Set:
+    __slots__ = ("by_change", "current", "name", "owned", "versions")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.versions: dict[int, _SetVersion] = {}  # {number: set version}
+        self.by_change: dict[str, int] = {}  # {change_id: number}
+        self.current = 0  # a live set always has a current version
+        self.owned: set[str] = set()  # function names whose owner is this set
+
+
+_LookupKey: TypeAlias = tuple[object, ...] | None
+
+
+class Registry:
+    """One node's replica of the function registry.
+
+    The node calls :meth:`publish`, :meth:`rollback` and :meth:`vaporize` for its own
+    users, persists and gossips the :class:`Change` each returns, and calls
+    :meth:`apply` for every change it hears of. Every replica that holds the same set
+    of changes answers every lookup the same way.
+
+    Example::
+
+        reg = Registry("n1")
+        change = reg.publish([record], now=time.time())  # persist + gossip `change`
+        number, record = reg.resolve("add")
+        other = Registry("n2")
+        other.apply(change)  # -> {"add"}
+    """
+
+    def __init__(self, node_id: str) -> None:
+        if not node_id:
+            raise ConfigError("a registry needs a non-empty node id")
+        self.node_id = node_id
+        # The log, and what is known about it.
+        self._changes: dict[str, Change] = {}  # {change_id: change}, every change held
+        self._log: list[Change] = []  # sorted by order_key: the apply order
+        self._keys: list[tuple[int, str, str]] = []  # order_key of each _log entry
+        self._by_origin: dict[str, list[int]] = {}  # {origin: sorted counters held}
+        self._frontier: dict[str, int] = {}  # {origin: n with 1..n all held}
+        self._frontier_clock: VectorClock | None = VectorClock()  # cached; None: stale
+        self._heard = VectorClock()  # merge of every clock held; new local changes start here
+        # The state derived from the log.
+        self._functions: dict[str, _Function] = {}  # {name: function}, retired ones included
+        self._sets: dict[str, _Set] = {}  # {name: live set}
+        self._high_water: dict[str, int] = {}  # {name: highest number ever}, kinds shared
+        self._views: dict[str, FunctionView] = {}  # {name: view}, built on first view()
+        self._touched: dict[str, _LookupKey] | None = None  # {name: key before this change}
+        self._rebuilds = 0
+
+    @classmethod
+    def from_changes(cls, node_id: str, changes: Iterable[Change]) -> Registry:
+        """A registry holding ``changes``: how a node restarts from its persisted log.
+
+        The order of ``changes`` does not matter, duplicates are ignored; the result is
+        the state every node holding the same changes has.
+
+        Raises:
+            ProtocolError: a change is malformed (a corrupt log).
+        """
+        registry = cls(node_id)
+        registry.apply_many(changes)
+        return registry
+
+    # -- clocks and the log ---------------------------------------------------
+
+    @property
+    def clock(self) -> VectorClock:
+        """The frontier: for each origin, n such that its changes 1..n are all held.
+
+        Send it to peers for anti-entropy: ``peer.changes_since(my.clock)`` then holds
+        every change this registry lacks (and, after a gap, a few it already has).
+        """
+        if self._frontier_clock is None:
+            self._frontier_clock = VectorClock(dict(self._frontier))
+        return self._frontier_clock
+
+    def changes_since(self, clock: VectorClock) -> list[Change]:
+        """The changes ``clock`` does not cover, in apply order, for anti-entropy.
+
+        A change is covered when ``clock`` counts at least as many changes of its
+        origin. Costs O(origins + answer), not O(log).
+        """
+        found: list[Change] = []
+        for origin, counters in self._by_origin.items():
+            start = bisect.bisect_right(counters, clock.get(origin))
+            found.extend(self._changes[f"{origin}:{n}"] for n in counters[start:])
+        found.sort(key=order_key)
+        return found
+
+    def has_change(self, change_id: str) -> bool:
+        """Whether the change is held already (applying it again would do nothing)."""
+        return change_id in self._changes
+
+    # -- local changes --------------------------------------------------------
+
+    def publish(
+        self, records: Sequence[VersionRecord], *, now: float, set_name: str | None = None
+    ) -> Change | None:
+        """Publish new versions, all in one change; the new versions become current.
+
+        Args:
+            records: the versions to publish, at most one per name. With ``set_name``,
+                the set's complete membership: functions the set owns that are not
+                listed are retired from its new version.
+            now: unix seconds, recorded in the change.
+            set_name: publish ``records`` as a new version of this function set.
+
+        Returns:
+            The change, already applied here, for the node to persist and gossip; or
+            None when nothing would change (each record's content_id equals its
+            function's current one, and for a set its current version is the same).
+
+        Raises:
+            ConfigError: duplicate or empty names; a name already used by the other
+                kind (function/set); a function that belongs to another set.
+        """
+        records = list(records)
+        if not records:
+            raise ConfigError("nothing to publish: pass at least one VersionRecord")
+        names = [record.name for record in records]
+        for name in names:
+            _check_name(name)
+        if len(set(names)) != len(names):
+            twice = sorted({name for name in names if names.count(name) > 1})
+            raise ConfigError(f"publish got several versions of {_listing(twice)} in one change")
+        if set_name is not None:
+            _check_name(set_name)
+            if set_name in names:
+                raise ConfigError(f"set {set_name!r} cannot have a member of the same name")
+            if set_name in self._functions:
+                raise ConfigError(
+                    f"{set_name!r} is already a function; give the set another name or "
+                    f"vaporize({set_name!r}) first"
+                )
+
+        ops: list[Op] = []
+        members: dict[str, str] = {}  # for a set: {member: change_id of member version}
+        change_id = self._next_change_id()
+        for record in records:
+            name = record.name
+            if name in self._sets:
+                raise ConfigError(
+                    f"{name!r} is a function set; give the function another name or "
+                    f"vaporize({name!r}) first"
+                )
+            function = self._functions.get(name)
+            if function is not None and function.owner not in (None, set_name):
+                raise ConfigError(
+                    f"function {name!r} belongs to set {function.owner!r}; publish it with "
+                    f"that set, or vaporize({function.owner!r}) first"
+                )
+            if function is not None and function.current is not None:
+                current = function.versions[function.current]
+                if current.record.content_id == record.content_id:
+                    members[name] = current.change_id
+                    continue
+            ops.append(
+                PublishOp(
+                    record=record,
+                    proposed_version=self._high_water.get(name, 0) + 1,
+                    set_name=set_name,
+                )
+            )
+            members[name] = change_id
+
+        if set_name is None:
+            if not ops:
+                return None
+        else:
+            group = self._sets.get(set_name)
+            if not ops and group is not None and self._set_matches(group, members):
+                return None
+            ops.append(
+                PublishSetOp(
+                    name=set_name,
+                    proposed_version=self._high_water.get(set_name, 0) + 1,
+                    members=members,
+                )
+            )
+        return self._local_change(ops, now)
+
+    def rollback(self, name: str, to: int | None = None, *, now: float) -> Change:
+        """Make an earlier (or the given) version of a function or set current again.
+
+        Args:
+            name: a function, or a set (every member moves, in one change).
+            to: the version number to make current; None: the highest live version
+                below the current one.
+            now: unix seconds, recorded in the change.
+
+        Returns:
+            The change, already applied here, for the node to persist and gossip.
+
+        Raises:
+            FunctionNotFound: no live function or set by that name.
+            VersionNotFound: no earlier version, or no version ``to``.
+            ConfigError: the function belongs to a set (roll back the set instead).
+        """
+        group = self._sets.get(name)
+        if group is not None:
+            number = _rollback_target("set", name, group.versions.keys(), group.current, to)
+            target = group.versions[number].change_id
+        else:
+            function = self._functions.get(name)
+            if function is None:
+                raise self._not_found(name)
+            if function.owner is not None:
+                raise ConfigError(
+                    f"function {name!r} belongs to set {function.owner!r}; roll back the "
+                    f"whole set with rollback({function.owner!r})"
+                )
+            if function.current is None:  # only a set member can be retired
+                raise self._not_found(name)
+            number = _rollback_target(
+                "function", name, function.versions.keys(), function.current, to
+            )
+            target = function.versions[number].change_id
+        op = RollbackOp(name=name, target=target, target_version=number)
+        return self._local_change([op], now)
+
+    def vaporize(self, name: str, *, now: float) -> Change:
+        """Delete a function, or a set and every function it owns, with all their versions.
+
+        The name keeps its high-water mark: a later publish under it continues the
+        numbering, so a number never names two bodies.
+
+        Returns:
+            The change, already applied here, for the node to persist and gossip.
+
+        Raises:
+            FunctionNotFound: no live function or set by that name.
+            ConfigError: the function belongs to a set (vaporize the set, or publish
+                the set without it).
+        """
+        if name not in self._sets:
+            function = self._functions.get(name)
+            if function is None:
+                raise self._not_found(name)
+            if function.owner is not None:
+                raise ConfigError(
+                    f"function {name!r} belongs to set {function.owner!r}; publish the set "
+                    f"without it, or vaporize({function.owner!r})"
+                )
+        return self._local_change([VaporizeOp(name=name)], now)
+
+    # -- changes from elsewhere ----------------------------------------------
+
+    def apply(self, change: Change) -> set[str]:
+        """Apply a change made elsewhere (or replayed); a change held already is ignored.
+
+        Returns:
+            The names (functions and sets) whose lookups changed: the node drops what
+            it cached for them.
+
+        Raises:
+            ProtocolError: the change is malformed. Nothing was applied.
+        """
+        return self.apply_many((change,))
+
+    def apply_many(self, changes: Iterable[Change]) -> set[str]:
+        """Apply a batch of changes (an anti-entropy answer), replaying the log at most once.
+
+        Returns:
+            The names whose lookups changed.
+
+        Raises:
+            ProtocolError: a change is malformed. Nothing of the batch was applied.
+        """
+        fresh: dict[str, Change] = {}
+        for change in changes:
+            if change.change_id in self._changes or change.change_id in fresh:
+                continue
+            _check_change(change)
+            fresh[change.change_id] = change
+        if not fresh:
+            return set()
+        batch = sorted(fresh.values(), key=order_key)
+        for change in batch:
+            self._hold(change)
+        if not self._keys or order_key(batch[0]) > self._keys[-1]:
+            changed: set[str] = set()
+            for change in batch:
+                self._log.append(change)
+                self._keys.append(order_key(change))
+                changed |= self._apply_incrementally(change)
+            return changed
+        for change in batch:
+            key = order_key(change)
+            index = bisect.bisect_right(self._keys, key)
+            self._keys.insert(index, key)
+            self._log.insert(index, change)
+        return self._rebuild()
+
+    # -- lookups --------------------------------------------------------------
+
+    def resolve(self, name: str, version: int | None = None) -> tuple[int, VersionRecord]:
+        """The version a call runs: the current one, or the pinned ``version``.
+
+        Returns:
+            ``(number, record)``.
+
+        Raises:
+            FunctionNotFound: no function by that name (never was, vaporized, a set, or
+                left out of its set's current version while unpinned).
+            VersionNotFound: the function exists, version ``version`` does not.
+        """
+        function = self._functions.get(name)
+        if function is None:
+            raise self._not_found(name)
+        if version is None:
+            if function.current is None:
+                raise self._retired(function)
+            entry = function.versions[function.current]
+        else:
+            found = function.versions.get(version)
+            if found is None:
+                raise VersionNotFound(
+                    f"function {name!r} has no version {version}; its versions are "
+                    f"{_numbers(function.versions)}: pin one of them, or check versions({name!r})"
+                )
+            entry = found
+        return entry.number, entry.record
+
+    def resolve_content(self, name: str, content_id: str) -> tuple[int, VersionRecord]:
+        """The newest live version of ``name`` with ``content_id``: pinning that never moves.
+
+        Raises:
+            FunctionNotFound: no function by that name.
+            VersionNotFound: no live version of it has that content id.
+        """
+        function = self._functions.get(name)
+        if function is None:
+            raise self._not_found(name)
+        for number in sorted(function.versions, reverse=True):
+            entry = function.versions[number]
+            if entry.record.content_id == content_id:
+                return number, entry.record
+        raise VersionNotFound(
+            f"function {name!r} has no version with content id {content_id!r}; it was "
+            f"vaporized or never published here, check versions({name!r})"
+        )
+
+    def current_version(self, name: str) -> int:
+        """The version an unpinned call runs now (for a set: its current version).
+
+        Raises:
+            FunctionNotFound: no function or set by that name.
+        """
+        group = self._sets.get(name)
+        if group is not None:
+            return group.current
+        function = self._functions.get(name)
+        if function is None:
+            raise self._not_found(name)
+        if function.current is None:
+            raise self._retired(function)
+        return function.current
+
+    def view(self, name: str) -> FunctionView | None:
+        """The compact lookup record of a function; None when there is none by that name.
+
+        A dict lookup; the first call after a change to the function builds the
+        record, in O(its live versions).
+        """
+        cached = self._views.get(name)
+        if cached is not None:
+            return cached
+        function = self._functions.get(name)
+        if function is None:
+            return None
+        view = FunctionView(
+            name=name,
+            current=function.current,
+            content_ids={n: v.record.content_id for n, v in function.versions.items()},
+            signature_ids={n: v.record.signature_id for n, v in function.versions.items()},
+            set_name=function.owner,
+        )
+        self._views[name] = view
+        return view
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """The history of a function or a set, oldest first, without bodies.
+
+        Raises:
+            FunctionNotFound: no function or set by that name (or it was vaporized).
+        """
+        group = self._sets.get(name)
+        if group is not None:
+            return [
+                VersionInfo(
+                    name=name,
+                    version=number,
+                    kind="set",
+                    current=number == group.current,
+                    change_id=entry.change_id,
+                    origin=entry.origin,
+                    created_at=entry.at,
+                    proposed_version=entry.proposed,
+                    conflict=entry.proposed != number,
+                    members=self._member_numbers(entry.members),
+                )
+                for number, entry in sorted(group.versions.items())
+            ]
+        function = self._functions.get(name)
+        if function is None:
+            raise self._not_found(name)
+        return [
+            VersionInfo(
+                name=name,
+                version=number,
+                current=number == function.current,
+                change_id=entry.change_id,
+                origin=entry.record.origin,
+                created_at=entry.record.created_at,
+                proposed_version=entry.proposed,
+                conflict=entry.proposed != number,
+                set_name=entry.set_name,
+                content_id=entry.record.content_id,
+                signature_text=entry.record.signature_text,
+                signature_id=entry.record.signature_id,
+                python=entry.record.python,
+                doc=entry.record.doc,
+                timeout=entry.record.timeout,
+            )
+            for number, entry in sorted(function.versions.items())
+        ]
+
+    def functions(self) -> list[FunctionInfo]:
+        """Every function callable by name, and every set, sorted by name."""
+        found: list[FunctionInfo] = []
+        for name, function in self._functions.items():
+            if function.current is None:
+                continue
+            record = function.versions[function.current].record
+            found.append(
+                FunctionInfo(
+                    name=name,
+                    version=function.current,
+                    origin=record.origin,
+                    created_at=record.created_at,
+                    set_name=function.owner,
+                    content_id=record.content_id,
+                    signature_text=record.signature_text,
+                    signature_id=record.signature_id,
+                    doc=record.doc,
+                )
+            )
+        for name, group in self._sets.items():
+            entry = group.versions[group.current]
+            found.append(
+                FunctionInfo(
+                    name=name,
+                    kind="set",
+                    version=group.current,
+                    origin=entry.origin,
+                    created_at=entry.at,
+                    members=self._member_numbers(entry.members),
+                )
+            )
+        found.sort(key=lambda info: info.name)
+        return found
+
+    def statistics(self) -> RegistryStatistics:
+        """Counts of what the registry holds."""
+        live = self._functions.keys() | self._sets.keys()
+        return RegistryStatistics(
+            functions=sum(1 for f in self._functions.values() if f.current is not None),
+            sets=len(self._sets),
+            versions=sum(len(f.versions) for f in self._functions.values()),
+            tombstones=sum(1 for name in self._high_water if name not in live),
+            changes=len(self._log),
+            rebuilds=self._rebuilds,
+        )
+
+    # -- internals: the log ---------------------------------------------------
+
+    def _next_change_id(self) -> str:
+        return f"{self.node_id}:{self._heard.get(self.node_id) + 1}"
+
+    def _local_change(self, ops: list[Op], now: float) -> Change:
+        # The merge of every clock held, plus one: sorts after everything applied here,
+        # so a local change always takes the incremental path.
+        clock = self._heard.increment(self.node_id)
+        change = Change(
+            change_id=f"{self.node_id}:{clock.get(self.node_id)}",
+            origin=self.node_id,
+            clock=clock,
+            at=now,
+            ops=tuple(ops),
+        )
+        self.apply(change)
+        return change
+
+    def _hold(self, change: Change) -> None:
+        """Remember a change and advance the clocks; the state is updated by the caller."""
+        origin = change.origin
+        counter = change.clock.get(origin)
+        self._changes[change.change_id] = change
+        counters = self._by_origin.setdefault(origin, [])
+        if not counters or counter > counters[-1]:
+            counters.append(counter)
+        else:
+            bisect.insort(counters, counter)
+        frontier = self._frontier.get(origin, 0)
+        if counter == frontier + 1:
+            while f"{origin}:{frontier + 1}" in self._changes:
+                frontier += 1
+            self._frontier[origin] = frontier
+            self._frontier_clock = None
+        self._heard = self._heard.merge(change.clock)
+
+    def _rebuild(self) -> set[str]:
+        """Replay the whole sorted log from an empty state (a change arrived out of order)."""
+        self._rebuilds += 1
+        names = self._functions.keys() | self._sets.keys()
+        before = {name: self._full_key(name) for name in names}
+        self._functions = {}
+        self._sets = {}
+        self._high_water = {}
+        self._views = {}
+        self._touched = None
+        for change in self._log:
+            self._apply_ops(change)
+        names = before.keys() | self._functions.keys() | self._sets.keys()
+        return {name for name in names if before.get(name) != self._full_key(name)}
+
+    def _apply_incrementally(self, change: Change) -> set[str]:
+        self._touched = {}
+        try:
+            self._apply_ops(change)
+            return {name for name, key in self._touched.items() if key != self._quick_key(name)}
+        finally:
+            self._touched = None
+
+    def _touch(self, name: str) -> None:
+        """Call before changing anything that a lookup of ``name`` could see."""
+        self._views.pop(name, None)
+        if self._touched is not None and name not in self._touched:
+            self._touched[name] = self._quick_key(name)
+
+    def _quick_key(self, name: str) -> _LookupKey:
+        # Enough to tell whether one change altered a lookup: while a function lives,
+        # versions are only added (raising `last`), and vaporize removes it outright.
+        function = self._functions.get(name)
+        if function is not None:
+            current = function.current
+            change_id = None if current is None else function.versions[current].change_id
+            return (
+                "function",
+                current,
+                change_id,
+                len(function.versions),
+                function.last,
+                function.owner,
+            )
+        group = self._sets.get(name)
+        if group is not None:
+            return ("set", group.current, len(group.versions))
+        return None
+
+    def _full_key(self, name: str) -> _LookupKey:
+        # After a replay numbers may have moved: compare every (number, identity) pair.
+        function = self._functions.get(name)
+        if function is not None:
+            return (
+                "function",
+                function.current,
+                tuple((n, v.change_id) for n, v in sorted(function.versions.items())),
+                function.owner,
+            )
+        group = self._sets.get(name)
+        if group is not None:
+            return (
+                "set",
+                group.current,
+                tuple((n, v.change_id) for n, v in sorted(group.versions.items())),
+            )
+        return None
+
+    # -- internals: applying ops (THE ONE CONFLICT RULE lives in the order, not here) --
+
+    def _apply_ops(self, change: Change) -> None:
+        for op in change.ops:
+            if isinstance(op, PublishOp):
+                self._apply_publish(change, op)
+            elif isinstance(op, PublishSetOp):
+                self._apply_publish_set(change, op)
+            elif isinstance(op, RollbackOp):
+                self._apply_rollback(op)
+            else:
+                self._vaporize(op.name)
+
+    def _take_number(self, name: str) -> int:
+        number = self._high_water.get(name, 0) + 1
+        self._high_water[name] = number
+        return number
+
+    def _apply_publish(self, change: Change, op: PublishOp) -> None:
+        name = op.record.name
+        if name in self._sets:  # kind clash: the later change takes the name
+            self._vaporize(name)
+        self._touch(name)
+        function = self._functions.get(name)
+        if function is None:
+            function = self._functions[name] = _Function(name)
+        number = self._take_number(name)
+        function.versions[number] = _Version(
+            number, op.record, change.change_id, op.proposed_version, op.set_name, change.at
+        )
+        function.by_change[change.change_id] = number
+        function.current = number
+        function.last = number
+        if op.set_name is None:
+            self._release(function)
+        # else: the PublishSetOp of the same change adopts it
+
+    def _apply_publish_set(self, change: Change, op: PublishSetOp) -> None:
+        name = op.name
+        if name in self._functions:  # kind clash: the later change takes the name
+            self._vaporize(name)
+        self._touch(name)
+        group = self._sets.get(name)
+        if group is None:
+            group = self._sets[name] = _Set(name)
+        number = self._take_number(name)
+        group.versions[number] = _SetVersion(
+            number, change.change_id, op.proposed_version, change.origin, change.at, op.members
+        )
+        group.by_change[change.change_id] = number
+        group.current = number
+        self._move_members(group, op.members, adopt=True)
+
+    def _move_members(self, group: _Set, members: dict[str, str], *, adopt: bool) -> None:
+        """Point every member at its version in ``members``; retire the set's others.
+
+        With ``adopt`` (a set publish) listed functions join the set, whichever set
+        or none they belonged to; without it (a rollback) only functions the set still
+        owns move: a rollback restores versions, it never takes a function back from
+        the set it moved to since.
+        """
+        for member, change_id in members.items():
+            function = self._functions.get(member)
+            if function is None or change_id not in function.by_change:
+                continue  # that version was vaporized by a change sorting earlier
+            if not adopt and function.owner != group.name:
+                continue
+            number = function.by_change[change_id]
+            if function.current != number or function.owner != group.name:
+                self._touch(member)
+                if function.owner != group.name:
+                    self._release(function)
+                    function.owner = group.name
+                    group.owned.add(member)
+                function.current = number
+        for member in group.owned:
+            function = self._functions[member]
+            if function.current is not None and (members.get(member) not in function.by_change):
+                self._touch(member)
+                function.current = None
+
+    def _apply_rollback(self, op: RollbackOp) -> None:
+        group = self._sets.get(op.name)
+        if group is not None:
+            number = group.by_change.get(op.target)
+            if number is None:
+                return  # that set version was vaporized by a change sorting earlier
+            if group.current != number:
+                self._touch(op.name)
+                group.current = number
+            self._move_members(group, group.versions[number].members, adopt=False)
+            return
+        function = self._functions.get(op.name)
+        if function is None:
+            return
+        number = function.by_change.get(op.target)
+        if number is None or function.current == number:
+            return
+        self._touch(op.name)
+        function.current = number
+
+    def _vaporize(self, name: str) -> None:
+        group = self._sets.get(name)
+        if group is not None:
+            self._touch(name)
+            del self._sets[name]
+            for member in sorted(group.owned):
+                function = self._functions.get(member)
+                if function is not None:
+                    function.owner = None  # owned by a set that is going away
+                    self._vaporize(member)
+            return
+        function = self._functions.get(name)
+        if function is None:
+            return
+        self._touch(name)
+        self._release(function)
+        del self._functions[name]
+
+    def _release(self, function: _Function) -> None:
+        if function.owner is not None:
+            owner = self._sets.get(function.owner)
+            if owner is not None:
+                owner.owned.discard(function.name)
+            self._touch(function.name)
+            function.owner = None
+
+    # -- internals: answers ---------------------------------------------------
+
+    def _set_matches(self, group: _Set, members: dict[str, str]) -> bool:
+        """Whether publishing ``members`` would leave the set exactly as it is."""
+        if group.versions[group.current].members != members:
+            return False
+        for member in group.owned:
+            function = self._functions[member]
+            if member in members:
+                if function.current is None or (
+                    function.versions[function.current].change_id != members[member]
+                ):
+                    return False
+            elif function.current is not None:
+                return False
+        return all(self._functions[m].owner == group.name for m in members)
+
+    def _member_numbers(self, members: dict[str, str]) -> dict[str, int]:
+        numbers: dict[str, int] = {}
+        for member, change_id in members.items():
+            function = self._functions.get(member)
+            if function is not None and change_id in function.by_change:
+                numbers[member] = function.by_change[change_id]
+        return numbers
+
+    def _not_found(self, name: str) -> FunctionNotFound:
+        if name in self._sets:
+            members = sorted(self._sets[name].owned)
+            return FunctionNotFound(
+                f"{name!r} is a function set, not a function; call one of its members "
+                f"({_listing(members)}) or check versions({name!r})"
+            )
+        if name in self._high_water:
+            return FunctionNotFound(
+                f"function {name!r} was vaporized; scatter it again to bring it back "
+                f"(numbering continues after version {self._high_water[name]})"
+            )
+        return FunctionNotFound(
+            f"no function named {name!r} on this node; scatter it first or check functions()"
+        )
+
+    def _retired(self, function: _Function) -> FunctionNotFound:
+        owner = function.owner
+        group = self._sets.get(owner) if owner is not None else None
+        where = (
+            f"version {group.current} of set {owner!r}"
+            if group is not None
+            else "the current version of its set"
+        )
+        return FunctionNotFound(
+            f"function {function.name!r} is not part of {where}; roll the set back to a "
+            f"version that has it, or pin one of its versions ({_numbers(function.versions)})"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Helpers without state.
+# ---------------------------------------------------------------------------
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a function or set name must be a non-empty str, got {name!r}")
+
+
+def _rollback_target(
+    kind: str, name: str, numbers: Iterable[int], current: int, to: int | None
+) -> int:
+    live = sorted(numbers)
+    if to is None:
+        below = [n for n in live if n < current]
+        if not below:
+            raise VersionNotFound(
+                f"{kind} {name!r} has no version before {current}; nothing to roll back to "
+                f"(versions: {_numbers(live)})"
+            )
+        return below[-1]
+    if to not in live:
+        raise VersionNotFound(
+            f"{kind} {name!r} has no version {to}; roll back to one of {_numbers(live)}"
+        )
+    return to
+
+
+def _numbers(numbers: Iterable[int]) -> str:
+    ordered = sorted(numbers)
+    if not ordered:
+        return "none"
+    if len(ordered) > 10:
+        return ", ".join(map(str, ordered[:3])) + ", ..., " + ", ".join(map(str, ordered[-5:]))
+    return ", ".join(map(str, ordered))
+
+
+def _listing(names: Iterable[str]) -> str:
+    return ", ".join(repr(name) for name in names) or "none"
+
+
+def _check_change(change: Change) -> None:
+    """Refuse a change no honest node makes; the wire is never trusted.
+
+    Raises:
+        ProtocolError: saying what is wrong with it.
+    """
+    counter = change.clock.get(change.origin)
+    if counter < 1 or change.change_id != f"{change.origin}:{counter}":
+        raise ProtocolError(
+            f"change {change.change_id!r} from {change.origin!r}: its id must be "
+            f"'<origin>:<origin's clock entry>', and the clock says {counter}"
+        )
+    if not change.ops:
+        raise ProtocolError(f"change {change.change_id!r} has no ops")
+    seen: set[str] = set()
+    sets: set[str] = set()
+    member_of: set[str] = set()
+    for op in change.ops:
+        if isinstance(op, PublishOp):
+            name = op.record.name
+            if op.proposed_version < 1:
+                raise ProtocolError(f"change {change.change_id!r}: proposed version below 1")
+            if op.set_name is not None:
+                member_of.add(op.set_name)
+        elif isinstance(op, PublishSetOp):
+            name = op.name
+            if op.proposed_version < 1:
+                raise ProtocolError(f"change {change.change_id!r}: proposed version below 1")
+            if name in op.members or "" in op.members:
+                raise ProtocolError(
+                    f"change {change.change_id!r}: set {name!r} has a bad member name"
+                )
+            sets.add(name)
+        else:
+            name = op.name
+        if not name:
+            raise ProtocolError(f"change {change.change_id!r} has an op with an empty name")
+        if name in seen:
+            raise ProtocolError(f"change {change.change_id!r} touches {name!r} twice")
+        seen.add(name)
+    if not member_of <= sets:
+        raise ProtocolError(
+            f"change {change.change_id!r} publishes members of {_listing(sorted(member_of - sets))} "
+            "without a new version of the set"
+        )

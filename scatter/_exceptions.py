@@ -1,0 +1,137 @@
+"""The one exception tree of Scatter.
+
+Every error Scatter raises on purpose is a ``ScatterError``. Foreign errors (zmq,
+msgspec, diskcache, cloudpickle) are mapped at the boundary where they happen, with
+``raise ... from exc``, so users never see ``zmq.Again``::
+
+    ScatterError
+    +-- ValidationError (also TypeError)      an argument or result does not match its annotation
+    +-- RemoteError                           the function raised; carries type, message, traceback
+    |   +-- WorkerCrashed                     the process running the call died (os._exit, segfault)
+    +-- FunctionNotFound (also LookupError)   no function (or set) by that name
+    +-- VersionNotFound (also LookupError)    the function exists, the version does not
+    +-- SignatureChanged (also TypeError)     the current version's signature differs from the caller's
+    +-- NotScatterable (also TypeError)       @scatter refused the function (no annotations, generator ...)
+    +-- Unreachable (also ConnectionError)    no node answered at the address
+    +-- CallTimeout (also TimeoutError)       the call ran past its timeout
+    +-- ProtocolError                         a malformed, oversized or unexpected message
+    +-- ConfigError (also ValueError)         a bad argument or SCATTER_* environment value
+
+Wrong arity and unknown keywords raise the plain ``TypeError`` Python raises for a
+local call with the same signature: that is what a caller expects, and the message is
+the interpreter's own.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CallTimeout",
+    "ConfigError",
+    "FunctionNotFound",
+    "NotScatterable",
+    "ProtocolError",
+    "RemoteError",
+    "ScatterError",
+    "SignatureChanged",
+    "Unreachable",
+    "ValidationError",
+    "VersionNotFound",
+    "WorkerCrashed",
+]
+
+
+class ScatterError(Exception):
+    """Base class of every error Scatter raises on purpose."""
+
+
+class ValidationError(ScatterError, TypeError):
+    """An argument (or a return value) does not match its annotation.
+
+    Attributes:
+        parameter: the parameter's name, or ``"return"`` for a result.
+        path: msgspec's path to the bad value, such as ``$.items[0].price``.
+    """
+
+    def __init__(self, message: str, *, parameter: str | None = None, path: str | None = None):
+        super().__init__(message)
+        self.parameter = parameter
+        self.path = path
+
+
+class RemoteError(ScatterError):
+    """The scattered function raised on the node.
+
+    Attributes:
+        remote_type: the qualified name of the remote exception's class (``"builtins.ValueError"``).
+        remote_message: ``str()`` of the remote exception.
+        remote_traceback: the remote traceback, formatted as text.
+    """
+
+    def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = ""):
+        self.remote_type = remote_type
+        self.remote_message = remote_message
+        self.remote_traceback = remote_traceback
+        super().__init__(f"{remote_type}: {remote_message}")
+
+    def __str__(self) -> str:
+        text = f"{self.remote_type}: {self.remote_message}"
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.remote_type, self.remote_message, self.remote_traceback))
+
+
+class WorkerCrashed(RemoteError):
+    """The process running the call died before it answered (``os._exit``, a segfault).
+
+    The node replaces the process and keeps serving; only this call is lost.
+    """
+
+
+class FunctionNotFound(ScatterError, LookupError):
+    """No function or function set by that name exists (or it was vaporized)."""
+
+
+class VersionNotFound(ScatterError, LookupError):
+    """The function exists but not the requested version."""
+
+
+class SignatureChanged(ScatterError, TypeError):
+    """The function's current version has a different signature than the caller's.
+
+    The callable that raised it has already refreshed itself: the next call validates
+    against the new signature.
+
+    Attributes:
+        name: the function's name.
+        old_version: the version whose signature the caller used.
+        new_version: the current version.
+    """
+
+    def __init__(self, message: str, *, name: str = "", old_version: int = 0, new_version: int = 0):
+        super().__init__(message)
+        self.name = name
+        self.old_version = old_version
+        self.new_version = new_version
+
+
+class NotScatterable(ScatterError, TypeError):
+    """``@scatter`` refused the object: it cannot become a remote function."""
+
+
+class Unreachable(ScatterError, ConnectionError):
+    """No node answered at the address."""
+
+
+class CallTimeout(ScatterError, TimeoutError):
+    """The call ran past its timeout. The node keeps serving other calls."""
+
+
+class ProtocolError(ScatterError):
+    """A message was malformed, oversized or not what the protocol allows here."""
+
+
+class ConfigError(ScatterError, ValueError):
+    """A configuration value (an argument or a ``SCATTER_*`` variable) is invalid."""

@@ -1,0 +1,1 @@
+"""The node process: Trio control loop, worker pool, diskcache store."""

@@ -1,0 +1,29 @@
+"""``python -m scatter._node``: run a node in the foreground (what auto-start launches)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .._config import resolve_node_config
+from .._exceptions import ConfigError
+from ._server import run_node
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scatter._node")
+    parser.add_argument("--address", default=None)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    try:
+        run_node(resolve_node_config(args.address, args.data_dir))
+    except ConfigError as exc:
+        print(f"scatter node: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The worker pool: spawns, leases, supervises and replaces worker processes.
+
+Rules of the pool:
+
+1. Each client connection leases one worker and sends its calls there directly. A lease
+   goes to an idle worker with the fewest leases; when every worker already has one, a
+   new worker is started (up to ``max_workers``; past that, leases share the least
+   loaded). One spare unleased worker is kept warm so a new client rarely waits for a
+   process to start.
+2. Leases are advice, not locks: any worker answers any call. A client that dies without
+   releasing its lease leaves it behind; a worker that has run no call for
+   ``worker_idle_retire`` seconds forgets its leases, and above ``min_workers`` retires.
+3. A call past its deadline gets SIGUSR1 (the worker raises inside the function); past
+   ``deadline + kill_grace`` the worker gets SIGKILL. A worker that exits for any reason
+   is replaced if the pool is below ``min_workers``; its clients see their connection drop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from .._config import NodeConfig, parse_address
+from .._exceptions import ScatterError
+from ._slots import MAX_SLOTS, SharedSlots
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    slot: int
+    process: trio.Process
+    endpoint: str
+    leases: set[int] = field(default_factory=set)
+    last_call_number: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+    interrupted_call: int = 0  # the call number already sent SIGUSR1
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    workers: int
+    busy: int
+    leases: int
+    started: int
+    replaced: int
+
+
+class WorkerPool:
+    """Resource handling: every worker is a child process owned by the pool's nursery; the
+    pool kills them all when its nursery is cancelled, and workers also die with the node
+    (PR_SET_PDEATHSIG on Linux, a parent check elsewhere).
+
+    Error handling: a worker that fails to start raises from ``lease()`` as a ScatterError;
+    a worker that dies later is replaced, never propagated.
+    """
+
+    def __init__(self, config: NodeConfig, slots: SharedSlots) -> None:
+        self.config = config
+        self.slots = slots
+        self.host = parse_address(config.address)[0]
+        self.workers: dict[int, WorkerProcess] = {}  # {slot: worker}
+        self._lease_ids = itertools.count(1)
+        self._lease_to_slot: dict[int, int] = {}  # {lease id: slot}
+        self._spawning = 0
+        self._started = 0
+        self._replaced = 0
+        self._nursery: trio.Nursery | None = None
+
+    # -- lifecycle --
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                async with trio.open_nursery() as starting:
+                    for _ in range(self.config.min_workers):
+                        starting.start_soon(self._spawn)
+                nursery.start_soon(self._supervise)
+                task_status.started()
+                await trio.sleep_forever()
+            finally:
+                self._kill_all()
+
+    def _kill_all(self) -> None:
+        for worker in list(self.workers.values()):
+            if worker.process.returncode is None:
+                worker.process.kill()
+
+    def _free_slot(self) -> int:
+        used = set(self.workers)
+        for slot in range(MAX_SLOTS):
+            if slot not in used:
+                return slot
+        raise ScatterError("no free worker slot")
+
+    async def _spawn(self) -> WorkerProcess:
+        slot = self._free_slot()
+        self.workers[slot] = None  # type: ignore[assignment]  # reserve the slot while starting
+        self._spawning += 1
+        try:
+            self.slots.clear(slot)
+            command = [
+                sys.executable,
+                "-m",
+                "scatter._node._worker",
+                "--data-dir",
+                str(self.config.data_dir),
+                "--slot",
+                str(slot),
+                "--host",
+                self.host,
+                "--timeout",
+                str(self.config.call_timeout),
+                "--max-message-bytes",
+                str(self.config.max_message_bytes),
+            ]
+            process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+            try:
+                endpoint = await self._read_ready(process)
+            except BaseException:
+                process.kill()
+                raise
+        except BaseException:
+            del self.workers[slot]
+            raise
+        finally:
+            self._spawning -= 1
+        worker = WorkerProcess(slot, process, endpoint)
+        self.workers[slot] = worker
+        self._started += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(self._watch, worker)
+        return worker
+
+    async def _read_ready(self, process: trio.Process) -> str:
+        assert process.stdout is not None
+        buffer = b""
+        with trio.fail_after(60):
+            while b"\n" not in buffer:
+                chunk = await process.stdout.receive_some(4096)
+                if not chunk:
+                    raise ScatterError(
+                        f"a worker process exited while starting (exit code {process.returncode})"
+                    )
+                buffer += chunk
+        line = buffer.split(b"\n", 1)[0].decode()
+        if not line.startswith("READY "):
+            raise ScatterError(f"a worker process said {line!r} instead of READY")
+        await process.stdout.aclose()
+        return line.split(" ", 1)[1]
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        await worker.process.wait()
+        if self.workers.get(worker.slot) is worker:
+            del self.workers[worker.slot]
+            self.slots.clear(worker.slot)
+            for lease in worker.leases:
+                self._lease_to_slot.pop(lease, None)
+            self._replaced += 1
+            if self._live_count() < self.config.min_workers:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._spawn_quietly)
+
+    async def _spawn_quietly(self) -> None:
+        try:
+            await self._spawn()
+        except ScatterError as exc:
+            print(f"scatter node: could not start a worker: {exc}", file=sys.stderr)
+
+    def _live(self) -> list[WorkerProcess]:
+        return [w for w in self.workers.values() if w is not None]
+
+    def _live_count(self) -> int:
+        return len(self.workers)
+
+    # -- leases --
+
+    async def lease(self) -> tuple[int, str]:
+        """Pick (or start) a worker for a new client connection (rule 1)."""
+        candidates = [w for w in self._live() if not self._busy(w)]
+        worker = min(candidates, key=lambda w: len(w.leases), default=None)
+        if (worker is None or worker.leases) and self._live_count() < self.config.max_workers:
+            worker = await self._spawn()
+        if worker is None:
+            live = self._live()
+            if not live:
+                raise ScatterError("this node has no worker processes")
+            worker = min(live, key=lambda w: len(w.leases))
+        lease = next(self._lease_ids)
+        worker.leases.add(lease)
+        self._lease_to_slot[lease] = worker.slot
+        self._keep_a_spare()
+        return lease, worker.endpoint
+
+    def release(self, lease: int) -> None:
+        slot = self._lease_to_slot.pop(lease, None)
+        worker = self.workers.get(slot) if slot is not None else None
+        if worker is not None:
+            worker.leases.discard(lease)
+
+    def _keep_a_spare(self) -> None:
+        has_spare = any(not w.leases for w in self._live()) or self._spawning
+        if not has_spare and self._live_count() < self.config.max_workers:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._spawn_quietly)
+
+    def _busy(self, worker: WorkerProcess) -> bool:
+        return self.slots.read(worker.slot)[1] != 0.0
+
+    # -- supervision --
+
+    async def _supervise(self) -> None:
+        interval = self.config.supervise_interval
+        while True:
+            await trio.sleep(interval)
+            now = time.monotonic()
+            for worker in self._live():
+                number, deadline = self.slots.read(worker.slot)
+                if number != worker.last_call_number or deadline:
+                    worker.last_call_number = number
+                    worker.last_activity = now
+                if deadline and now > deadline:
+                    self._enforce_deadline(worker, number, deadline, now)
+                elif now - worker.last_activity > self.config.worker_idle_retire:
+                    self._retire_idle(worker)
+
+    def _enforce_deadline(
+        self, worker: WorkerProcess, number: int, deadline: float, now: float
+    ) -> None:
+        if worker.process.returncode is not None:
+            return
+        if worker.interrupted_call != number:
+            worker.interrupted_call = number
+            worker.process.send_signal(signal.SIGUSR1)
+        elif now > deadline + self.config.kill_grace:
+            # The function ignored the interrupt (C code holding the GIL, a blocked
+            # syscall): only a new process gets this slot back.
+            worker.process.kill()
+
+    def _retire_idle(self, worker: WorkerProcess) -> None:
+        for lease in worker.leases:
+            self._lease_to_slot.pop(lease, None)
+        worker.leases.clear()
+        if self._live_count() > self.config.min_workers + 1:
+            worker.process.terminate()
+
+    def statistics(self) -> PoolStatistics:
+        live = self._live()
+        return PoolStatistics(
+            workers=len(live),
+            busy=sum(1 for w in live if self._busy(w)),
+            leases=len(self._lease_to_slot),
+            started=self._started,
+            replaced=self._replaced,
+        )

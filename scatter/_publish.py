@@ -1,0 +1,76 @@
+"""Turning a local function into what a node stores: body, signature, ids.
+
+The body is pickled BY VALUE, also when the function lives in an importable module:
+the node and its workers need not have that module (the notebook that defined it may
+be gone). Modules it imports (numpy, ...) stay references and must exist on the node.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import cloudpickle
+
+from ._core._signature import (
+    check_scatterable,
+    content_id,
+    signature_id,
+    signature_text,
+    source_of,
+)
+from ._exceptions import ConfigError, NotScatterable
+
+
+def _pickle_by_value(fn: Callable[..., Any]) -> bytes:
+    module_name = getattr(fn, "__module__", None)
+    module = sys.modules.get(module_name or "")
+    registered = False
+    if (
+        module is not None
+        and module_name not in ("__main__",)
+        and not (module_name or "").startswith("scatter.")
+    ):
+        try:
+            cloudpickle.register_pickle_by_value(module)
+            registered = True
+        except ValueError:
+            pass
+    try:
+        return cloudpickle.dumps(fn)
+    except Exception as exc:
+        raise NotScatterable(
+            f"cannot ship {getattr(fn, '__name__', fn)!r}: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        if registered and module is not None:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def prepare_publish(
+    fn: Callable[..., Any], *, name: str | None = None, timeout: float | None = None
+) -> dict[str, Any]:
+    """The fields of a ``Publish`` request for ``fn``; NotScatterable if it cannot be one."""
+    resolved = name or getattr(fn, "__name__", "")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    sig = check_scatterable(fn, resolved)
+    body = _pickle_by_value(fn)
+    try:
+        signature = cloudpickle.dumps(sig)
+    except Exception as exc:
+        raise NotScatterable(f"cannot ship the annotations of {resolved}(): {exc}") from exc
+    return {
+        "name": resolved,
+        "body": body,
+        "signature": signature,
+        "signature_text": signature_text(sig),
+        "signature_id": signature_id(sig),
+        "content_id": content_id(body, sig),
+        "source": source_of(fn),
+        "doc": getattr(fn, "__doc__", None),
+        "python": platform.python_version(),
+        "timeout": timeout,
+    }

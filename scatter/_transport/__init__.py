@@ -1,0 +1,1 @@
+"""Transports: pyzmq bridged into Trio."""

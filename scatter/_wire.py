@@ -1,0 +1,245 @@
+"""Every message Scatter sends, as msgspec Structs: the versioned wire contract.
+
+Two conversations use it:
+
+* client <-> node (the node's ROUTER at its address): control requests such as
+  ``Publish``, ``Lease`` or ``Versions``, each answered by one reply;
+* client <-> worker (a worker process's ROUTER, leased through the node): ``Call`` and its
+  ``Result`` or ``Failure``. These are the hot messages: ``array_like`` and small tags.
+
+Sizes are checked against ``max_message_bytes`` before anything is decoded, and a frame
+that fails to decode becomes a ``Failure`` of kind ``protocol``, never a dead serve loop.
+
+ONLY APPEND: tags and fields. New fields get defaults (msgspec schema evolution), so a
+peer one protocol version behind still decodes what it knows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+# Protocol versions and what each added:
+#   1: calls, control requests, leases of worker processes (the single-node protocol).
+PROTOCOL_VERSION_MIN = 1
+PROTOCOL_VERSION_MAX = 1
+PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
+
+
+class Call(msgspec.Struct, array_like=True, tag=1, frozen=True):
+    """Run ``name`` with ``args`` (the msgpack map made by ``CallSpec.encode_arguments``)."""
+
+    id: int  # echoed in the reply, so a late reply to an abandoned call is never mistaken
+    name: str
+    version: int  # pinned version, or 0: the current one
+    known_version: int  # the version whose signature the caller validated against
+    signature_id: str  # that version's signature id; "" skips the signature check
+    timeout: float  # seconds; 0: the function's own timeout, else the node's default
+    args: msgspec.Raw
+
+
+class Result(msgspec.Struct, array_like=True, tag=2, frozen=True):
+    id: int
+    version: int  # the version that ran: a body-only update moves callers along
+    value: msgspec.Raw
+
+
+FailureKind = Literal[
+    "remote",  # the function raised
+    "validation",  # arguments or result do not match the annotations
+    "arity",  # Python's own TypeError for the call
+    "not_found",
+    "version_not_found",
+    "signature_changed",
+    "timeout",
+    "protocol",
+    "not_scatterable",
+    "load",  # the version's body cannot be loaded on this node
+    "internal",
+]
+
+
+class Failure(msgspec.Struct, array_like=True, tag=3, frozen=True, omit_defaults=True):
+    """Any request that did not succeed; ``kind`` picks the exception class on the caller."""
+
+    id: int
+    kind: FailureKind
+    message: str
+    remote_type: str = ""
+    remote_traceback: str = ""
+    parameter: str | None = None
+    path: str | None = None
+    name: str = ""
+    old_version: int = 0
+    new_version: int = 0
+
+
+# ----- control requests (client -> node) -----
+
+
+class Hello(msgspec.Struct, array_like=True, tag=10, frozen=True):
+    id: int
+    protocol: int = PROTOCOL_VERSION
+
+
+class Publish(msgspec.Struct, array_like=True, tag=11, frozen=True):
+    id: int
+    name: str
+    body: bytes  # cloudpickle of the function, by value
+    signature: bytes  # cloudpickle of its inspect.Signature (annotations, defaults)
+    signature_text: str
+    signature_id: str
+    content_id: str
+    source: str | None = None
+    doc: str | None = None
+    python: str = ""
+    timeout: float | None = None
+
+
+class Rollback(msgspec.Struct, array_like=True, tag=12, frozen=True):
+    id: int
+    name: str
+    to: int | None = None
+
+
+class Vaporize(msgspec.Struct, array_like=True, tag=13, frozen=True):
+    id: int
+    name: str
+
+
+class Describe(msgspec.Struct, array_like=True, tag=14, frozen=True):
+    """What a client needs to build a callable: signature, version, timeout."""
+
+    id: int
+    name: str
+    version: int = 0
+    with_source: bool = False
+
+
+class ListVersions(msgspec.Struct, array_like=True, tag=15, frozen=True):
+    id: int
+    name: str
+
+
+class ListFunctions(msgspec.Struct, array_like=True, tag=16, frozen=True):
+    id: int
+
+
+class Lease(msgspec.Struct, array_like=True, tag=17, frozen=True):
+    """Ask for a worker process to send calls to directly."""
+
+    id: int
+
+
+class Release(msgspec.Struct, array_like=True, tag=18, frozen=True):
+    id: int
+    lease: int
+
+
+class Status(msgspec.Struct, array_like=True, tag=19, frozen=True):
+    id: int
+
+
+class Shutdown(msgspec.Struct, array_like=True, tag=20, frozen=True):
+    id: int
+
+
+ControlRequest = (
+    Hello
+    | Publish
+    | Rollback
+    | Vaporize
+    | Describe
+    | ListVersions
+    | ListFunctions
+    | Lease
+    | Release
+    | Status
+    | Shutdown
+)
+
+# ----- control replies (node -> client) -----
+
+
+class Welcome(msgspec.Struct, array_like=True, tag=30, frozen=True):
+    id: int
+    node_id: str
+    protocol: int
+    address: str
+
+
+class Published(msgspec.Struct, array_like=True, tag=31, frozen=True):
+    id: int
+    name: str
+    version: int
+    content_id: str
+    unchanged: bool  # identical to the current version: nothing was changed
+
+
+class Moved(msgspec.Struct, array_like=True, tag=32, frozen=True):
+    """The current pointer moved (rollback) or the function is gone (vaporize, version 0)."""
+
+    id: int
+    name: str
+    version: int
+
+
+class Description(msgspec.Struct, array_like=True, tag=33, frozen=True):
+    id: int
+    name: str
+    version: int
+    current_version: int
+    content_id: str
+    signature: bytes
+    signature_text: str
+    signature_id: str
+    timeout: float  # effective: the function's own, else the node's default
+    doc: str | None = None
+    source: str | None = None
+
+
+class Listing(msgspec.Struct, array_like=True, tag=34, frozen=True):
+    """Rows for ``versions()`` / ``functions()``: the registry's own info records."""
+
+    id: int
+    rows: list[dict[str, Any]]
+
+
+class Leased(msgspec.Struct, array_like=True, tag=35, frozen=True):
+    id: int
+    lease: int
+    endpoint: str
+
+
+class Done(msgspec.Struct, array_like=True, tag=36, frozen=True):
+    id: int
+
+
+class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
+    id: int
+    node_id: str
+    address: str
+    pid: int
+    data_dir: str
+    started_at: float
+    functions: int
+    versions: int
+    workers: int
+    busy_workers: int
+    leases: int
+    python: str
+    scatter_version: str
+
+
+ControlReply = (
+    Welcome | Published | Moved | Description | Listing | Leased | Done | NodeStatus | Failure
+)
+
+WorkerReply = Result | Failure
+
+control_request_decoder = msgspec.msgpack.Decoder(ControlRequest)
+control_reply_decoder = msgspec.msgpack.Decoder(ControlReply)
+call_decoder = msgspec.msgpack.Decoder(Call)
+worker_reply_decoder = msgspec.msgpack.Decoder(WorkerReply)
+encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,1 @@
+"""Compatibility package for the seed notebook's import line."""
