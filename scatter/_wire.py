@@ -209,7 +209,8 @@ class Listing(msgspec.Struct, array_like=True, tag=34, frozen=True):
 class Leased(msgspec.Struct, array_like=True, tag=35, frozen=True):
     id: int
     lease: int
-    endpoint: str
+    endpoint: str  # tcp://, reachable wherever the node is
+    local_endpoint: str = ""  # ipc://, for clients on the node's machine
 
 
 class Done(msgspec.Struct, array_like=True, tag=36, frozen=True):

@@ -11,12 +11,18 @@
 # values the node received. Property tests drive it with random histories, the
 # node with sockets, the simulator with virtual time: one implementation.
 #
-# Rule 3: the state is a function of the SET of changes seen, and of nothing
+# Rule 3: the state is a function of the SET of changes held, and of nothing
 # else: not of the order they arrived in, not of which node we are. Local changes
 # go through the same apply path as remote ones (as h11 refuses to cheat for its
 # own side), so what a node decided for itself is what every other node computes.
 #
-# Rule 4: a name is a function or a function set, never both, and numbers under a
+# Rule 4: causal delivery. A change applies only once its causal past has: every
+# change its clock counts. One that arrives early (the push of its predecessor
+# was lost) is held, gossiped on, and applied when the gap fills. So a node never
+# shows an effect without its cause (a rollback without the version it targets),
+# and numbers move only because of true concurrency, never because of a gap.
+#
+# Rule 5: a name is a function or a function set, never both, and numbers under a
 # name are never reused: the high-water mark outlives vaporize (the tombstone).
 #
 # THE ONE CONFLICT RULE
@@ -77,12 +83,15 @@
 # Otherwise the state is rebuilt by replaying the sorted log from scratch: simple,
 # and obviously the same answer every node computes.
 #
-# Two clocks. `Registry.clock` is the FRONTIER: for each origin, the highest n
-# such that changes 1..n of that origin are all held. It is what anti-entropy
-# sends, so that a peer's `changes_since()` never skips a change that was lost
-# in a gap. A new local change instead increments the merge of every clock seen,
-# so that it sorts after everything this node has applied. The two differ only
-# while a change is missing from the middle of an origin's sequence.
+# Because of causal delivery the applied changes are causally closed: for each
+# origin they are its changes 1..n, and `Registry.clock`, their merged clock, is
+# exactly that n per origin. It is what anti-entropy sends: `changes_since()`
+# then never skips a change this registry lacks. A new local change increments
+# it, so it sorts after everything applied and never needs a replay.
+#
+# A node id must never be reused with an empty log: the node's own changes are
+# numbered from its entry in the clock, and a change id seen twice is ignored.
+# (The node persists its identity next to its log, and loses both or neither.)
 
 """The function registry: versions, current pointers, sets, tombstones, one conflict rule.
 
@@ -259,7 +268,8 @@ class RegistryStatistics(msgspec.Struct, frozen=True, kw_only=True):
     sets: int  # live sets
     versions: int  # live function versions, retired functions included
     tombstones: int  # names vaporized and not published again
-    changes: int  # changes held (applied)
+    changes: int  # changes applied
+    pending: int  # changes held but waiting for their causal past (a gap in delivery)
     rebuilds: int  # times an out-of-order change forced a replay of the log
 
 
@@ -360,9 +370,8 @@ class Registry:
         self._log: list[Change] = []  # sorted by order_key: the apply order
         self._keys: list[tuple[int, str, str]] = []  # order_key of each _log entry
         self._by_origin: dict[str, list[int]] = {}  # {origin: sorted counters held}
-        self._frontier: dict[str, int] = {}  # {origin: n with 1..n all held}
-        self._frontier_clock: VectorClock | None = VectorClock()  # cached; None: stale
-        self._heard = VectorClock()  # merge of every clock held; new local changes start here
+        self._pending: dict[str, Change] = {}  # {change_id: change waiting for its past}
+        self._clock = VectorClock()  # merge of the applied changes' clocks
         # The state derived from the log.
         self._functions: dict[str, _Function] = {}  # {name: function}, retired ones included
         self._sets: dict[str, _Set] = {}  # {name: live set}
@@ -389,20 +398,19 @@ class Registry:
 
     @property
     def clock(self) -> VectorClock:
-        """The frontier: for each origin, n such that its changes 1..n are all held.
+        """The merged clock of the applied changes: for each origin, how many are applied.
 
-        Send it to peers for anti-entropy: ``peer.changes_since(my.clock)`` then holds
-        every change this registry lacks (and, after a gap, a few it already has).
+        Send it to peers for anti-entropy: ``peer.changes_since(my.clock)`` is then
+        every change this registry lacks (plus any it holds but cannot apply yet).
         """
-        if self._frontier_clock is None:
-            self._frontier_clock = VectorClock(dict(self._frontier))
-        return self._frontier_clock
+        return self._clock
 
     def changes_since(self, clock: VectorClock) -> list[Change]:
-        """The changes ``clock`` does not cover, in apply order, for anti-entropy.
+        """The changes held that ``clock`` does not cover, in apply order, for anti-entropy.
 
         A change is covered when ``clock`` counts at least as many changes of its
-        origin. Costs O(origins + answer), not O(log).
+        origin. Changes waiting for their causal past are included: the peer may
+        hold that past. Costs O(origins + answer), not O(log).
         """
         found: list[Change] = []
         for origin, counters in self._by_origin.items():
@@ -414,6 +422,10 @@ class Registry:
     def has_change(self, change_id: str) -> bool:
         """Whether the change is held already (applying it again would do nothing)."""
         return change_id in self._changes
+
+    def pending(self) -> list[Change]:
+        """The changes held but not applied, waiting for their causal past, in apply order."""
+        return sorted(self._pending.values(), key=order_key)
 
     # -- local changes --------------------------------------------------------
 
@@ -572,6 +584,9 @@ class Registry:
     def apply(self, change: Change) -> set[str]:
         """Apply a change made elsewhere (or replayed); a change held already is ignored.
 
+        A change whose causal past is not all applied yet is held, and applied with
+        the change that completes it (see :meth:`pending`).
+
         Returns:
             The names (functions and sets) whose lookups changed: the node drops what
             it cached for them.
@@ -598,9 +613,11 @@ class Registry:
             fresh[change.change_id] = change
         if not fresh:
             return set()
-        batch = sorted(fresh.values(), key=order_key)
-        for change in batch:
+        for change in fresh.values():
             self._hold(change)
+        batch = self._take_ready()
+        if not batch:
+            return set()
         if not self._keys or order_key(batch[0]) > self._keys[-1]:
             changed: set[str] = set()
             for change in batch:
@@ -793,18 +810,19 @@ class Registry:
             versions=sum(len(f.versions) for f in self._functions.values()),
             tombstones=sum(1 for name in self._high_water if name not in live),
             changes=len(self._log),
+            pending=len(self._pending),
             rebuilds=self._rebuilds,
         )
 
     # -- internals: the log ---------------------------------------------------
 
     def _next_change_id(self) -> str:
-        return f"{self.node_id}:{self._heard.get(self.node_id) + 1}"
+        return f"{self.node_id}:{self._clock.get(self.node_id) + 1}"
 
     def _local_change(self, ops: list[Op], now: float) -> Change:
-        # The merge of every clock held, plus one: sorts after everything applied here,
-        # so a local change always takes the incremental path.
-        clock = self._heard.increment(self.node_id)
+        # Its causal past is exactly what is applied here, and it sorts after all of
+        # it: a local change always applies at once, on the incremental path.
+        clock = self._clock.increment(self.node_id)
         change = Change(
             change_id=f"{self.node_id}:{clock.get(self.node_id)}",
             origin=self.node_id,
@@ -816,22 +834,38 @@ class Registry:
         return change
 
     def _hold(self, change: Change) -> None:
-        """Remember a change and advance the clocks; the state is updated by the caller."""
-        origin = change.origin
-        counter = change.clock.get(origin)
-        self._changes[change.change_id] = change
-        counters = self._by_origin.setdefault(origin, [])
+        """Remember a change as pending; :meth:`_take_ready` decides when it applies."""
+        counters = self._by_origin.setdefault(change.origin, [])
+        counter = change.clock.get(change.origin)
         if not counters or counter > counters[-1]:
             counters.append(counter)
         else:
             bisect.insort(counters, counter)
-        frontier = self._frontier.get(origin, 0)
-        if counter == frontier + 1:
-            while f"{origin}:{frontier + 1}" in self._changes:
-                frontier += 1
-            self._frontier[origin] = frontier
-            self._frontier_clock = None
-        self._heard = self._heard.merge(change.clock)
+        self._changes[change.change_id] = change
+        self._pending[change.change_id] = change
+
+    def _take_ready(self) -> list[Change]:
+        """Remove from pending, in apply order, every change whose causal past is applied.
+
+        One pass in apply order is enough: a change's causal past sorts before it,
+        so by the time a change is looked at, its past has been taken if it can be.
+        """
+        ready: list[Change] = []
+        clock = self._clock
+        for change in sorted(self._pending.values(), key=order_key):
+            origin = change.origin
+            wanted = change.clock
+            if wanted.get(origin) == clock.get(origin) + 1 and all(
+                clock.get(node_id) >= count
+                for node_id, count in wanted.entries.items()
+                if node_id != origin
+            ):
+                ready.append(change)
+                clock = clock.merge(wanted)
+        for change in ready:
+            del self._pending[change.change_id]
+        self._clock = clock
+        return ready
 
     def _rebuild(self) -> set[str]:
         """Replay the whole sorted log from an empty state (a change arrived out of order)."""

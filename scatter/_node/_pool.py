@@ -35,7 +35,7 @@ from ._slots import MAX_SLOTS, SharedSlots
 class WorkerProcess:
     slot: int
     process: trio.Process
-    endpoint: str
+    endpoints: tuple[str, ...]  # (tcp endpoint, ipc endpoint for clients on this machine)
     leases: set[int] = field(default_factory=set)
     last_call_number: int = 0
     last_activity: float = field(default_factory=time.monotonic)
@@ -122,7 +122,7 @@ class WorkerPool:
             ]
             process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
             try:
-                endpoint = await self._read_ready(process)
+                endpoints = await self._read_ready(process)
             except BaseException:
                 process.kill()
                 raise
@@ -131,14 +131,14 @@ class WorkerPool:
             raise
         finally:
             self._spawning -= 1
-        worker = WorkerProcess(slot, process, endpoint)
+        worker = WorkerProcess(slot, process, endpoints)
         self.workers[slot] = worker
         self._started += 1
         assert self._nursery is not None
         self._nursery.start_soon(self._watch, worker)
         return worker
 
-    async def _read_ready(self, process: trio.Process) -> str:
+    async def _read_ready(self, process: trio.Process) -> tuple[str, ...]:
         assert process.stdout is not None
         buffer = b""
         with trio.fail_after(60):
@@ -153,7 +153,7 @@ class WorkerPool:
         if not line.startswith("READY "):
             raise ScatterError(f"a worker process said {line!r} instead of READY")
         await process.stdout.aclose()
-        return line.split(" ", 1)[1]
+        return tuple(line.split()[1:])
 
     async def _watch(self, worker: WorkerProcess) -> None:
         await worker.process.wait()
@@ -181,7 +181,7 @@ class WorkerPool:
 
     # -- leases --
 
-    async def lease(self) -> tuple[int, str]:
+    async def lease(self) -> tuple[int, tuple[str, ...]]:
         """Pick (or start) a worker for a new client connection (rule 1)."""
         candidates = [w for w in self._live() if not self._busy(w)]
         worker = min(candidates, key=lambda w: len(w.leases), default=None)
@@ -196,7 +196,7 @@ class WorkerPool:
         worker.leases.add(lease)
         self._lease_to_slot[lease] = worker.slot
         self._keep_a_spare()
-        return lease, worker.endpoint
+        return lease, worker.endpoints
 
     def release(self, lease: int) -> None:
         slot = self._lease_to_slot.pop(lease, None)

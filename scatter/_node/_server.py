@@ -175,8 +175,8 @@ class Node:
         return _wire.Listing(req.id, rows)
 
     async def on_lease(self, req: _wire.Lease) -> _wire.Leased:
-        lease, endpoint = await self.pool.lease()
-        return _wire.Leased(req.id, lease, endpoint)
+        lease, endpoints = await self.pool.lease()
+        return _wire.Leased(req.id, lease, endpoints[0], endpoints[1] if len(endpoints) > 1 else "")
 
     def on_release(self, req: _wire.Release) -> _wire.Done:
         self.pool.release(req.lease)

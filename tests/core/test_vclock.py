@@ -65,9 +65,7 @@ def test_clock_round_trips_through_msgpack() -> None:
 
 def test_clock_from_the_wire_refuses_negative_entries() -> None:
     with pytest.raises(msgspec.ValidationError):
-        msgspec.msgpack.Decoder(VectorClock).decode(
-            msgspec.msgpack.encode({"entries": {"a": -1}})
-        )
+        msgspec.msgpack.Decoder(VectorClock).decode(msgspec.msgpack.encode({"entries": {"a": -1}}))
     with pytest.raises(ValueError):
         VectorClock({"a": -1})
 

@@ -1,0 +1,132 @@
+"""Server processes for ``cluster/bench.py``: one per system under test.
+
+    python cluster/_bench_servers.py pyzmq-reqrep --port P --parent PID
+    python cluster/_bench_servers.py zeroapi --port P --parent PID
+    python cluster/_bench_servers.py scatter-node --port P --data-dir D --parent PID
+
+The benchmark starts each in a session of its own and kills that process group when done.
+Each also stops by itself: a watchdog thread kills its whole process group (zeroapi's
+workers, Scatter's node and workers) when the benchmark process is gone or after
+``--max-seconds``, so a benchmark killed with SIGKILL leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+if __package__:
+    from . import _bench_workloads as w
+else:  # run as a script: this file's folder is sys.path[0]
+    import _bench_workloads as w
+
+
+def start_watchdog(parent: int, max_seconds: float) -> None:
+    deadline = time.monotonic() + max_seconds
+
+    def watch() -> None:
+        while os.getppid() == parent and time.monotonic() < deadline:
+            time.sleep(0.5)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="bench-watchdog", daemon=True).start()
+
+
+# -- the baseline: a plain REP loop, typed msgspec decoding, the work done in-process --
+
+
+def serve_pyzmq_reqrep(port: int) -> None:
+    import msgspec
+    import zmq
+
+    decoders = {
+        b"add": msgspec.msgpack.Decoder(tuple[int, int]),
+        b"total": msgspec.msgpack.Decoder(list[float]),
+        b"cpu": msgspec.msgpack.Decoder(int),
+    }
+    run = {b"add": lambda ab: w.add(*ab), b"total": w.total, b"cpu": w.cpu}
+    encode = msgspec.msgpack.Encoder().encode
+    sock = zmq.Context().socket(zmq.REP)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    # Bounded by the watchdog, which kills this process when the benchmark is done.
+    while True:
+        name, payload = sock.recv_multipart()
+        try:
+            reply = [b"ok", encode(run[name](decoders[name].decode(payload)))]
+        except Exception as exc:  # answer, so the REQ client never hangs on a bad request
+            reply = [b"error", repr(exc).encode()]
+        sock.send_multipart(reply)
+
+
+# -- zeroapi: its RPC functions take one argument, so add takes a pair --
+# Module level: zeroapi hands them to its worker processes through multiprocessing.
+
+
+def add(ab: tuple[int, int]) -> int:
+    return w.add(*ab)
+
+
+def total(xs: list[float]) -> float:
+    return w.total(xs)
+
+
+def cpu(n: int) -> int:
+    return w.cpu(n)
+
+
+def serve_zeroapi(port: int) -> None:
+    from zero import ZeroServer
+
+    app = ZeroServer(host="127.0.0.1", port=port)
+    for fn in (add, total, cpu):
+        app.register_rpc(fn)
+    # The default layout: a broker in this process and os.cpu_count() worker processes.
+    # Its IPC socket file goes to the working directory, which the benchmark makes a temp dir.
+    app.run()
+
+
+# -- Scatter: the node exactly as users start it, under this watchdog --
+
+
+def serve_scatter_node(port: int, data_dir: str) -> int:
+    node = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "scatter._node",
+            "--address",
+            f"tcp://127.0.0.1:{port}",
+            "--data-dir",
+            data_dir,
+        ]
+    )
+    return node.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="_bench_servers.py")
+    parser.add_argument("system", choices=["pyzmq-reqrep", "zeroapi", "scatter-node"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True, help="stop when this pid is gone")
+    parser.add_argument("--max-seconds", type=float, default=3600.0)
+    parser.add_argument("--data-dir", default=None)
+    args = parser.parse_args(argv)
+    start_watchdog(args.parent, args.max_seconds)
+    if args.system == "pyzmq-reqrep":
+        serve_pyzmq_reqrep(args.port)
+    elif args.system == "zeroapi":
+        serve_zeroapi(args.port)
+    else:
+        if not args.data_dir:
+            parser.error("scatter-node needs --data-dir")
+        return serve_scatter_node(args.port, args.data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,858 @@
+"""Scatter's speed, measured against raw pyzmq and zeroapi in one run.
+
+    nox -s bench                  # 3 rounds
+    nox -s bench -- --quick       # 1 short round, well under 90 s with the install
+    python cluster/bench.py --systems pyzmq-reqrep,zeroapi --workloads add --rounds 5
+
+Systems (each a server on a free loopback port, in processes of its own):
+
+- ``pyzmq-reqrep``, the baseline: a plain REP loop with typed msgspec decoding, doing the
+  work itself (``_bench_servers.py``);
+- ``zeroapi``: zeroapi 1.0.1 in its default layout, a broker and one worker process per core;
+- ``scatter-local``: a Scatter node, the calls run by the node the client talks to.
+
+Workloads (``_bench_workloads.py``): ``add(a, b)``, ``total(xs)`` of 1,000 floats, and
+``cpu(n)``, pure Python for about 5 ms (``n`` calibrated once here, the same for all).
+
+Each workload runs with one client in sequence (p50, p99, calls/s) and with several
+client processes at once (4 for add and total, 2 for cpu), released together by a
+barrier, each running for the same fixed time. Rounds alternate the systems, rotating
+their order, so that drift (thermal, noisy neighbours) hits them all alike; each figure's
+ratio to the baseline is taken within its round, and the report gives medians across
+rounds. The issue's targets are checked at the end as PASS/FAIL lines: reported, never
+asserted (a failed target still exits 0; a system that could not run exits 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import json
+import linecache
+import multiprocessing
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+if __package__:
+    from . import _bench_workloads as workloads
+else:  # run as a script: this file's folder is sys.path[0]
+    import _bench_workloads as workloads
+
+HERE = Path(__file__).resolve().parent
+SERVERS_SCRIPT = HERE / "_bench_servers.py"
+BASELINE = "pyzmq-reqrep"
+SYSTEMS = (BASELINE, "zeroapi", "scatter-local")
+
+# Bounds on waiting, so that a stuck system fails the run instead of hanging it.
+SERVER_START_TIMEOUT = 60.0
+CLIENT_READY_TIMEOUT = 120.0
+REPLY_MARGIN = 60.0  # on top of warmup + duration, for a measurement's replies
+CALL_TIMEOUT_MS = 10_000  # the baseline client's own limit on one call
+MIN_WARMUP_CALLS = 10
+MAX_CALLS = 5_000_000  # per client and measurement: bounds memory if a call is a no-op
+
+# Piped output (nox, CI logs) would otherwise be wrapped at 80 columns.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+
+
+@dataclass(frozen=True)
+class Settings:
+    systems: tuple[str, ...]
+    workloads: tuple[str, ...]
+    rounds: int
+    duration_s: float
+    warmup_s: float
+    publish_samples: int
+    quick: bool
+
+
+# -- client processes ------------------------------------------------------------------
+# Each client is a process of its own (spawned, so no inherited sockets or threads), set
+# up once per system, then told which measurement to run. They share nothing but a barrier.
+
+
+def _pyzmq_callers(address: str) -> dict[str, Callable[..., Any]]:
+    import msgspec
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, CALL_TIMEOUT_MS)
+    sock.setsockopt(zmq.SNDTIMEO, CALL_TIMEOUT_MS)
+    sock.connect(address)
+    encode = msgspec.msgpack.Encoder().encode
+
+    def caller(workload: str) -> Callable[..., Any]:
+        name = workload.encode()
+        decode = msgspec.msgpack.Decoder(float if workload == "total" else int).decode
+        pack_all = workload == "add"  # add's two arguments travel as one pair
+
+        def call(*args: Any) -> Any:
+            sock.send_multipart([name, encode(args if pack_all else args[0])])
+            status, payload = sock.recv_multipart()
+            if status != b"ok":
+                raise RuntimeError(f"{workload}: the server said {payload.decode()}")
+            return decode(payload)
+
+        return call
+
+    return {workload: caller(workload) for workload in workloads.WORKLOADS}
+
+
+def _zeroapi_callers(address: str) -> dict[str, Callable[..., Any]]:
+    import logging
+
+    from zero import ZeroClient
+
+    logging.getLogger().setLevel(logging.WARNING)  # zero's import turns INFO logging on
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    client = ZeroClient(host, int(port))
+
+    def caller(workload: str) -> Callable[..., Any]:
+        return_type = float if workload == "total" else int
+        pack_all = workload == "add"  # zeroapi functions take one argument: add takes a pair
+
+        def call(*args: Any) -> Any:
+            return client.call(workload, args if pack_all else args[0], return_type=return_type)
+
+        return call
+
+    return {workload: caller(workload) for workload in workloads.WORKLOADS}
+
+
+def _scatter_callers(address: str) -> dict[str, Callable[..., Any]]:
+    import scatter
+
+    scatter.connect(address, autostart=False)  # each client process connects itself
+    return {workload: scatter.make_callable(workload) for workload in workloads.WORKLOADS}
+
+
+CALLERS = {
+    "pyzmq-reqrep": _pyzmq_callers,
+    "zeroapi": _zeroapi_callers,
+    "scatter-local": _scatter_callers,
+}
+
+
+def _measure(call: Callable[[], Any], barrier: Any, warmup_s: float, duration_s: float) -> Any:
+    warm_until = time.perf_counter() + warmup_s
+    calls = 0
+    while calls < MIN_WARMUP_CALLS or time.perf_counter() < warm_until:
+        call()
+        calls += 1
+    barrier.wait(timeout=CLIENT_READY_TIMEOUT)
+    clock = time.perf_counter_ns
+    latencies = array("q")
+    started = now = clock()
+    stop = started + int(duration_s * 1e9)
+    while now < stop and len(latencies) < MAX_CALLS:
+        call()
+        done = clock()
+        latencies.append(done - now)
+        now = done
+    return len(latencies), (now - started) / 1e9, latencies.tobytes()
+
+
+def client_main(
+    system: str, address: str, cpu_loops: int, conn: Any, barriers: dict[int, Any]
+) -> None:
+    """One client process: set up, say ready, then run measurements until told to stop."""
+    import functools
+
+    try:
+        calls = {}
+        for workload, fn in CALLERS[system](address).items():
+            args = workloads.call_args(workload, cpu_loops)
+            got, want = fn(*args), workloads.expected(workload, cpu_loops)
+            if got != want:
+                raise AssertionError(f"{system} {workload} returned {got!r}, expected {want!r}")
+            calls[workload] = functools.partial(fn, *args)
+        conn.send(("ready", None))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    # Bounded: every wait has a limit, and the pipe reports EOF when the parent is gone.
+    while conn.poll(3600):
+        try:
+            message = conn.recv()
+        except EOFError:
+            return
+        if message is None:
+            return
+        workload, clients, warmup_s, duration_s = message
+        barrier = barriers[clients]
+        try:
+            conn.send(("result", _measure(calls[workload], barrier, warmup_s, duration_s)))
+        except BaseException:
+            barrier.abort()  # release the others (and the parent) at once
+            conn.send(("error", traceback.format_exc()))
+
+
+# -- results ---------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    calls: int
+    calls_per_s: float
+    p50_us: float
+    p99_us: float
+
+    @classmethod
+    def from_clients(cls, replies: list[tuple[int, float, bytes]]) -> Measurement:
+        merged = array("q")
+        for _, _, raw in replies:
+            merged.frombytes(raw)
+        ordered = sorted(merged)
+        if not ordered:
+            raise RuntimeError("no call completed")
+
+        def quantile(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000
+
+        # Aggregate rate: each client's calls over its own measured time, summed.
+        rate = sum(n / elapsed for n, elapsed, _ in replies if elapsed > 0)
+        return cls(len(ordered), rate, quantile(0.50), quantile(0.99))
+
+
+@dataclass
+class Row:
+    system: str
+    workload: str
+    clients: int
+    rounds: dict[int, Measurement] = field(default_factory=dict)
+
+
+class SystemFailed(Exception):
+    pass
+
+
+# -- processes: servers and client pools -----------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the server's process group (its workers too), then SIGKILL what is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=3)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=5)
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+@contextlib.contextmanager
+def server(system: str, workdir: Path) -> Iterator[str]:
+    """Start the system's server in a session of its own; yield its address."""
+    workdir.mkdir(parents=True)
+    port = free_port()
+    kind = "scatter-node" if system == "scatter-local" else system
+    command = [sys.executable, str(SERVERS_SCRIPT), kind, "--port", str(port)]
+    command += ["--parent", str(os.getpid())]
+    env = dict(os.environ)
+    if kind == "scatter-node":
+        command += ["--data-dir", str(workdir / "data")]
+        # The node must run the same scatter this process imports, installed or not.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_scatter_root(), env.get("PYTHONPATH")]))
+    log_path = workdir / "server.log"
+    with open(log_path, "wb") as log:
+        # cwd: zeroapi puts its IPC socket file in the working directory.
+        process = subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not _port_open(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemFailed(
+                    f"{system}: the server did not start listening on port {port}\n"
+                    + _log_tail(log_path)
+                )
+            time.sleep(0.05)
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        _stop_group(process)
+
+
+class ClientPool:
+    """``size`` client processes of one system, each connected once, reused per round."""
+
+    def __init__(self, system: str, address: str, cpu_loops: int, size: int) -> None:
+        self.system = system
+        context = multiprocessing.get_context("spawn")
+        counts = {1, *(workloads.CONCURRENT_CLIENTS.values())}
+        # One barrier per client count; the parent is a party too, so it knows when all
+        # clients are warm and released.
+        self.barriers = {n: context.Barrier(n + 1) for n in counts}
+        self.conns: list[Any] = []
+        self.processes: list[Any] = []
+        for i in range(size):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=client_main,
+                args=(system, address, cpu_loops, child_end, self.barriers),
+                name=f"bench-{system}-{i}",
+                daemon=True,
+            )
+            process.start()
+            child_end.close()
+            self.conns.append(parent_end)
+            self.processes.append(process)
+
+    def _recv(self, conn: Any, timeout: float) -> tuple[str, Any]:
+        if not conn.poll(timeout):
+            raise SystemFailed(f"{self.system}: a client gave no answer within {timeout:g} s")
+        try:
+            reply: tuple[str, Any] = conn.recv()
+        except EOFError:
+            raise SystemFailed(f"{self.system}: a client process died") from None
+        return reply
+
+    def wait_ready(self) -> None:
+        errors = []
+        for conn in self.conns:
+            kind, detail = self._recv(conn, CLIENT_READY_TIMEOUT)
+            if kind != "ready":
+                errors.append(detail)
+        if errors:
+            raise SystemFailed(f"{self.system}: a client could not start\n{errors[0]}")
+
+    def measure(
+        self, workload: str, clients: int, warmup_s: float, duration_s: float
+    ) -> Measurement:
+        conns = self.conns[:clients]
+        for conn in conns:
+            conn.send((workload, clients, warmup_s, duration_s))
+        barrier = self.barriers[clients]
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=CLIENT_READY_TIMEOUT)  # a broken one: the replies say why
+        replies = [self._recv(conn, warmup_s + duration_s + REPLY_MARGIN) for conn in conns]
+        errors = [detail for kind, detail in replies if kind != "result"]
+        if errors:
+            barrier.reset()
+            raise SystemFailed(f"{self.system} {workload} x{clients}: a client failed\n{errors[0]}")
+        return Measurement.from_clients([detail for _, detail in replies])
+
+    def close(self) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+
+
+@contextlib.contextmanager
+def client_pool(system: str, address: str, cpu_loops: int, size: int) -> Iterator[ClientPool]:
+    pool = ClientPool(system, address, cpu_loops, size)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+# -- Scatter-specific steps ------------------------------------------------------------
+
+
+def _scatter_root() -> str | None:
+    spec = importlib.util.find_spec("scatter")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(Path(next(iter(spec.submodule_search_locations))).parent)
+
+
+def publish_workloads(address: str) -> Any:
+    import scatter
+
+    scatter.connect(address, autostart=False)
+    for fn in (workloads.add, workloads.total, workloads.cpu):
+        scatter.scatter(fn)
+    return scatter
+
+
+def _fresh_function(name: str, constant: int) -> Callable[..., Any]:
+    """A new small function with a body of its own, and source that inspect can find."""
+    source = f"def {name}(x: int, y: float = 1.0) -> float:\n    return x * y + {constant}\n"
+    filename = f"<scatter-bench {name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    # A module name that is not importable: cloudpickle ships the function by value.
+    namespace: dict[str, Any] = {"__name__": "scatter_bench_generated"}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace[name]  # type: ignore[no-any-return]
+
+
+def time_publishes(scatter_module: Any, samples: int) -> list[float]:
+    """Seconds for ``@scatter`` to return, each on a distinct, never-seen body."""
+    tag = uuid.uuid4().hex[:8]
+    timings = []
+    for i in range(samples + 2):  # the first two warm up the connection and are dropped
+        fn = _fresh_function(f"bench_publish_{tag}_{i}", i)
+        started = time.perf_counter()
+        scatter_module.scatter(fn)
+        timings.append(time.perf_counter() - started)
+    return timings[2:]
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+def machine_info(cpu_loops: int) -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    import zmq
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "msgspec": version("msgspec"),
+        "zeroapi": version("zeroapi"),
+        "scatter": version("scatter-rpc"),
+        "cpu_loops": cpu_loops,
+    }
+
+
+def run(settings: Settings) -> tuple[dict[tuple[str, str, int], Row], dict[str, Any]]:
+    cpu_loops = workloads.calibrate_cpu()
+    ms = _time_cpu(cpu_loops) * 1000
+    console.print(f"cpu workload: {cpu_loops} loops, {ms:.2f} ms per call here (target 5 ms)")
+    extras: dict[str, Any] = {"machine": machine_info(cpu_loops), "errors": {}}
+    rows: dict[tuple[str, str, int], Row] = {}
+    pool_size = max(workloads.CONCURRENT_CLIENTS[w] for w in settings.workloads)
+    live: list[str] = []
+    with (
+        contextlib.ExitStack() as stack,
+        tempfile.TemporaryDirectory(prefix="scatter-bench-") as tmp,
+    ):
+        addresses: dict[str, str] = {}
+        pools: dict[str, ClientPool] = {}
+        for system in settings.systems:
+            try:
+                address = stack.enter_context(server(system, Path(tmp) / system))
+                if system == "scatter-local":
+                    extras["scatter"] = publish_workloads(address)
+                addresses[system] = address
+            except Exception as exc:
+                _record_failure(extras, system, exc)
+        for system in addresses:  # start every pool first: they import and connect in parallel
+            pools[system] = stack.enter_context(
+                client_pool(system, addresses[system], cpu_loops, pool_size)
+            )
+        for system, pool in pools.items():
+            try:
+                pool.wait_ready()
+                live.append(system)
+            except SystemFailed as exc:
+                _record_failure(extras, system, exc)
+        console.print(f"systems ready: {', '.join(live) or 'none'}")
+
+        for round_number in range(1, settings.rounds + 1):
+            shift = (round_number - 1) % max(1, len(live))
+            order = live[shift:] + live[:shift]
+            console.print(f"round {round_number}/{settings.rounds}: {' -> '.join(order)}")
+            for workload in settings.workloads:
+                for clients in (1, workloads.CONCURRENT_CLIENTS[workload]):
+                    for system in order:
+                        if system not in live:
+                            continue
+                        try:
+                            result = pools[system].measure(
+                                workload, clients, settings.warmup_s, settings.duration_s
+                            )
+                        except SystemFailed as exc:
+                            live.remove(system)
+                            _record_failure(extras, system, exc)
+                            continue
+                        key = (system, workload, clients)
+                        rows.setdefault(key, Row(system, workload, clients)).rounds[
+                            round_number
+                        ] = result
+
+        scatter_module = extras.pop("scatter", None)
+        if scatter_module is not None and "scatter-local" in live:
+            try:
+                extras["publish_s"] = time_publishes(scatter_module, settings.publish_samples)
+            except Exception as exc:
+                _record_failure(extras, "scatter-local publish", exc)
+    return rows, extras
+
+
+def _time_cpu(cpu_loops: int) -> float:
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        workloads.cpu(cpu_loops)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def _record_failure(extras: dict[str, Any], system: str, exc: BaseException) -> None:
+    detail = str(exc) if isinstance(exc, SystemFailed) else traceback.format_exc()
+    extras["errors"][system] = detail
+    console.print(f"[bold red]{system} FAILED[/]:\n{detail}", markup=True)
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference:
+        return None
+    return value / reference
+
+
+def per_round_ratios(
+    rows: dict[tuple[str, str, int], Row],
+    row: Row,
+    reference_system: str,
+    metric: str,
+    reference_clients: int | None = None,
+) -> dict[int, float]:
+    """row's metric over the reference's, round by round (only rounds both ran)."""
+    key = (reference_system, row.workload, reference_clients or row.clients)
+    reference = rows.get(key)
+    if reference is None:
+        return {}
+    ratios = {}
+    for number, measurement in row.rounds.items():
+        other = reference.rounds.get(number)
+        ratio = _ratio(getattr(measurement, metric), other and getattr(other, metric))
+        if ratio is not None:
+            ratios[number] = ratio
+    return ratios
+
+
+def _median(values: Any) -> float | None:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def build_report(
+    rows: dict[tuple[str, str, int], Row], extras: dict[str, Any], settings: Settings
+) -> dict[str, Any]:
+    runs = []
+    for row in sorted(rows.values(), key=_row_order):
+        ratios = {
+            metric: per_round_ratios(rows, row, BASELINE, metric)
+            for metric in ("p50_us", "p99_us", "calls_per_s")
+        }
+        runs.append(
+            {
+                "system": row.system,
+                "workload": row.workload,
+                "clients": row.clients,
+                "p50_us": _median(m.p50_us for m in row.rounds.values()),
+                "p99_us": _median(m.p99_us for m in row.rounds.values()),
+                "calls_per_s": _median(m.calls_per_s for m in row.rounds.values()),
+                "vs_baseline": {metric: _median(r.values()) for metric, r in ratios.items()},
+                "rounds": [
+                    {
+                        "round": number,
+                        "p50_us": m.p50_us,
+                        "p99_us": m.p99_us,
+                        "calls_per_s": m.calls_per_s,
+                        "calls": m.calls,
+                        "vs_baseline": {metric: r.get(number) for metric, r in ratios.items()},
+                    }
+                    for number, m in sorted(row.rounds.items())
+                ],
+            }
+        )
+    publish = extras.get("publish_s")
+    return {
+        "machine": extras["machine"],
+        "settings": {
+            "rounds": settings.rounds,
+            "duration_s": settings.duration_s,
+            "warmup_s": settings.warmup_s,
+            "quick": settings.quick,
+            "baseline": BASELINE,
+            "concurrent_clients": workloads.CONCURRENT_CLIENTS,
+        },
+        "runs": runs,
+        "publish": None
+        if not publish
+        else {
+            "what": "seconds for @scatter to return, fresh small functions with distinct bodies",
+            "median_ms": statistics.median(publish) * 1000,
+            "samples_ms": [t * 1000 for t in publish],
+        },
+        "targets": check_targets(rows),
+        "errors": extras["errors"],
+    }
+
+
+def _row_order(row: Row) -> tuple[int, int, int]:
+    return (
+        workloads.WORKLOADS.index(row.workload),
+        row.clients,
+        SYSTEMS.index(row.system),
+    )
+
+
+def check_targets(rows: dict[tuple[str, str, int], Row]) -> list[dict[str, Any]]:
+    """The issue's targets, each from per-round ratios (median across rounds)."""
+    s = "scatter-local"
+    n_add = workloads.CONCURRENT_CLIENTS["add"]
+    n_cpu = workloads.CONCURRENT_CLIENTS["cpu"]
+    specs = [
+        # (text, row key, reference system, reference clients, metric, bound, at most?)
+        (f"{s} add p50 <= 1.2x {BASELINE}", (s, "add", 1), BASELINE, None, "p50_us", 1.2, True),
+        (
+            f"{s} add 1-client calls/s >= 2x zeroapi",
+            (s, "add", 1),
+            "zeroapi",
+            None,
+            "calls_per_s",
+            2.0,
+            False,
+        ),
+        (
+            f"{s} add {n_add}-client calls/s >= 0.9x {BASELINE}",
+            (s, "add", n_add),
+            BASELINE,
+            None,
+            "calls_per_s",
+            0.9,
+            False,
+        ),
+        (f"{s} total p50 <= 1.2x {BASELINE}", (s, "total", 1), BASELINE, None, "p50_us", 1.2, True),
+        (
+            f"{s} cpu {n_cpu}-client calls/s >= 1.7x its 1-client",
+            (s, "cpu", n_cpu),
+            s,
+            1,
+            "calls_per_s",
+            1.7,
+            False,
+        ),
+    ]
+    results = []
+    for text, key, reference, reference_clients, metric, bound, at_most in specs:
+        row = rows.get(key)
+        ratios = per_round_ratios(rows, row, reference, metric, reference_clients) if row else {}
+        value = _median(ratios.values())
+        if value is None:
+            status = "SKIP"
+        else:
+            status = "PASS" if (value <= bound if at_most else value >= bound) else "FAIL"
+        results.append(
+            {
+                "target": text,
+                "status": status,
+                "ratio": value,
+                "bound": bound,
+                "per_round": [ratios[n] for n in sorted(ratios)],
+            }
+        )
+    return results
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _times(ratio: float | None) -> str:
+    return "" if ratio is None else f"{ratio:.2f}x"
+
+
+def print_report(report: dict[str, Any]) -> None:
+    machine = report["machine"]
+    settings = report["settings"]
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        title=(
+            f"{machine['cpu_count']} x {machine['cpu_model']}, Python {machine['python']}, "
+            f"{settings['rounds']} round(s) of {settings['duration_s']:g} s per measurement"
+        ),
+        caption=f"x base: ratio to {BASELINE} in the same round (median across rounds)",
+    )
+    for name in ("system", "workload"):
+        table.add_column(name)
+    for name in ("clients", "p50 us", "x base", "p99 us", "x base", "calls/s", "x base"):
+        table.add_column(name, justify="right")
+    if settings["rounds"] > 1:
+        table.add_column("calls/s x base per round")
+    previous = None
+    for run_ in report["runs"]:
+        group = (run_["workload"], run_["clients"])
+        if previous is not None and group != previous:
+            table.add_section()
+        previous = group
+        ratios = run_["vs_baseline"]
+        cells = [
+            run_["system"],
+            run_["workload"],
+            str(run_["clients"]),
+            _number(run_["p50_us"], 1),
+            _times(ratios["p50_us"]),
+            _number(run_["p99_us"], 1),
+            _times(ratios["p99_us"]),
+            _number(run_["calls_per_s"], 0),
+            _times(ratios["calls_per_s"]),
+        ]
+        if settings["rounds"] > 1:
+            per_round = [r["vs_baseline"]["calls_per_s"] for r in run_["rounds"]]
+            cells.append(" ".join("-" if r is None else f"{r:.2f}" for r in per_round))
+        table.add_row(*cells)
+    console.print(table)
+    if report["publish"]:
+        samples = report["publish"]["samples_ms"]
+        console.print(
+            f"@scatter returns in {report['publish']['median_ms']:.1f} ms "
+            f"(median of {len(samples)} fresh publishes, min {min(samples):.1f}, "
+            f"max {max(samples):.1f} ms)"
+        )
+    console.print("\ntargets (the issue's, from same-round ratios):")
+    colours = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}
+    for target in report["targets"]:
+        status = target["status"]
+        detail = (
+            "not measured in this run"
+            if target["ratio"] is None
+            else (
+                f"{target['ratio']:.2f}x"
+                + (
+                    f" (per round: {', '.join(f'{r:.2f}' for r in target['per_round'])})"
+                    if len(target["per_round"]) > 1
+                    else ""
+                )
+            )
+        )
+        console.print(f"[{colours[status]}]{status}[/] {target['target']}: {detail}")
+    for system in report["errors"]:
+        console.print(f"[bold red]ERROR[/] {system} could not be measured (see above)")
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def _split(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    if not value:
+        return allowed
+    chosen = tuple(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown {what} {', '.join(unknown)}; choose from {', '.join(allowed)}"
+        )
+    # Keep the canonical order, so the table always reads the same way.
+    return tuple(v for v in allowed if v in chosen)
+
+
+def main(
+    quick: Annotated[
+        bool, typer.Option(help="One short round (about 1 s per measurement).")
+    ] = False,
+    rounds: Annotated[
+        int | None, typer.Option(min=1, max=50, help="Rounds (default 3, or 1 with --quick).")
+    ] = None,
+    systems: Annotated[
+        str | None, typer.Option(help=f"Comma-separated, from {','.join(SYSTEMS)}.")
+    ] = None,
+    workloads_: Annotated[
+        str | None,
+        typer.Option("--workloads", help=f"Comma-separated, from {','.join(workloads.WORKLOADS)}."),
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
+        "bench-results.json"
+    ),
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1, max=120, help="Seconds per measurement (default 3, or 1 with --quick)."
+        ),
+    ] = None,
+) -> None:
+    """Benchmark Scatter against raw pyzmq REQ/REP and zeroapi (see the module docstring)."""
+    settings = Settings(
+        systems=_split(systems, SYSTEMS, "system"),
+        workloads=_split(workloads_, workloads.WORKLOADS, "workload"),
+        rounds=rounds or (1 if quick else 3),
+        duration_s=duration or (1.0 if quick else 3.0),
+        warmup_s=0.2 if quick else 0.5,
+        publish_samples=20,
+        quick=quick,
+    )
+    # A SIGTERM (nox interrupted, a CI timeout) unwinds normally: every server is killed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    started = time.monotonic()
+    rows, extras = run(settings)
+    report = build_report(rows, extras, settings)
+    report["settings"]["wall_s"] = round(time.monotonic() - started, 1)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
+    console.print(f"\nwrote {output} in {report['settings']['wall_s']:g} s")
+    if report["errors"]:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    if importlib.util.find_spec("scatter") is None:
+        # A checkout that was not installed: use the scatter package next to cluster/.
+        sys.path.insert(1, str(HERE.parent))
+    typer.run(main)
