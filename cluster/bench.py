@@ -525,7 +525,10 @@ def run(settings: Settings) -> tuple[dict[tuple[str, str, int], Row], dict[str, 
                             )
                         except SystemFailed as exc:
                             live.remove(system)
-                            _record_failure(extras, system, exc)
+                            log = _log_tail(Path(tmp) / system / "server.log", 30)
+                            _record_failure(
+                                extras, system, SystemFailed(f"{exc}\nserver log:\n{log}")
+                            )
                             continue
                         key = (system, workload, clients)
                         rows.setdefault(key, Row(system, workload, clients)).rounds[

@@ -38,7 +38,7 @@ import zmq
 
 from . import _wire
 from ._config import ClientConfig, data_dir_for, is_loopback, parse_address, resolve_client_config
-from ._core._signature import CallSpec, build_call_spec
+from ._core._signature import CallSpec, build_call_spec, restore_signature
 from ._exceptions import (
     CallTimeout,
     FunctionNotFound,
@@ -424,7 +424,7 @@ class RemoteFunction:
     def _load(self, version: int | None) -> _Version:
         description = self._client.describe(self._name, version)
         try:
-            signature: inspect.Signature = cloudpickle.loads(description.signature)
+            signature = restore_signature(cloudpickle.loads(description.signature))
         except Exception as exc:
             raise ScatterError(
                 f"cannot read the signature of {self._name} v{description.version} here "

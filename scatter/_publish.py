@@ -17,29 +17,28 @@ import cloudpickle
 from ._core._signature import (
     check_scatterable,
     content_id,
+    portable_signature,
     signature_id,
     signature_text,
     source_of,
 )
 from ._exceptions import ConfigError, NotScatterable
+from ._pickling import dumps
 
 
-def _pickle_by_value(fn: Callable[..., Any]) -> bytes:
-    module_name = getattr(fn, "__module__", None)
-    module = sys.modules.get(module_name or "")
+def _pickle_by_value(fn: Callable[..., Any], *objects: object) -> list[bytes]:
+    """cloudpickle ``objects`` with ``fn``'s defining module pickled by value."""
+    module_name = getattr(fn, "__module__", None) or ""
+    module = sys.modules.get(module_name)
     registered = False
-    if (
-        module is not None
-        and module_name not in ("__main__",)
-        and not (module_name or "").startswith("scatter.")
-    ):
+    if module is not None and module_name != "__main__" and not module_name.startswith("scatter"):
         try:
             cloudpickle.register_pickle_by_value(module)
             registered = True
         except ValueError:
             pass
     try:
-        return cloudpickle.dumps(fn)
+        return [dumps(obj) for obj in objects]
     except Exception as exc:
         raise NotScatterable(
             f"cannot ship {getattr(fn, '__name__', fn)!r}: {type(exc).__name__}: {exc}"
@@ -57,11 +56,9 @@ def prepare_publish(
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
     sig = check_scatterable(fn, resolved)
-    body = _pickle_by_value(fn)
-    try:
-        signature = cloudpickle.dumps(sig)
-    except Exception as exc:
-        raise NotScatterable(f"cannot ship the annotations of {resolved}(): {exc}") from exc
+    # The signature goes by value too: a client that never imported the defining module
+    # still rebuilds the annotation types it validates against.
+    body, signature = _pickle_by_value(fn, fn, portable_signature(sig))
     return {
         "name": resolved,
         "body": body,

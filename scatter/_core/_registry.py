@@ -588,8 +588,9 @@ class Registry:
         the change that completes it (see :meth:`pending`).
 
         Returns:
-            The names (functions and sets) whose lookups changed: the node drops what
-            it cached for them.
+            The names (functions and sets) whose lookups changed: what ``resolve()``,
+            ``view()`` or ``current_version()`` answers for them, or which versions
+            they have. The node drops what it cached for them.
 
         Raises:
             ProtocolError: the change is malformed. Nothing was applied.

@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import keyword
+import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NotRequired, TypedDict
@@ -31,6 +33,7 @@ from typing import Any, NotRequired, TypedDict
 import cloudpickle
 import msgspec
 
+from .. import _pickling
 from .._exceptions import NotScatterable, ValidationError
 
 PICKLE_EXT_CODE = 1
@@ -41,7 +44,7 @@ _UNSET: Any = object()  # default of optional parameters in generated binders
 def _enc_hook(obj: object) -> msgspec.msgpack.Ext:
     # Anything msgspec cannot encode natively (numpy arrays, user classes) goes by value.
     try:
-        return msgspec.msgpack.Ext(PICKLE_EXT_CODE, cloudpickle.dumps(obj))
+        return msgspec.msgpack.Ext(PICKLE_EXT_CODE, _pickling.dumps(obj))
     except Exception as exc:
         raise TypeError(f"cannot serialize a value of type {type(obj).__qualname__}: {exc}") from exc
 
@@ -56,7 +59,19 @@ def _dec_hook(expected: Any, obj: object) -> object:
     # Called for annotations msgspec does not know (user classes): the value arrived
     # through the pickle extension; check it is what the annotation says.
     if isinstance(expected, type) and not isinstance(obj, expected):
-        raise TypeError(f"Expected `{expected.__qualname__}`, got `{type(obj).__qualname__}`")
+        # The same class can exist twice in a process: rebuilt by value from the shipped
+        # signature, and imported by reference along with a value. Same module and
+        # qualified name is the same class as far as the caller can tell, and msgspec
+        # wants an instance of the annotation's class object, so the value is rebound.
+        kind = type(obj)
+        if kind.__qualname__ != expected.__qualname__ or kind.__module__ != expected.__module__:
+            raise TypeError(f"Expected `{expected.__qualname__}`, got `{kind.__qualname__}`")
+        try:
+            obj.__class__ = expected
+        except TypeError:
+            raise TypeError(
+                f"Expected `{expected.__qualname__}`, got an incompatible class of that name"
+            ) from None
     return obj
 
 
@@ -121,6 +136,58 @@ def check_scatterable(fn: object, name: str) -> inspect.Signature:
                     f"default of parameter {p.name!r} of {name}() cannot be shipped: {exc}"
                 ) from exc
     return sig
+
+
+def _classes_with_string_annotations(
+    annotation: Any, found: dict[type, dict[str, Any]], seen: set[int]
+) -> None:
+    if id(annotation) in seen:
+        return
+    seen.add(id(annotation))
+    for arg in typing.get_args(annotation):
+        _classes_with_string_annotations(arg, found, seen)
+    if not isinstance(annotation, type) or annotation.__module__ == "builtins":
+        return
+    raw = annotation.__dict__.get("__annotations__", {})
+    if not raw:
+        return
+    try:
+        hints = typing.get_type_hints(annotation, include_extras=True)
+    except Exception:  # a class whose hints do not resolve here either: leave it to msgspec
+        return
+    if any(isinstance(value, str) for value in raw.values()):
+        found[annotation] = hints
+    for hint in hints.values():
+        _classes_with_string_annotations(hint, found, seen)
+
+
+def portable_signature(sig: inspect.Signature) -> tuple[inspect.Signature, dict[type, dict[str, Any]]]:
+    """The signature plus the resolved annotations of classes it uses.
+
+    Under ``from __future__ import annotations`` a dataclass or Struct keeps its field
+    types as strings, resolved against its module's globals. A node (or another client)
+    that rebuilds the class by value has no such module, so the types resolved here, in
+    the defining process, travel with the signature; see :func:`restore_signature`.
+    """
+    found: dict[type, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for p in sig.parameters.values():
+        _classes_with_string_annotations(p.annotation, found, seen)
+    _classes_with_string_annotations(sig.return_annotation, found, seen)
+    return sig, found
+
+
+def restore_signature(shipped: Any) -> inspect.Signature:
+    """Undo :func:`portable_signature` in a process that unpickled it."""
+    if isinstance(shipped, inspect.Signature):
+        return shipped
+    sig, fixups = shipped
+    for cls, hints in fixups.items():
+        module = sys.modules.get(cls.__module__)
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            continue  # the class's own module is here: its strings resolve as written
+        cls.__annotations__ = dict(hints)
+    return sig  # type: ignore[no-any-return]
 
 
 def signature_text(sig: inspect.Signature) -> str:

@@ -36,7 +36,7 @@ import zmq
 
 from .. import _wire
 from .._config import DEFAULT_CALL_TIMEOUT, MAX_MESSAGE_BYTES
-from .._core._signature import CallSpec, build_call_spec, signature_of
+from .._core._signature import CallSpec, build_call_spec, restore_signature, signature_of
 from .._exceptions import NotScatterable, ValidationError
 from ._slots import SharedSlots
 from ._store import RegistryStore
@@ -126,7 +126,13 @@ class Worker:
             raise _Refused("load", f"the body of {name} ({content_id}) is missing on this node")
         try:
             function = cloudpickle.loads(record.body)
-            spec = build_call_spec(name, signature_of(function))
+            # The shipped signature, not one read off the body here: its annotations were
+            # resolved where the function was defined (see portable_signature).
+            if record.signature:
+                signature = restore_signature(cloudpickle.loads(record.signature))
+            else:
+                signature = signature_of(function)
+            spec = build_call_spec(name, signature)
         except NotScatterable as exc:
             raise _Refused("load", f"cannot prepare {name} on this node: {exc}") from exc
         except Exception as exc:

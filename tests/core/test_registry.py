@@ -653,6 +653,23 @@ def lookups(reg: Registry, names: list[str]) -> dict[str, object]:
     return seen
 
 
+def resolutions(reg: Registry, names: list[str]) -> dict[str, object]:
+    """What the node's hot path sees per name: view(), current_version(), resolve()."""
+    seen: dict[str, object] = {}
+    for name in names:
+        try:
+            current: object = reg.current_version(name)
+        except FunctionNotFound:
+            current = None
+        try:
+            number, found = reg.resolve(name)
+            resolved: object = (number, found.content_id)
+        except FunctionNotFound:
+            resolved = None
+        seen[name] = (reg.view(name), current, resolved)
+    return seen
+
+
 def snapshot(reg: Registry, names: list[str]) -> object:
     statistics = msgspec.structs.replace(reg.statistics(), rebuilds=0)
     return (reg.functions(), lookups(reg, names), reg.clock, statistics)
@@ -810,9 +827,9 @@ class Simulation:
     def apply(self, target: Registry, changes: list[Change], *, batch: bool) -> None:
         groups = [changes] if batch else [[c] for c in changes]
         for group in groups:
-            before = lookups(target, self.names)
+            before = resolutions(target, self.names)
             reported = target.apply_many(group)
-            after = lookups(target, self.names)
+            after = resolutions(target, self.names)
             changed = {name for name in self.names if before[name] != after[name]}
             assert changed <= reported, "apply() must report every name whose lookup changed"
             check_local_invariants(target, self.names)

@@ -1,0 +1,474 @@
+"""The command line: a skin over the Python API, never a requirement.
+
+Every command maps onto one public call (``scatter ls`` is ``Client.functions()``,
+``scatter rollback`` is ``Client.rollback()``), as httpx's ``_main.py`` maps onto
+``Client``. Errors are caught once, at the top (``_ScatterGroup.invoke``): a
+``ScatterError`` becomes one red line ``error: ...`` on stderr and exit code 1, never a
+traceback. Anything else escaping a command is a bug and keeps its traceback.
+
+Commands talk to the node at ``--address`` (before the command: ``scatter --address
+tcp://127.0.0.1:5000 ls``), else ``SCATTER_ADDRESS``, else ``tcp://127.0.0.1:4242``: the
+library's own resolution. They never auto-start a node (``scatter node status`` must
+not start the node it asks about); ``scatter node start`` does that on purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import socket
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any, NoReturn
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from ._client import Client, start_background_node
+from ._config import parse_address, resolve_node_config
+from ._core._registry import FunctionInfo, VersionInfo
+from ._exceptions import RemoteError, ScatterError
+
+__all__ = ["app", "main"]
+
+# How long `scatter node stop` waits for the node to stop listening (seconds).
+STOP_WAIT = 15.0
+
+# soft_wrap: a long error or path stays on one line instead of being folded at 80 columns.
+_out = Console(soft_wrap=True)
+_err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    """Print one red line for ``exc`` on stderr and exit 1."""
+    if isinstance(exc, RemoteError):
+        # The remote traceback belongs to the function's author, not on a CLI's one line.
+        message = f"{exc.remote_type}: {exc.remote_message}"
+    else:
+        message = str(exc)
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    _err.print(Text(f"error: {one_line}", style="bold red"))
+    raise typer.Exit(1)
+
+
+class _ScatterGroup(TyperGroup):
+    """The top of the command tree: where every ScatterError is caught."""
+
+    # Any: typer vendors click privately (typer._click); its Context is not public API.
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ScatterError as exc:
+            _fail(exc)
+
+
+app = typer.Typer(
+    cls=_ScatterGroup,
+    name="scatter",
+    help=(
+        "Scatter: type-annotated Python functions as versioned remote functions.\n\n"
+        "Publish functions from Python with @scatter; use this command to run a node and "
+        "to list, inspect, call, roll back and delete its functions."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+node_app = typer.Typer(
+    help="Start, inspect and stop a node on this machine.", no_args_is_help=True
+)
+app.add_typer(node_app, name="node")
+
+
+@dataclass(frozen=True)
+class _Options:
+    address: str | None  # None: SCATTER_ADDRESS, else the default address
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            "-a",
+            metavar="tcp://HOST:PORT",
+            help="The node to talk to. Default: $SCATTER_ADDRESS, else tcp://127.0.0.1:4242.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    ctx.obj = _Options(address=address)
+
+
+def _address(ctx: typer.Context) -> str | None:
+    options = ctx.find_root().obj
+    return options.address if isinstance(options, _Options) else None
+
+
+def _client(ctx: typer.Context) -> Client:
+    return Client(_address(ctx), autostart=False)
+
+
+# ---------------------------------------------------------------- node
+
+
+@node_app.command("start")
+def node_start(
+    ctx: typer.Context,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            metavar="tcp://HOST:PORT",
+            help="Where to listen (loopback only). Default: the global --address, "
+            "$SCATTER_ADDRESS, else tcp://127.0.0.1:4242.",
+            show_default=False,
+        ),
+    ] = None,
+    data_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--data-dir",
+            metavar="DIR",
+            help="Where the node keeps its registry. Default: $SCATTER_DATA_DIR, else one "
+            "directory per address under the user's data directory.",
+            show_default=False,
+        ),
+    ] = None,
+    background: Annotated[
+        bool,
+        typer.Option(
+            "--background",
+            help="Start a detached node (it outlives this command, logs to DIR/node.log) "
+            "and print its pid, instead of running it in the foreground.",
+        ),
+    ] = False,
+) -> None:
+    """Run a node. In the foreground it serves until Ctrl-C, SIGTERM or `scatter node stop`."""
+    config = resolve_node_config(address or _address(ctx), data_dir)
+    if background:
+        _refuse_if_listening(config.address)
+        pid = start_background_node(config.address, config.data_dir)
+        _out.print(
+            f"started a node at {config.address} in the background: pid {pid}, "
+            f"data {config.data_dir}, log {config.data_dir / 'node.log'}",
+            highlight=False,
+        )
+        return
+    from ._node._server import run_node  # trio and the node stack: only when serving
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_node(config)
+
+
+def _listening(address: str) -> bool:
+    try:
+        with socket.create_connection(parse_address(address), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _refuse_if_listening(address: str) -> None:
+    # start_background_node waits for the port to open: with something already there it
+    # would report the pid of a node that is about to fail to bind.
+    if not _listening(address):
+        return
+    try:
+        with Client(address, autostart=False) as client:
+            status = client.status()
+    except ScatterError:
+        raise ScatterError(f"something other than a node already listens at {address}") from None
+    raise ScatterError(
+        f"a node already runs at {address} (pid {status.pid}); "
+        "stop it with `scatter node stop` or pick another --address"
+    )
+
+
+@node_app.command("stop")
+def node_stop(ctx: typer.Context) -> None:
+    """Stop the node (at `scatter --address`) and wait until it no longer listens."""
+    with _client(ctx) as client:
+        status = client.status()
+        client.shutdown()
+    deadline = time.monotonic() + STOP_WAIT
+    while _listening(status.address):
+        if time.monotonic() > deadline:
+            raise ScatterError(
+                f"the node at {status.address} (pid {status.pid}) still listens "
+                f"{STOP_WAIT:g} s after it was told to stop"
+            )
+        time.sleep(0.05)
+    _out.print(
+        f"stopped node {status.node_id} at {status.address} (pid {status.pid})", highlight=False
+    )
+
+
+@node_app.command("status")
+def node_status(ctx: typer.Context) -> None:
+    """Show the node (at `scatter --address`): pid, id, address, data dir, uptime, load."""
+    with _client(ctx) as client:
+        status = client.status()
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    rows = [
+        ("pid", str(status.pid)),
+        ("node id", status.node_id),
+        ("address", status.address),
+        ("data dir", status.data_dir),
+        ("uptime", _duration(time.time() - status.started_at)),
+        ("functions", str(status.functions)),
+        ("versions", str(status.versions)),
+        ("workers", f"{status.workers} ({status.busy_workers} busy)"),
+        ("leases", str(status.leases)),
+        ("python", status.python),
+        ("scatter", status.scatter_version),
+    ]
+    for key, value in rows:
+        grid.add_row(key, Text(value))
+    _out.print(grid)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, seconds = divmod(seconds, 86400)
+    hours, seconds = divmod(seconds, 3600)
+    minutes, seconds = divmod(seconds, 60)
+    parts = [f"{days}d"] if days else []
+    if days or hours:
+        parts.append(f"{hours}h")
+    if days or hours or minutes:
+        parts.append(f"{minutes}m")
+    parts.append(f"{seconds}s")
+    return " ".join(parts)
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ---------------------------------------------------------------- functions
+
+
+@app.command("ls")
+def list_functions(ctx: typer.Context) -> None:
+    """List the node's functions (and sets) with their current versions."""
+    with _client(ctx) as client:
+        rows = msgspec.convert(client.functions(), list[FunctionInfo])
+        address = client.address
+    if not rows:
+        _out.print(f"no functions on the node at {address}", style="dim", highlight=False)
+        return
+    table = Table(title=f"functions at {address}", title_justify="left")
+    table.add_column("name", style="bold cyan", no_wrap=True)
+    table.add_column("version", justify="right")
+    table.add_column("signature")
+    table.add_column("set")
+    table.add_column("published")
+    table.add_column("origin")
+    for info in sorted(rows, key=lambda i: i.name):
+        if info.kind == "set":
+            signature = "set: " + ", ".join(f"{n} v{v}" for n, v in sorted(info.members.items()))
+        else:
+            signature = f"{info.name}{info.signature_text}"
+        table.add_row(
+            info.name,
+            f"v{info.version}",
+            Text(signature),
+            info.set_name or "",
+            _when(info.created_at),
+            info.origin,
+        )
+    _out.print(table)
+
+
+@app.command("versions")
+def list_versions(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)],
+) -> None:
+    """Show the version history of NAME: current version marked, merge conflicts noted."""
+    with _client(ctx) as client:
+        rows = msgspec.convert(client.versions(name), list[VersionInfo])
+    table = Table(title=f"versions of {name}", title_justify="left")
+    table.add_column("", no_wrap=True)  # the current marker
+    table.add_column("version", justify="right", no_wrap=True)
+    table.add_column("signature")
+    table.add_column("content id", no_wrap=True)
+    table.add_column("published")
+    table.add_column("origin")
+    table.add_column("conflict")
+    for info in sorted(rows, key=lambda i: i.version):
+        if info.kind == "set":
+            signature = "set: " + ", ".join(f"{n} v{v}" for n, v in sorted(info.members.items()))
+        else:
+            signature = f"{info.name}{info.signature_text}"
+        conflict = (
+            f"proposed as v{info.proposed_version}, renumbered" if info.conflict else ""
+        )
+        table.add_row(
+            "*" if info.current else "",
+            f"v{info.version}",
+            Text(signature),
+            info.content_id[:12],
+            _when(info.created_at),
+            info.origin,
+            Text(conflict, style="yellow"),
+            style="bold green" if info.current else None,
+        )
+    _out.print(table)
+    _out.print("* current version", style="dim")
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The function name.", show_default=False)],
+    version: Annotated[
+        int | None,
+        typer.Option("--version", "-v", help="Show this version. Default: the current one."),
+    ] = None,
+) -> None:
+    """Print the source of NAME (syntax highlighted on a terminal)."""
+    with _client(ctx) as client:
+        description = client.describe(name, version, source=True)
+    source = description.source
+    if source is None:
+        # Published from somewhere inspect cannot read back (a REPL, exec'd code).
+        source = (
+            f"# source not available for {name} v{description.version}\n"
+            f"def {name}{description.signature_text}: ...\n"
+        )
+    if _out.is_terminal:
+        _out.print(Syntax(source.rstrip("\n"), "python", theme="ansi_dark", line_numbers=False))
+    else:
+        typer.echo(source.rstrip("\n"))
+
+
+@app.command("rollback")
+def rollback(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)],
+    to: Annotated[
+        int | None,
+        typer.Option("--to", help="Make this version current. Default: the previous one."),
+    ] = None,
+) -> None:
+    """Make the previous version of NAME (or version --to) current again."""
+    with _client(ctx) as client:
+        version = client.rollback(name, to)
+    _out.print(f"{name}: version {version} is current", highlight=False)
+
+
+@app.command("rm")
+def remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)],
+) -> None:
+    """Vaporize NAME: delete it and all its versions (numbers are never reused)."""
+    with _client(ctx) as client:
+        client.vaporize(name)
+    _out.print(f"{name}: vaporized", highlight=False)
+
+
+@app.command(
+    "call",
+    # `scatter call neg -5`: a negative number is an argument, not an option.
+    context_settings={"ignore_unknown_options": True},
+)
+def call(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The function name.", show_default=False)],
+    arguments: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="ARG",
+            help="Positional values in parameter order, then key=value keywords. A value "
+            "is parsed as JSON unless its parameter is annotated `str` (text that is not "
+            "JSON is passed as a string).",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        int | None,
+        typer.Option("--version", "-v", help="Run this version. Default: the current one."),
+    ] = None,
+) -> None:
+    """Call NAME with ARGs, validated against its signature; print the result as JSON."""
+    with _client(ctx) as client:
+        function = client.make_callable(name, version)
+        signature = inspect.signature(function)
+        try:
+            args, kwargs = cli_arguments(signature, arguments or [])
+            result = function(*args, **kwargs)
+        except ScatterError:
+            raise
+        except TypeError as exc:
+            # Python's own arity error from the binder: as much the user's mistake as a
+            # ValidationError, so it gets the same one line.
+            _fail(exc)
+    try:
+        text = msgspec.json.encode(result).decode()
+    except (TypeError, ValueError):
+        text = repr(result)
+    typer.echo(text)
+
+
+def cli_arguments(signature: inspect.Signature, raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
+    """Turn command-line words into ``(args, kwargs)`` for a function with ``signature``.
+
+    Words map to positional parameters in order; ``key=value`` names a parameter (or
+    goes to ``**kwargs``). A value is JSON unless the parameter is annotated ``str``; a
+    value that is not JSON stays a string and the callable's validation judges it.
+    Arity is left to the callable, which words its errors as Python does.
+
+    Raises:
+        TypeError: a positional word after a keyword one.
+    """
+    kinds = inspect.Parameter
+    params = list(signature.parameters.values())
+    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    var_positional = next((p for p in params if p.kind is kinds.VAR_POSITIONAL), None)
+    by_keyword = {
+        p.name: p for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)
+    }
+    var_keyword = next((p for p in params if p.kind is kinds.VAR_KEYWORD), None)
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for word in raw:
+        key, sep, value = word.partition("=")
+        keyword = by_keyword.get(key) or (var_keyword if key.isidentifier() else None)
+        if sep and keyword is not None:
+            if key in kwargs:
+                raise TypeError(f"{key}= given twice")
+            kwargs[key] = _parse_value(value, keyword)
+            continue
+        if kwargs:
+            raise TypeError(f"positional argument {word!r} follows a key=value argument")
+        index = len(args)
+        param = positional[index] if index < len(positional) else var_positional
+        args.append(_parse_value(word, param))
+    return args, kwargs
+
+
+def _parse_value(text: str, param: inspect.Parameter | None) -> Any:
+    if param is not None and param.annotation is str:
+        return text
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return text
+
+
+def main() -> None:
+    """The ``scatter`` console script and ``python -m scatter``."""
+    app(prog_name="scatter")
