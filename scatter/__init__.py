@@ -71,8 +71,14 @@ __all__ = [
 def _fixup_module_metadata() -> None:
     # Tracebacks and pickles say scatter.RemoteError, not scatter._exceptions.RemoteError
     # (trio's fixup_module_metadata).
+    # msgspec Structs keep theirs: msgspec resolves their string annotations against
+    # the module named there.
+    import msgspec
+
     for name in __all__:
         obj = globals()[name]
+        if isinstance(obj, type) and issubclass(obj, msgspec.Struct):
+            continue
         if getattr(obj, "__module__", "").startswith("scatter."):
             try:
                 obj.__module__ = "scatter"

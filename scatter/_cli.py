@@ -32,7 +32,6 @@ from typer.core import TyperGroup
 
 from ._client import Client, start_background_node
 from ._config import parse_address, resolve_node_config
-from ._core._registry import FunctionInfo, VersionInfo
 from ._exceptions import RemoteError, ScatterError
 
 __all__ = ["app", "main"]
@@ -80,9 +79,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
-node_app = typer.Typer(
-    help="Start, inspect and stop a node on this machine.", no_args_is_help=True
-)
+node_app = typer.Typer(help="Start, inspect and stop a node on this machine.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
 
 
@@ -252,8 +249,10 @@ def _duration(seconds: float) -> str:
     return " ".join(parts)
 
 
-def _when(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return ""
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
 
 
 # ---------------------------------------------------------------- functions
@@ -263,76 +262,88 @@ def _when(timestamp: float) -> str:
 def list_functions(ctx: typer.Context) -> None:
     """List the node's functions (and sets) with their current versions."""
     with _client(ctx) as client:
-        rows = msgspec.convert(client.functions(), list[FunctionInfo])
+        # Rows as the node sends them ({field: value} of FunctionInfo): the CLI shows
+        # fields, it needs no typed record (and stays readable if a field is appended).
+        rows = client.functions()
         address = client.address
     if not rows:
         _out.print(f"no functions on the node at {address}", style="dim", highlight=False)
         return
+    with_sets = any(row.get("set_name") for row in rows)
     table = Table(title=f"functions at {address}", title_justify="left")
     table.add_column("name", style="bold cyan", no_wrap=True)
-    table.add_column("version", justify="right")
-    table.add_column("signature")
-    table.add_column("set")
-    table.add_column("published")
-    table.add_column("origin")
-    for info in sorted(rows, key=lambda i: i.name):
-        if info.kind == "set":
-            signature = "set: " + ", ".join(f"{n} v{v}" for n, v in sorted(info.members.items()))
-        else:
-            signature = f"{info.name}{info.signature_text}"
-        table.add_row(
-            info.name,
-            f"v{info.version}",
-            Text(signature),
-            info.set_name or "",
-            _when(info.created_at),
-            info.origin,
-        )
+    table.add_column("version", justify="right", no_wrap=True)
+    table.add_column("signature", ratio=1)
+    if with_sets:
+        table.add_column("set", no_wrap=True)
+    table.add_column("published", no_wrap=True)
+    table.add_column("origin", no_wrap=True)
+    for row in sorted(rows, key=lambda r: str(r.get("name"))):
+        cells: list[str | Text] = [
+            str(row.get("name")),
+            f"v{row.get('version')}",
+            Text(_signature(row, with_name=False)),
+        ]
+        if with_sets:
+            cells.append(row.get("set_name") or "")
+        cells += [_when(row.get("created_at")), str(row.get("origin", ""))]
+        table.add_row(*cells)
     _out.print(table)
+
+
+def _signature(row: dict[str, Any], *, with_name: bool = True) -> str:
+    if row.get("kind") == "set":
+        members = row.get("members") or {}
+        return "set: " + ", ".join(f"{n} v{v}" for n, v in sorted(members.items()))
+    text = str(row.get("signature_text", ""))
+    return f"{row.get('name')}{text}" if with_name else text
 
 
 @app.command("versions")
 def list_versions(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)
+    ],
 ) -> None:
     """Show the version history of NAME: current version marked, merge conflicts noted."""
     with _client(ctx) as client:
-        rows = msgspec.convert(client.versions(name), list[VersionInfo])
+        rows = client.versions(name)  # [{field: value} of VersionInfo]
+    with_conflicts = any(row.get("conflict") for row in rows)
     table = Table(title=f"versions of {name}", title_justify="left")
     table.add_column("", no_wrap=True)  # the current marker
     table.add_column("version", justify="right", no_wrap=True)
-    table.add_column("signature")
+    table.add_column("signature", ratio=1)
     table.add_column("content id", no_wrap=True)
-    table.add_column("published")
-    table.add_column("origin")
-    table.add_column("conflict")
-    for info in sorted(rows, key=lambda i: i.version):
-        if info.kind == "set":
-            signature = "set: " + ", ".join(f"{n} v{v}" for n, v in sorted(info.members.items()))
-        else:
-            signature = f"{info.name}{info.signature_text}"
-        conflict = (
-            f"proposed as v{info.proposed_version}, renumbered" if info.conflict else ""
-        )
-        table.add_row(
-            "*" if info.current else "",
-            f"v{info.version}",
-            Text(signature),
-            info.content_id[:12],
-            _when(info.created_at),
-            info.origin,
-            Text(conflict, style="yellow"),
-            style="bold green" if info.current else None,
-        )
+    table.add_column("published", no_wrap=True)
+    table.add_column("origin", no_wrap=True)
+    if with_conflicts:
+        table.add_column("conflict")
+    for row in sorted(rows, key=lambda r: int(r.get("version", 0))):
+        current = bool(row.get("current"))
+        cells: list[str | Text] = [
+            "*" if current else "",
+            f"v{row.get('version')}",
+            Text(_signature(row, with_name=False)),
+            str(row.get("content_id", ""))[:12],
+            _when(row.get("created_at")),
+            str(row.get("origin", "")),
+        ]
+        if with_conflicts:
+            # The one conflict rule moved this version off the number its origin gave it.
+            moved = f"proposed as v{row.get('proposed_version')}, renumbered"
+            cells.append(Text(moved if row.get("conflict") else "", style="yellow"))
+        table.add_row(*cells, style="bold green" if current else None)
     _out.print(table)
-    _out.print("* current version", style="dim")
+    _out.print("* current version", style="dim", highlight=False)
 
 
 @app.command("show")
 def show(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The function name.", show_default=False)],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The function name.", show_default=False)
+    ],
     version: Annotated[
         int | None,
         typer.Option("--version", "-v", help="Show this version. Default: the current one."),
@@ -357,7 +368,9 @@ def show(
 @app.command("rollback")
 def rollback(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)
+    ],
     to: Annotated[
         int | None,
         typer.Option("--to", help="Make this version current. Default: the previous one."),
@@ -372,7 +385,9 @@ def rollback(
 @app.command("rm")
 def remove(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)
+    ],
 ) -> None:
     """Vaporize NAME: delete it and all its versions (numbers are never reused)."""
     with _client(ctx) as client:
@@ -387,7 +402,9 @@ def remove(
 )
 def call(
     ctx: typer.Context,
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The function name.", show_default=False)],
+    name: Annotated[
+        str, typer.Argument(metavar="NAME", help="The function name.", show_default=False)
+    ],
     arguments: Annotated[
         list[str] | None,
         typer.Argument(
@@ -436,7 +453,9 @@ def cli_arguments(signature: inspect.Signature, raw: list[str]) -> tuple[list[An
     """
     kinds = inspect.Parameter
     params = list(signature.parameters.values())
-    positional = [p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)]
+    positional = [
+        p for p in params if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)
+    ]
     var_positional = next((p for p in params if p.kind is kinds.VAR_POSITIONAL), None)
     by_keyword = {
         p.name: p for p in params if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)

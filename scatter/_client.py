@@ -37,7 +37,7 @@ import msgspec
 import zmq
 
 from . import _wire
-from ._config import ClientConfig, data_dir_for, is_loopback, parse_address, resolve_client_config
+from ._config import MAX_MESSAGE_BYTES, ClientConfig, data_dir_for, is_loopback, parse_address, resolve_client_config
 from ._core._signature import CallSpec, build_call_spec, restore_signature
 from ._exceptions import (
     CallTimeout,
@@ -57,6 +57,8 @@ T = TypeVar("T")
 # A worker interrupts a call at its deadline and kills it `kill_grace` later; the client
 # waits that long plus this margin before it gives up on the reply itself.
 _REPLY_MARGIN = 3.0
+# Room left in a frame for the call's envelope (name, ids) next to its arguments.
+_MAX_ARGUMENT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 # How often a waiting call checks whether its worker's connection dropped (seconds):
 # the delay before a crashed worker (os._exit, segfault) is reported.
 _CRASH_CHECK_INTERVAL = 0.1
@@ -455,8 +457,7 @@ class RemoteFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self._version
-        payload = msgspec.Raw(state.spec.encode_arguments(args, kwargs))
-        return self._send(state, payload, 0.0)
+        return self._send(state, state.spec.encode_arguments(args, kwargs), 0.0)
 
     def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call with a per-call ``timeout`` in seconds (``__call__`` takes none, so that a
@@ -464,10 +465,16 @@ class RemoteFunction:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         state = self._version
-        payload = msgspec.Raw(state.spec.encode_arguments(args, kwargs))
-        return self._send(state, payload, timeout or 0.0)
+        return self._send(state, state.spec.encode_arguments(args, kwargs), timeout or 0.0)
 
-    def _send(self, state: _Version, payload: msgspec.Raw, timeout: float) -> Any:
+    def _send(self, state: _Version, arguments: bytes, timeout: float) -> Any:
+        if len(arguments) > _MAX_ARGUMENT_BYTES:
+            raise ProtocolError(
+                f"{self._name}(): the arguments encode to {len(arguments)} bytes, over the "
+                f"limit of {_MAX_ARGUMENT_BYTES} bytes a node accepts; pass a path or a "
+                "reference to the data instead"
+            )
+        payload = msgspec.Raw(arguments)
         pinned = self._pinned or 0
         number = state.number
         signature_id = "" if pinned else state.spec.signature_id

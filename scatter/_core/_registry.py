@@ -41,8 +41,8 @@
 #
 # - Numbers. A publish takes the next free number under its name when it applies:
 #   the highest number ever given under that name + 1 (1 for a new name). Two
-#   concurrent publishes that both proposed N: the earlier keeps N, the later one
-#   gets the next free number. The op carries the number its origin proposed, so
+#   concurrent publishes that both proposed N: the one earlier in this order
+#   keeps N, the other gets the next free number. The op carries the number its origin proposed, so
 #   versions() shows `conflict=True, proposed_version=N` on the moved one.
 # - Current pointer. Publish, rollback and set changes move it; the later change wins.
 # - Rollback targets a version's IDENTITY (the change that created it), never a
@@ -78,10 +78,13 @@
 # Implementation
 # --------------
 # The log of changes is kept sorted. A change that sorts after everything applied
-# (the common case: every local change, and every remote change that was not
-# concurrent with a later one) applies incrementally, in O(size of the change).
-# Otherwise the state is rebuilt by replaying the sorted log from scratch: simple,
-# and obviously the same answer every node computes.
+# (the common case: every local change, and every remote change that does not
+# sort before one applied already) applies incrementally, in O(size of the
+# change). Otherwise the state is rebuilt by replaying the sorted log from
+# scratch: simple, and obviously the same answer every node computes. Changes
+# are rare (people publish them), so a replay is cheap; if it ever shows up in a
+# profile, keep a snapshot every K changes and replay from the one before the
+# insertion point. `statistics().rebuilds` counts the replays.
 #
 # Because of causal delivery the applied changes are causally closed: for each
 # origin they are its changes 1..n, and `Registry.clock`, their merged clock, is

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import linecache
 import os
 import signal
 import sys
 import time
 import traceback
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,8 @@ class Worker:
             else:
                 signature = signature_of(function)
             spec = build_call_spec(name, signature)
+            if record.source and isinstance(function, types.FunctionType):
+                _attach_source(function, f"<scatter {name} {content_id[:12]}>", record.source)
         except NotScatterable as exc:
             raise _Refused("load", f"cannot prepare {name} on this node: {exc}") from exc
         except Exception as exc:
@@ -218,6 +222,21 @@ class Worker:
                 )
             )
         return self.encode(_wire.Result(call.id, number, msgspec.Raw(spec.encode_result(value))))
+
+
+def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
+    consts = tuple(
+        _renamed(c, filename) if isinstance(c, types.CodeType) else c for c in code.co_consts
+    )
+    return code.replace(co_filename=filename, co_consts=consts)
+
+
+def _attach_source(function: types.FunctionType, filename: str, source: str) -> None:
+    """Let tracebacks show the function's own lines: the file it came from is elsewhere."""
+    code = function.__code__
+    function.__code__ = _renamed(code, filename)
+    lines = [""] * (code.co_firstlineno - 1) + source.splitlines(keepends=True)
+    linecache.cache[filename] = (len(source), None, lines, filename)
 
 
 def _qualified_name(cls: type) -> str:

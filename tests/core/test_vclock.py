@@ -70,7 +70,7 @@ def test_clock_from_the_wire_refuses_negative_entries() -> None:
         VectorClock({"a": -1})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(clocks, clocks)
 def test_compare_is_antisymmetric_and_agrees_with_le(a: VectorClock, b: VectorClock) -> None:
     mirror = {
@@ -84,7 +84,7 @@ def test_compare_is_antisymmetric_and_agrees_with_le(a: VectorClock, b: VectorCl
     assert (a == b) == (a.compare(b) is Ordering.EQUAL)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(clocks, clocks, clocks)
 def test_merge_is_the_least_upper_bound(a: VectorClock, b: VectorClock, c: VectorClock) -> None:
     m = a.merge(b)
@@ -96,7 +96,7 @@ def test_merge_is_the_least_upper_bound(a: VectorClock, b: VectorClock, c: Vecto
         assert c.dominates(m)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(clocks, clocks, st.sampled_from(NODES))
 def test_total_extends_causal_order(a: VectorClock, b: VectorClock, node: str) -> None:
     # The registry sorts changes by total(): it must never put an effect before its cause.

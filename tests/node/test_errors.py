@@ -1,0 +1,253 @@
+"""Bad input gets its own clear error, and the node keeps serving afterwards."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+import zmq
+
+import scatter
+from cluster.launch import LocalNode
+from scatter import _wire
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@pytest.fixture
+def with_add(connected: LocalNode) -> Iterator[scatter.RemoteFunction]:
+    scatter.scatter(add)
+    yield scatter.make_callable("add")
+
+
+def still_serving(remote: scatter.RemoteFunction) -> None:
+    assert remote(20, 22) == 42
+
+
+@pytest.mark.timeout(60)
+def test_wrong_arity_is_pythons_own_type_error(with_add: scatter.RemoteFunction) -> None:
+    with pytest.raises(TypeError) as caught:
+        with_add(1)
+    assert str(caught.value) == "add() missing 1 required positional argument: 'b'"
+    assert not isinstance(caught.value, scatter.ScatterError)
+    with pytest.raises(TypeError, match=r"add\(\) takes 2 positional arguments but 3 were given"):
+        with_add(1, 2, 3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'c'"):
+        with_add(1, 2, c=3)
+    still_serving(with_add)
+
+
+@pytest.mark.timeout(60)
+def test_wrong_type_names_parameter_and_path(with_add: scatter.RemoteFunction) -> None:
+    with pytest.raises(scatter.ValidationError) as caught:
+        with_add(1, "two")  # type: ignore[arg-type]
+    assert isinstance(caught.value, TypeError)
+    assert caught.value.parameter == "b"
+    assert caught.value.path == "$.b"
+    assert "argument 'b'" in str(caught.value) and "Expected `int`, got `str`" in str(caught.value)
+    still_serving(with_add)
+
+
+@pytest.mark.timeout(60)
+def test_unknown_function_and_version(with_add: scatter.RemoteFunction) -> None:
+    with pytest.raises(scatter.FunctionNotFound, match="no function named 'nope'"):
+        scatter.make_callable("nope")
+    with pytest.raises(scatter.VersionNotFound, match="version 7"):
+        scatter.make_callable("add", version=7)
+    assert isinstance(scatter.FunctionNotFound("x"), LookupError)
+    still_serving(with_add)
+
+
+@pytest.mark.timeout(60)
+def test_exception_inside_function_reraises_with_remote_details(connected: LocalNode) -> None:
+    @scatter.scatter
+    def divide(a: float, b: float) -> float:
+        if b == 0:
+            raise ZeroDivisionError("b must not be zero here")
+        return a / b
+
+    remote = scatter.make_callable("divide")
+    with pytest.raises(scatter.RemoteError) as caught:
+        remote(1.0, 0.0)
+    error = caught.value
+    assert error.remote_type == "ZeroDivisionError"
+    assert error.remote_message == "b must not be zero here"
+    assert 'raise ZeroDivisionError("b must not be zero here")' in error.remote_traceback
+    assert "_worker.py" not in error.remote_traceback
+    assert remote(1.0, 4.0) == 0.25
+
+
+@pytest.mark.timeout(60)
+def test_wrong_return_type_is_a_validation_error(connected: LocalNode) -> None:
+    @scatter.scatter
+    def liar(a: int) -> int:
+        return str(a)  # type: ignore[return-value]
+
+    with pytest.raises(scatter.ValidationError) as caught:
+        scatter.make_callable("liar")(3)
+    assert caught.value.parameter == "return"
+    assert "return annotation int" in str(caught.value)
+
+
+@pytest.mark.timeout(60)
+def test_hung_function_times_out_while_other_calls_go_on(
+    with_add: scatter.RemoteFunction, node: LocalNode
+) -> None:
+    @scatter.scatter(timeout=1.5)
+    def hang(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    hang_remote = scatter.make_callable("hang")
+    outcome: dict[str, BaseException | float] = {}
+
+    def call_hang() -> None:
+        try:
+            outcome["hang"] = hang_remote(120.0)
+        except BaseException as exc:
+            outcome["hang"] = exc
+
+    thread = threading.Thread(target=call_hang)
+    started = time.monotonic()
+    thread.start()
+    other = scatter.Client(node.address, autostart=False)
+    try:
+        quick = other.make_callable("add")
+        served = 0
+        while thread.is_alive() and time.monotonic() - started < 30:
+            assert quick(1, served) == 1 + served
+            served += 1
+        thread.join(30)
+    finally:
+        other.close()
+    assert isinstance(outcome["hang"], scatter.CallTimeout), outcome
+    assert isinstance(outcome["hang"], TimeoutError)
+    assert "timeout of 1.5 s" in str(outcome["hang"])
+    assert served > 10  # calls went on while the hung one waited for its deadline
+    assert hang_remote.call(0.01) == 0.01
+    with pytest.raises(scatter.CallTimeout):
+        hang_remote.call(5.0, timeout=0.3)  # a per-call timeout beats the function's
+
+
+@pytest.mark.timeout(60)
+def test_function_ignoring_the_interrupt_is_killed_and_replaced(
+    with_add: scatter.RemoteFunction,
+) -> None:
+    @scatter.scatter(timeout=0.5)
+    def stubborn() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        time.sleep(60)
+
+    with pytest.raises(scatter.CallTimeout):
+        scatter.make_callable("stubborn")()
+    still_serving(with_add)
+
+
+@pytest.mark.timeout(60)
+def test_function_that_exits_its_interpreter_costs_only_that_call(
+    with_add: scatter.RemoteFunction,
+) -> None:
+    @scatter.scatter
+    def crash(code: int) -> int:
+        os._exit(code)
+
+    with pytest.raises(scatter.WorkerCrashed, match="exited before answering"):
+        scatter.make_callable("crash")(3)
+    still_serving(with_add)
+    for _ in range(20):
+        still_serving(with_add)
+
+
+@pytest.mark.timeout(30)
+def test_functions_that_cannot_be_remote_are_refused_at_scatter_time(connected: LocalNode) -> None:
+    def untyped(a, b):  # type: ignore[no-untyped-def]
+        return a + b
+
+    with pytest.raises(scatter.NotScatterable, match="needs annotations for: a, b, return"):
+        scatter.scatter(untyped)
+
+    def numbers(n: int) -> list[int]:
+        yield from range(n)  # type: ignore[misc]
+
+    with pytest.raises(scatter.NotScatterable, match="generator"):
+        scatter.scatter(numbers)
+
+    async def later(n: int) -> int:
+        return n
+
+    with pytest.raises(scatter.NotScatterable, match="coroutine"):
+        scatter.scatter(later)
+    with pytest.raises(scatter.NotScatterable, match="not a usable function name"):
+        scatter.scatter(lambda x: x)
+    assert scatter.functions() == []
+
+
+def _raw_request(address: str, frames: list[bytes], timeout_ms: int = 5000) -> bytes | None:
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send_multipart(frames)
+        if sock.poll(timeout_ms):
+            return sock.recv()
+        return None
+    finally:
+        sock.close()
+        context.term()
+
+
+@pytest.mark.timeout(60)
+def test_malformed_frames_to_node_and_worker_get_protocol_errors(
+    client: scatter.Client, node: LocalNode
+) -> None:
+    client.publish(add)
+    decoder = msgspec.msgpack.Decoder(_wire.Failure)
+    for garbage in (b"", b"\xc1", b"not msgpack at all", msgspec.msgpack.encode([99, 1])):
+        reply = _raw_request(node.address, [garbage])
+        assert reply is not None
+        failure = decoder.decode(reply)
+        assert failure.kind == "protocol"
+    leased = client.request(lambda i: _wire.Lease(i))
+    reply = _raw_request(leased.endpoint, [b"\x93garbage"])
+    assert reply is not None and decoder.decode(reply).kind == "protocol"
+    # A well-formed call with arguments of the wrong type is refused by the node too:
+    # it never trusts the client's validation.
+    bad = _wire.Call(1, "add", 0, 0, "", 0.0, msgspec.Raw(msgspec.msgpack.encode({"a": 1, "b": "x"})))
+    reply = _raw_request(leased.endpoint, [_wire.encoder.encode(bad)])
+    assert reply is not None
+    failure = decoder.decode(reply)
+    assert failure.kind == "validation" and failure.parameter == "b"
+    assert client.make_callable("add")(1, 2) == 3
+    assert client.status().workers >= 1
+
+
+@pytest.mark.timeout(60)
+def test_oversized_frame_is_refused_and_node_keeps_serving(
+    client: scatter.Client, node: LocalNode
+) -> None:
+    client.publish(add)
+    huge = b"\x00" * (scatter._config.MAX_MESSAGE_BYTES + 1024)
+    reply = _raw_request(node.address, [huge])
+    assert reply is not None
+    failure = msgspec.msgpack.decode(reply, type=_wire.Failure)
+    assert failure.kind == "protocol" and "refused: the limit is" in failure.message
+    # Far past the limit, zmq itself drops the connection before anything is read.
+    assert _raw_request(node.address, [huge + huge[:8192]], timeout_ms=1000) is None
+    remote = client.make_callable("add")
+    assert remote(1, 2) == 3
+
+    @scatter.scatter(address=node.address)
+    def size(data: bytes) -> int:
+        return len(data)
+
+    with pytest.raises(scatter.ProtocolError, match="limit"):
+        client.make_callable("size")(huge)
+    assert client.make_callable("size")(b"abc") == 3
