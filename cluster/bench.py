@@ -830,7 +830,7 @@ def _split(value: str | None, allowed: tuple[str, ...], what: str) -> tuple[str,
 
 def main(
     quick: Annotated[
-        bool, typer.Option(help="One short round (about 1 s per measurement).")
+        bool, typer.Option("--quick", help="One short round (about 1 s per measurement).")
     ] = False,
     rounds: Annotated[
         int | None, typer.Option(min=1, max=50, help="Rounds (default 3, or 1 with --quick).")
@@ -848,7 +848,7 @@ def main(
     duration: Annotated[
         float | None,
         typer.Option(
-            min=0.1, max=120, help="Seconds per measurement (default 3, or 1 with --quick)."
+            min=0.1, max=120, help="Seconds per measurement (default 2, or 1 with --quick)."
         ),
     ] = None,
 ) -> None:
@@ -857,7 +857,7 @@ def main(
         systems=_split(systems, SYSTEMS, "system"),
         workloads=_split(workloads_, workloads.WORKLOADS, "workload"),
         rounds=rounds or (1 if quick else 3),
-        duration_s=duration or (1.0 if quick else 3.0),
+        duration_s=duration or (1.0 if quick else 2.0),
         warmup_s=0.2 if quick else 0.5,
         publish_samples=20,
         quick=quick,
