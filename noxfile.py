@@ -1,6 +1,27 @@
-"""Nox sessions for Scatter. ``nox -s bench -- --quick`` for a short benchmark run."""
+"""Nox sessions for Scatter.
+
+``nox -s tests`` and ``nox -s lint`` run by default; ``nox -s bench -- --quick`` is a short
+benchmark run (the full one takes minutes).
+"""
 
 import nox
+
+nox.options.sessions = ["tests", "lint"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite: real node processes on loopback ports."""
+    session.install("-e", ".[test]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff over everything, mypy over the package."""
+    session.install("-e", ".[lint]")
+    session.run("ruff", "check", "scatter", "cluster", "tests", "examples", "noxfile.py")
+    session.run("mypy", "scatter")
 
 
 @nox.session(default=False)
