@@ -564,11 +564,9 @@ class Run:
 
 def run(settings: Settings) -> tuple[Run, dict[str, Any]]:
     cpu_loops = workloads.calibrate_cpu()
-    console.print(
-        f"cpu workload: {cpu_loops} loops, {_time_cpu(cpu_loops) * 1000:.2f} ms per call "
-        "here (target 5 ms)"
-    )
-    machine = machine_info(cpu_loops)
+    cpu_ms = _time_cpu(cpu_loops) * 1000
+    console.print(f"cpu workload: {cpu_loops} loops, {cpu_ms:.2f} ms per call here (target 5 ms)")
+    machine = machine_info(cpu_loops) | {"cpu_call_ms": round(cpu_ms, 3)}
     with tempfile.TemporaryDirectory(prefix="scatter-bench-") as tmp:
         bench = Run(settings, cpu_loops, Path(tmp))
         bench.execute()

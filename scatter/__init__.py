@@ -11,6 +11,8 @@ Example::
     make_callable("add")(1, 2)   # 3, validated on both sides
 """
 
+import contextlib
+
 from ._api import (
     connect as connect,
     current_version as current_version,
@@ -80,10 +82,8 @@ def _fixup_module_metadata() -> None:
         if isinstance(obj, type) and issubclass(obj, msgspec.Struct):
             continue
         if getattr(obj, "__module__", "").startswith("scatter."):
-            try:
+            with contextlib.suppress(AttributeError, TypeError):
                 obj.__module__ = "scatter"
-            except (AttributeError, TypeError):
-                pass
 
 
 _fixup_module_metadata()

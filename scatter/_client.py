@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import itertools
 import os
 import socket
@@ -37,7 +36,14 @@ import msgspec
 import zmq
 
 from . import _wire
-from ._config import MAX_MESSAGE_BYTES, ClientConfig, data_dir_for, is_loopback, parse_address, resolve_client_config
+from ._config import (
+    MAX_MESSAGE_BYTES,
+    ClientConfig,
+    data_dir_for,
+    is_loopback,
+    parse_address,
+    resolve_client_config,
+)
 from ._core._signature import CallSpec, build_call_spec, restore_signature
 from ._exceptions import (
     CallTimeout,
@@ -387,7 +393,7 @@ class Client:
             return
         for connection in list(self._idle):
             with contextlib.suppress(ScatterError):
-                self.request(lambda i, c=connection: _wire.Release(i, c.lease), timeout=0.5)
+                self.request(functools.partial(_wire.Release, lease=connection.lease), timeout=0.5)
         self._closed = True
         Client._release_all(self._idle, self._context)
 

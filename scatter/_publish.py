@@ -52,7 +52,7 @@ def prepare_publish(
     fn: Callable[..., Any], *, name: str | None = None, timeout: float | None = None
 ) -> dict[str, Any]:
     """The fields of a ``Publish`` request for ``fn``; NotScatterable if it cannot be one."""
-    resolved = name or getattr(fn, "__name__", "")
+    resolved: str = name or getattr(fn, "__name__", None) or ""
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
     sig = check_scatterable(fn, resolved)

@@ -116,7 +116,7 @@ def check_scatterable(fn: object, name: str) -> inspect.Signature:
             f"{name}() is a coroutine function; scatter a plain def function "
             "(callers can still await it with .call_async)"
         )
-    sig = signature_of(fn)  # type: ignore[arg-type]
+    sig = signature_of(fn)
     missing = [
         p.name for p in sig.parameters.values() if p.annotation is inspect.Parameter.empty
     ]
@@ -148,7 +148,7 @@ def _classes_with_string_annotations(
         _classes_with_string_annotations(arg, found, seen)
     if not isinstance(annotation, type) or annotation.__module__ == "builtins":
         return
-    raw = annotation.__dict__.get("__annotations__", {})
+    raw = inspect.get_annotations(annotation)
     if not raw:
         return
     try:
@@ -187,7 +187,8 @@ def restore_signature(shipped: Any) -> inspect.Signature:
         if module is not None and getattr(module, cls.__qualname__, None) is cls:
             continue  # the class's own module is here: its strings resolve as written
         cls.__annotations__ = dict(hints)
-    return sig  # type: ignore[no-any-return]
+    restored: inspect.Signature = sig
+    return restored
 
 
 def signature_text(sig: inspect.Signature) -> str:

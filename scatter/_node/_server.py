@@ -16,6 +16,7 @@ finds its version (read-your-writes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shutil
@@ -241,10 +242,9 @@ class Node:
 
 
 def send_reply(sock: TrioSocket, identity: bytes, reply: Any) -> None:
-    try:
+    # A client that went away or whose queue is full: nothing to deliver to.
+    with contextlib.suppress(zmq.ZMQError):
         sock.send_multipart_nowait([identity, _wire.encoder.encode(reply)])
-    except zmq.ZMQError:
-        pass  # the client went away or its queue is full: nothing to deliver to
 
 
 async def serve_control(
@@ -276,7 +276,7 @@ async def serve_control(
 
 def _bind_control(config: NodeConfig) -> zmq.Socket[bytes]:
     host, port = parse_address(config.address)
-    context = zmq.Context.instance()
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 4096)

@@ -58,7 +58,8 @@ class SharedSlots:
     # -- registry generation --
 
     def generation(self) -> int:
-        return _GENERATION.unpack_from(self._map, 8)[0]  # type: ignore[no-any-return]
+        generation: int = _GENERATION.unpack_from(self._map, 8)[0]
+        return generation
 
     def bump_generation(self) -> int:
         new = self.generation() + 1
@@ -75,7 +76,8 @@ class SharedSlots:
 
     def read(self, slot: int) -> tuple[int, float]:
         """(call number, deadline) of a worker slot; deadline 0.0 means idle."""
-        return _SLOT.unpack_from(self._map, _SLOTS_OFFSET + slot * _SLOT_SIZE)  # type: ignore[return-value]
+        number, deadline = _SLOT.unpack_from(self._map, _SLOTS_OFFSET + slot * _SLOT_SIZE)
+        return number, deadline
 
     def clear(self, slot: int) -> None:
         _SLOT.pack_into(self._map, _SLOTS_OFFSET + slot * _SLOT_SIZE, 0, 0.0)

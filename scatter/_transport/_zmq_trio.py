@@ -29,12 +29,16 @@ class TrioSocket:
 
     def __init__(self, sock: zmq.Socket[bytes]) -> None:
         self.sock = sock
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
 
     async def _wait_readable(self) -> None:
         # Rule 1: EVENTS first, the fd only while it says nothing is queued.
-        while not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while not self._events() & zmq.POLLIN:
             await trio.lowlevel.wait_readable(self._fd)
+
+    def _events(self) -> int:
+        events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+        return events
 
     async def recv_multipart(self) -> list[bytes]:
         while True:

@@ -91,7 +91,7 @@ CASES: list[tuple[str, Any, Any]] = [
 
 @pytest.mark.timeout(90)
 def test_every_supported_type_round_trips_through_a_node(connected: object) -> None:
-    for label, annotation, value in CASES:
+    for label, annotation, _value in CASES:
         scatter.scatter(_echo_of(annotation), name=f"echo_{label}")
     for label, _annotation, value in CASES:
         echo = scatter.make_callable(f"echo_{label}")
