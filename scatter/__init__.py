@@ -14,6 +14,7 @@ Example::
 import contextlib
 
 from ._api import (
+    FunctionSet as FunctionSet,
     connect as connect,
     current_version as current_version,
     functions as functions,
@@ -47,6 +48,7 @@ __all__ = [
     "Client",
     "ConfigError",
     "FunctionInfo",
+    "FunctionSet",
     "FunctionNotFound",
     "NotScatterable",
     "ProtocolError",

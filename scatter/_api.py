@@ -15,6 +15,7 @@ import msgspec
 
 from ._client import Client, RemoteFunction
 from ._core._registry import FunctionInfo, VersionInfo
+from ._exceptions import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -132,3 +133,65 @@ def versions(name: str, *, address: str | None = None) -> list[VersionInfo]:
 def functions(*, address: str | None = None) -> list[FunctionInfo]:
     """Every live function on the node, with its current version and signature."""
     return msgspec.convert(_client(address).functions(), list[FunctionInfo])
+
+
+class FunctionSet:
+    """A named set of related functions, published, rolled back and removed as one.
+
+    One ``publish()`` is one registry change, atomic on every node: no node ever serves a
+    mix of old and new members. The set has its own version history; functions left out
+    of a new set version stop answering by name (pinned callables keep working) until a
+    rollback brings them back.
+
+    Example::
+
+        billing = scatter.FunctionSet("billing")
+
+        @billing.function
+        def charge(account: str, cents: int) -> str: ...
+
+        @billing.function
+        def refund(account: str, cents: int) -> str: ...
+
+        billing.publish()          # version 1 of the set, both functions at once
+        scatter.rollback("billing")
+        scatter.vaporize("billing")
+    """
+
+    def __init__(self, name: str, *, address: str | None = None) -> None:
+        self.name = name
+        self.address = address
+        # {member name: (function, timeout)}, in the order they were added
+        self._members: dict[str, tuple[Callable[..., Any], float | None]] = {}
+
+    @overload
+    def function(self, fn: F, /) -> F: ...
+    @overload
+    def function(
+        self, *, name: str | None = None, timeout: float | None = None
+    ) -> Callable[[F], F]: ...
+    def function(
+        self, fn: Any = None, /, *, name: str | None = None, timeout: float | None = None
+    ) -> Any:
+        """Add a member (not shipped until :meth:`publish`). Returns the function unchanged."""
+
+        def add(function: F) -> F:
+            member = name or function.__name__
+            self._members[member] = (function, timeout)
+            return function
+
+        return add if fn is None else add(fn)
+
+    @property
+    def members(self) -> list[str]:
+        return list(self._members)
+
+    def publish(self) -> int:
+        """Ship every member as one new version of the set; returns the set's version.
+
+        Publishing the same members again changes nothing and returns the current version.
+        """
+        if not self._members:
+            raise ConfigError(f"function set {self.name!r} has no members; add some with @.function")
+        members = [(fn, member, timeout) for member, (fn, timeout) in self._members.items()]
+        return _client(self.address).publish_set(self.name, members).version

@@ -47,6 +47,7 @@ from ._config import (
 from ._core._signature import CallSpec, build_call_spec, restore_signature
 from ._exceptions import (
     CallTimeout,
+    ConfigError,
     FunctionNotFound,
     ProtocolError,
     RemoteError,
@@ -92,6 +93,8 @@ def error_from_failure(failure: _wire.Failure) -> ScatterError:
         return CallTimeout(failure.message)
     if kind == "protocol":
         return ProtocolError(failure.message)
+    if kind == "invalid":
+        return ConfigError(failure.message)
     if kind == "load":
         return RemoteError("scatter.LoadError", failure.message)
     return ScatterError(failure.message)
@@ -298,6 +301,19 @@ class Client:
         published: _wire.Published = self.request(lambda i: _wire.Publish(id=i, **fields))
         return published
 
+    def publish_set(
+        self, name: str, members: list[tuple[Callable[..., Any], str | None, float | None]]
+    ) -> _wire.Published:
+        """Publish ``members`` (function, name, timeout) as the complete new version of a set."""
+        from ._publish import prepare_publish
+
+        requests = [
+            _wire.Publish(id=0, **prepare_publish(fn, name=member_name, timeout=timeout))
+            for fn, member_name, timeout in members
+        ]
+        published: _wire.Published = self.request(lambda i: _wire.PublishSet(i, name, requests))
+        return published
+
     def describe(self, name: str, version: int | None = None, *, source: bool = False) -> _wire.Description:
         description: _wire.Description = self.request(
             lambda i: _wire.Describe(i, name, version or 0, source)
@@ -305,7 +321,8 @@ class Client:
         return description
 
     def current_version(self, name: str) -> int:
-        return self.describe(name).current_version
+        moved: _wire.Moved = self.request(lambda i: _wire.CurrentVersion(i, name))
+        return moved.version
 
     def rollback(self, name: str, to: int | None = None) -> int:
         moved: _wire.Moved = self.request(lambda i: _wire.Rollback(i, name, to))

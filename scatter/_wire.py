@@ -57,6 +57,7 @@ FailureKind = Literal[
     "not_scatterable",
     "load",  # the version's body cannot be loaded on this node
     "internal",
+    "invalid",  # a request the registry refuses (bad name, name taken by a set, ...)
 ]
 
 
@@ -145,8 +146,25 @@ class Shutdown(msgspec.Struct, array_like=True, tag=20, frozen=True):
     id: int
 
 
+class PublishSet(msgspec.Struct, array_like=True, tag=21, frozen=True):
+    """Publish a function set: its complete membership, as one registry change."""
+
+    id: int
+    name: str
+    members: list[Publish]
+
+
+class CurrentVersion(msgspec.Struct, array_like=True, tag=22, frozen=True):
+    """The current version of a function or a set; answered with ``Moved``."""
+
+    id: int
+    name: str
+
+
 ControlRequest = (
-    Hello
+    CurrentVersion
+    | PublishSet
+    | Hello
     | Publish
     | Rollback
     | Vaporize

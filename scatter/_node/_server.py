@@ -49,6 +49,8 @@ SCATTER_VERSION = "0.1.0"
 
 
 def _failure_kind(exc: ScatterError) -> _wire.FailureKind:
+    if isinstance(exc, ConfigError):
+        return "invalid"
     if isinstance(exc, FunctionNotFound):
         return "not_found"
     if isinstance(exc, VersionNotFound):
@@ -72,6 +74,8 @@ class Node:
         self._handlers: dict[type, Callable[[Any], Any]] = {
             _wire.Hello: self.on_hello,
             _wire.Publish: self.on_publish,
+            _wire.PublishSet: self.on_publish_set,
+            _wire.CurrentVersion: self.on_current_version,
             _wire.Rollback: self.on_rollback,
             _wire.Vaporize: self.on_vaporize,
             _wire.Describe: self.on_describe,
@@ -110,7 +114,23 @@ class Node:
         return _wire.Welcome(req.id, self.node_id, _wire.PROTOCOL_VERSION, self.config.address)
 
     def on_publish(self, req: _wire.Publish) -> _wire.Published:
-        record = VersionRecord(
+        record = self._record(req)
+        change = self.registry.publish([record], now=time.time())
+        if change is not None:
+            self.sync_lookup_entries([change])
+        number = self.registry.current_version(req.name)
+        return _wire.Published(req.id, req.name, number, req.content_id, change is None)
+
+    def on_publish_set(self, req: _wire.PublishSet) -> _wire.Published:
+        records = [self._record(member) for member in req.members]
+        change = self.registry.publish(records, now=time.time(), set_name=req.name)
+        if change is not None:
+            self.sync_lookup_entries([change])
+        number = self.registry.current_version(req.name)
+        return _wire.Published(req.id, req.name, number, "", change is None)
+
+    def _record(self, req: _wire.Publish) -> VersionRecord:
+        return VersionRecord(
             content_id=req.content_id,
             name=req.name,
             body=req.body,
@@ -124,13 +144,6 @@ class Node:
             created_at=time.time(),
             timeout=req.timeout,
         )
-        change = self.registry.publish([record], now=time.time())
-        if change is None:
-            number = self.registry.current_version(req.name)
-            return _wire.Published(req.id, req.name, number, req.content_id, unchanged=True)
-        self.sync_lookup_entries([change])
-        number = self.registry.current_version(req.name)
-        return _wire.Published(req.id, req.name, number, req.content_id, unchanged=False)
 
     def on_rollback(self, req: _wire.Rollback) -> _wire.Moved:
         change = self.registry.rollback(req.name, req.to, now=time.time())
@@ -146,10 +159,10 @@ class Node:
         try:
             return self.registry.current_version(name)
         except (FunctionNotFound, VersionNotFound):
-            # a set name: its members moved, the set has its own history in versions()
-            rows = self.registry.versions(name)
-            current = [r.version for r in rows if getattr(r, "current", False)]
-            return current[0] if current else 0
+            return 0
+
+    def on_current_version(self, req: _wire.CurrentVersion) -> _wire.Moved:
+        return _wire.Moved(req.id, req.name, self.registry.current_version(req.name))
 
     def on_describe(self, req: _wire.Describe) -> _wire.Description:
         number, record = self.registry.resolve(req.name, req.version or None)
