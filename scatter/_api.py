@@ -168,17 +168,17 @@ class FunctionSet:
     def function(self, fn: F, /) -> F: ...
     @overload
     def function(
-        self, *, name: str | None = None, timeout: float | None = None
+        self, /, *, name: str | None = None, timeout: float | None = None
     ) -> Callable[[F], F]: ...
     def function(
         self, fn: Any = None, /, *, name: str | None = None, timeout: float | None = None
     ) -> Any:
         """Add a member (not shipped until :meth:`publish`). Returns the function unchanged."""
 
-        def add(function: F) -> F:
-            member = name or function.__name__
-            self._members[member] = (function, timeout)
-            return function
+        def add(member_function: F) -> F:
+            member = name or member_function.__name__
+            self._members[member] = (member_function, timeout)
+            return member_function
 
         return add if fn is None else add(fn)
 
@@ -193,5 +193,7 @@ class FunctionSet:
         """
         if not self._members:
             raise ConfigError(f"function set {self.name!r} has no members; add some with @.function")
-        members = [(fn, member, timeout) for member, (fn, timeout) in self._members.items()]
+        members: list[tuple[Callable[..., Any], str | None, float | None]] = [
+            (fn, member, timeout) for member, (fn, timeout) in self._members.items()
+        ]
         return _client(self.address).publish_set(self.name, members).version
