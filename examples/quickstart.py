@@ -58,7 +58,7 @@ except scatter.ValidationError as exc:
 
 # Wrong arity is Python's own TypeError, worded as for a local call.
 try:
-    total()  # type: ignore[call-arg]
+    total()
 except TypeError as exc:
     print("rejected:", exc)
 

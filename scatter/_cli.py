@@ -75,6 +75,10 @@ app = typer.Typer(
         "Publish functions from Python with @scatter; use this command to run a node and "
         "to list, inspect, call, roll back and delete its functions."
     ),
+    epilog=(
+        "Examples: scatter node start --background | scatter ls | scatter call add 1 2 | "
+        "scatter --address tcp://127.0.0.1:5000 versions add"
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -144,8 +148,8 @@ def node_start(
         bool,
         typer.Option(
             "--background",
-            help="Start a detached node (it outlives this command, logs to DIR/node.log) "
-            "and print its pid, instead of running it in the foreground.",
+            help="Start a detached node (it outlives this command, logs to DIR/node.log), "
+            "print its pid and return, instead of running it in the foreground.",
         ),
     ] = False,
 ) -> None:
@@ -420,7 +424,10 @@ def call(
         typer.Option("--version", "-v", help="Run this version. Default: the current one."),
     ] = None,
 ) -> None:
-    """Call NAME with ARGs, validated against its signature; print the result as JSON."""
+    """Call NAME with ARGs, validated against its signature; print the result as JSON.
+
+    A result with no JSON form is printed as its repr.
+    """
     with _client(ctx) as client:
         function = client.make_callable(name, version)
         signature = inspect.signature(function)

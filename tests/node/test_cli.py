@@ -8,6 +8,7 @@ in a ``finally`` if it is still there.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from typer.testing import CliRunner, Result
 
 import scatter
 from cluster.launch import LocalNode, free_port, port_open
-from scatter._cli import app
+from scatter._cli import app, cli_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -276,6 +277,20 @@ def test_call_errors_are_one_line_and_exit_1(node: LocalNode, client: scatter.Cl
         assert result.exit_code == 1, (args, result.output)
         assert expected in one_error_line(result.stderr), args
         assert result.stdout == "", args
+
+
+def test_cli_arguments_follow_the_signature() -> None:
+    def f(a: int, b: str, *rest: float, flag: bool = False, **extra: list[int]) -> None: ...
+
+    signature = inspect.signature(f, eval_str=True)  # as the callable carries it
+    args, kwargs = cli_arguments(signature, ["1", "2", "3", "4.5", "flag=true", "xs=[1, 2]"])
+    assert args == [1, "2", 3, 4.5]  # b is a str: taken raw; *rest: JSON
+    assert kwargs == {"flag": True, "xs": [1, 2]}
+    assert cli_arguments(signature, ["x", "=y"]) == (["x", "=y"], {})  # not JSON: a string
+    with pytest.raises(TypeError, match="given twice"):
+        cli_arguments(signature, ["1", "2", "flag=true", "flag=false"])
+    with pytest.raises(TypeError, match="follows a key=value argument"):
+        cli_arguments(signature, ["flag=true", "1"])
 
 
 # ---------------------------------------------------------------- errors without a node
