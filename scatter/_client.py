@@ -37,6 +37,7 @@ import zmq
 
 from . import _wire
 from ._config import (
+    ENV_AUTOSTART,
     MAX_MESSAGE_BYTES,
     ClientConfig,
     data_dir_for,
@@ -281,9 +282,12 @@ class Client:
             self._node_ready = True
             return
         if not self.config.autostart:
+            hint = ""
+            if os.environ.get(ENV_AUTOSTART, "").strip() not in ("", "1", "true", "yes", "on"):
+                hint = f", or unset {ENV_AUTOSTART} to let Scatter start one"
             raise Unreachable(
-                f"no node answered at {self.address}; start one with `scatter node start`, "
-                "or unset SCATTER_AUTOSTART=0 to let Scatter start one"
+                f"no node answered at {self.address}; start one with `scatter node start`"
+                + hint
             )
         with _autostart_lock:
             if not _port_open(host, port):
@@ -539,6 +543,9 @@ class RemoteFunction:
 # -- auto-start --
 
 _autostart_lock = threading.Lock()
+# Detached nodes started by this process: kept referenced so that Popen's destructor does
+# not warn about a child still running (it is meant to outlive us).
+_background_nodes: list[subprocess.Popen[bytes]] = []
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -577,6 +584,7 @@ def start_background_node(
             start_new_session=True,
             close_fds=True,
         )
+    _background_nodes.append(process)
     if announce:
         print(
             f"scatter: no node answered at {address}; started one in the background "

@@ -118,7 +118,7 @@ def _env_bool(name: str, value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
-    if lowered in ("0", "false", "no", "off", ""):
+    if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name}={value!r} is not a boolean; use 1 or 0")
 
@@ -137,7 +137,7 @@ def resolve_client_config(
             raise ConfigError(f"{ENV_ADDRESS}: {exc}") from None
         raise
     autostart = True
-    if ENV_AUTOSTART in env:
+    if env.get(ENV_AUTOSTART, "").strip():  # empty counts as unset
         autostart = _env_bool(ENV_AUTOSTART, env[ENV_AUTOSTART])
     data_dir = Path(env[ENV_DATA_DIR]) if env.get(ENV_DATA_DIR) else None
     return ClientConfig(

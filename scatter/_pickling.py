@@ -146,3 +146,21 @@ def dumps(obj: Any) -> bytes:
 
 
 loads = cloudpickle.loads
+
+
+def stable_pickle_identity(data: bytes) -> bytes:
+    """``data`` with each class tracker id replaced by the class's qualified name.
+
+    Classes pickled by value carry a random id per process (cloudpickle's, and ours for
+    Structs) so that one process maps them back to one class. Hashed as they are, the
+    same code scattered from two runs of a notebook would never look identical, and
+    re-scattering an unchanged body would not be the no-op it must be.
+    See test_rescattering_same_code_from_another_process_changes_nothing.
+    """
+    trackers = list(_cloudpickle_internals._DYNAMIC_CLASS_TRACKER_BY_CLASS.items())
+    trackers += list(_STRUCT_IDS.items())
+    for cls, tracker in trackers:
+        token = tracker.encode()
+        if token in data:
+            data = data.replace(token, f"{cls.__module__}.{cls.__qualname__}".encode())
+    return data

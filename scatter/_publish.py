@@ -23,7 +23,7 @@ from ._core._signature import (
     source_of,
 )
 from ._exceptions import ConfigError, NotScatterable
-from ._pickling import dumps
+from ._pickling import dumps, stable_pickle_identity
 
 
 def _pickle_by_value(fn: Callable[..., Any], *objects: object) -> list[bytes]:
@@ -59,13 +59,14 @@ def prepare_publish(
     # The signature goes by value too: a client that never imported the defining module
     # still rebuilds the annotation types it validates against.
     body, signature = _pickle_by_value(fn, fn, portable_signature(sig))
+    identity = stable_pickle_identity(body)
     return {
         "name": resolved,
         "body": body,
         "signature": signature,
         "signature_text": signature_text(sig),
         "signature_id": signature_id(sig),
-        "content_id": content_id(body, sig),
+        "content_id": content_id(identity, sig),
         "source": source_of(fn),
         "doc": getattr(fn, "__doc__", None),
         "python": platform.python_version(),

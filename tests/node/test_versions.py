@@ -146,3 +146,40 @@ def test_decorated_function_still_works_locally(connected: LocalNode) -> None:
     import inspect
 
     assert inspect.signature(remote) == inspect.signature(greet, eval_str=True)
+
+
+RESCATTER = """
+import dataclasses, sys
+import scatter
+
+@dataclasses.dataclass
+class Point:
+    x: float
+    y: float
+
+scatter.connect(sys.argv[1], autostart=False)
+
+@scatter.scatter
+def norm(p: Point) -> float:
+    return (p.x ** 2 + p.y ** 2) ** 0.5
+
+print(scatter.current_version("norm"))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_rescattering_same_code_from_another_process_changes_nothing(node: LocalNode) -> None:
+    import subprocess
+    import sys
+
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", RESCATTER, node.address],
+            capture_output=True,
+            text=True,
+            timeout=50,
+        )
+        for _ in range(2)
+    ]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
+    assert [r.stdout.strip() for r in runs] == ["1", "1"]
