@@ -11,11 +11,8 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 import scatter
-from cluster.launch import LocalNode, free_port, port_open
+from cluster.launch import LocalNode, free_port, kill_if_alive, port_open, process_gone, wait_until
 from scatter._cli import app, cli_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,33 +53,6 @@ def one_error_line(stderr: str) -> str:
     assert len(lines) == 1, f"expected one line on stderr, got: {stderr!r}"
     assert lines[0].startswith("error: "), lines[0]
     return lines[0]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-        time.sleep(0.02)
-
-
-def process_gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie awaiting its reaper counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def kill_if_alive(pid: int) -> None:
-    if not process_gone(pid):
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: process_gone(pid), 10, f"pid {pid} dies after SIGKILL")
 
 
 # ---------------------------------------------------------------- functions to publish

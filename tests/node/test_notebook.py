@@ -13,15 +13,13 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import nbformat
 import pytest
 
 import scatter
-from cluster.launch import LocalNode, free_port
+from cluster.launch import LocalNode, free_port, process_gone, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_SCRIPT = ROOT / "examples" / "seed_notebook.py"
@@ -44,27 +42,6 @@ def assert_seed_flow(lines: list[str]) -> None:
     assert lines[: len(SEED_OUTPUT)] == SEED_OUTPUT, lines
     assert len(lines) == len(SEED_OUTPUT) + 1, lines
     assert lines[-1].startswith(NOT_FOUND), lines[-1]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting until {what}")
-        time.sleep(0.02)
-
-
-def process_gone(pid: int) -> bool:
-    """True once ``pid`` has exited (a zombie awaiting its reaper counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def run_python(
