@@ -53,8 +53,8 @@ class PoolStatistics:
 
 class WorkerPool:
     """Resource handling: every worker is a child process owned by the pool's nursery; the
-    pool kills them all when its nursery is cancelled, and workers also die with the node
-    (PR_SET_PDEATHSIG on Linux, a parent check elsewhere).
+    pool kills them all when its nursery is cancelled, and a worker whose node died
+    (SIGKILL) notices within a quarter second while idle and exits.
 
     Error handling: a worker that fails to start raises from ``lease()`` as a ScatterError;
     a worker that dies later is replaced, never propagated.

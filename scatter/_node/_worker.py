@@ -252,17 +252,6 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
 def serve(worker: Worker, host: str, ipc_path: Path | None) -> None:
     """Answer calls until the node goes away.
 
@@ -276,7 +265,10 @@ def serve(worker: Worker, host: str, ipc_path: Path | None) -> None:
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 1000)
+    # Idle workers look up every quarter second whether their node is still there. Not
+    # PR_SET_PDEATHSIG: it fires when the parent *thread* exits, and trio spawns processes
+    # from a cache thread that exits after 10 s idle: every worker died 10 s after start.
+    sock.setsockopt(zmq.RCVTIMEO, 250)
     sock.setsockopt(zmq.MAXMSGSIZE, worker.max_message_bytes + 4096)
     if ":" in host:
         sock.setsockopt(zmq.IPV6, 1)
@@ -330,7 +322,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=DEFAULT_CALL_TIMEOUT)
     parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES)
     args = parser.parse_args(argv)
-    _die_with_parent()
     worker = Worker(args.data_dir, args.slot, args.timeout, args.max_message_bytes)
     ipc_path = args.data_dir.resolve() / "run" / f"worker-{args.slot}.sock"
     # Unix socket paths are limited to ~107 bytes; a deep data dir goes without.

@@ -1,0 +1,50 @@
+"""Worker processes live as long as their node, and no longer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+import scatter
+from cluster.launch import LocalNode, process_gone, wait_until
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def _worker_pids(node_pid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == node_pid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.timeout(60)
+def test_workers_outlive_the_spawning_thread(client: scatter.Client) -> None:
+    # Workers once died 10 s after start: PR_SET_PDEATHSIG follows the thread that
+    # spawned them, and trio's process-spawning thread exits after 10 s idle.
+    client.publish(add)
+    remote = client.make_callable("add")
+    started = time.monotonic()
+    while time.monotonic() - started < 12.5:
+        assert remote(1, 2) == 3
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(60)
+def test_workers_exit_when_their_node_is_killed(client: scatter.Client, node: LocalNode) -> None:
+    client.publish(add)
+    assert client.make_callable("add")(1, 2) == 3
+    workers = _worker_pids(node.pid)
+    assert workers, "the node has worker processes"
+    node.kill()
+    for pid in workers:
+        wait_until(lambda pid=pid: process_gone(pid), 10, f"worker {pid} exits after its node")
