@@ -251,3 +251,20 @@ def test_oversized_frame_is_refused_and_node_keeps_serving(
     with pytest.raises(scatter.ProtocolError, match="limit"):
         client.make_callable("size")(huge)
     assert client.make_callable("size")(b"abc") == 3
+
+
+@pytest.mark.timeout(60)
+def test_large_arguments_are_validated_as_strictly_as_small_ones(connected: LocalNode) -> None:
+    @scatter.scatter
+    def total(xs: list[float]) -> float:
+        return sum(xs)
+
+    remote = scatter.make_callable("total")
+    xs = [float(i) for i in range(1000)]
+    assert remote(xs) == sum(xs)
+    xs[500] = "five hundred"  # type: ignore[call-overload]
+    with pytest.raises(scatter.ValidationError) as caught:
+        remote(xs)
+    assert (caught.value.parameter, caught.value.path) == ("xs", "$.xs[500]")
+    with pytest.raises(scatter.ValidationError, match="got `bool`"):
+        remote([1.0] * 999 + [True])
