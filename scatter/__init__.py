@@ -11,8 +11,6 @@ Example::
     make_callable("add")(1, 2)   # 3, validated on both sides
 """
 
-import contextlib
-
 from ._api import (
     FunctionSet as FunctionSet,
     connect as connect,
@@ -24,7 +22,11 @@ from ._api import (
     vaporize as vaporize,
     versions as versions,
 )
-from ._client import Client as Client, RemoteFunction as RemoteFunction
+from ._client import (
+    Client as Client,
+    ClientStatistics as ClientStatistics,
+    RemoteFunction as RemoteFunction,
+)
 from ._core._registry import FunctionInfo as FunctionInfo, VersionInfo as VersionInfo
 from ._exceptions import (
     CallTimeout as CallTimeout,
@@ -46,6 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CallTimeout",
     "Client",
+    "ClientStatistics",
     "ConfigError",
     "FunctionInfo",
     "FunctionNotFound",
@@ -77,6 +80,8 @@ def _fixup_module_metadata() -> None:
     # (trio's fixup_module_metadata).
     # msgspec Structs keep theirs: msgspec resolves their string annotations against
     # the module named there.
+    import contextlib
+
     import msgspec
 
     for name in __all__:

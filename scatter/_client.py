@@ -16,6 +16,7 @@ frame, and decodes the result with the same spec. One message each way, no hop.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -67,6 +68,8 @@ T = TypeVar("T")
 _REPLY_MARGIN = 3.0
 # Room left in a frame for the call's envelope (name, ids) next to its arguments.
 _MAX_ARGUMENT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+# A pooled connection idle longer than this (seconds) is checked for a dropped worker.
+_IDLE_CHECK_AFTER = 1.0
 # How often a waiting call checks whether its worker's connection dropped (seconds):
 # the delay before a crashed worker (os._exit, segfault) is reported.
 _CRASH_CHECK_INTERVAL = 0.1
@@ -116,11 +119,12 @@ class WorkerConnection:
         # Queue only on a live connection, so a send to a dead worker fails (and can be
         # retried) instead of waiting forever for a reconnect.
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        self.sock.setsockopt(zmq.SNDTIMEO, 5000)
+        self.sock.setsockopt(zmq.SNDTIMEO, 2000)
         self.sock.setsockopt(zmq.RCVTIMEO, int(_CRASH_CHECK_INTERVAL * 1000))
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
         self.broken = False
+        self.last_used = time.monotonic()
 
     def dropped(self) -> bool:
         # EVENTS, not a non-blocking recv: raising zmq.Again costs ~25 us, on every call.
@@ -174,6 +178,14 @@ class WorkerConnection:
         self.sock.close(linger=0)
 
 
+@dataclass(frozen=True)
+class ClientStatistics:
+    leases: int  # workers leased from the node so far
+    idle_connections: int  # pooled connections ready for the next call
+    stale_connections_dropped: int  # pooled connections whose worker had gone
+    undelivered_retries: int  # calls re-sent to a new worker because nobody took them
+
+
 @dataclass(frozen=True, slots=True)
 class _Version:
     """What a callable knows of the version it validates against; replaced whole."""
@@ -222,6 +234,7 @@ class Client:
         self._node_ready = False
         self._closed = False
         self._pid = os.getpid()
+        self._counts: collections.Counter[str] = collections.Counter()
         weakref.finalize(self, Client._release_all, self._idle, self._context)
 
     # -- node control --
@@ -357,17 +370,25 @@ class Client:
     # -- worker connections --
 
     def _checkout(self) -> WorkerConnection:
-        try:
-            # list.pop is atomic under the GIL: no lock on the hot path.
-            return self._idle.pop()
-        except IndexError:
-            pass
+        while self._idle:
+            try:
+                # list.pop is atomic under the GIL: no lock on the hot path.
+                connection = self._idle.pop()
+            except IndexError:
+                break
+            # A connection idle for a while may have lost its worker (retired, replaced):
+            # look (~2 us) rather than stall on a send to nobody. Busy loops skip the look.
+            if time.monotonic() - connection.last_used < _IDLE_CHECK_AFTER or not connection.dropped():
+                return connection
+            self._counts["stale_connections_dropped"] += 1
+            self._discard(connection)
         if os.getpid() != self._pid:
             raise ScatterError(
                 "this client was created in another process (before a fork); "
                 "make a new one with scatter.connect() in this process"
             )
         leased: _wire.Leased = self.request(lambda i: _wire.Lease(i))
+        self._counts["leases"] += 1
         endpoint = leased.endpoint
         if leased.local_endpoint and is_loopback(parse_address(self.address)[0]):
             endpoint = leased.local_endpoint
@@ -377,6 +398,7 @@ class Client:
         if connection.broken or self._closed:
             self._discard(connection)
             return
+        connection.last_used = time.monotonic()
         self._idle.append(connection)
 
     def _discard(self, connection: WorkerConnection) -> None:
@@ -392,6 +414,7 @@ class Client:
             try:
                 reply = connection.request(frame_for(call_id), call_id, timeout)
             except _Undelivered:
+                self._counts["undelivered_retries"] += 1
                 self._discard(connection)
                 if attempt:
                     raise Unreachable(
@@ -405,6 +428,15 @@ class Client:
             self._checkin(connection)
             return reply
         raise AssertionError("unreachable")
+
+    def statistics(self) -> ClientStatistics:
+        """Counters of this client's worker connections."""
+        return ClientStatistics(
+            leases=self._counts["leases"],
+            idle_connections=len(self._idle),
+            stale_connections_dropped=self._counts["stale_connections_dropped"],
+            undelivered_retries=self._counts["undelivered_retries"],
+        )
 
     # -- lifecycle --
 

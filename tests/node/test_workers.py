@@ -48,3 +48,23 @@ def test_workers_exit_when_their_node_is_killed(client: scatter.Client, node: Lo
     node.kill()
     for pid in workers:
         wait_until(lambda pid=pid: process_gone(pid), 10, f"worker {pid} exits after its node")
+
+
+@pytest.mark.timeout(60)
+def test_connection_to_a_worker_that_died_while_idle_is_replaced(
+    client: scatter.Client, node: LocalNode
+) -> None:
+    import os
+    import signal
+
+    client.publish(add)
+    remote = client.make_callable("add")
+    assert remote(1, 2) == 3
+    for pid in _worker_pids(node.pid):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(1.2)  # the scenario: idle long enough that the pool looks before reusing
+    assert remote(2, 3) == 5
+    stats = client.statistics()
+    # The dead worker's connection was noticed before sending, not after a send timeout.
+    assert (stats.stale_connections_dropped, stats.undelivered_retries) == (1, 0)
+    assert stats.leases == 2
