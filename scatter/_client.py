@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import itertools
 import os
@@ -46,7 +47,7 @@ from ._config import (
     parse_address,
     resolve_client_config,
 )
-from ._core._signature import CallSpec, build_call_spec, restore_signature
+from ._core._signature import CallSpec, build_call_spec, restore_signature, typed_decoder
 from ._exceptions import (
     CallTimeout,
     ConfigError,
@@ -132,20 +133,27 @@ class WorkerConnection:
             self.broken = True
         return self.broken
 
-    def request(self, frame: bytes, call_id: int, timeout: float) -> _wire.Result | _wire.Failure:
-        """Send one call, wait for its reply; a dropped connection raises WorkerCrashed."""
+    def request(self, frame: bytes, timeout: float) -> bytes:
+        """Send one call, return its reply frame; a dropped connection raises WorkerCrashed.
+
+        A pooled connection never has a reply in flight (connections are discarded after
+        any failure), so the next frame received answers this call.
+        """
         try:
             self.sock.send(frame)
         except zmq.Again:
             self.broken = True
             raise _Undelivered from None
-        started = time.monotonic()
+        try:
+            return self.sock.recv()
+        except zmq.Again:
+            pass
+        # Slow path: the reply takes longer than one crash-check interval.
+        started = time.monotonic() - _CRASH_CHECK_INTERVAL
         give_up = started + timeout + _REPLY_MARGIN
-        recv = self.sock.recv
-        decode = _wire.worker_reply_decoder.decode
         while True:
             try:
-                reply = decode(recv())
+                return self.sock.recv()
             except zmq.Again:
                 now = time.monotonic()
                 if self.dropped():
@@ -165,11 +173,6 @@ class WorkerConnection:
                     raise CallTimeout(
                         f"no reply within {timeout + _REPLY_MARGIN:g} s (timeout {timeout:g} s)"
                     ) from None
-                continue
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                raise ProtocolError(f"malformed reply from {self.endpoint}: {exc}") from None
-            if reply.id == call_id or reply.id == 0:
-                return reply
 
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
@@ -194,6 +197,20 @@ class _Version:
     spec: CallSpec
     timeout: float
     description: _wire.Description
+    # Result | Failure, with the result's value decoded (and so validated) in the same
+    # pass as its envelope: one decode per reply instead of two.
+    reply_decoder: msgspec.msgpack.Decoder[Any]
+
+
+def _reply_decoder(spec: CallSpec) -> msgspec.msgpack.Decoder[Any]:
+    result = msgspec.defstruct(
+        "Result",
+        [("id", int), ("version", int), ("value", spec.return_type)],
+        tag=_wire.Result.__struct_config__.tag,
+        array_like=True,
+        frozen=True,
+    )
+    return typed_decoder(result | _wire.Failure)
 
 
 class Client:
@@ -406,13 +423,16 @@ class Client:
         with contextlib.suppress(ScatterError):
             self.request(lambda i: _wire.Release(i, connection.lease), timeout=1.0)
 
-    def call(self, frame_for: Callable[[int], bytes], timeout: float) -> _wire.Result | _wire.Failure:
-        """Send one call to a leased worker; retried once only if it was never delivered."""
+    def call(self, frame_for: Callable[[int], bytes], timeout: float) -> tuple[int, bytes]:
+        """Send one call to a leased worker: (call id, reply frame).
+
+        Retried on another worker once, only if it was never delivered.
+        """
         for attempt in range(2):
             connection = self._checkout()
             call_id = next(self._ids)
             try:
-                reply = connection.request(frame_for(call_id), call_id, timeout)
+                reply = connection.request(frame_for(call_id), timeout)
             except _Undelivered:
                 self._counts["undelivered_retries"] += 1
                 self._discard(connection)
@@ -426,7 +446,7 @@ class Client:
                 self._discard(connection)
                 raise
             self._checkin(connection)
-            return reply
+            return call_id, reply
         raise AssertionError("unreachable")
 
     def statistics(self) -> ClientStatistics:
@@ -495,7 +515,9 @@ class RemoteFunction:
         spec = build_call_spec(self._name, signature)
         self.__signature__ = signature
         self.__doc__ = description.doc
-        return _Version(description.version, spec, description.timeout, description)
+        return _Version(
+            description.version, spec, description.timeout, description, _reply_decoder(spec)
+        )
 
     @property
     def version(self) -> int:
@@ -543,13 +565,30 @@ class RemoteFunction:
         def frame(call_id: int) -> bytes:
             return encode(_wire.Call(call_id, name, pinned, number, signature_id, timeout, payload))
 
-        reply = self._client.call(frame, timeout or state.timeout)
-        if type(reply) is not _wire.Result:
-            raise self._failure(reply, state)  # type: ignore[arg-type]
+        call_id, frame_bytes = self._client.call(frame, timeout or state.timeout)
+        try:
+            reply = state.reply_decoder.decode(frame_bytes)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            # Say precisely what is wrong: a result not matching the annotation, or a
+            # frame that is no reply at all.
+            reply = self._decode_reply_slowly(frame_bytes, state)
+        if reply.id != call_id and reply.id != 0:
+            raise ProtocolError(f"reply {reply.id} to call {call_id}: the worker is confused")
+        if type(reply) is _wire.Failure:
+            raise self._failure(reply, state)
         if reply.version != number and not pinned:
             # Body-only update (the signature id matched): follow it silently.
-            self._version = _Version(reply.version, state.spec, state.timeout, state.description)
-        return state.spec.decode_result(reply.value)
+            self._version = dataclasses.replace(state, number=reply.version)
+        return reply.value
+
+    def _decode_reply_slowly(self, frame: bytes, state: _Version) -> Any:
+        try:
+            reply = _wire.worker_reply_decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ProtocolError(f"malformed reply to a call of {self._name}: {exc}") from None
+        if isinstance(reply, _wire.Result):
+            state.spec.decode_result(reply.value)  # raises the ValidationError that applies
+        return reply
 
     def _failure(self, failure: _wire.Failure, state: _Version) -> ScatterError:
         error = error_from_failure(failure)

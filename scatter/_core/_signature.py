@@ -301,6 +301,17 @@ def _make_invoker(sig: inspect.Signature) -> Callable[[Callable[..., Any], dict[
 
 _CONVERT_ABOVE_BYTES = 512
 
+# {return annotation: the value types that decode as it unchanged}: checked by type()
+# instead of an encode-and-decode round trip. bool is not an int here, as for msgspec.
+_PLAIN_RESULT_TYPES: dict[Any, tuple[type, ...]] = {
+    int: (int,),
+    float: (float, int),
+    str: (str,),
+    bytes: (bytes,),
+    bool: (bool,),
+    type(None): (type(None),),
+}
+
 
 @dataclass(frozen=True, slots=True)
 class CallSpec:
@@ -315,6 +326,7 @@ class CallSpec:
     invoke: Callable[[Callable[..., Any], dict[str, Any]], Any]
     checks_return: bool
     arguments_type: Any
+    return_type: Any
     # msgspec.convert checks these arguments as strictly as decoding would (rule 4's
     # exception): no dataclass, Struct or NamedTuple instance, which convert lets through.
     converts: bool
@@ -364,6 +376,20 @@ class CallSpec:
                     path=_path_of(exc),
                 ) from None
         return payload
+
+    def encode_reply(self, tag: int, call_id: int, version: int, value: Any) -> bytes:
+        """A whole ``Result`` message in one encoding pass, the result checked first.
+
+        ``_wire.Result`` is an array-like tagged Struct, so ``(tag, id, version, value)``
+        encodes to the same bytes; ``test_one_pass_reply_is_a_result_on_the_wire`` holds
+        the two together. Results of plain builtin types are checked with a type test;
+        anything else takes the encode-and-decode path of :meth:`encode_result`.
+        """
+        expected = _PLAIN_RESULT_TYPES.get(self.return_type)
+        if expected is not None and type(value) in expected:
+            return ENCODER.encode((tag, call_id, version, value))
+        payload = self.encode_result(value)
+        return ENCODER.encode((tag, call_id, version, msgspec.Raw(payload)))
 
     def decode_result(self, payload: bytes | memoryview) -> Any:
         try:
@@ -435,6 +461,7 @@ def build_call_spec(name: str, sig: inspect.Signature) -> CallSpec:
         invoke=_make_invoker(sig),
         checks_return=return_type is not Any,
         arguments_type=arguments_type,
+        return_type=return_type,
         converts=all(_convert_validates(t, set()) for t in fields.values()),
     )
 

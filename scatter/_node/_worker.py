@@ -46,6 +46,9 @@ from ._store import RegistryStore
 _SCATTER_DIR = str(Path(__file__).resolve().parent.parent)
 
 
+_RESULT_TAG: int = _wire.Result.__struct_config__.tag  # type: ignore[assignment]
+
+
 class CallInterrupted(BaseException):
     """Raised inside a function past its deadline. A BaseException, so that a function's
     own ``except Exception`` cannot swallow it."""
@@ -221,7 +224,7 @@ class Worker:
                     remote_traceback=_user_traceback(exc),
                 )
             )
-        return self.encode(_wire.Result(call.id, number, msgspec.Raw(spec.encode_result(value))))
+        return spec.encode_reply(_RESULT_TAG, call.id, number, value)
 
 
 def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
@@ -292,9 +295,7 @@ def serve(worker: Worker, host: str, ipc_path: Path | None) -> None:
     handle = worker.handle
     while True:
         try:
-            identity = recv()
-            if not more(zmq.RCVMORE):
-                continue  # not a DEALER/REQ-shaped message: nothing sensible to answer
+            identity = recv()  # a ROUTER always puts the sender's identity first
             payload = recv()
             if more(zmq.RCVMORE):
                 while more(zmq.RCVMORE):
