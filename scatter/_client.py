@@ -244,15 +244,20 @@ class Client:
         self._context: zmq.Context[Any] = zmq.Context()
         self._ids = itertools.count(1)
         self._local = threading.local()
-        self._lock = threading.Lock()
+        # Every thread's control socket, closed with the client: a thread-local alone
+        # would drop a finished thread's socket unclosed (a ResourceWarning, and its
+        # pending messages) when the thread goes away.
         self._control_sockets: list[zmq.Socket[bytes]] = []
+        self._lock = threading.Lock()
         self._idle: list[WorkerConnection] = []
         self._checked_out = 0
         self._node_ready = False
         self._closed = False
         self._pid = os.getpid()
         self._counts: collections.Counter[str] = collections.Counter()
-        weakref.finalize(self, Client._release_all, self._idle, self._context)
+        weakref.finalize(
+            self, Client._release_all, self._idle, self._control_sockets, self._context
+        )
 
     # -- node control --
 
@@ -272,6 +277,8 @@ class Client:
         if sock is not None:
             sock.close(linger=0)
             self._local.sock = None
+            with self._lock:
+                self._control_sockets.remove(sock)
 
     def request(self, make: Callable[[int], Any], timeout: float | None = None) -> Any:
         """Send one control request (built by ``make(request_id)``) and return its reply."""
@@ -310,6 +317,7 @@ class Client:
         host, port = parse_address(self.address)
         if _port_open(host, port):
             self._node_ready = True
+            self._check_protocol()
             return
         if not self.config.autostart:
             hint = ""
@@ -323,6 +331,17 @@ class Client:
             if not _port_open(host, port):
                 start_background_node(self.address, self.config.data_dir, announce=True)
         self._node_ready = True
+        self._check_protocol()
+
+    def _check_protocol(self) -> None:
+        welcome: _wire.Welcome = self.request(lambda i: _wire.Hello(i))
+        if not _wire.PROTOCOL_VERSION_MIN <= welcome.protocol <= _wire.PROTOCOL_VERSION_MAX:
+            self._node_ready = False
+            raise ProtocolError(
+                f"the node at {self.address} speaks protocol {welcome.protocol}; this client "
+                f"speaks {_wire.PROTOCOL_VERSION_MIN}..{_wire.PROTOCOL_VERSION_MAX}: upgrade "
+                "the older of the two"
+            )
 
     # -- the public operations --
 
@@ -468,13 +487,20 @@ class Client:
             with contextlib.suppress(ScatterError):
                 self.request(functools.partial(_wire.Release, lease=connection.lease), timeout=0.5)
         self._closed = True
-        Client._release_all(self._idle, self._context)
+        Client._release_all(self._idle, self._control_sockets, self._context)
 
     @staticmethod
-    def _release_all(idle: list[WorkerConnection], context: zmq.Context[Any]) -> None:
+    def _release_all(
+        idle: list[WorkerConnection],
+        control_sockets: list[zmq.Socket[bytes]],
+        context: zmq.Context[Any],
+    ) -> None:
         for connection in idle:
             connection.close()
         idle.clear()
+        for sock in control_sockets:
+            sock.close(linger=0)
+        control_sockets.clear()
         context.destroy(linger=0)
 
     def __enter__(self) -> Client:

@@ -97,7 +97,11 @@ class Node:
         return LookupEntry(current=current, versions=versions, timeout=record.timeout)
 
     def sync_lookup_entries(self, changes: list[Change]) -> None:
-        """Commit changes, then republish lookup entries for every function they moved."""
+        """Commit changes, then republish lookup entries for every function they moved.
+
+        Every live name's entry is rebuilt: O(functions) per change, which is fine while
+        registry changes are rare next to calls (a change is a human scattering code).
+        """
         names = {f.name for f in self.registry.functions()}
         touched = names | self._published_names
         entries = {name: self._lookup_entry(name) for name in touched}

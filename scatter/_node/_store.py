@@ -16,7 +16,7 @@ transaction: a worker reading after the generation bump sees all of a change or 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import diskcache
@@ -97,6 +97,3 @@ class RegistryStore:
     def record(self, content_id: str) -> VersionRecord | None:
         raw = self._cache.get(("record", content_id))
         return None if raw is None else _record_decoder.decode(raw)
-
-    def keys(self) -> Iterator[object]:
-        return iter(self._cache.iterkeys())
