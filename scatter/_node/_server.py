@@ -17,6 +17,7 @@ finds its version (read-your-writes).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import platform
 import shutil
@@ -25,7 +26,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 import trio
@@ -323,7 +324,11 @@ async def serve_node(
     then starts the worker pool. All of it is released on the way out, whatever the cause.
     """
     control = _bind_control(config)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = _lock_data_dir(config)
+    except BaseException:
+        control.close(linger=0)
+        raise
     store = RegistryStore(config.data_dir / "registry")
     run_dir = config.data_dir / "run"
     slots = SharedSlots(run_dir / "slots", create=True)
@@ -351,6 +356,32 @@ async def serve_node(
         slots.close()
         store.close()
         shutil.rmtree(run_dir, ignore_errors=True)
+        lock.close()
+
+
+def _lock_data_dir(config: NodeConfig) -> IO[str]:
+    """Hold the data directory for this node's lifetime: one node per replica.
+
+    Two nodes on one directory would share a store and overwrite each other's worker
+    slots; the second one is refused instead. The lock dies with the process (flock), so
+    a node killed with SIGKILL leaves nothing stale behind.
+    """
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(config.data_dir / "node.lock", "a+")  # noqa: SIM115 - held until stop
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(
+            f"the data directory {config.data_dir} is in use by the node {holder}; "
+            "give this node its own with --data-dir or SCATTER_DATA_DIR"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()} at {config.address}\n")
+    handle.flush()
+    return handle
 
 
 async def _stop_on_signal(node: Node) -> None:

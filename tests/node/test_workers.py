@@ -68,3 +68,12 @@ def test_connection_to_a_worker_that_died_while_idle_is_replaced(
     # The dead worker's connection was noticed before sending, not after a send timeout.
     assert (stats.stale_connections_dropped, stats.undelivered_retries) == (1, 0)
     assert stats.leases == 2
+
+
+@pytest.mark.timeout(60)
+def test_second_node_on_the_same_data_dir_is_refused(node: LocalNode) -> None:
+    second = LocalNode(node.data_dir)
+    with pytest.raises(RuntimeError, match="is in use by the node pid"):
+        second.start()
+    with scatter.Client(node.address, autostart=False) as client:
+        assert client.status().pid == node.pid
