@@ -1,0 +1,61 @@
+"""Configuration precedence: arguments, then SCATTER_* variables, then defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scatter import ConfigError
+from scatter._config import (
+    DEFAULT_ADDRESS,
+    resolve_client_config,
+    resolve_node_config,
+)
+
+
+def test_defaults_without_environment() -> None:
+    config = resolve_client_config(environ={})
+    assert config.address == DEFAULT_ADDRESS
+    assert config.autostart is True
+    assert config.data_dir is None
+
+
+def test_argument_beats_environment_beats_default() -> None:
+    env = {"SCATTER_ADDRESS": "tcp://127.0.0.1:5000"}
+    assert resolve_client_config(environ=env).address == "tcp://127.0.0.1:5000"
+    assert resolve_client_config("tcp://127.0.0.1:6000", environ=env).address == (
+        "tcp://127.0.0.1:6000"
+    )
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("1", True), ("", True), ("off", False)])
+def test_autostart_variable(value: str, expected: bool) -> None:
+    assert resolve_client_config(environ={"SCATTER_AUTOSTART": value}).autostart is expected
+
+
+def test_bad_values_name_the_variable() -> None:
+    with pytest.raises(ConfigError, match="SCATTER_AUTOSTART"):
+        resolve_client_config(environ={"SCATTER_AUTOSTART": "maybe"})
+    with pytest.raises(ConfigError, match="SCATTER_ADDRESS"):
+        resolve_client_config(environ={"SCATTER_ADDRESS": "localhost:4242"})
+    with pytest.raises(ConfigError, match="expected tcp://HOST:PORT"):
+        resolve_client_config("http://127.0.0.1:1")
+
+
+def test_no_autostart_for_an_address_off_this_machine() -> None:
+    assert resolve_client_config("tcp://10.1.2.3:4242", environ={}).autostart is False
+
+
+def test_node_binds_loopback_only(tmp_path: Path) -> None:
+    config = resolve_node_config("tcp://127.0.0.1:5001", tmp_path, environ={})
+    assert config.data_dir == tmp_path
+    with pytest.raises(ConfigError, match="loopback only"):
+        resolve_node_config("tcp://0.0.0.0:5001", tmp_path, environ={})
+
+
+def test_node_data_dir_from_environment(tmp_path: Path) -> None:
+    config = resolve_node_config(environ={"SCATTER_DATA_DIR": str(tmp_path)})
+    assert config.data_dir == tmp_path
+    default = resolve_node_config("tcp://127.0.0.1:5002", environ={})
+    assert default.data_dir.name == "node-127.0.0.1-5002"
