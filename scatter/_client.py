@@ -41,7 +41,6 @@ from . import _wire
 from ._config import (
     ENV_AUTOSTART,
     MAX_MESSAGE_BYTES,
-    ClientConfig,
     data_dir_for,
     is_loopback,
     parse_address,
@@ -69,6 +68,8 @@ T = TypeVar("T")
 _REPLY_MARGIN = 3.0
 # Room left in a frame for the call's envelope (name, ids) next to its arguments.
 _MAX_ARGUMENT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+# Seconds a lease may take: starting a worker process on a loaded machine is slow.
+_LEASE_TIMEOUT = 30.0
 # A pooled connection idle longer than this (seconds) is checked for a dropped worker.
 _IDLE_CHECK_AFTER = 1.0
 # How often a waiting call checks whether its worker's connection dropped (seconds):
@@ -232,13 +233,7 @@ class Client:
     def __init__(self, address: str | None = None, *, autostart: bool | None = None) -> None:
         config = resolve_client_config(address)
         if autostart is not None:
-            config = ClientConfig(
-                address=config.address,
-                autostart=autostart,
-                connect_timeout=config.connect_timeout,
-                data_dir=config.data_dir,
-                secret=config.secret,
-            )
+            config = dataclasses.replace(config, autostart=autostart)
         self.config = config
         self.address = config.address
         self._context: zmq.Context[Any] = zmq.Context()
@@ -250,7 +245,6 @@ class Client:
         self._control_sockets: list[zmq.Socket[bytes]] = []
         self._lock = threading.Lock()
         self._idle: list[WorkerConnection] = []
-        self._checked_out = 0
         self._node_ready = False
         self._closed = False
         self._pid = os.getpid()
@@ -423,7 +417,8 @@ class Client:
                 "this client was created in another process (before a fork); "
                 "make a new one with scatter.connect() in this process"
             )
-        leased: _wire.Leased = self.request(lambda i: _wire.Lease(i))
+        # A lease may wait for a worker process to start: give it longer than a lookup.
+        leased: _wire.Leased = self.request(lambda i: _wire.Lease(i), timeout=_LEASE_TIMEOUT)
         self._counts["leases"] += 1
         endpoint = leased.endpoint
         if leased.local_endpoint and is_loopback(parse_address(self.address)[0]):
