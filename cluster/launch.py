@@ -77,6 +77,7 @@ class LocalNode:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    options: list[str] = field(default_factory=list)  # more `python -m scatter._node` flags
 
     @property
     def address(self) -> str:
@@ -102,6 +103,7 @@ class LocalNode:
                     self.address,
                     "--data-dir",
                     str(self.data_dir),
+                    *self.options,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -31,7 +31,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from ._client import Client, start_background_node
-from ._config import parse_address, resolve_node_config
+from ._config import DEFAULT_CALL_TIMEOUT, NodeConfig, parse_address, resolve_node_config
 from ._exceptions import RemoteError, ScatterError
 
 __all__ = ["app", "main"]
@@ -152,12 +152,39 @@ def node_start(
             "print its pid and return, instead of running it in the foreground.",
         ),
     ] = False,
+    call_timeout: Annotated[
+        float,
+        typer.Option(
+            "--call-timeout",
+            metavar="SECONDS",
+            min=0.001,
+            help="Timeout of calls whose function and caller set none.",
+        ),
+    ] = DEFAULT_CALL_TIMEOUT,
+    max_workers: Annotated[
+        int,
+        typer.Option(
+            "--max-workers",
+            min=1,
+            help="Worker processes the pool may grow to (each connection leases one; past "
+            "this, connections share them).",
+        ),
+    ] = NodeConfig.max_workers,
 ) -> None:
     """Run a node. In the foreground it serves until Ctrl-C, SIGTERM or `scatter node stop`."""
-    config = resolve_node_config(address or _address(ctx), data_dir)
+    config = resolve_node_config(
+        address or _address(ctx),
+        data_dir,
+        call_timeout=call_timeout,
+        max_workers=max(max_workers, NodeConfig.min_workers),
+    )
     if background:
         _refuse_if_listening(config.address)
-        pid = start_background_node(config.address, config.data_dir)
+        pid = start_background_node(
+            config.address,
+            config.data_dir,
+            node_options=[f"--call-timeout={call_timeout}", f"--max-workers={max_workers}"],
+        )
         _out.print(
             f"started a node at {config.address} in the background: pid {pid}, "
             f"data {config.data_dir}, log {config.data_dir / 'node.log'}",

@@ -649,7 +649,12 @@ def _port_open(host: str, port: int) -> bool:
 
 
 def start_background_node(
-    address: str, data_dir: Path | None = None, *, announce: bool = False, wait: float = 60.0
+    address: str,
+    data_dir: Path | None = None,
+    *,
+    announce: bool = False,
+    wait: float = 60.0,
+    node_options: list[str] | None = None,
 ) -> int:
     """Start a detached node process (it outlives this one) and wait until it answers.
 
@@ -669,6 +674,7 @@ def start_background_node(
                 address,
                 "--data-dir",
                 str(directory),
+                *(node_options or []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=log,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .._config import resolve_node_config
+from .._config import DEFAULT_CALL_TIMEOUT, NodeConfig, resolve_node_config
 from .._exceptions import ConfigError
 from ._server import run_node
 
@@ -14,9 +14,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scatter._node")
     parser.add_argument("--address", default=None)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--call-timeout", type=float, default=DEFAULT_CALL_TIMEOUT)
+    parser.add_argument("--max-workers", type=int, default=NodeConfig.max_workers)
     args = parser.parse_args(argv)
     try:
-        run_node(resolve_node_config(args.address, args.data_dir))
+        config = resolve_node_config(
+            args.address,
+            args.data_dir,
+            call_timeout=args.call_timeout,
+            max_workers=max(args.max_workers, NodeConfig.min_workers),
+        )
+        run_node(config)
     except ConfigError as exc:
         print(f"scatter node: {exc}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -268,3 +269,21 @@ def test_large_arguments_are_validated_as_strictly_as_small_ones(connected: Loca
     assert (caught.value.parameter, caught.value.path) == ("xs", "$.xs[500]")
     with pytest.raises(scatter.ValidationError, match="got `bool`"):
         remote([1.0] * 999 + [True])
+
+
+@pytest.mark.timeout(60)
+def test_node_default_timeout_applies_to_functions_without_their_own(tmp_path: Path) -> None:
+    def nap(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    with (
+        LocalNode(tmp_path / "node", options=["--call-timeout=0.5"]) as short,
+        scatter.Client(short.address, autostart=False) as client,
+    ):
+        client.publish(nap)
+        remote = client.make_callable("nap")
+        assert remote(0.01) == 0.01
+        with pytest.raises(scatter.CallTimeout, match=r"timeout of 0\.5 s"):
+            remote(30.0)
+        assert remote.call(0.8, timeout=5.0) == 0.8  # a per-call timeout beats the node's
