@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import cloudpickle
 import msgspec
@@ -61,7 +61,6 @@ from ._exceptions import (
     WorkerCrashed,
 )
 
-T = TypeVar("T")
 
 # A worker interrupts a call at its deadline and kills it `kill_grace` later; the client
 # waits that long plus this margin before it gives up on the reply itself.
