@@ -61,7 +61,6 @@ from ._exceptions import (
     WorkerCrashed,
 )
 
-
 # A worker interrupts a call at its deadline and kills it `kill_grace` later; the client
 # waits that long plus this margin before it gives up on the reply itself.
 _REPLY_MARGIN = 3.0
