@@ -66,6 +66,9 @@ from ._exceptions import (
 _REPLY_MARGIN = 3.0
 # Room left in a frame for the call's envelope (name, ids) next to its arguments.
 _MAX_ARGUMENT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+# Seconds a call may wait to be handed to its worker's connection before it is retried
+# on another worker (it was never delivered, so retrying cannot run it twice).
+_SEND_TIMEOUT = 2.0
 # Seconds a lease may take: starting a worker process on a loaded machine is slow.
 _LEASE_TIMEOUT = 30.0
 # A pooled connection idle longer than this (seconds) is checked for a dropped worker.
@@ -104,6 +107,32 @@ def error_from_failure(failure: _wire.Failure) -> ScatterError:
     return ScatterError(failure.message)
 
 
+async def _wait_readable(fd: int, library: str, timeout: float) -> None:
+    """Wait until ``fd`` is readable or ``timeout`` passes, on trio or asyncio."""
+    if library == "trio":
+        import trio
+
+        with trio.move_on_after(timeout):
+            await trio.lowlevel.wait_readable(fd)
+        return
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+
+
 class _Undelivered(Exception):
     """The call never left this process: safe to retry elsewhere."""
 
@@ -119,7 +148,7 @@ class WorkerConnection:
         # Queue only on a live connection, so a send to a dead worker fails (and can be
         # retried) instead of waiting forever for a reconnect.
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        self.sock.setsockopt(zmq.SNDTIMEO, 2000)
+        self.sock.setsockopt(zmq.SNDTIMEO, int(_SEND_TIMEOUT * 1000))
         self.sock.setsockopt(zmq.RCVTIMEO, int(_CRASH_CHECK_INTERVAL * 1000))
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(endpoint)
@@ -149,29 +178,65 @@ class WorkerConnection:
             pass
         # Slow path: the reply takes longer than one crash-check interval.
         started = time.monotonic() - _CRASH_CHECK_INTERVAL
-        give_up = started + timeout + _REPLY_MARGIN
         while True:
             try:
                 return self.sock.recv()
             except zmq.Again:
-                now = time.monotonic()
-                if self.dropped():
-                    if now - started >= timeout:
-                        raise CallTimeout(
-                            f"the call ran past its timeout of {timeout:g} s; its worker was "
-                            "stopped and replaced"
-                        ) from None
-                    raise WorkerCrashed(
-                        "scatter.WorkerCrashed",
-                        "the process running the call exited before answering (os._exit, "
-                        "a crash in a C extension, or the node stopped); the node replaces "
-                        "it and keeps serving",
-                    ) from None
-                if now > give_up:
+                self.check_alive(started, timeout)
+
+    def check_alive(self, started: float, timeout: float) -> None:
+        """While waiting for a reply: raise if the worker died or the wait is over."""
+        now = time.monotonic()
+        if self.dropped():
+            if now - started >= timeout:
+                raise CallTimeout(
+                    f"the call ran past its timeout of {timeout:g} s; its worker was "
+                    "stopped and replaced"
+                )
+            raise WorkerCrashed(
+                "scatter.WorkerCrashed",
+                "the process running the call exited before answering (os._exit, "
+                "a crash in a C extension, or the node stopped); the node replaces "
+                "it and keeps serving",
+            )
+        if now > started + timeout + _REPLY_MARGIN:
+            self.broken = True
+            raise CallTimeout(
+                f"no reply within {timeout + _REPLY_MARGIN:g} s (timeout {timeout:g} s)"
+            )
+
+    async def request_async(self, frame: bytes, timeout: float, library: str) -> bytes:
+        """``request`` for an event loop: waits on the socket's fd, never blocks the loop.
+
+        The fd is edge-triggered, so ``zmq.EVENTS`` is read before every wait (the rule
+        of ``_transport/_zmq_trio.py``).
+        """
+        fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        give_up_sending = time.monotonic() + _SEND_TIMEOUT
+        while True:
+            try:
+                self.sock.send(frame, zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                if self._events() & zmq.POLLOUT:
+                    continue
+                if time.monotonic() > give_up_sending:
                     self.broken = True
-                    raise CallTimeout(
-                        f"no reply within {timeout + _REPLY_MARGIN:g} s (timeout {timeout:g} s)"
-                    ) from None
+                    raise _Undelivered from None
+                await _wait_readable(fd, library, _CRASH_CHECK_INTERVAL)
+        started = time.monotonic()
+        while True:
+            try:
+                return self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                if self._events() & zmq.POLLIN:
+                    continue
+                self.check_alive(started, timeout)
+                await _wait_readable(fd, library, _CRASH_CHECK_INTERVAL)
+
+    def _events(self) -> int:
+        events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+        return events
 
     def close(self) -> None:
         with contextlib.suppress(zmq.ZMQError):
@@ -242,6 +307,9 @@ class Client:
         # pending messages) when the thread goes away.
         self._control_sockets: list[zmq.Socket[bytes]] = []
         self._lock = threading.Lock()
+        # Idle worker connections, shared by threads and event loops: a connection is
+        # checked out by one caller at a time, and zmq allows a socket to move between
+        # threads with a memory barrier (the GIL's, around pop and append).
         self._idle: list[WorkerConnection] = []
         self._node_ready = False
         self._closed = False
@@ -398,6 +466,9 @@ class Client:
     # -- worker connections --
 
     def _checkout(self) -> WorkerConnection:
+        return self._take_idle() or self._lease_connection()
+
+    def _take_idle(self) -> WorkerConnection | None:
         while self._idle:
             try:
                 # list.pop is atomic under the GIL: no lock on the hot path.
@@ -410,6 +481,9 @@ class Client:
                 return connection
             self._counts["stale_connections_dropped"] += 1
             self._discard(connection)
+        return None
+
+    def _lease_connection(self) -> WorkerConnection:
         if os.getpid() != self._pid:
             raise ScatterError(
                 "this client was created in another process (before a fork); "
@@ -432,8 +506,16 @@ class Client:
 
     def _discard(self, connection: WorkerConnection) -> None:
         connection.close()
-        with contextlib.suppress(ScatterError):
-            self.request(lambda i: _wire.Release(i, connection.lease), timeout=1.0)
+        self._release_nowait(connection.lease)
+
+    def _release_nowait(self, lease: int) -> None:
+        # Nobody waits for the answer: it is skipped by id when this thread's control
+        # socket next reads. A lost release only lets the node's idle expiry clean up.
+        if self._closed or not self._node_ready:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            frame = _wire.encoder.encode(_wire.Release(next(self._ids), lease))
+            self._control_socket().send(frame, zmq.NOBLOCK)
 
     def call(self, frame_for: Callable[[int], bytes], timeout: float) -> tuple[int, bytes]:
         """Send one call to a leased worker: (call id, reply frame).
@@ -460,6 +542,47 @@ class Client:
             self._checkin(connection)
             return call_id, reply
         raise AssertionError("unreachable")
+
+    async def call_async(
+        self, frame_for: Callable[[int], bytes], timeout: float, library: str
+    ) -> tuple[int, bytes]:
+        """:meth:`call` for trio or asyncio code: the loop waits on the socket, no thread.
+
+        Only taking a new connection (a lease, a round trip to the node) runs in a worker
+        thread, so the loop never blocks on the node.
+        """
+        for attempt in range(2):
+            connection = await self._checkout_async(library)
+            call_id = next(self._ids)
+            try:
+                reply = await connection.request_async(frame_for(call_id), timeout, library)
+            except _Undelivered:
+                self._counts["undelivered_retries"] += 1
+                self._discard(connection)
+                if attempt:
+                    raise Unreachable(
+                        f"no worker of the node at {self.address} accepted the call"
+                    ) from None
+                continue
+            except BaseException:
+                # Cancelled or failed with a reply possibly in flight: never reuse it.
+                self._discard(connection)
+                raise
+            self._checkin(connection)
+            return call_id, reply
+        raise AssertionError("unreachable")
+
+    async def _checkout_async(self, library: str) -> WorkerConnection:
+        connection = self._take_idle()
+        if connection is not None:
+            return connection
+        if library == "trio":
+            import trio
+
+            return await trio.to_thread.run_sync(self._lease_connection)
+        import asyncio
+
+        return await asyncio.get_running_loop().run_in_executor(None, self._lease_connection)
 
     def statistics(self) -> ClientStatistics:
         """Counters of this client's worker connections."""
@@ -568,6 +691,37 @@ class RemoteFunction:
         return self._send(state, state.spec.encode_arguments(args, kwargs), timeout or 0.0)
 
     def _send(self, state: _Version, arguments: bytes, timeout: float) -> Any:
+        frame = self._frame_for(state, arguments, timeout)
+        call_id, reply = self._client.call(frame, timeout or state.timeout)
+        return self._finish(state, call_id, reply)
+
+    async def call_async(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+        """Await a call from trio or asyncio code, with an optional per-call ``timeout``.
+
+        The event loop waits on the worker connection's socket: no thread per call.
+
+        Example::
+
+            total = await scatter.make_callable("add").call_async(1, 2)
+        """
+        import sniffio
+
+        library = sniffio.current_async_library()
+        if library not in ("trio", "asyncio"):
+            raise ScatterError(f"call_async runs under trio or asyncio, not {library}")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        state = self._version
+        arguments = state.spec.encode_arguments(args, kwargs)
+        frame = self._frame_for(state, arguments, timeout or 0.0)
+        call_id, reply = await self._client.call_async(
+            frame, timeout or state.timeout, library
+        )
+        return self._finish(state, call_id, reply)
+
+    def _frame_for(
+        self, state: _Version, arguments: bytes, timeout: float
+    ) -> Callable[[int], bytes]:
         if len(arguments) > _MAX_ARGUMENT_BYTES:
             raise ProtocolError(
                 f"{self._name}(): the arguments encode to {len(arguments)} bytes, over the "
@@ -584,7 +738,10 @@ class RemoteFunction:
         def frame(call_id: int) -> bytes:
             return encode(_wire.Call(call_id, name, pinned, number, signature_id, timeout, payload))
 
-        call_id, frame_bytes = self._client.call(frame, timeout or state.timeout)
+        return frame
+
+    def _finish(self, state: _Version, call_id: int, frame_bytes: bytes) -> Any:
+        pinned = self._pinned or 0
         try:
             reply = state.reply_decoder.decode(frame_bytes)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -595,7 +752,7 @@ class RemoteFunction:
             raise ProtocolError(f"reply {reply.id} to call {call_id}: the worker is confused")
         if type(reply) is _wire.Failure:
             raise self._failure(reply, state)
-        if reply.version != number and not pinned:
+        if reply.version != state.number and not pinned:
             # Body-only update (the signature id matched): follow it silently.
             self._version = dataclasses.replace(state, number=reply.version)
         return reply.value
@@ -615,19 +772,6 @@ class RemoteFunction:
             with contextlib.suppress(ScatterError):
                 self.refresh()
         return error
-
-    async def call_async(self, *args: Any, **kwargs: Any) -> Any:
-        """Await a call from trio or asyncio code (runs the blocking call in a thread)."""
-        import sniffio
-
-        call = functools.partial(self.call, *args, **kwargs)
-        if sniffio.current_async_library() == "trio":
-            import trio
-
-            return await trio.to_thread.run_sync(call)
-        import asyncio
-
-        return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 # -- auto-start --

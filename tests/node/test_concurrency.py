@@ -139,3 +139,68 @@ def test_sync_call_inside_a_running_event_loop(client: scatter.Client) -> None:
         return remote(2, 3)
 
     assert asyncio.run(cell()) == 5
+
+
+@pytest.mark.timeout(60)
+def test_async_calls_wait_on_the_socket_not_in_threads(client: scatter.Client) -> None:
+    client.publish(add)
+    remote = client.make_callable("add")
+    assert remote(1, 1) == 2  # a warm connection in the pool: no lease needed below
+
+    async def sequential() -> list[int]:
+        return [await remote.call_async(i, 1) for i in range(50)]
+
+    threads_before = threading.active_count()
+    assert trio.run(sequential) == [i + 1 for i in range(50)]
+    assert asyncio.run(sequential()) == [i + 1 for i in range(50)]
+    assert threading.active_count() == threads_before
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_async_call_leaves_the_client_usable(client: scatter.Client) -> None:
+    import time
+
+    def slow(seconds: float) -> float:
+        time.sleep(seconds)
+        return seconds
+
+    client.publish(add)
+    client.publish(slow)
+    remote_slow = client.make_callable("slow")
+    remote_add = client.make_callable("add")
+
+    async def with_trio() -> int:
+        with trio.move_on_after(0.2):
+            await remote_slow.call_async(3.0)
+            raise AssertionError("not cancelled")
+        return int(await remote_add.call_async(2, 3))
+
+    assert trio.run(with_trio) == 5
+
+    async def with_asyncio() -> int:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(remote_slow.call_async(3.0), 0.2)
+        return int(await remote_add.call_async(4, 5))
+
+    assert asyncio.run(with_asyncio()) == 9
+    assert remote_add(1, 2) == 3
+
+
+@pytest.mark.timeout(60)
+def test_async_call_errors_are_the_sync_ones(client: scatter.Client) -> None:
+    def boom(x: int) -> int:
+        raise ValueError(f"no {x}")
+
+    client.publish(boom)
+    remote = client.make_callable("boom")
+
+    async def main() -> None:
+        with pytest.raises(scatter.RemoteError, match="no 3"):
+            await remote.call_async(3)
+        with pytest.raises(scatter.ValidationError):
+            await remote.call_async("x")
+        with pytest.raises(TypeError, match="missing 1 required"):
+            await remote.call_async()
+
+    trio.run(main)
+    asyncio.run(main())
