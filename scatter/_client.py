@@ -2,8 +2,9 @@
 
 ``Client`` is blocking and never starts an event loop, so it works the same from a
 script, from threads and from inside a running loop (a Jupyter kernel). Async callers
-use ``RemoteFunction.call_async``, which runs the blocking call in a worker thread of
-whichever library (trio or asyncio) is running.
+use ``RemoteFunction.call_async``: under trio or asyncio the loop waits on the worker
+connection's socket (its edge-triggered fd, EVENTS read first); only taking a new
+connection from the node runs in a worker thread.
 
 Sockets are never shared between threads at the same time: control requests use one
 DEALER per thread; calls check a worker connection out of a pool and put it back.
