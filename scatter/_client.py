@@ -529,20 +529,21 @@ class Client:
             try:
                 reply = connection.request(frame_for(call_id), timeout)
             except _Undelivered:
-                self._counts["undelivered_retries"] += 1
-                self._discard(connection)
-                if attempt:
-                    raise Unreachable(
-                        f"no worker of the node at {self.address} accepted the call"
-                    ) from None
+                self._undelivered(connection, attempt)
                 continue
             except BaseException:
-                connection.broken = True
-                self._discard(connection)
+                self._discard(connection)  # a reply may still be in flight: never reuse
                 raise
             self._checkin(connection)
             return call_id, reply
         raise AssertionError("unreachable")
+
+    def _undelivered(self, connection: WorkerConnection, attempt: int) -> None:
+        """A call nobody took: drop the connection; retry once, on a new lease."""
+        self._counts["undelivered_retries"] += 1
+        self._discard(connection)
+        if attempt:
+            raise Unreachable(f"no worker of the node at {self.address} accepted the call")
 
     async def call_async(
         self, frame_for: Callable[[int], bytes], timeout: float, library: str
@@ -558,16 +559,10 @@ class Client:
             try:
                 reply = await connection.request_async(frame_for(call_id), timeout, library)
             except _Undelivered:
-                self._counts["undelivered_retries"] += 1
-                self._discard(connection)
-                if attempt:
-                    raise Unreachable(
-                        f"no worker of the node at {self.address} accepted the call"
-                    ) from None
+                self._undelivered(connection, attempt)
                 continue
             except BaseException:
-                # Cancelled or failed with a reply possibly in flight: never reuse it.
-                self._discard(connection)
+                self._discard(connection)  # cancelled or failed with a reply in flight
                 raise
             self._checkin(connection)
             return call_id, reply
