@@ -77,3 +77,20 @@ def test_second_node_on_the_same_data_dir_is_refused(node: LocalNode) -> None:
         second.start()
     with scatter.Client(node.address, autostart=False) as client:
         assert client.status().pid == node.pid
+
+
+@pytest.mark.timeout(60)
+def test_each_client_connection_gets_its_own_worker(node: LocalNode) -> None:
+    # What lets CPU-bound calls from several clients use several cores, and keeps a hung
+    # call from holding up anyone else's.
+    clients = [scatter.Client(node.address, autostart=False) for _ in range(3)]
+    try:
+        clients[0].publish(add)
+        for client in clients:
+            assert client.make_callable("add")(1, 2) == 3
+        endpoints = {client._idle[0].endpoint for client in clients}
+        assert len(endpoints) == 3
+        assert clients[0].status().leases == 3
+    finally:
+        for client in clients:
+            client.close()
