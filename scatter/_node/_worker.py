@@ -20,6 +20,7 @@ line, ``READY <endpoint>``, once it listens.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import linecache
 import os
@@ -45,6 +46,8 @@ from ._store import RegistryStore
 
 _SCATTER_DIR = str(Path(__file__).resolve().parent.parent)
 
+
+MAX_LOADED_VERSIONS = 256  # loaded bodies a worker keeps for reuse
 
 _RESULT_TAG: int = _wire.Result.__struct_config__.tag  # type: ignore[assignment]
 
@@ -82,7 +85,9 @@ class Worker:
         self.generation = -1
         # {(name, pinned version or 0): (number, loaded)}, valid for self.generation
         self.routes: dict[tuple[str, int], tuple[int, Loaded]] = {}
-        self.loaded: dict[str, Loaded] = {}  # {content_id: Loaded}, never stale
+        # {content_id: Loaded}: never stale (bodies are immutable), least recently used
+        # first; bounded so a long-lived worker does not keep every version ever called.
+        self.loaded: collections.OrderedDict[str, Loaded] = collections.OrderedDict()
         self.call_number = 0
         self.running = 0  # call number running now, 0 when idle
         self.deadline = 0.0
@@ -125,6 +130,7 @@ class Worker:
     def load(self, name: str, content_id: str) -> Loaded:
         loaded = self.loaded.get(content_id)
         if loaded is not None:
+            self.loaded.move_to_end(content_id)  # off the hot path: routes hold Loaded
             return loaded
         record = self.store.record(content_id)
         if record is None:
@@ -150,6 +156,8 @@ class Worker:
             ) from exc
         loaded = Loaded(function, spec, record.timeout)
         self.loaded[content_id] = loaded
+        if len(self.loaded) > MAX_LOADED_VERSIONS:
+            self.loaded.popitem(last=False)
         return loaded
 
     # -- one call --
