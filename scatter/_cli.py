@@ -87,6 +87,15 @@ node_app = typer.Typer(help="Start, inspect and stop a node on this machine.", n
 app.add_typer(node_app, name="node")
 
 
+# The NAME argument of the commands that take one.
+FunctionName = Annotated[
+    str, typer.Argument(metavar="NAME", help="The function name.", show_default=False)
+]
+FunctionOrSetName = Annotated[
+    str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)
+]
+
+
 @dataclass(frozen=True)
 class _Options:
     address: str | None  # None: SCATTER_ADDRESS, else the default address
@@ -333,9 +342,7 @@ def _signature(row: dict[str, Any], *, with_name: bool = True) -> str:
 @app.command("versions")
 def list_versions(
     ctx: typer.Context,
-    name: Annotated[
-        str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)
-    ],
+    name: FunctionOrSetName,
 ) -> None:
     """Show the version history of NAME: current version marked, merge conflicts noted."""
     with _client(ctx) as client:
@@ -372,9 +379,7 @@ def list_versions(
 @app.command("show")
 def show(
     ctx: typer.Context,
-    name: Annotated[
-        str, typer.Argument(metavar="NAME", help="The function name.", show_default=False)
-    ],
+    name: FunctionName,
     version: Annotated[
         int | None,
         typer.Option("--version", "-v", help="Show this version. Default: the current one."),
@@ -399,9 +404,7 @@ def show(
 @app.command("rollback")
 def rollback(
     ctx: typer.Context,
-    name: Annotated[
-        str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)
-    ],
+    name: FunctionOrSetName,
     to: Annotated[
         int | None,
         typer.Option("--to", help="Make this version current. Default: the previous one."),
@@ -416,9 +419,7 @@ def rollback(
 @app.command("rm")
 def remove(
     ctx: typer.Context,
-    name: Annotated[
-        str, typer.Argument(metavar="NAME", help="The function (or set) name.", show_default=False)
-    ],
+    name: FunctionOrSetName,
 ) -> None:
     """Vaporize NAME: delete it and all its versions (numbers are never reused)."""
     with _client(ctx) as client:
@@ -433,9 +434,7 @@ def remove(
 )
 def call(
     ctx: typer.Context,
-    name: Annotated[
-        str, typer.Argument(metavar="NAME", help="The function name.", show_default=False)
-    ],
+    name: FunctionName,
     arguments: Annotated[
         list[str] | None,
         typer.Argument(

@@ -134,6 +134,15 @@ async def _wait_readable(fd: int, library: str, timeout: float) -> None:
         loop.remove_reader(fd)
 
 
+def _per_call(timeout: float | None) -> float:
+    """A per-call timeout as the wire carries it (0.0: none), or ValueError."""
+    if timeout is None:
+        return 0.0
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
+
+
 class _Undelivered(Exception):
     """The call never left this process: safe to retry elsewhere."""
 
@@ -260,8 +269,7 @@ class _Version:
 
     number: int
     spec: CallSpec
-    timeout: float
-    description: _wire.Description
+    timeout: float  # effective: the function's own, else the node's default
     # Result | Failure, with the result's value decoded (and so validated) in the same
     # pass as its envelope: one decode per reply instead of two.
     reply_decoder: msgspec.msgpack.Decoder[Any]
@@ -654,7 +662,7 @@ class RemoteFunction:
         self.__signature__ = signature
         self.__doc__ = description.doc
         return _Version(
-            description.version, spec, description.timeout, description, _reply_decoder(spec)
+            description.version, spec, description.timeout, _reply_decoder(spec)
         )
 
     @property
@@ -681,10 +689,8 @@ class RemoteFunction:
     def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call with a per-call ``timeout`` in seconds (``__call__`` takes none, so that a
         function's own parameter named ``timeout`` keeps working)."""
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         state = self._version
-        return self._send(state, state.spec.encode_arguments(args, kwargs), timeout or 0.0)
+        return self._send(state, state.spec.encode_arguments(args, kwargs), _per_call(timeout))
 
     def _send(self, state: _Version, arguments: bytes, timeout: float) -> Any:
         frame = self._frame_for(state, arguments, timeout)
@@ -705,11 +711,9 @@ class RemoteFunction:
         library = sniffio.current_async_library()
         if library not in ("trio", "asyncio"):
             raise ScatterError(f"call_async runs under trio or asyncio, not {library}")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         state = self._version
         arguments = state.spec.encode_arguments(args, kwargs)
-        frame = self._frame_for(state, arguments, timeout or 0.0)
+        frame = self._frame_for(state, arguments, _per_call(timeout))
         call_id, reply = await self._client.call_async(
             frame, timeout or state.timeout, library
         )

@@ -66,8 +66,7 @@ class WorkerPool:
         self.host = parse_address(config.address)[0]
         self.workers: dict[int, WorkerProcess] = {}  # {slot: worker}
         self._lease_ids = itertools.count(1)
-        self._lease_to_slot: dict[int, int] = {}  # {lease id: slot}
-        self._spawning = 0
+        self._starting: set[int] = set()  # slots of workers not READY yet
         self._started = 0
         self._replaced = 0
         self._nursery: trio.Nursery | None = None
@@ -93,7 +92,7 @@ class WorkerPool:
                 worker.process.kill()
 
     def _free_slot(self) -> int:
-        used = set(self.workers)
+        used = self.workers.keys() | self._starting
         for slot in range(MAX_SLOTS):
             if slot not in used:
                 return slot
@@ -101,8 +100,7 @@ class WorkerPool:
 
     async def _spawn(self) -> WorkerProcess:
         slot = self._free_slot()
-        self.workers[slot] = None  # type: ignore[assignment]  # reserve the slot while starting
-        self._spawning += 1
+        self._starting.add(slot)
         try:
             self.slots.clear(slot)
             command = [
@@ -126,11 +124,8 @@ class WorkerPool:
             except BaseException:
                 process.kill()
                 raise
-        except BaseException:
-            del self.workers[slot]
-            raise
         finally:
-            self._spawning -= 1
+            self._starting.discard(slot)
         worker = WorkerProcess(slot, process, endpoints)
         self.workers[slot] = worker
         self._started += 1
@@ -160,8 +155,6 @@ class WorkerPool:
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
             self.slots.clear(worker.slot)
-            for lease in worker.leases:
-                self._lease_to_slot.pop(lease, None)
             self._replaced += 1
             if self._live_count() < self.config.min_workers:
                 assert self._nursery is not None
@@ -173,39 +166,36 @@ class WorkerPool:
         except ScatterError as exc:
             print(f"scatter node: could not start a worker: {exc}", file=sys.stderr)
 
-    def _live(self) -> list[WorkerProcess]:
-        return [w for w in self.workers.values() if w is not None]
-
     def _live_count(self) -> int:
-        return len(self.workers)
+        """Workers running or starting: what the pool's bounds count."""
+        return len(self.workers) + len(self._starting)
 
     # -- leases --
 
     async def lease(self) -> tuple[int, tuple[str, ...]]:
         """Pick (or start) a worker for a new client connection (rule 1)."""
-        candidates = [w for w in self._live() if not self._busy(w)]
+        candidates = [w for w in self.workers.values() if not self._busy(w)]
         worker = min(candidates, key=lambda w: len(w.leases), default=None)
         if (worker is None or worker.leases) and self._live_count() < self.config.max_workers:
             worker = await self._spawn()
         if worker is None:
-            live = self._live()
+            live = list(self.workers.values())
             if not live:
                 raise ScatterError("this node has no worker processes")
             worker = min(live, key=lambda w: len(w.leases))
         lease = next(self._lease_ids)
         worker.leases.add(lease)
-        self._lease_to_slot[lease] = worker.slot
         self._keep_a_spare()
         return lease, worker.endpoints
 
     def release(self, lease: int) -> None:
-        slot = self._lease_to_slot.pop(lease, None)
-        worker = self.workers.get(slot) if slot is not None else None
-        if worker is not None:
+        # A scan, not an index: releases are rare and workers few, and one record of
+        # who holds what cannot disagree with itself.
+        for worker in self.workers.values():
             worker.leases.discard(lease)
 
     def _keep_a_spare(self) -> None:
-        has_spare = any(not w.leases for w in self._live()) or self._spawning
+        has_spare = any(not w.leases for w in self.workers.values()) or self._starting
         if not has_spare and self._live_count() < self.config.max_workers:
             assert self._nursery is not None
             self._nursery.start_soon(self._spawn_quietly)
@@ -220,7 +210,7 @@ class WorkerPool:
         while True:
             await trio.sleep(interval)
             now = time.monotonic()
-            for worker in self._live():
+            for worker in list(self.workers.values()):
                 number, deadline = self.slots.read(worker.slot)
                 if number != worker.last_call_number or deadline:
                     worker.last_call_number = number
@@ -244,18 +234,16 @@ class WorkerPool:
             worker.process.kill()
 
     def _retire_idle(self, worker: WorkerProcess) -> None:
-        for lease in worker.leases:
-            self._lease_to_slot.pop(lease, None)
         worker.leases.clear()
         if self._live_count() > self.config.min_workers + 1:
             worker.process.terminate()
 
     def statistics(self) -> PoolStatistics:
-        live = self._live()
+        live = list(self.workers.values())
         return PoolStatistics(
             workers=len(live),
             busy=sum(1 for w in live if self._busy(w)),
-            leases=len(self._lease_to_slot),
+            leases=sum(len(w.leases) for w in live),
             started=self._started,
             replaced=self._replaced,
         )
