@@ -90,12 +90,11 @@ class Node:
     # -- registry changes --
 
     def _lookup_entry(self, name: str) -> LookupEntry | None:
-        try:
-            current, record = self.registry.resolve(name)
-        except (FunctionNotFound, VersionNotFound):
+        view = self.registry.view(name)
+        if view is None or not view.content_ids:
             return None
-        versions = {info.version: info.content_id for info in self.registry.versions(name)}
-        return LookupEntry(current=current, versions=versions, timeout=record.timeout)
+        # current 0: retired from its set; pinned versions still answer.
+        return LookupEntry(current=view.current or 0, versions=dict(view.content_ids))
 
     def sync_lookup_entries(self, changes: list[Change]) -> None:
         """Commit changes, then republish lookup entries for every function they moved.
@@ -255,7 +254,7 @@ class Node:
         try:
             reply: Any = await self.on_lease(request)
         except ScatterError as exc:
-            reply = _wire.Failure(request.id, "internal", str(exc))
+            reply = _wire.Failure(request.id, _failure_kind(exc), str(exc))
         send_reply(sock, identity, reply)
 
 

@@ -28,9 +28,8 @@ from .._core._registry import Change, VersionRecord
 class LookupEntry(msgspec.Struct, frozen=True, array_like=True):
     """What a worker needs to find a function's body: current number and live versions."""
 
-    current: int
+    current: int  # 0: no current version (retired from its set)
     versions: dict[int, str]  # {version number: content_id}
-    timeout: float | None = None  # the current version's own timeout
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -116,6 +116,12 @@ class Worker:
                 "or list what exists with scatter.functions()",
             )
         number = version or entry.current
+        if not number:
+            raise _Refused(
+                "not_found",
+                f"{name} has no current version: its set retired it; call a pinned "
+                f"version ({sorted(entry.versions)}) or roll the set back",
+            )
         content_id = entry.versions.get(number)
         if content_id is None:
             raise _Refused(

@@ -55,3 +55,20 @@ def test_set_publishes_rolls_back_and_vaporizes_as_one(connected: LocalNode) -> 
 def test_empty_set_is_refused(connected: LocalNode) -> None:
     with pytest.raises(scatter.ConfigError, match="no members"):
         scatter.FunctionSet("empty").publish()
+
+
+@pytest.mark.timeout(60)
+def test_member_left_out_of_a_set_version_answers_only_when_pinned(connected: LocalNode) -> None:
+    _billing(1).publish()
+    refund_v1 = scatter.make_callable("refund", version=1)
+    smaller = scatter.FunctionSet("billing")
+
+    @smaller.function
+    def charge(cents: int) -> int:
+        return cents * 3
+
+    assert smaller.publish() == 2
+    assert scatter.make_callable("charge")(10) == 30
+    with pytest.raises(scatter.FunctionNotFound):
+        scatter.make_callable("refund")
+    assert refund_v1(10) == -10  # the retired member's pinned version still runs
