@@ -93,6 +93,8 @@ class LocalNode:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "node.log"
         env = dict(os.environ, SCATTER_AUTOSTART="0")
+        # A restarted node appends to the same log: only what this start writes counts.
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [
@@ -110,8 +112,10 @@ class LocalNode:
                 stderr=log,
                 env=env,
             )
+        # The node prints its ready line once its workers and control socket are up; an
+        # open port alone could be another process, or a node about to be refused.
         deadline = time.monotonic() + timeout
-        while not port_open(self.host, self.port):
+        while not self._printed_ready_line(log_offset):
             if self.process.poll() is not None:
                 raise RuntimeError(f"node exited with {self.process.returncode}: {self.log()}")
             if time.monotonic() > deadline:
@@ -119,6 +123,12 @@ class LocalNode:
                 raise TimeoutError(f"node at {self.address} did not listen in {timeout} s")
             time.sleep(0.02)
         return self
+
+    def _printed_ready_line(self, log_offset: int) -> bool:
+        assert self.log_path is not None
+        with open(self.log_path, "rb") as log:
+            log.seek(log_offset)
+            return f"listening at {self.address}".encode() in log.read()
 
     def log(self) -> str:
         if self.log_path is None or not self.log_path.exists():

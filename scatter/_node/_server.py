@@ -318,15 +318,17 @@ async def serve_node(
 ) -> None:
     """Run one node until it is told to stop (Shutdown, SIGTERM, SIGINT) or cancelled.
 
-    Resource handling: binds the control socket first (so a second node on the same
-    address fails before touching the store), then opens the store and the runtime file,
-    then starts the worker pool. All of it is released on the way out, whatever the cause.
+    Resource handling: locks the data directory first, then binds the control socket,
+    so a node that is refused either never listens (nobody can mistake it for a running
+    node) or fails before touching the store. Then it opens the store and the runtime
+    file and starts the worker pool. All of it is released on the way out, whatever the
+    cause.
     """
-    control = _bind_control(config)
+    lock = _lock_data_dir(config)
     try:
-        lock = _lock_data_dir(config)
+        control = _bind_control(config)
     except BaseException:
-        control.close(linger=0)
+        lock.close()
         raise
     store = RegistryStore(config.data_dir / "registry")
     run_dir = config.data_dir / "run"

@@ -73,8 +73,11 @@ def test_connection_to_a_worker_that_died_while_idle_is_replaced(
 @pytest.mark.timeout(60)
 def test_second_node_on_the_same_data_dir_is_refused(node: LocalNode) -> None:
     second = LocalNode(node.data_dir)
-    with pytest.raises(RuntimeError, match="is in use by the node pid"):
-        second.start()
+    try:
+        with pytest.raises(RuntimeError, match="is in use by the node pid"):
+            second.start()
+    finally:
+        second.kill()
     with scatter.Client(node.address, autostart=False) as client:
         assert client.status().pid == node.pid
 
