@@ -21,6 +21,10 @@ their order, so that drift (thermal, noisy neighbours) hits them all alike; each
 ratio to the baseline is taken within its round, and the report gives medians across
 rounds. The issue's targets are checked at the end as PASS/FAIL lines: reported, never
 asserted (a failed target still exits 0; a system that could not run exits 1).
+
+After the rounds, for Scatter alone: how long ``@scatter`` takes to return, and the
+pipelined variant, ``RemoteFunction.map``, against sequential calls from the same
+process in the same minute (``add``, and ``cpu`` on one worker against every core).
 """
 
 from __future__ import annotations
@@ -446,6 +450,55 @@ def time_publishes(scatter_module: Any, samples: int) -> list[float]:
 # -- the run ---------------------------------------------------------------------------
 
 
+def time_map(scatter_module: Any, cpu_loops: int, duration_s: float) -> dict[str, Any]:
+    """Calls/s of ``map`` against sequential calls, alternated, from this process."""
+    add = scatter_module.make_callable("add")
+    cpu = scatter_module.make_callable("cpu")
+    cores = os.cpu_count() or 1
+
+    def rate(run: Callable[[int], None], calls: int) -> float:
+        # Grow the batch until one takes long enough to time, then time one more.
+        while True:
+            started = time.perf_counter()
+            run(calls)
+            elapsed = time.perf_counter() - started
+            if elapsed >= duration_s / 2:
+                return calls / elapsed
+            calls *= 2
+
+    def sequential_add(calls: int) -> None:
+        for i in range(calls):
+            add(i, i)
+
+    def mapped_add(calls: int) -> None:
+        for _ in add.map(range(calls), range(calls)):
+            pass
+
+    def mapped_cpu(parallel: int) -> Callable[[int], None]:
+        def run(calls: int) -> None:
+            for _ in cpu.map([cpu_loops] * calls, parallel=parallel):
+                pass
+
+        return run
+
+    measured: dict[str, list[float]] = {}
+    for _ in range(2):
+        for name, run, calls in (
+            ("add sequential", sequential_add, 500),
+            ("add map", mapped_add, 2000),
+            ("cpu map, 1 worker", mapped_cpu(1), 20),
+            (f"cpu map, {cores} workers", mapped_cpu(cores), 20),
+        ):
+            measured.setdefault(name, []).append(rate(run, calls))
+    rates = {name: statistics.median(values) for name, values in measured.items()}
+    return {
+        "what": "calls/s from one process: RemoteFunction.map against sequential calls",
+        "calls_per_s": rates,
+        "add_map_vs_sequential": rates["add map"] / rates["add sequential"],
+        "cpu_map_all_cores_vs_one": rates[f"cpu map, {cores} workers"] / rates["cpu map, 1 worker"],
+    }
+
+
 def machine_info(cpu_loops: int) -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
@@ -488,6 +541,7 @@ class Run:
         self.rows: dict[tuple[str, str, int], Row] = {}
         self.errors: dict[str, str] = {}
         self.publish_s: list[float] = []
+        self.map_rates: dict[str, Any] | None = None
         self.live: list[str] = []  # systems still being measured, in canonical order
 
     def say(self, text: str) -> None:
@@ -535,6 +589,13 @@ class Run:
                     self.publish_s = time_publishes(scatter_module, self.settings.publish_samples)
                 except Exception:
                     self.fail("scatter-local publish", traceback.format_exc())
+                try:
+                    self.say("pipelined calls (map)")
+                    self.map_rates = time_map(
+                        scatter_module, self.cpu_loops, self.settings.duration_s
+                    )
+                except Exception:
+                    self.fail("scatter-local map", traceback.format_exc())
             self.say("stopping servers")
 
     def measure_round(self, number: int, pools: dict[str, ClientPool]) -> None:
@@ -666,6 +727,7 @@ def build_report(bench: Run, machine: dict[str, Any]) -> dict[str, Any]:
         },
         "runs": runs,
         "publish": publish,
+        "map": bench.map_rates,
         "targets": check_targets(rows),
         "errors": bench.errors,
     }
@@ -794,6 +856,14 @@ def print_report(report: dict[str, Any]) -> None:
             f"@scatter returns in {report['publish']['median_ms']:.1f} ms "
             f"(median of {len(samples)} fresh publishes, min {min(samples):.1f}, "
             f"max {max(samples):.1f} ms)"
+        )
+    if report["map"]:
+        rates = report["map"]["calls_per_s"]
+        console.print(
+            "pipelined (RemoteFunction.map, one process): "
+            + ", ".join(f"{name} {value:,.0f}/s" for name, value in rates.items())
+            + f"; add map {report['map']['add_map_vs_sequential']:.1f}x sequential, "
+            f"cpu map on every core {report['map']['cpu_map_all_cores_vs_one']:.2f}x one worker"
         )
     console.print("\ntargets (the issue's, from same-round ratios):")
     colours = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}

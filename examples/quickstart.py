@@ -1,4 +1,4 @@
-"""Scatter in one page: publish, call, pin, roll back, handle errors.
+"""Scatter in one page: publish, call, pin, map, roll back, handle errors.
 
 Run it with a node at ``SCATTER_ADDRESS`` (``scatter node start --background`` starts
 one), or with none: the first call starts one in the background and says so::
@@ -73,6 +73,10 @@ try:
     scatter.make_callable("parse_quantity")("a dozen")
 except scatter.RemoteError as exc:
     print("remote:", exc.remote_type, exc.remote_message)
+
+# Many calls at once: spread over the node's workers, results in order.
+orders = [Order("tea", n, 4.5) for n in range(1, 6)]
+print(list(total.map(orders)))  # [5.4, 10.8, 16.2, 21.6, 27.0]
 
 # Roll back to the version before the tax, then clean up.
 print("current after rollback:", scatter.rollback("order_total"))

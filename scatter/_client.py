@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,14 @@ _IDLE_CHECK_AFTER = 1.0
 # How often a waiting call checks whether its worker's connection dropped (seconds):
 # the delay before a crashed worker (os._exit, segfault) is reported.
 _CRASH_CHECK_INTERVAL = 0.1
+# How much work (seconds of calls) `map` queues on each worker connection: enough that
+# the worker never idles for a round trip, little enough that the last calls of a map
+# are not stuck behind a busy worker while another one has finished. Tiny calls get up
+# to _PIPELINE_MAX_DEPTH in flight (16 in flight ran `add` about 4x as fast as 2 did),
+# slow ones _PIPELINE_MIN_DEPTH: one running, one waiting.
+_PIPELINE_WORK = 0.002
+_PIPELINE_MIN_DEPTH = 2
+_PIPELINE_MAX_DEPTH = 32
 
 
 def error_from_failure(failure: _wire.Failure) -> ScatterError:
@@ -306,6 +314,52 @@ class WorkerConnection:
             self.sock.disable_monitor()
         self.monitor.close(linger=0)
         self.sock.close(linger=0)
+
+
+class _Pipe:
+    """One worker connection during a ``map``, with its calls in flight, oldest first.
+
+    A worker runs the calls of one connection in the order they came, so replies come
+    back in that order too: the next reply always answers the head of ``in_flight``.
+    """
+
+    __slots__ = ("call_seconds", "connection", "head_started", "in_flight")
+
+    def __init__(self, connection: WorkerConnection) -> None:
+        self.connection = connection
+        # (position, call id, when sent)
+        self.in_flight: collections.deque[tuple[int, int, float]] = collections.deque()
+        self.head_started = 0.0  # when the worker began the head call (as far as we know)
+        # Moving average of the time between replies while calls were queued: about what
+        # one call costs the worker. 0 until measured.
+        self.call_seconds = 0.0
+
+    def full(self) -> bool:
+        depth = _PIPELINE_MIN_DEPTH
+        if self.call_seconds:
+            depth = max(depth, min(_PIPELINE_MAX_DEPTH, int(_PIPELINE_WORK / self.call_seconds)))
+        return len(self.in_flight) >= depth
+
+    def send(self, position: int, call_id: int, frame: bytes) -> None:
+        self.connection.sock.send(frame)  # SNDTIMEO bounds it; zmq.Again: undelivered
+        now = time.monotonic()
+        if not self.in_flight:
+            self.head_started = now
+        self.in_flight.append((position, call_id, now))
+
+    def receive_ready(self, done: dict[int, tuple[int, bytes]]) -> None:
+        sock = self.connection.sock
+        while self.in_flight:
+            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+            if not events & zmq.POLLIN:
+                return
+            position, call_id, sent = self.in_flight.popleft()
+            done[position] = (call_id, sock.recv())
+            now = time.monotonic()
+            if sent < self.head_started:  # queued at the worker: it ran right after the last
+                seconds = now - self.head_started
+                self.call_seconds += (seconds - self.call_seconds) * 0.25
+            self.head_started = now
 
 
 @dataclass(frozen=True)
@@ -616,6 +670,78 @@ class Client:
         finally:
             self._sync_calls_finished = next(self._sync_calls_ended)
 
+    def call_many(
+        self, frames: list[Callable[[int], bytes]], timeout: float, parallel: int
+    ) -> Generator[tuple[int, bytes], None, None]:
+        """Send ``frames`` over up to ``parallel`` worker connections, pipelined; yield
+        (call id, reply frame) for each, in the order of ``frames``.
+
+        Each connection keeps about ``_PIPELINE_WORK`` seconds of calls in flight. Leaving the
+        iteration early (an error, or a consumer that stops) discards the connections
+        that still have calls in flight, as a single call does.
+        """
+        pipes: list[_Pipe] = []
+        poller = zmq.Poller()
+        by_socket: dict[zmq.Socket[bytes], _Pipe] = {}
+        done: dict[int, tuple[int, bytes]] = {}
+        sent = yielded = 0
+        retried = False
+        try:
+            while yielded < len(frames):
+                while sent < len(frames):
+                    pipe = self._pipe_with_room(pipes, parallel)
+                    if pipe is None:
+                        break
+                    if pipe.connection.sock not in by_socket:
+                        by_socket[pipe.connection.sock] = pipe
+                        poller.register(pipe.connection.sock, zmq.POLLIN)
+                    call_id = next(self._ids)
+                    try:
+                        pipe.send(sent, call_id, frames[sent](call_id))
+                    except zmq.Again:
+                        pipe.connection.broken = True
+                        if pipe.in_flight:  # its worker is gone: say how, below
+                            break
+                        if retried:
+                            raise Unreachable(
+                                f"no worker of the node at {self.address} accepted the call"
+                            ) from None
+                        retried = True  # a call nobody took: once more, on a new lease
+                        self._counts["undelivered_retries"] += 1
+                        pipes.remove(pipe)
+                        poller.unregister(pipe.connection.sock)
+                        del by_socket[pipe.connection.sock]
+                        self._discard(pipe.connection)
+                        continue
+                    sent += 1
+                while yielded in done:
+                    yield done.pop(yielded)
+                    yielded += 1
+                if yielded == len(frames):
+                    break
+                for sock, _ in poller.poll(int(_CRASH_CHECK_INTERVAL * 1000)):
+                    by_socket[sock].receive_ready(done)
+                for pipe in pipes:
+                    if pipe.in_flight:
+                        pipe.connection.check_alive(pipe.head_started, timeout)
+        finally:
+            for pipe in pipes:
+                if pipe.in_flight:
+                    self._discard(pipe.connection)  # replies may still come: never reuse
+                else:
+                    self._checkin(pipe.connection)
+
+    def _pipe_with_room(self, pipes: list[_Pipe], parallel: int) -> _Pipe | None:
+        """The connection to send the next call on: the least loaded, a new one while
+        every connection is busy and ``parallel`` allows more; None while all are full."""
+        least = min(pipes, key=lambda pipe: len(pipe.in_flight), default=None)
+        if (least is None or least.in_flight) and len(pipes) < parallel:
+            least = _Pipe(self._checkout())
+            pipes.append(least)
+        if least is None or least.full():
+            return None
+        return least
+
     def _undelivered(self, connection: WorkerConnection, attempt: int) -> None:
         """A call nobody took: drop the connection; retry once, on a new lease."""
         self._counts["undelivered_retries"] += 1
@@ -762,6 +888,49 @@ class RemoteFunction:
         function's own parameter named ``timeout`` keeps working)."""
         state = self._version
         return self._send(state, state.spec.encode_arguments(args, kwargs), _per_call(timeout))
+
+    def map(
+        self, *iterables: Iterable[Any], timeout: float | None = None, parallel: int | None = None
+    ) -> Iterator[Any]:
+        """Call the function once per item of ``zip(*iterables)``, on up to ``parallel``
+        worker processes at once; return an iterator of the results, in order.
+
+        Like ``builtins.map``, positional arguments only. Every item's arguments are
+        validated before the first call is sent: a bad item raises here, naming its
+        position, and nothing runs. A call that fails raises its error when the
+        iteration reaches it. ``parallel`` defaults to the number of CPUs here; each
+        worker also has the next calls queued, so it never waits for a round trip.
+
+        Example::
+
+            squares = list(scatter.make_callable("square").map(range(1000)))
+        """
+        if not iterables:
+            raise TypeError(f"{self._name}.map() needs at least one iterable of arguments")
+        if parallel is None:
+            parallel = os.cpu_count() or 1
+        if not isinstance(parallel, int) or parallel < 1:
+            raise ValueError(f"parallel must be a positive number of workers, got {parallel!r}")
+        per_call = _per_call(timeout)
+        state = self._version
+        frames = []
+        for position, args in enumerate(zip(*iterables, strict=False)):
+            try:
+                arguments = state.spec.encode_arguments(args, {})
+            except TypeError as exc:  # ValidationError is a TypeError too
+                exc.add_note(f"(in the call for item {position} of map)")
+                raise
+            frames.append(self._frame_for(state, arguments, per_call))
+        return self._results(state, frames, per_call or state.timeout, parallel)
+
+    def _results(
+        self, state: _Version, frames: list[Callable[[int], bytes]], timeout: float, parallel: int
+    ) -> Iterator[Any]:
+        # closing: an error here, or a consumer that stops early, ends call_many at once,
+        # which discards the connections with calls still in flight.
+        with contextlib.closing(self._client.call_many(frames, timeout, parallel)) as replies:
+            for call_id, reply in replies:
+                yield self._finish(state, call_id, reply)
 
     def _send(self, state: _Version, arguments: bytes, timeout: float) -> Any:
         frame = self._frame_for(state, arguments, timeout)

@@ -64,6 +64,17 @@ def test_seed_script_runs_unchanged_against_a_node(node: LocalNode, tmp_path: Pa
     assert "started one in the background" not in result.stderr
 
 
+@pytest.mark.timeout(120)
+def test_quickstart_example_runs(node: LocalNode, tmp_path: Path) -> None:
+    env = dict(os.environ, SCATTER_ADDRESS=node.address)
+    result = run_python([str(ROOT / "examples" / "quickstart.py")], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:4] == ["13.5", "12.15", "16.2", "13.5"], lines
+    assert "[5.4, 10.8, 16.2, 21.6, 27.0]" in lines
+    assert lines[-1].startswith("gone: function 'order_total' was vaporized"), lines
+
+
 def test_seed_script_keeps_the_seeds_import_line() -> None:
     source = SEED_SCRIPT.read_text()
     assert (
