@@ -704,16 +704,12 @@ class Client:
                         pipe.connection.broken = True
                         if pipe.in_flight:  # its worker is gone: say how, below
                             break
-                        if retried:
-                            raise Unreachable(
-                                f"no worker of the node at {self.address} accepted the call"
-                            ) from None
-                        retried = True  # a call nobody took: once more, on a new lease
-                        self._counts["undelivered_retries"] += 1
                         pipes.remove(pipe)
                         poller.unregister(pipe.connection.sock)
                         del by_socket[pipe.connection.sock]
-                        self._discard(pipe.connection)
+                        # A call nobody took: once more, on a new lease (as a single call).
+                        self._undelivered(pipe.connection, attempt=int(retried))
+                        retried = True
                         continue
                     sent += 1
                 while yielded in done:
