@@ -350,13 +350,10 @@ class _Pipe:
         self.in_flight.append((position, call_id, now))
 
     def receive_ready(self, done: dict[int, tuple[int, bytes]]) -> None:
-        sock = self.connection.sock
-        while self.in_flight:
-            events: int = sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
-            if not events & zmq.POLLIN:
-                return
+        connection = self.connection
+        while self.in_flight and connection._events() & zmq.POLLIN:
             position, call_id, sent = self.in_flight.popleft()
-            done[position] = (call_id, sock.recv())
+            done[position] = (call_id, connection.sock.recv())
             now = time.monotonic()
             if sent < self.head_started:  # queued at the worker: it ran right after the last
                 seconds = now - self.head_started
