@@ -3,6 +3,7 @@
     nox -s bench                  # 3 rounds
     nox -s bench -- --quick       # 1 short round, well under 90 s with the install
     python cluster/bench.py --systems pyzmq-reqrep,zeroapi --workloads add --rounds 5
+    python cluster/bench.py --only-registry-scaling   # just @scatter at 10 vs 5,000 functions
 
 Systems (each a server on a free loopback port, in processes of its own):
 
@@ -25,6 +26,17 @@ asserted (a failed target still exits 0; a system that could not run exits 1).
 After the rounds, for Scatter alone: how long ``@scatter`` takes to return, and the
 pipelined variant, ``RemoteFunction.map``, against sequential calls from the same
 process in the same minute (``add``, and ``cpu`` on one worker against every core).
+
+Last, whether ``@scatter`` slows down as the registry grows: on a fresh node of its own,
+the median time of 20 ``@scatter`` publishes (each a new version of one function, with a
+distinct body) once the node holds 10 functions, then again after filling it to
+``--registry-size`` functions (default 5,000; the probe counts as one of them). The fill
+publishes function sets (``FunctionSet``) of 500 members, one registry change each, so it
+takes seconds where 5,000 single publishes would take minutes; it stops at its time limit
+(60 s, 30 s with ``--quick``) and the report then names the size it reached. Both medians,
+their ratio and the fill time go to the report line and ``registry_scaling`` in the JSON.
+``--only-registry-scaling`` runs this measurement alone (no other system, no rounds, no
+cpu calibration), in well under 15 s.
 """
 
 from __future__ import annotations
@@ -90,6 +102,8 @@ class Settings:
     warmup_s: float
     publish_samples: int
     quick: bool
+    registry_size: int = 5000
+    only_registry_scaling: bool = False
 
 
 # -- client processes ------------------------------------------------------------------
@@ -447,6 +461,89 @@ def time_publishes(scatter_module: Any, samples: int) -> list[float]:
     return timings[2:]
 
 
+SCALING_SMALL_SIZE = 10  # the registry size @scatter is first timed at
+FILL_SET_SIZE = 500  # members per FunctionSet publish while filling the registry
+FILL_BUDGET_S = 60.0  # the fill stops here (30 s with --quick); the report names the size
+
+
+def time_registry_scaling(
+    address: str,
+    sizes: tuple[int, int],
+    samples: int,
+    fill_budget_s: float,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """``@scatter`` times with ``sizes[0]`` and then ``sizes[1]`` functions on the node.
+
+    At each size the registry holds filler functions plus one probe; the probe is then
+    published ``samples`` + 2 times, each a new version with a distinct body (the first
+    two warm up and are dropped), so the function count stays at the size throughout.
+    Filler goes in FunctionSets of ``FILL_SET_SIZE``: one registry change per set.
+    """
+    import scatter
+
+    tag = uuid.uuid4().hex[:8]
+    registered = 0  # functions on the node: filler and probes
+    sets = 0
+    fill_s = 0.0  # time spent filling, both sizes together
+
+    def fill(target: int) -> None:
+        nonlocal registered, sets, fill_s
+        started = time.monotonic()
+        next_report = registered + max(FILL_SET_SIZE, target // 5)
+        while registered < target:
+            if fill_s + time.monotonic() - started > fill_budget_s:
+                say(f"registry fill stopped at its {fill_budget_s:g} s limit")
+                break
+            group = scatter.FunctionSet(f"bench_fill_{tag}_{sets}", address=address)
+            for i in range(min(FILL_SET_SIZE, target - registered)):
+                group.function(_fresh_function(f"bench_fill_{tag}_{sets}_{i}", i))
+            group.publish()
+            registered += len(group.members)
+            sets += 1
+            if registered >= next_report or registered >= target:
+                say(f"registry: {registered:,}/{target:,} functions")
+                next_report = registered + max(FILL_SET_SIZE, target // 5)
+        fill_s += time.monotonic() - started
+
+    def time_at(size: int) -> tuple[int, list[float]]:
+        nonlocal registered
+        fill(size - 1)  # the probe's first publish makes it size
+        probe = f"bench_scaling_probe_{tag}_{size}"
+        publish = scatter.scatter(address=address)  # @scatter(address=...), made once
+        timings = []
+        for i in range(samples + 2):
+            fn = _fresh_function(probe, i)
+            started = time.perf_counter()
+            publish(fn)
+            timings.append(time.perf_counter() - started)
+        registered += 1  # the probe
+        return registered, timings[2:]
+
+    small, large = sizes
+    say(f"registry scaling: @scatter with {small} functions, then {large:,}")
+    small_size, small_s = time_at(small)
+    large_size, large_s = time_at(large)
+    live = sum(1 for f in scatter.functions(address=address) if f.kind == "function")
+    if live != large_size:
+        raise RuntimeError(f"the node holds {live} functions, expected {large_size}")
+    small_ms = statistics.median(small_s) * 1000
+    large_ms = statistics.median(large_s) * 1000
+    return {
+        "what": "ms for @scatter to return (new version, distinct body) by registry size",
+        "small_size": small_size,
+        "large_size": large_size,
+        "requested_size": large,
+        "small_median_ms": small_ms,
+        "large_median_ms": large_ms,
+        "ratio": large_ms / small_ms,
+        "small_samples_ms": [t * 1000 for t in small_s],
+        "large_samples_ms": [t * 1000 for t in large_s],
+        "fill_s": fill_s,
+        "fill": f"FunctionSets of up to {FILL_SET_SIZE} members, {sets} set publishes",
+    }
+
+
 # -- the run ---------------------------------------------------------------------------
 
 
@@ -542,6 +639,7 @@ class Run:
         self.errors: dict[str, str] = {}
         self.publish_s: list[float] = []
         self.map_rates: dict[str, Any] | None = None
+        self.registry_scaling: dict[str, Any] | None = None
         self.live: list[str] = []  # systems still being measured, in canonical order
 
     def say(self, text: str) -> None:
@@ -596,7 +694,24 @@ class Run:
                     )
                 except Exception:
                     self.fail("scatter-local map", traceback.format_exc())
+                self.measure_registry_scaling()
             self.say("stopping servers")
+
+    def measure_registry_scaling(self) -> None:
+        """``@scatter`` at 10 and at ``registry_size`` functions, on a node of its own."""
+        settings = self.settings
+        try:
+            with server("scatter-local", self.workdir / "registry-scaling") as address:
+                self.registry_scaling = time_registry_scaling(
+                    address,
+                    (SCALING_SMALL_SIZE, settings.registry_size),
+                    settings.publish_samples,
+                    FILL_BUDGET_S / 2 if settings.quick else FILL_BUDGET_S,
+                    self.say,
+                )
+        except Exception as exc:
+            detail = str(exc) if isinstance(exc, SystemFailed) else traceback.format_exc()
+            self.fail("scatter-local registry scaling", detail)
 
     def measure_round(self, number: int, pools: dict[str, ClientPool]) -> None:
         # Rotate the order each round, and alternate systems within each measurement
@@ -624,13 +739,21 @@ class Run:
 
 
 def run(settings: Settings) -> tuple[Run, dict[str, Any]]:
-    cpu_loops = workloads.calibrate_cpu()
-    cpu_ms = _time_cpu(cpu_loops) * 1000
-    console.print(f"cpu workload: {cpu_loops} loops, {cpu_ms:.2f} ms per call here (target 5 ms)")
-    machine = machine_info(cpu_loops) | {"cpu_call_ms": round(cpu_ms, 3)}
+    if settings.only_registry_scaling:  # no cpu workload to calibrate
+        cpu_loops, machine = 0, machine_info(0)
+    else:
+        cpu_loops = workloads.calibrate_cpu()
+        cpu_ms = _time_cpu(cpu_loops) * 1000
+        console.print(
+            f"cpu workload: {cpu_loops} loops, {cpu_ms:.2f} ms per call here (target 5 ms)"
+        )
+        machine = machine_info(cpu_loops) | {"cpu_call_ms": round(cpu_ms, 3)}
     with tempfile.TemporaryDirectory(prefix="scatter-bench-") as tmp:
         bench = Run(settings, cpu_loops, Path(tmp))
-        bench.execute()
+        if settings.only_registry_scaling:
+            bench.measure_registry_scaling()
+        else:
+            bench.execute()
     return bench, machine
 
 
@@ -728,6 +851,7 @@ def build_report(bench: Run, machine: dict[str, Any]) -> dict[str, Any]:
         "runs": runs,
         "publish": publish,
         "map": bench.map_rates,
+        "registry_scaling": bench.registry_scaling,
         "targets": check_targets(rows),
         "errors": bench.errors,
     }
@@ -849,7 +973,8 @@ def print_report(report: dict[str, Any]) -> None:
             per_round = [r["vs_baseline"]["calls_per_s"] for r in run_["rounds"]]
             cells.append(" ".join("-" if r is None else f"{r:.2f}" for r in per_round))
         table.add_row(*cells)
-    console.print(table)
+    if report["runs"]:
+        console.print(table)
     if report["publish"]:
         samples = report["publish"]["samples_ms"]
         console.print(
@@ -865,6 +990,22 @@ def print_report(report: dict[str, Any]) -> None:
             + f"; add map {report['map']['add_map_vs_sequential']:.1f}x sequential, "
             f"cpu map on every core {report['map']['cpu_map_all_cores_vs_one']:.2f}x one worker"
         )
+    if report["registry_scaling"]:
+        scaling = report["registry_scaling"]
+        large = f"{scaling['large_size']:,}"
+        if scaling["large_size"] != scaling["requested_size"]:
+            large += f" (of {scaling['requested_size']:,} asked: the fill hit its time limit)"
+        console.print(
+            f"@scatter with {scaling['small_size']:,} functions: "
+            f"{scaling['small_median_ms']:.1f} ms, with {large}: "
+            f"{scaling['large_median_ms']:.1f} ms ({scaling['ratio']:.2f}x); "
+            f"medians of {len(scaling['small_samples_ms'])} new versions each, "
+            f"fill took {scaling['fill_s']:.1f} s"
+        )
+    if not report["runs"]:
+        for system in report["errors"]:
+            console.print(f"[bold red]ERROR[/] {system} could not be measured (see above)")
+        return
     console.print("\ntargets (the issue's, from same-round ratios):")
     colours = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}
     for target in report["targets"]:
@@ -919,6 +1060,22 @@ def main(
             min=0.1, max=120, help="Seconds per measurement (default 2, or 1 with --quick)."
         ),
     ] = None,
+    registry_size: Annotated[
+        int,
+        typer.Option(
+            min=SCALING_SMALL_SIZE + 1,
+            max=100_000,
+            help=f"Functions on the node for the second @scatter timing (the first: "
+            f"{SCALING_SMALL_SIZE}).",
+        ),
+    ] = 5000,
+    only_registry_scaling: Annotated[
+        bool,
+        typer.Option(
+            "--only-registry-scaling",
+            help="Only time @scatter with 10 and with --registry-size functions registered.",
+        ),
+    ] = False,
 ) -> None:
     """Benchmark Scatter against raw pyzmq REQ/REP and zeroapi (see the module docstring)."""
     settings = Settings(
@@ -929,6 +1086,8 @@ def main(
         warmup_s=0.2 if quick else 0.5,
         publish_samples=20,
         quick=quick,
+        registry_size=registry_size,
+        only_registry_scaling=only_registry_scaling,
     )
     # A SIGTERM (nox interrupted, a CI timeout) unwinds normally: every server is killed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
