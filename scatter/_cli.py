@@ -259,7 +259,7 @@ def node_status(ctx: typer.Context) -> None:
     grid.add_column()
     rows = [
         ("pid", str(status.pid)),
-        ("node id", status.node_id),
+        ("node id", f"{status.node_id} (start {status.incarnation})"),
         ("address", status.address),
         ("data dir", status.data_dir),
         ("uptime", _duration(time.time() - status.started_at)),
@@ -267,6 +267,12 @@ def node_status(ctx: typer.Context) -> None:
         ("versions", str(status.versions)),
         ("workers", f"{status.workers} ({status.busy_workers} busy)"),
         ("leases", str(status.leases)),
+        *(
+            [("worker starts", f"{status.worker_start_failures} failed in a row: "
+              f"{status.worker_start_error}")]
+            if status.worker_start_failures
+            else []
+        ),
         ("python", status.python),
         ("scatter", status.scatter_version),
     ]

@@ -103,8 +103,12 @@ class NodeConfig:
     # A call past its deadline first gets a soft interrupt (CallTimeout raised inside the
     # function); if it is still running this long after, its worker is killed and replaced.
     kill_grace: float = 1.0  # seconds
-    # How often the supervisor checks worker deadlines: the timeout's precision (seconds).
+    # How often the node looks at worker deadlines: the hard kill's precision (seconds).
+    # (A worker interrupts its own call at the deadline; see _worker.py.)
     supervise_interval: float = 0.02
+    # A worker that has not said READY after this long is killed and started again,
+    # with back-off (seconds). Generous: a loaded machine imports slowly.
+    worker_start_timeout: float = 60.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
     secret: str | None = None
 

@@ -249,6 +249,9 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     leases: int
     python: str
     scatter_version: str
+    incarnation: int = 0  # how many times this node's data directory was started
+    worker_start_failures: int = 0  # failed worker starts in a row (retried with back-off)
+    worker_start_error: str = ""  # why the last one failed
 
 
 ControlReply = (

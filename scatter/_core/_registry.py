@@ -104,6 +104,7 @@ The rules are written at the top of this module; read them before changing anyth
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Literal, TypeAlias
 
@@ -125,7 +126,9 @@ __all__ = [
     "VaporizeOp",
     "VersionInfo",
     "VersionRecord",
+    "content_id_of",
     "order_key",
+    "resolve_view",
 ]
 
 
@@ -136,11 +139,15 @@ __all__ = [
 
 
 class VersionRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """One body of one function, as the caller built it; never changes afterwards."""
+    """One version of one function, without its body; never changes afterwards.
 
-    content_id: str  # hash of body + signature, computed by the caller; never moves
+    The body lives in the node's content-addressed store under ``content_id``: changes
+    carry this record, never the body, so a change costs the same whatever the body's
+    size and a body published twice is stored once.
+    """
+
+    content_id: str  # content_id_of(body, ...): computed and checked by the node, never moves
     name: str
-    body: bytes  # cloudpickle of the function; opaque to the registry
     signature_text: str  # "(a: int, b: int) -> int"
     signature_id: str  # hash of the signature alone: equal ids, compatible callers
     source: str | None = None
@@ -150,6 +157,39 @@ class VersionRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float  # unix seconds
     timeout: float | None = None  # per-function call timeout, seconds; None: the node's default
     signature: bytes = b""  # cloudpickle of the inspect.Signature, for clients' validation
+    # The publisher's hash of the code with per-process pickling noise removed: the same
+    # code scattered again is a no-op even though its pickle differs byte for byte. Used
+    # for that and nothing else, so a publisher lying about it can only turn its own
+    # publish into a no-op; what runs is always found by content_id, which the node
+    # computes. "" for records made before it existed: content_id stands in.
+    code_id: str = ""
+
+    @property
+    def same_code_key(self) -> str:
+        return self.code_id or self.content_id
+
+
+def content_id_of(
+    body: bytes,
+    *,
+    signature: bytes,
+    signature_text: str,
+    source: str | None,
+    doc: str | None,
+    timeout: float | None,
+) -> str:
+    """The content id of a body and everything a worker loads with it.
+
+    Computed by the node that receives a publish, and checked again by every node that
+    receives the body, so no publisher can put another body under a known id.
+    """
+    digest = hashlib.sha256(
+        _content_encoder.encode((body, signature, signature_text, source, doc, timeout))
+    )
+    return digest.hexdigest()[:32]
+
+
+_content_encoder = msgspec.msgpack.Encoder()
 
 
 # ONLY APPEND new op kinds, and only with new tags.
@@ -253,7 +293,12 @@ class FunctionInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class FunctionView(msgspec.Struct, frozen=True, kw_only=True):
-    """What a worker process needs to route a call by name, without any body."""
+    """What a worker process needs to route a call by name, without any body.
+
+    Also stands for a name that resolves to nothing (a set, a vaporized function): then
+    ``content_ids`` is empty and ``unavailable`` says why, in the registry's words, so a
+    worker answers exactly what the registry would (see :func:`resolve_view`).
+    """
 
     name: str
     # None when the function was left out of its set's current version: unpinned
@@ -262,6 +307,39 @@ class FunctionView(msgspec.Struct, frozen=True, kw_only=True):
     content_ids: dict[int, str]  # {number: content_id} of every live version
     signature_ids: dict[int, str]  # {number: signature_id} of every live version
     set_name: str | None = None
+    unavailable: str = ""  # why an unpinned call finds nothing (retired, vaporized, a set)
+    timeouts: dict[int, float] = {}  # {number: the version's own call timeout}, set ones only
+
+
+def resolve_view(name: str, view: FunctionView | None, version: int | None) -> tuple[int, str]:
+    """``(number, content_id)`` that a call of ``name`` runs: THE rule, for workers too.
+
+    ``Registry.resolve`` answers through this same function, so a worker holding the
+    persisted view of a name can never resolve it differently from its node.
+
+    Raises:
+        FunctionNotFound: no such function, or no current version for an unpinned call.
+        VersionNotFound: the function exists, the pinned ``version`` does not.
+    """
+    if view is None:
+        raise FunctionNotFound(_never_published(name))
+    if not version:
+        if view.current is None:
+            raise FunctionNotFound(view.unavailable or _never_published(name))
+        return view.current, view.content_ids[view.current]
+    content_id = view.content_ids.get(version)
+    if content_id is None:
+        if not view.content_ids:
+            raise FunctionNotFound(view.unavailable or _never_published(name))
+        raise VersionNotFound(
+            f"function {name!r} has no version {version}; its versions are "
+            f"{_numbers(view.content_ids)}: pin one of them, or check versions({name!r})"
+        )
+    return version, content_id
+
+
+def _never_published(name: str) -> str:
+    return f"no function named {name!r} on this node; scatter it first or check functions()"
 
 
 class RegistryStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -350,15 +428,19 @@ _LookupKey: TypeAlias = tuple[object, ...] | None
 class Registry:
     """One node's replica of the function registry.
 
-    The node calls :meth:`publish`, :meth:`rollback` and :meth:`vaporize` for its own
-    users, persists and gossips the :class:`Change` each returns, and calls
-    :meth:`apply` for every change it hears of. Every replica that holds the same set
-    of changes answers every lookup the same way.
+    The node calls :meth:`prepare_publish`, :meth:`prepare_rollback` and
+    :meth:`prepare_vaporize` for its own users, persists the :class:`Change` each
+    returns, then calls :meth:`apply` with it, as it does for every change it hears of.
+    Every replica that holds the same set of changes answers every lookup the same way.
+    ``publish``/``rollback``/``vaporize`` prepare and apply in one step, for tests and
+    simulators that persist nothing.
 
     Example::
 
         reg = Registry("n1")
-        change = reg.publish([record], now=time.time())  # persist + gossip `change`
+        change = reg.prepare_publish([record], now=time.time())
+        ...  # persist `change`, then:
+        reg.apply(change)  # -> {"add"}; gossip `change`
         number, record = reg.resolve("add")
         other = Registry("n2")
         other.apply(change)  # -> {"add"}
@@ -435,7 +517,34 @@ class Registry:
     def publish(
         self, records: Sequence[VersionRecord], *, now: float, set_name: str | None = None
     ) -> Change | None:
-        """Publish new versions, all in one change; the new versions become current.
+        """:meth:`prepare_publish`, then :meth:`apply`: for callers with nothing to persist."""
+        return self._applied(self.prepare_publish(records, now=now, set_name=set_name))
+
+    def rollback(self, name: str, to: int | None = None, *, now: float) -> Change:
+        """:meth:`prepare_rollback`, then :meth:`apply`."""
+        change = self._applied(self.prepare_rollback(name, to, now=now))
+        assert change is not None
+        return change
+
+    def vaporize(self, name: str, *, now: float) -> Change:
+        """:meth:`prepare_vaporize`, then :meth:`apply`."""
+        change = self._applied(self.prepare_vaporize(name, now=now))
+        assert change is not None
+        return change
+
+    def _applied(self, change: Change | None) -> Change | None:
+        if change is not None:
+            self.apply(change)
+        return change
+
+    def prepare_publish(
+        self, records: Sequence[VersionRecord], *, now: float, set_name: str | None = None
+    ) -> Change | None:
+        """The change that publishes new versions, all at once; they become current.
+
+        Like every ``prepare_*`` method it changes nothing: the node persists the change
+        first and applies it after (memory never runs ahead of disk). Prepare the next
+        local change only once this one is applied or dropped: both would take one id.
 
         Args:
             records: the versions to publish, at most one per name. With ``set_name``,
@@ -445,7 +554,7 @@ class Registry:
             set_name: publish ``records`` as a new version of this function set.
 
         Returns:
-            The change, already applied here, for the node to persist and gossip; or
+            The change, not applied yet, for the node to persist, apply and gossip; or
             None when nothing would change (each record's content_id equals its
             function's current one, and for a set its current version is the same).
 
@@ -490,7 +599,7 @@ class Registry:
                 )
             if function is not None and function.current is not None:
                 current = function.versions[function.current]
-                if current.record.content_id == record.content_id:
+                if current.record.same_code_key == record.same_code_key:
                     members[name] = current.change_id
                     continue
             ops.append(
@@ -518,8 +627,8 @@ class Registry:
             )
         return self._local_change(ops, now)
 
-    def rollback(self, name: str, to: int | None = None, *, now: float) -> Change:
-        """Make an earlier (or the given) version of a function or set current again.
+    def prepare_rollback(self, name: str, to: int | None = None, *, now: float) -> Change:
+        """The change that makes an earlier (or the given) version current again.
 
         Args:
             name: a function, or a set (every member moves, in one change).
@@ -528,7 +637,7 @@ class Registry:
             now: unix seconds, recorded in the change.
 
         Returns:
-            The change, already applied here, for the node to persist and gossip.
+            The change, not applied yet, for the node to persist, apply and gossip.
 
         Raises:
             FunctionNotFound: no live function or set by that name.
@@ -557,14 +666,14 @@ class Registry:
         op = RollbackOp(name=name, target=target, target_version=number)
         return self._local_change([op], now)
 
-    def vaporize(self, name: str, *, now: float) -> Change:
-        """Delete a function, or a set and every function it owns, with all their versions.
+    def prepare_vaporize(self, name: str, *, now: float) -> Change:
+        """The change that deletes a function, or a set and all it owns, with every version.
 
         The name keeps its high-water mark: a later publish under it continues the
         numbering, so a number never names two bodies.
 
         Returns:
-            The change, already applied here, for the node to persist and gossip.
+            The change, not applied yet, for the node to persist, apply and gossip.
 
         Raises:
             FunctionNotFound: no live function or set by that name.
@@ -649,22 +758,8 @@ class Registry:
                 left out of its set's current version while unpinned).
             VersionNotFound: the function exists, version ``version`` does not.
         """
-        function = self._functions.get(name)
-        if function is None:
-            raise self._not_found(name)
-        if version is None:
-            if function.current is None:
-                raise self._retired(function)
-            entry = function.versions[function.current]
-        else:
-            found = function.versions.get(version)
-            if found is None:
-                raise VersionNotFound(
-                    f"function {name!r} has no version {version}; its versions are "
-                    f"{_numbers(function.versions)}: pin one of them, or check versions({name!r})"
-                )
-            entry = found
-        return entry.number, entry.record
+        number, _content_id = resolve_view(name, self.entry(name), version)
+        return number, self._functions[name].versions[number].record
 
     def resolve_content(self, name: str, content_id: str) -> tuple[int, VersionRecord]:
         """The newest live version of ``name`` with ``content_id``: pinning that never moves.
@@ -713,15 +808,48 @@ class Registry:
         function = self._functions.get(name)
         if function is None:
             return None
+        versions = function.versions
         view = FunctionView(
             name=name,
             current=function.current,
-            content_ids={n: v.record.content_id for n, v in function.versions.items()},
-            signature_ids={n: v.record.signature_id for n, v in function.versions.items()},
+            content_ids={n: v.record.content_id for n, v in versions.items()},
+            signature_ids={n: v.record.signature_id for n, v in versions.items()},
             set_name=function.owner,
+            unavailable="" if function.current is not None else str(self._retired(function)),
+            timeouts={n: v.record.timeout for n, v in versions.items() if v.record.timeout},
         )
         self._views[name] = view
         return view
+
+    def entry(self, name: str) -> FunctionView | None:
+        """What a worker must know of ``name``: its view, or why it resolves to nothing.
+
+        None only for a name this registry never heard of. A set or a vaporized
+        function gets a view without versions whose ``unavailable`` says so: the node
+        persists these for its workers (see :func:`resolve_view`).
+        """
+        view = self.view(name)
+        if view is not None or name not in self._high_water:
+            return view
+        return FunctionView(
+            name=name,
+            current=None,
+            content_ids={},
+            signature_ids={},
+            unavailable=str(self._not_found(name)),
+        )
+
+    def names(self) -> list[str]:
+        """Every name ever used here: live functions and sets, and tombstones."""
+        return list(self._high_water)
+
+    def content_ids(self) -> set[str]:
+        """The content ids of every live version: the bodies a node must keep."""
+        return {
+            version.record.content_id
+            for function in self._functions.values()
+            for version in function.versions.values()
+        }
 
     def versions(self, name: str) -> list[VersionInfo]:
         """The history of a function or a set, oldest first, without bodies.
@@ -827,15 +955,13 @@ class Registry:
         # Its causal past is exactly what is applied here, and it sorts after all of
         # it: a local change always applies at once, on the incremental path.
         clock = self._clock.increment(self.node_id)
-        change = Change(
+        return Change(
             change_id=f"{self.node_id}:{clock.get(self.node_id)}",
             origin=self.node_id,
             clock=clock,
             at=now,
             ops=tuple(ops),
         )
-        self.apply(change)
-        return change
 
     def _hold(self, change: Change) -> None:
         """Remember a change as pending; :meth:`_take_ready` decides when it applies."""
@@ -1103,21 +1229,17 @@ class Registry:
                 f"function {name!r} was vaporized; scatter it again to bring it back "
                 f"(numbering continues after version {self._high_water[name]})"
             )
-        return FunctionNotFound(
-            f"no function named {name!r} on this node; scatter it first or check functions()"
-        )
+        return FunctionNotFound(_never_published(name))
 
     def _retired(self, function: _Function) -> FunctionNotFound:
+        # No set version number in the words: workers hold this message in the function's
+        # persisted view, which a later move of the set does not rewrite.
         owner = function.owner
-        group = self._sets.get(owner) if owner is not None else None
-        where = (
-            f"version {group.current} of set {owner!r}"
-            if group is not None
-            else "the current version of its set"
-        )
+        where = f"set {owner!r}" if owner is not None else "its set"
         return FunctionNotFound(
-            f"function {function.name!r} is not part of {where}; roll the set back to a "
-            f"version that has it, or pin one of its versions ({_numbers(function.versions)})"
+            f"function {function.name!r} is not part of the current version of {where}; "
+            f"roll the set back to a version that has it, or pin one of its versions "
+            f"({_numbers(function.versions)})"
         )
 
 

@@ -1,17 +1,19 @@
-"""The node: one Trio process owning a registry replica and a pool of worker processes.
+"""The node process: a thin Trio driver around the pure node core.
 
-Task tree (stopping the node is cancelling its nursery)::
+Every decision is the core's (``scatter/_core/_node.py``): this module feeds it events
+(frames, persisted writes, worker processes starting and exiting, ticks) and performs
+the effects it returns, in order. Task tree (stopping the node is cancelling it)::
 
     serve_node
-    +-- WorkerPool.run          spawn / supervise / replace workers
-    +-- serve_control           the ROUTER at the node's address: control requests
-    +-- (signal watcher)        SIGTERM / SIGINT stop the node cleanly
+    +-- serve_control       the ROUTER at the node's address: frames in, replies out
+    +-- persist             the store's writes, one at a time, in a thread
+    +-- tick                every supervise_interval: the workers' slots to the core
+    +-- run_worker (each)   start one worker process, report it, wait for its exit
+    +-- (signal watcher)    SIGTERM / SIGINT stop the node cleanly
 
 Calls do not pass through here: clients lease a worker and talk to it directly
-(see ``_worker.py`` for why). The node handles registry changes, descriptions, listings
-and leases. A registry change is committed to the store, then the shared generation is
-bumped, then the client is answered: a client that scattered and then calls always
-finds its version (read-your-writes).
+(see ``_worker.py``). Blocking disk work runs in a thread, never on this loop, so
+deadlines and (next) membership timers never wait behind a commit.
 """
 
 from __future__ import annotations
@@ -20,275 +22,253 @@ import contextlib
 import fcntl
 import os
 import platform
+import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Callable
-from typing import IO, Any
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO
 
-import msgspec
 import trio
 import zmq
 
-from .. import _wire
 from .._config import NodeConfig, parse_address
-from .._core._registry import Change, Registry, VersionRecord
-from .._exceptions import (
-    ConfigError,
-    FunctionNotFound,
-    ScatterError,
-    VersionNotFound,
-)
+from .._core import _node as core_effects
+from .._core._node import NodeCore, NodeFacts
+from .._exceptions import ConfigError
 from .._transport._zmq_trio import TrioSocket
-from ._pool import WorkerPool
 from ._slots import SharedSlots
-from ._store import LookupEntry, RegistryStore
+from ._store import RegistryStore
 
 SCATTER_VERSION = "0.1.0"
 
 
-def _failure_kind(exc: ScatterError) -> _wire.FailureKind:
-    if isinstance(exc, ConfigError):
-        return "invalid"
-    if isinstance(exc, FunctionNotFound):
-        return "not_found"
-    if isinstance(exc, VersionNotFound):
-        return "version_not_found"
-    return "internal"
+class NodeDriver:
+    """Performs the core's effects with sockets, processes, a store and a thread."""
 
-
-class Node:
-    """The state one node process owns; ``serve_node`` drives it."""
-
-    def __init__(self, config: NodeConfig, store: RegistryStore, slots: SharedSlots) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        core: NodeCore,
+        store: RegistryStore,
+        slots: SharedSlots,
+        control: TrioSocket,
+        run_dir: Path,
+    ) -> None:
         self.config = config
+        self.core = core
         self.store = store
         self.slots = slots
-        self.node_id = store.node_id()
-        self.registry = Registry.from_changes(self.node_id, store.changes())
-        self.pool = WorkerPool(config, slots)
-        self.started_at = time.time()
+        self.control = control
+        self.run_dir = run_dir
         self.stop_requested = trio.Event()
-        self._published_names: set[str] = set()
-        self._handlers: dict[type, Callable[[Any], Any]] = {
-            _wire.Hello: self.on_hello,
-            _wire.Publish: self.on_publish,
-            _wire.PublishSet: self.on_publish_set,
-            _wire.CurrentVersion: self.on_current_version,
-            _wire.Rollback: self.on_rollback,
-            _wire.Vaporize: self.on_vaporize,
-            _wire.Describe: self.on_describe,
-            _wire.ListVersions: self.on_versions,
-            _wire.ListFunctions: self.on_functions,
-            _wire.Release: self.on_release,
-            _wire.Status: self.on_status,
-            _wire.Shutdown: self.on_shutdown,
-        }
+        self.exit_code = 0
+        self._processes: dict[int, trio.Process] = {}  # {slot: worker process}
+        self._writes, self._to_persist = trio.open_memory_channel[
+            core_effects.PersistChanges | core_effects.PersistViews
+        ](float("inf"))
+        self._nursery: trio.Nursery | None = None
+        # Workers watch the read end: it reaches EOF when this process is gone, however
+        # it went (SIGKILL included). The write end is never written, only held.
+        self._parent_read, self._parent_write = os.pipe()
 
-    # -- registry changes --
+    # -- effects ------------------------------------------------------------------
 
-    def _lookup_entry(self, name: str) -> LookupEntry | None:
-        view = self.registry.view(name)
-        if view is None or not view.content_ids:
-            return None
-        # current 0: retired from its set; pinned versions still answer.
-        return LookupEntry(current=view.current or 0, versions=dict(view.content_ids))
+    def perform(self, effects: Iterable[core_effects.Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, core_effects.Send):
+                send_reply(self.control, effect.peer, effect.payload)
+            elif isinstance(effect, core_effects.PersistChanges | core_effects.PersistViews):
+                self._writes.send_nowait(effect)
+            elif isinstance(effect, core_effects.BumpGeneration):
+                self.slots.bump_generation()
+            elif isinstance(effect, core_effects.StartWorker):
+                assert self._nursery is not None
+                self._nursery.start_soon(self.run_worker, effect.slot)
+            elif isinstance(effect, core_effects.KillWorker):
+                self._signal(effect.slot, signal.SIGKILL)
+            elif isinstance(effect, core_effects.StopWorker):
+                self._signal(effect.slot, signal.SIGTERM)
+            elif isinstance(effect, core_effects.Log):
+                log(effect.message)
+            elif isinstance(effect, core_effects.Stop):
+                if effect.failed:
+                    log(f"stopping: {effect.reason}")
+                    self.exit_code = 1
+                self.stop_requested.set()
 
-    def sync_lookup_entries(self, changes: list[Change]) -> None:
-        """Commit changes, then republish lookup entries for every function they moved.
+    def _signal(self, slot: int, signum: int) -> None:
+        process = self._processes.get(slot)
+        if process is not None and process.returncode is None:
+            process.send_signal(signum)
 
-        Every live name's entry is rebuilt: O(functions) per change, which is fine while
-        registry changes are rare next to calls (a change is a human scattering code).
+    def readings(self) -> dict[int, tuple[int, float]]:
+        return {slot: self.slots.read(slot) for slot in self.core.pool.slots()}
+
+    # -- tasks --------------------------------------------------------------------
+
+    async def serve_control(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Feed control frames to the core until cancelled.
+
+        Error handling: a frame that is not ``[identity, payload]`` is dropped; whatever
+        else a client sends, the core answers (rule 5 of the core), so nothing ends
+        this loop but cancellation.
         """
-        names = {f.name for f in self.registry.functions()}
-        touched = names | self._published_names
-        entries = {name: self._lookup_entry(name) for name in touched}
-        records = [
-            op.record for change in changes for op in change.ops if hasattr(op, "record")
-        ]
-        self.store.commit(changes, records, entries)
-        self._published_names = {name for name, entry in entries.items() if entry}
-        self.slots.bump_generation()
-
-    # -- control handlers: each returns a reply struct --
-
-    def on_hello(self, req: _wire.Hello) -> _wire.Welcome:
-        return _wire.Welcome(req.id, self.node_id, _wire.PROTOCOL_VERSION, self.config.address)
-
-    def on_publish(self, req: _wire.Publish) -> _wire.Published:
-        record = self._record(req)
-        change = self.registry.publish([record], now=time.time())
-        if change is not None:
-            self.sync_lookup_entries([change])
-        number = self.registry.current_version(req.name)
-        return _wire.Published(req.id, req.name, number, req.content_id, change is None)
-
-    def on_publish_set(self, req: _wire.PublishSet) -> _wire.Published:
-        records = [self._record(member) for member in req.members]
-        change = self.registry.publish(records, now=time.time(), set_name=req.name)
-        if change is not None:
-            self.sync_lookup_entries([change])
-        number = self.registry.current_version(req.name)
-        return _wire.Published(req.id, req.name, number, "", change is None)
-
-    def _record(self, req: _wire.Publish) -> VersionRecord:
-        return VersionRecord(
-            content_id=req.content_id,
-            name=req.name,
-            body=req.body,
-            signature=req.signature,
-            signature_text=req.signature_text,
-            signature_id=req.signature_id,
-            source=req.source,
-            doc=req.doc,
-            origin=self.node_id,
-            python=req.python or platform.python_version(),
-            created_at=time.time(),
-            timeout=req.timeout,
-        )
-
-    def on_rollback(self, req: _wire.Rollback) -> _wire.Moved:
-        change = self.registry.rollback(req.name, req.to, now=time.time())
-        self.sync_lookup_entries([change])
-        return _wire.Moved(req.id, req.name, self._current_or_zero(req.name))
-
-    def on_vaporize(self, req: _wire.Vaporize) -> _wire.Moved:
-        change = self.registry.vaporize(req.name, now=time.time())
-        self.sync_lookup_entries([change])
-        return _wire.Moved(req.id, req.name, 0)
-
-    def _current_or_zero(self, name: str) -> int:
-        try:
-            return self.registry.current_version(name)
-        except (FunctionNotFound, VersionNotFound):
-            return 0
-
-    def on_current_version(self, req: _wire.CurrentVersion) -> _wire.Moved:
-        return _wire.Moved(req.id, req.name, self.registry.current_version(req.name))
-
-    def on_describe(self, req: _wire.Describe) -> _wire.Description:
-        number, record = self.registry.resolve(req.name, req.version or None)
-        return _wire.Description(
-            id=req.id,
-            name=req.name,
-            version=number,
-            current_version=self.registry.current_version(req.name),
-            content_id=record.content_id,
-            signature=record.signature,
-            signature_text=record.signature_text,
-            signature_id=record.signature_id,
-            timeout=record.timeout or self.config.call_timeout,
-            doc=record.doc,
-            source=record.source if req.with_source else None,
-        )
-
-    def on_versions(self, req: _wire.ListVersions) -> _wire.Listing:
-        rows = [msgspec.to_builtins(info) for info in self.registry.versions(req.name)]
-        return _wire.Listing(req.id, rows)
-
-    def on_functions(self, req: _wire.ListFunctions) -> _wire.Listing:
-        rows = [msgspec.to_builtins(info) for info in self.registry.functions()]
-        return _wire.Listing(req.id, rows)
-
-    async def on_lease(self, req: _wire.Lease) -> _wire.Leased:
-        lease, endpoints = await self.pool.lease()
-        return _wire.Leased(req.id, lease, endpoints[0], endpoints[1] if len(endpoints) > 1 else "")
-
-    def on_release(self, req: _wire.Release) -> _wire.Done:
-        self.pool.release(req.lease)
-        return _wire.Done(req.id)
-
-    def on_status(self, req: _wire.Status) -> _wire.NodeStatus:
-        stats = self.registry.statistics()
-        pool = self.pool.statistics()
-        return _wire.NodeStatus(
-            id=req.id,
-            node_id=self.node_id,
-            address=self.config.address,
-            pid=os.getpid(),
-            data_dir=str(self.config.data_dir),
-            started_at=self.started_at,
-            functions=stats.functions,
-            versions=stats.versions,
-            workers=pool.workers,
-            busy_workers=pool.busy,
-            leases=pool.leases,
-            python=platform.python_version(),
-            scatter_version=SCATTER_VERSION,
-        )
-
-    def on_shutdown(self, req: _wire.Shutdown) -> _wire.Done:
-        self.stop_requested.set()
-        return _wire.Done(req.id)
-
-    # -- dispatch --
-
-    def decode(self, payload: bytes) -> Any:
-        """The request in a frame, or the Failure to answer it with."""
-        if len(payload) > self.config.max_message_bytes:
-            return _wire.Failure(
-                0,
-                "protocol",
-                f"message of {len(payload)} bytes refused: the limit is "
-                f"{self.config.max_message_bytes}",
-            )
-        try:
-            return _wire.control_request_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return _wire.Failure(0, "protocol", f"malformed request: {exc}")
-
-    def handle(self, request: Any) -> Any:
-        try:
-            return self._handlers[type(request)](request)
-        except ScatterError as exc:
-            return _wire.Failure(request.id, _failure_kind(exc), str(exc))
-        except Exception as exc:
-            # A bug of ours must not take the node down with it; it is printed (control
-            # requests carry no call arguments) and the client gets an internal error.
-            traceback.print_exc()
-            return _wire.Failure(request.id, "internal", f"{type(exc).__name__}: {exc}")
-
-    async def handle_lease(self, sock: TrioSocket, identity: bytes, request: _wire.Lease) -> None:
-        try:
-            reply: Any = await self.on_lease(request)
-        except ScatterError as exc:
-            reply = _wire.Failure(request.id, _failure_kind(exc), str(exc))
-        send_reply(sock, identity, reply)
-
-
-def send_reply(sock: TrioSocket, identity: bytes, reply: Any) -> None:
-    # A client that went away or whose queue is full: nothing to deliver to.
-    with contextlib.suppress(zmq.ZMQError):
-        sock.send_multipart_nowait([identity, _wire.encoder.encode(reply)])
-
-
-async def serve_control(
-    node: Node, sock: TrioSocket, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Answer control requests until cancelled.
-
-    Requests are answered inline, one at a time, which keeps registry changes in arrival
-    order; only a lease, which may wait for a worker process to start, runs as a task.
-
-    Error handling: malformed or oversized frames get a ``protocol`` failure; a frame
-    that is not ``[identity, payload]`` is dropped. Nothing a client sends ends the loop.
-    """
-    task_status.started()
-    async with trio.open_nursery() as nursery:
+        task_status.started()
         while True:
-            frames = await sock.recv_multipart()
+            frames = await self.control.recv_multipart()
             if len(frames) != 2:
                 continue
-            identity, payload = frames
-            request = node.decode(payload)
-            if isinstance(request, _wire.Failure):
-                send_reply(sock, identity, request)
-            elif isinstance(request, _wire.Lease):
-                nursery.start_soon(node.handle_lease, sock, identity, request)
+            peer, payload = frames
+            self.perform(
+                self.core.receive(
+                    peer,
+                    payload,
+                    now=time.monotonic(),
+                    wall=time.time(),
+                    readings=self.readings(),
+                )
+            )
+
+    async def persist(self) -> None:
+        """Write what the core asks for, one write at a time, in a thread."""
+        async for write in self._to_persist:
+            try:
+                await trio.to_thread.run_sync(self._commit, write)
+            except Exception as exc:
+                self.perform(self.core.persist_failed(write.ticket, f"{type(exc).__name__}: {exc}"))
+                continue
+            if isinstance(write, core_effects.PersistChanges):
+                self.perform(self.core.changes_persisted(write.ticket))
             else:
-                send_reply(sock, identity, node.handle(request))
+                self.perform(self.core.views_persisted(write.ticket))
+
+    def _commit(self, write: core_effects.PersistChanges | core_effects.PersistViews) -> None:
+        if isinstance(write, core_effects.PersistChanges):
+            self.store.commit_changes(write.changes, write.bodies)
+        else:
+            self.store.commit_views(write.views, write.dropped_bodies)
+
+    async def tick(self) -> None:
+        while True:
+            await trio.sleep(self.config.supervise_interval)
+            self.perform(self.core.tick(time.monotonic(), self.readings()))
+
+    async def run_worker(self, slot: int) -> None:
+        """Start the worker of ``slot``, report it to the core, and wait for its exit.
+
+        Error handling: a start that fails or takes longer than
+        ``worker_start_timeout`` is reported to the core (which retries with back-off)
+        and never ends the node.
+        """
+        self.slots.clear(slot)
+        process: trio.Process | None = None
+        try:
+            process = await trio.lowlevel.open_process(
+                self._worker_command(slot),
+                stdout=subprocess.PIPE,
+                pass_fds=(self._parent_read,),
+            )
+            with trio.fail_after(self.config.worker_start_timeout):
+                endpoints = await _read_ready(process)
+        except (OSError, trio.TooSlowError, _WorkerStartError) as exc:
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()
+            error = str(exc) or f"no READY line within {self.config.worker_start_timeout:g} s"
+            self.perform(self.core.worker_start_failed(slot, error, time.monotonic()))
+            return
+        except BaseException:  # cancelled while starting: the node is stopping
+            if process is not None:
+                await _reap(process)
+            raise
+        self._processes[slot] = process
+        try:
+            self.perform(self.core.worker_started(slot, process.pid, endpoints, time.monotonic()))
+            await process.wait()
+        finally:
+            del self._processes[slot]
+            await _reap(process)
+        self.slots.clear(slot)
+        self.perform(self.core.worker_exited(slot, time.monotonic()))
+
+    def _worker_command(self, slot: int) -> list[str]:
+        config = self.config
+        return [
+            sys.executable,
+            "-m",
+            "scatter._node._worker",
+            "--data-dir",
+            str(config.data_dir),
+            "--run-dir",
+            str(self.run_dir),
+            "--slot",
+            str(slot),
+            "--host",
+            parse_address(config.address)[0],
+            "--timeout",
+            str(config.call_timeout),
+            "--kill-grace",
+            str(config.kill_grace),
+            "--max-message-bytes",
+            str(config.max_message_bytes),
+            "--parent-fd",
+            str(self._parent_read),
+        ]
+
+    def kill_workers(self) -> None:
+        for process in self._processes.values():
+            if process.returncode is None:
+                process.kill()
+
+    def close(self) -> None:
+        os.close(self._parent_read)
+        os.close(self._parent_write)
+
+
+async def _reap(process: trio.Process) -> None:
+    """Kill (if need be) and wait for a worker, even while the node is being cancelled."""
+    with trio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+class _WorkerStartError(Exception):
+    pass
+
+
+async def _read_ready(process: trio.Process) -> tuple[str, ...]:
+    assert process.stdout is not None
+    buffer = b""
+    while b"\n" not in buffer:
+        chunk = await process.stdout.receive_some(4096)
+        if not chunk:
+            await process.wait()
+            raise _WorkerStartError(
+                f"a worker process exited while starting (exit code {process.returncode})"
+            )
+        buffer += chunk
+    line = buffer.split(b"\n", 1)[0].decode(errors="replace")
+    if not line.startswith("READY "):
+        raise _WorkerStartError(f"a worker process said {line[:200]!r} instead of READY")
+    await process.stdout.aclose()
+    return tuple(line.split()[1:])
+
+
+def send_reply(sock: TrioSocket, peer: bytes, payload: bytes) -> None:
+    # A client that went away or whose queue is full: nothing to deliver to.
+    with contextlib.suppress(zmq.ZMQError):
+        sock.send_multipart_nowait([peer, payload])
+
+
+def log(message: str) -> None:
+    print(f"scatter node: {message}", file=sys.stderr, flush=True)
 
 
 def _bind_control(config: NodeConfig) -> zmq.Socket[bytes]:
@@ -314,15 +294,25 @@ def _bind_control(config: NodeConfig) -> zmq.Socket[bytes]:
 
 
 async def serve_node(
-    config: NodeConfig, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED
+    config: NodeConfig,
+    *,
+    open_store: Callable[[Path], RegistryStore] = RegistryStore,
+    task_status: trio.TaskStatus[NodeDriver] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one node until it is told to stop (Shutdown, SIGTERM, SIGINT) or cancelled.
 
+    Args:
+        config: the node's configuration.
+        open_store: opens the registry store (tests pass one whose writes fail).
+
     Resource handling: locks the data directory first, then binds the control socket,
     so a node that is refused either never listens (nobody can mistake it for a running
-    node) or fails before touching the store. Then it opens the store and the runtime
-    file and starts the worker pool. All of it is released on the way out, whatever the
-    cause.
+    node) or fails before touching the store. Then it opens the store, makes this start's
+    runtime directory (a new slots file: workers orphaned by an earlier start keep theirs)
+    and starts the workers. All of it is released on the way out, whatever the cause.
+
+    Raises:
+        SystemExit: with status 1 when the node stopped because it could not write.
     """
     lock = _lock_data_dir(config)
     try:
@@ -330,34 +320,74 @@ async def serve_node(
     except BaseException:
         lock.close()
         raise
-    store = RegistryStore(config.data_dir / "registry")
-    run_dir = config.data_dir / "run"
-    slots = SharedSlots(run_dir / "slots", create=True)
-    node = Node(config, store, slots)
-    node.sync_lookup_entries([])
     sock = TrioSocket(control)
+    run_root = config.data_dir / "run"
+    store = open_store(config.data_dir / "registry")
+    slots: SharedSlots | None = None
+    driver: NodeDriver | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.pool.run)
-            await nursery.start(serve_control, node, sock)
-            nursery.start_soon(_stop_on_signal, node)
-            print(
-                f"scatter node {node.node_id} listening at {config.address} "
-                f"(pid {os.getpid()}, data {config.data_dir})",
-                file=sys.stderr,
-                flush=True,
-            )
-            task_status.started(node)
-            await node.stop_requested.wait()
-            # Give the Shutdown reply a moment to leave before the socket closes.
-            await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+        identity, notice = store.open_as_node()
+        if notice:
+            log(notice)
+        shutil.rmtree(run_root, ignore_errors=True)
+        run_dir = run_root / str(identity.incarnation)
+        slots = SharedSlots(run_dir / "slots", create=True)
+        facts = NodeFacts(
+            node_id=identity.node_id,
+            # A fresh writer id at every start: a restored backup or a copied directory
+            # can never number a change the way one that peers hold already is.
+            writer_id=f"{identity.node_id}.{identity.incarnation}.{secrets.token_hex(3)}",
+            incarnation=identity.incarnation,
+            address=config.address,
+            pid=os.getpid(),
+            data_dir=str(config.data_dir),
+            started_at=time.time(),
+            python=platform.python_version(),
+            scatter_version=SCATTER_VERSION,
+        )
+        core = NodeCore(config, facts, store.changes(), store.views(), store.body_ids())
+        driver = NodeDriver(config, core, store, slots, sock, run_dir)
+        await _run(driver, task_status)
     finally:
+        if driver is not None:
+            driver.kill_workers()
+            driver.close()
         sock.close()
-        slots.close()
+        if slots is not None:
+            slots.close()
         store.close()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(run_root, ignore_errors=True)
         lock.close()
+    if driver is not None and driver.exit_code:
+        raise SystemExit(driver.exit_code)
+
+
+async def _run(
+    driver: NodeDriver, task_status: trio.TaskStatus[NodeDriver] = trio.TASK_STATUS_IGNORED
+) -> None:
+    core, config = driver.core, driver.config
+    async with trio.open_nursery() as nursery:
+        driver._nursery = nursery
+        nursery.start_soon(driver.persist)
+        effects = core.start(time.monotonic())
+        # The views reconciled at start are written before anyone is served.
+        for effect in effects:
+            if isinstance(effect, core_effects.PersistViews):
+                await trio.to_thread.run_sync(driver._commit, effect)
+        driver.perform(e for e in effects if not isinstance(e, core_effects.PersistViews))
+        await nursery.start(driver.serve_control)
+        nursery.start_soon(driver.tick)
+        nursery.start_soon(_stop_on_signal, driver)
+        facts = core.facts
+        log(
+            f"{facts.node_id} listening at {config.address} "
+            f"(pid {facts.pid}, data {config.data_dir}, start {facts.incarnation})"
+        )
+        task_status.started(driver)
+        await driver.stop_requested.wait()
+        # Give the last replies a moment to leave before the socket closes.
+        await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
 
 
 def _lock_data_dir(config: NodeConfig) -> IO[str]:
@@ -385,10 +415,10 @@ def _lock_data_dir(config: NodeConfig) -> IO[str]:
     return handle
 
 
-async def _stop_on_signal(node: Node) -> None:
+async def _stop_on_signal(driver: NodeDriver) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
-            node.stop_requested.set()
+            driver.stop_requested.set()
             return
 
 

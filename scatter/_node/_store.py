@@ -2,40 +2,57 @@
 
 Keys, and nothing else ever (``test_store_holds_registry_entries_only`` checks it):
 
-* ``"node_id"``: this node's identity, made once;
-* ``("change", change_id)``: every registry change, the log the registry replays at start;
-* ``("record", content_id)``: version records (bodies), immutable;
-* ``("fn", name)``: the lookup entry workers read: current number and live versions.
+* ``"format"``: the layout version below (``STORE_FORMAT``);
+* ``"identity"``: this node's :class:`NodeIdentity`;
+* ``("change", change_id)``: every registry change, the log the registry replays at start.
+  Changes carry version records, never bodies;
+* ``("body", content_id)`` and ``("record", content_id)``: a body and the record a worker
+  loads it with, stored once per content id whatever the number of versions or names
+  that use it, and deleted once no live version does;
+* ``("fn", name)``: the view workers resolve a name with (``FunctionView``), derived from
+  the registry: rewritten for the names a change moved, reconciled at every start.
 
 Arguments and results are never written here, nor logged.
 
-A change, its records and the lookup entries it moves are written in one diskcache
-transaction: a worker reading after the generation bump sees all of a change or none.
+Every method that writes runs one diskcache (sqlite) transaction: all of it or none.
+The node calls them from a thread, never from its Trio loop.
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterable
+import os
+import secrets
+import socket
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import diskcache
 import msgspec
 
-from .._core._registry import Change, VersionRecord
+from .._core._registry import Change, FunctionView, VersionRecord
+
+# 1: changes embedded bodies, records by content id with bodies, ("fn", name) entries
+#    of [current, {number: content_id}], "node_id" (the single-node releases).
+# 2: bodies once by content id, changes without bodies, views, an identity.
+STORE_FORMAT = 2
 
 
-class LookupEntry(msgspec.Struct, frozen=True, array_like=True):
-    """What a worker needs to find a function's body: current number and live versions."""
+class NodeIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """Who this node is, and where its data directory was when it last started."""
 
-    current: int  # 0: no current version (retired from its set)
-    versions: dict[int, str]  # {version number: content_id}
+    node_id: str  # stable across restarts of this data directory, here
+    incarnation: int  # starts counted, this one included
+    # The data directory's place ("<machine id>:<device>:<inode>"). A copy elsewhere
+    # (a cloned VM, a restored backup on another disk) sees another place and takes a
+    # new id, so two live nodes never share one.
+    home: str
 
 
 _encoder = msgspec.msgpack.Encoder()
 _change_decoder = msgspec.msgpack.Decoder(Change)
 _record_decoder = msgspec.msgpack.Decoder(VersionRecord)
-_entry_decoder = msgspec.msgpack.Decoder(LookupEntry)
+_view_decoder = msgspec.msgpack.Decoder(FunctionView)
+_identity_decoder = msgspec.msgpack.Decoder(NodeIdentity)
 
 
 class RegistryStore:
@@ -46,53 +63,140 @@ class RegistryStore:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
         # No eviction: a registry is not a cache, losing an entry would lose a version.
         self._cache = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62)
 
     def close(self) -> None:
         self._cache.close()
 
-    def node_id(self) -> str:
-        """This node's persistent identity, created on first use."""
-        existing = self._cache.get("node_id")
-        if isinstance(existing, str):
-            return existing
-        new = uuid.uuid4().hex[:12]
-        # add() keeps the first writer's id if two processes race here.
-        self._cache.add("node_id", new)
-        return str(self._cache.get("node_id"))
+    # -- the node, at start --
+
+    def open_as_node(self) -> tuple[NodeIdentity, str]:
+        """Bring an older layout up to date and count this start; (identity, notice).
+
+        The notice is "" or one line for the node's log (a copied data directory).
+        """
+        with self._cache.transact():
+            if self._cache.get("format") is None:
+                self._upgrade_from_format_1()
+            found = self._cache.get("identity")
+            home = _home_of(self.directory)
+            notice = ""
+            if found is None:
+                identity = NodeIdentity(node_id=_new_node_id(), incarnation=1, home=home)
+            else:
+                old = _identity_decoder.decode(found)
+                if old.home == home:
+                    identity = NodeIdentity(
+                        node_id=old.node_id, incarnation=old.incarnation + 1, home=home
+                    )
+                else:
+                    identity = NodeIdentity(node_id=_new_node_id(), incarnation=1, home=home)
+                    notice = (
+                        f"this data directory was node {old.node_id} elsewhere (copied or "
+                        f"moved); this node takes the new id {identity.node_id} so that "
+                        "two nodes never share one"
+                    )
+            self._cache.set("identity", _encoder.encode(identity))
+            self._cache.set("format", STORE_FORMAT)
+        return identity, notice
+
+    def _upgrade_from_format_1(self) -> None:
+        node_id = self._cache.get("node_id")
+        for key in list(self._cache.iterkeys()):
+            if not isinstance(key, tuple):
+                continue
+            if key[0] == "record":
+                old = msgspec.msgpack.decode(self._cache[key])
+                body = old.pop("body", b"")
+                self._cache.set(("body", key[1]), body)
+                self._cache.set(key, _encoder.encode(msgspec.convert(old, VersionRecord)))
+            elif key[0] == "fn":
+                self._cache.delete(key)  # views are derived: the node reconciles them
+        if isinstance(node_id, str):
+            self._cache.delete("node_id")
+            identity = NodeIdentity(node_id=node_id, incarnation=0, home=_home_of(self.directory))
+            self._cache.set("identity", _encoder.encode(identity))
 
     def changes(self) -> list[Change]:
-        out: list[Change] = []
-        for key in self._cache.iterkeys():
-            if isinstance(key, tuple) and key[0] == "change":
-                out.append(_change_decoder.decode(self._cache[key]))
-        return out
+        return [
+            _change_decoder.decode(self._cache[key])
+            for key in self._cache.iterkeys()
+            if isinstance(key, tuple) and key[0] == "change"
+        ]
 
-    def commit(
-        self,
-        changes: Iterable[Change],
-        records: Iterable[VersionRecord],
-        entries: dict[str, LookupEntry | None],
+    def views(self) -> dict[str, FunctionView]:
+        return {
+            key[1]: _view_decoder.decode(self._cache[key])
+            for key in self._cache.iterkeys()
+            if isinstance(key, tuple) and key[0] == "fn"
+        }
+
+    def body_ids(self) -> set[str]:
+        return {
+            key[1] for key in self._cache.iterkeys() if isinstance(key, tuple) and key[0] == "body"
+        }
+
+    # -- the node, for every change (from a thread) --
+
+    def commit_changes(
+        self, changes: Iterable[Change], bodies: Mapping[str, tuple[VersionRecord, bytes]]
     ) -> None:
-        """Write changes, their records and the moved lookup entries atomically."""
+        """Persist changes with the bodies they bring (``{content_id: (record, body)}``)."""
         with self._cache.transact():
+            for content_id, (record, body) in bodies.items():
+                if ("body", content_id) not in self._cache:
+                    self._cache.set(("record", content_id), _encoder.encode(record))
+                    self._cache.set(("body", content_id), body)
             for change in changes:
                 self._cache.set(("change", change.change_id), _encoder.encode(change))
-            for record in records:
-                key = ("record", record.content_id)
-                if key not in self._cache:
-                    self._cache.set(key, _encoder.encode(record))
-            for name, entry in entries.items():
-                if entry is None:
+
+    def commit_views(
+        self, views: Mapping[str, FunctionView | None], dropped_bodies: Iterable[str] = ()
+    ) -> None:
+        """Write the workers' views of names (None: delete), and delete unused bodies."""
+        with self._cache.transact():
+            for name, view in views.items():
+                if view is None:
                     self._cache.delete(("fn", name))
                 else:
-                    self._cache.set(("fn", name), _encoder.encode(entry))
+                    self._cache.set(("fn", name), _encoder.encode(view))
+            for content_id in dropped_bodies:
+                self._cache.delete(("body", content_id))
+                self._cache.delete(("record", content_id))
 
-    def entry(self, name: str) -> LookupEntry | None:
+    # -- workers --
+
+    def view(self, name: str) -> FunctionView | None:
         raw = self._cache.get(("fn", name))
-        return None if raw is None else _entry_decoder.decode(raw)
+        return None if raw is None else _view_decoder.decode(raw)
 
     def record(self, content_id: str) -> VersionRecord | None:
         raw = self._cache.get(("record", content_id))
         return None if raw is None else _record_decoder.decode(raw)
+
+    def body(self, content_id: str) -> bytes | None:
+        raw = self._cache.get(("body", content_id))
+        return raw if isinstance(raw, bytes) else None
+
+
+def _new_node_id() -> str:
+    return secrets.token_hex(6)
+
+
+def _machine_id() -> str:
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path) as f:
+                found = f.read().strip()
+        except OSError:
+            continue
+        if found:
+            return found
+    return socket.gethostname()
+
+
+def _home_of(directory: Path) -> str:
+    stat = os.stat(directory)
+    return f"{_machine_id()}:{stat.st_dev}:{stat.st_ino}"

@@ -39,8 +39,9 @@ import zmq
 
 from .. import _wire
 from .._config import DEFAULT_CALL_TIMEOUT, MAX_MESSAGE_BYTES
+from .._core._registry import resolve_view
 from .._core._signature import CallSpec, build_call_spec, restore_signature, signature_of
-from .._exceptions import NotScatterable, ValidationError
+from .._exceptions import FunctionNotFound, NotScatterable, ValidationError, VersionNotFound
 from ._slots import SharedSlots
 from ._store import RegistryStore
 
@@ -75,10 +76,10 @@ class _Refused(Exception):
 
 class Worker:
     def __init__(
-        self, data_dir: Path, slot: int, default_timeout: float, max_message_bytes: int
+        self, data_dir: Path, run_dir: Path, slot: int, default_timeout: float, max_message_bytes: int
     ) -> None:
         self.store = RegistryStore(data_dir / "registry")
-        self.slots = SharedSlots(data_dir / "run" / "slots")
+        self.slots = SharedSlots(run_dir / "slots")
         self.slot = slot
         self.default_timeout = default_timeout
         self.max_message_bytes = max_message_bytes
@@ -106,29 +107,15 @@ class Worker:
         """(version number, loaded body) for a call; cached per generation.
 
         The generation is read before the store: a change committed in between is then
-        seen now or on the next call, never missed.
+        seen now or on the next call, never missed. The registry's own rule resolves
+        the name (``resolve_view``): a worker never words a lookup rule itself.
         """
-        entry = self.store.entry(name)
-        if entry is None:
-            raise _Refused(
-                "not_found",
-                f"no function named {name!r} on this node; scatter it first, "
-                "or list what exists with scatter.functions()",
-            )
-        number = version or entry.current
-        if not number:
-            raise _Refused(
-                "not_found",
-                f"{name} has no current version: its set retired it; call a pinned "
-                f"version ({sorted(entry.versions)}) or roll the set back",
-            )
-        content_id = entry.versions.get(number)
-        if content_id is None:
-            raise _Refused(
-                "version_not_found",
-                f"{name} has no version {number}; live versions: "
-                f"{sorted(entry.versions)} (see scatter.versions({name!r}))",
-            )
+        try:
+            number, content_id = resolve_view(name, self.store.view(name), version)
+        except FunctionNotFound as exc:
+            raise _Refused("not_found", str(exc)) from None
+        except VersionNotFound as exc:
+            raise _Refused("version_not_found", str(exc)) from None
         route = (number, self.load(name, content_id))
         self.routes[(name, version)] = route
         return route
@@ -139,10 +126,11 @@ class Worker:
             self.loaded.move_to_end(content_id)  # off the hot path: routes hold Loaded
             return loaded
         record = self.store.record(content_id)
-        if record is None:
+        body = self.store.body(content_id)
+        if record is None or body is None:
             raise _Refused("load", f"the body of {name} ({content_id}) is missing on this node")
         try:
-            function = cloudpickle.loads(record.body)
+            function = cloudpickle.loads(body)
             # The shipped signature, not one read off the body here: its annotations were
             # resolved where the function was defined (see portable_signature).
             if record.signature:
@@ -336,9 +324,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=DEFAULT_CALL_TIMEOUT)
     parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--kill-grace", type=float, default=1.0)
+    parser.add_argument("--parent-fd", type=int, default=-1)
     args = parser.parse_args(argv)
-    worker = Worker(args.data_dir, args.slot, args.timeout, args.max_message_bytes)
-    ipc_path = args.data_dir.resolve() / "run" / f"worker-{args.slot}.sock"
+    worker = Worker(args.data_dir, args.run_dir, args.slot, args.timeout, args.max_message_bytes)
+    ipc_path = args.run_dir.resolve() / f"worker-{args.slot}-{os.getpid()}.sock"
     # Unix socket paths are limited to ~107 bytes; a deep data dir goes without.
     serve(worker, args.host, ipc_path if len(str(ipc_path)) < 100 else None)
 

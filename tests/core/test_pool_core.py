@@ -1,0 +1,114 @@
+"""The worker pool's decisions alone: leases, starts, deadlines, back-off."""
+
+from __future__ import annotations
+
+from scatter._core._pool import (
+    RESTART_BACKOFF,
+    KillWorker,
+    LeaseGranted,
+    LeaseRefused,
+    PoolCore,
+    StartWorker,
+    StopWorker,
+)
+
+ENDPOINTS = ("tcp://127.0.0.1:1",)
+
+
+def pool(**overrides: float) -> PoolCore:
+    settings: dict[str, float] = {
+        "min_workers": 2,
+        "max_workers": 3,
+        "kill_grace": 1.0,
+        "idle_retire": 60.0,
+    }
+    settings.update(overrides)
+    return PoolCore(**settings)  # type: ignore[arg-type]
+
+
+def started(core: PoolCore, *slots: int, now: float = 0.0) -> list[object]:
+    effects: list[object] = []
+    for slot in slots:
+        effects += core.started(slot, 100 + slot, (f"tcp://127.0.0.1:{slot}",), now)
+    return effects
+
+
+def test_each_connection_gets_a_worker_of_its_own_while_the_pool_may_grow() -> None:
+    core = pool(max_workers=4)
+    assert core.start(0.0) == [StartWorker(0), StartWorker(1)]
+    started(core, 0, 1)
+    first, second = core.lease("a", 0.0), core.lease("b", 0.0)
+    assert isinstance(first[0], LeaseGranted) and isinstance(second[0], LeaseGranted)
+    assert first[0].endpoints != second[0].endpoints
+    assert second[1:] == [StartWorker(2)]  # a spare, kept warm
+    # Both workers leased: the third connection waits for a process of its own...
+    assert core.lease("c", 0.0) == [StartWorker(3)]
+    # ...and takes the first one that comes up.
+    (granted, *_) = started(core, 2)
+    assert isinstance(granted, LeaseGranted) and granted.waiter == "c"
+
+
+def test_past_max_workers_leases_share_the_least_loaded() -> None:
+    core = pool(max_workers=2)
+    core.start(0.0)
+    started(core, 0, 1)
+    core.lease("a", 0.0)
+    core.lease("b", 0.0)
+    (shared,) = core.lease("c", 0.0)
+    assert isinstance(shared, LeaseGranted)
+
+
+def test_a_busy_worker_is_not_leased_while_an_idle_one_exists() -> None:
+    core = pool()
+    core.start(0.0)
+    started(core, 0, 1)
+    core.observe(0.0, {0: (1, 50.0)})  # slot 0 runs a call until t=50
+    (granted,) = core.lease("a", 0.0)[:1]
+    assert isinstance(granted, LeaseGranted) and granted.endpoints == ("tcp://127.0.0.1:1",)
+
+
+def test_a_call_past_deadline_and_grace_gets_its_worker_killed_once() -> None:
+    core = pool()
+    core.start(0.0)
+    started(core, 0, 1)
+    assert core.tick(10.0, {0: (1, 10.5)}) == []
+    assert core.tick(11.4, {0: (1, 10.5)}) == []  # within the grace: the worker's own job
+    # Killed, and its replacement started at once (the floor counts it gone).
+    assert core.tick(11.6, {0: (1, 10.5)}) == [KillWorker(0), StartWorker(2)]
+    assert core.tick(11.7, {0: (1, 10.5)}) == []
+    assert core.exited(0, 12.0) == []
+
+
+def test_failed_starts_back_off_and_say_why() -> None:
+    core = pool(min_workers=1)
+    assert core.start(0.0) == [StartWorker(0)]
+    core.start_failed(0, "ImportError: no module named x", 0.0)
+    assert core.tick(RESTART_BACKOFF / 2, {}) == []
+    assert core.tick(RESTART_BACKOFF, {}) == [StartWorker(0)]
+    core.start_failed(0, "ImportError: no module named x", RESTART_BACKOFF)
+    assert core.tick(RESTART_BACKOFF * 2, {}) == []  # doubled
+    assert core.tick(RESTART_BACKOFF * 3, {}) == [StartWorker(0)]
+    stats = core.statistics()
+    assert stats.start_failures == 2 and "no module named x" in stats.last_start_error
+    # While starts fail, one probe at a time: a lease waits for it, starts no other.
+    assert core.lease("a", RESTART_BACKOFF * 3) == []
+
+
+def test_a_lease_with_no_worker_at_all_is_refused_clearly() -> None:
+    core = pool(min_workers=1, max_workers=1)
+    core.start(0.0)
+    assert core.lease("a", 0.0) == []  # waits for the start under way
+    (refused,) = core.start_failed(0, "OSError: out of memory", 0.0)
+    assert isinstance(refused, LeaseRefused) and refused.waiter == "a"
+    assert "out of memory" in refused.message
+
+
+def test_idle_workers_above_the_floor_retire() -> None:
+    core = pool(min_workers=1, max_workers=4, idle_retire=60.0)
+    core.start(0.0)
+    started(core, 0)
+    core.lease("a", 0.0)
+    started(core, 1)  # the spare
+    core.lease("b", 0.0)
+    started(core, 2)
+    assert core.tick(61.0, {}) == [StopWorker(0)]

@@ -1,0 +1,176 @@
+"""What the node stores, and that memory never runs ahead of disk, on real nodes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import pytest
+import trio
+
+import scatter
+from cluster.launch import LocalNode, free_port
+from scatter._config import NodeConfig
+from scatter._node._server import serve_node
+from scatter._node._store import RegistryStore
+
+
+def _billing(rate: int, *names: str) -> list[tuple[Any, str | None, float | None]]:
+    """Members of the set "billing" for ``Client.publish_set``."""
+
+    def charge(cents: int) -> int:
+        return cents * rate
+
+    def refund(cents: int) -> int:
+        return -cents * rate
+
+    return [(f, f.__name__, None) for f in (charge, refund) if f.__name__ in names]
+
+
+def charge(cents: int) -> int:
+    return cents
+
+
+def _store_keys(data_dir: Path, kind: str) -> list[Any]:
+    cache = diskcache.Cache(str(data_dir / "registry"))
+    try:
+        return [k for k in cache.iterkeys() if isinstance(k, tuple) and k[0] == kind]
+    finally:
+        cache.close()
+
+
+@pytest.mark.timeout(90)
+def test_vaporizing_a_set_after_a_restart_leaves_no_member_callable(tmp_path: Path) -> None:
+    # Before the node core, the workers' entries were rewritten only for names the node
+    # remembered in memory: after a restart, a vaporized set's members stayed callable.
+    first = LocalNode(tmp_path / "node").start()
+    try:
+        with scatter.Client(first.address, autostart=False) as client:
+            client.publish_set("billing", _billing(1, "charge", "refund"))
+            assert client.make_callable("charge", version=1)(2) == 2
+    finally:
+        first.stop()
+    second = LocalNode(tmp_path / "node", port=first.port).start()
+    try:
+        with scatter.Client(second.address, autostart=False) as client:
+            client.vaporize("billing")
+            assert client.functions() == []
+            for version in (None, 1):
+                with pytest.raises(scatter.FunctionNotFound, match="vaporized"):
+                    client.make_callable("charge", version=version)(2)
+    finally:
+        second.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_retired_member_can_be_pinned_as_its_error_says(client: scatter.Client) -> None:
+    client.publish_set("billing", _billing(1, "charge", "refund"))
+    client.publish_set("billing", _billing(1, "refund"))
+    with pytest.raises(scatter.FunctionNotFound, match="pin one of its versions"):
+        client.make_callable("charge")(1)
+    assert client.make_callable("charge", version=1)(3) == 3
+
+
+@pytest.mark.timeout(60)
+def test_bodies_are_stored_once_and_freed_with_their_last_version(
+    client: scatter.Client, node: LocalNode
+) -> None:
+    def big_factory(tag: int) -> Any:
+        ballast = bytes([tag]) * 5_000_000  # a closure over a large value: a 5 MB body
+
+        def big(i: int) -> int:
+            return len(ballast) + i
+
+        return big
+
+    for tag in (1, 2, 3):
+        client.publish(big_factory(tag), name="big")
+    client.publish(big_factory(3), name="same_body")  # the same body under another name
+    assert client.make_callable("big")(1) == 5_000_001
+    assert len(_store_keys(node.data_dir, "body")) == 3
+    client.vaporize("big")
+    assert len(_store_keys(node.data_dir, "body")) == 1  # same_body still uses one
+    client.vaporize("same_body")
+    assert _store_keys(node.data_dir, "body") == []
+    # Changes stay (history) but carry no body: 15 MB of bodies left nothing behind.
+    registry_bytes = sum(p.stat().st_size for p in (node.data_dir / "registry").rglob("*"))
+    assert registry_bytes < 5_000_000
+
+
+@pytest.mark.timeout(90)
+def test_a_restarted_node_keeps_its_id_and_a_copied_data_dir_gets_a_new_one(
+    tmp_path: Path,
+) -> None:
+    node = LocalNode(tmp_path / "node").start()
+    try:
+        with scatter.Client(node.address, autostart=False) as client:
+            client.publish(charge)
+            first = client.status()
+    finally:
+        node.stop()
+    node = LocalNode(tmp_path / "node", port=node.port).start()
+    try:
+        with scatter.Client(node.address, autostart=False) as client:
+            again = client.status()
+            assert (again.node_id, again.incarnation) == (first.node_id, first.incarnation + 1)
+    finally:
+        node.stop()
+    shutil.copytree(tmp_path / "node", tmp_path / "copy")
+    copy = LocalNode(tmp_path / "copy").start()
+    try:
+        with scatter.Client(copy.address, autostart=False) as client:
+            status = client.status()
+            assert status.node_id != first.node_id
+            assert client.make_callable("charge")(2) == 2  # the registry came along
+        assert f"was node {first.node_id} elsewhere" in copy.log()
+    finally:
+        copy.stop()
+
+
+class _StoreThatCannotCommit(RegistryStore):
+    def commit_changes(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@pytest.mark.timeout(60)
+def test_a_change_the_store_refuses_is_answered_with_an_error_and_never_served(
+    tmp_path: Path,
+) -> None:
+    config = NodeConfig.local(
+        address=f"tcp://127.0.0.1:{free_port()}", data_dir=tmp_path / "node", min_workers=1
+    )
+
+    def as_a_user() -> None:
+        with scatter.Client(config.address, autostart=False) as client:
+            with pytest.raises(scatter.ScatterError, match="could not store the change"):
+                client.publish(add)
+            with pytest.raises(scatter.FunctionNotFound):
+                client.make_callable("add")
+            assert client.functions() == []
+            assert client.status().functions == 0  # the node keeps serving
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            driver = await nursery.start(
+                lambda task_status: serve_node(
+                    config, open_store=_StoreThatCannotCommit, task_status=task_status
+                )
+            )
+            try:
+                await trio.to_thread.run_sync(as_a_user)
+            finally:
+                driver.stop_requested.set()
+
+    trio.run(main)
+    # Nothing reached the disk: a restart with a working store finds no change.
+    store = RegistryStore(tmp_path / "node" / "registry")
+    try:
+        assert store.changes() == []
+    finally:
+        store.close()
