@@ -155,9 +155,8 @@ class PoolCore:
         self._last_error = ""
         if not self._waiting:
             return []
-        # Each waiter started one process: the oldest takes this one, the others wait
-        # for theirs.
-        return [self._grant(self._waiting.pop(0), worker), *self._keep_a_spare(now)]
+        # The oldest waiter takes this process; the others wait for the starts under way.
+        return [self._grant(self._waiting.pop(0), worker), *self._settle(), *self._keep_a_spare(now)]
 
     def start_failed(self, slot: int, error: str, now: float) -> list[PoolEffect]:
         self._starting.discard(slot)
@@ -165,30 +164,17 @@ class PoolCore:
         self._last_error = error
         backoff = min(RESTART_BACKOFF * 2 ** (self._failures - 1), RESTART_BACKOFF_MAX)
         self._retry_at = now + backoff
-        effects: list[PoolEffect] = []
-        # The starts still under way serve as many waiters; the rest cannot wait.
-        keep = len(self._starting)
-        waiting, self._waiting = self._waiting[keep:], self._waiting[:keep]
-        for waiter in waiting:
-            worker = self._least_loaded()
-            if worker is not None:
-                effects.append(self._grant(waiter, worker))
-            else:
-                effects.append(
-                    LeaseRefused(
-                        waiter,
-                        f"this node could not start a worker process ({error}); it retries "
-                        f"in {backoff:g} s, see `scatter node status` and the node's log",
-                    )
-                )
-        return effects
+        return self._settle(
+            f"this node could not start a worker process ({error}); it retries in "
+            f"{backoff:g} s, see `scatter node status` and the node's log"
+        )
 
     def exited(self, slot: int, now: float) -> list[PoolEffect]:
         worker = self._workers.pop(slot, None)
         if worker is None:
             return []
         self._replaced += 1
-        return self._fill(now)
+        return self._fill(now) + self._settle()
 
     def tick(self, now: float, readings: Mapping[int, SlotReading]) -> list[PoolEffect]:
         """Look at every worker's slot: deadlines, activity, retirement; retry starts."""
@@ -229,10 +215,8 @@ class PoolCore:
         worker = worker or self._least_loaded()
         if worker is not None:
             return [self._grant(waiter, worker)]
-        if self._starting:
-            self._waiting.append(waiter)
-            return []
-        return [LeaseRefused(waiter, self._no_worker_message())]
+        self._waiting.append(waiter)
+        return self._settle()
 
     def release(self, lease: int) -> None:
         # A scan, not an index: releases are rare and workers few, and one record of
@@ -294,6 +278,26 @@ class PoolCore:
         if not has_spare and self._live() < self.max_workers:
             return self._start_one(now)
         return []
+
+    def _settle(self, why: str = "") -> list[PoolEffect]:
+        """Keep no more waiters than starts under way: the rest share, or are refused.
+
+        A start serves one waiter, so one beyond them would wait forever (a start failed,
+        the pool is at max_workers, a client asked twice for one connection): it shares
+        the least loaded worker, waits for the first one up if none is, and is refused
+        only when none is running or starting.
+        """
+        effects: list[PoolEffect] = []
+        while len(self._waiting) > len(self._starting):
+            worker = self._least_loaded()
+            if worker is None and self._starting:
+                break  # nothing to share yet: the first start serves them (started())
+            waiter = self._waiting.pop()
+            if worker is not None:
+                effects.append(self._grant(waiter, worker))
+            else:
+                effects.append(LeaseRefused(waiter, why or self._no_worker_message()))
+        return effects
 
     def _least_loaded(self) -> _Worker | None:
         live = [w for w in self._workers.values() if not w.killed]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings, strategies as st
+
 from scatter._core._pool import (
     RESTART_BACKOFF,
     KillWorker,
@@ -112,3 +114,42 @@ def test_idle_workers_above_the_floor_retire() -> None:
     core.lease("b", 0.0)
     started(core, 2)
     assert core.tick(61.0, {}) == [StopWorker(0)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 6),
+    st.lists(st.sampled_from(["lease", "start", "fail"]), max_size=60),
+)
+def test_every_lease_is_answered_once_whatever_the_order_of_starts(
+    max_workers: int, steps: list[str]
+) -> None:
+    # Found on a real node: past max_workers, leases beyond the starts under way
+    # waited forever (20 concurrent leases, 16 workers: 4 never answered).
+    core = pool(min_workers=1, max_workers=max_workers)
+    starting: list[int] = []
+    answered: list[object] = []
+
+    def perform(effects: list[object]) -> None:
+        for effect in effects:
+            if isinstance(effect, StartWorker):
+                starting.append(effect.slot)
+            elif isinstance(effect, LeaseGranted | LeaseRefused):
+                answered.append(effect.waiter)
+
+    perform(core.start(0.0))
+    asked = 0
+    now = 0.0
+    for step in [*steps, *["start"] * 20]:
+        now += 1.0  # past any back-off
+        if step == "lease":
+            perform(core.lease(asked, now))
+            asked += 1
+        elif starting:
+            slot = starting.pop(0)
+            if step == "fail":
+                perform(core.start_failed(slot, "boom", now))
+            else:
+                perform(core.started(slot, 1, (f"e{slot}",), now))
+        perform(core.tick(now, {}))
+    assert sorted(answered) == list(range(asked))  # each once, none left waiting
