@@ -20,8 +20,9 @@ import pytest
 from typer.testing import CliRunner, Result
 
 import scatter
-from cluster.launch import LocalNode, free_port, kill_if_alive, port_open, process_gone, wait_until
+from cluster.launch import LocalNode, free_port, kill_if_alive, port_open, process_gone
 from scatter._cli import app, cli_arguments
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()

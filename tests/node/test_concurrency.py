@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import trio
@@ -147,19 +148,19 @@ def test_async_calls_wait_on_the_socket_not_in_threads(client: scatter.Client) -
     remote = client.make_callable("add")
     assert remote(1, 1) == 2  # a warm connection in the pool: no lease needed below
 
-    async def sequential() -> list[int]:
-        return [await remote.call_async(i, 1) for i in range(50)]
+    async def sequential() -> tuple[list[int], int]:
+        results = [await remote.call_async(i, 1) for i in range(50)]
+        # Counted inside the loop: asyncio.run joins its executor's threads on the way out.
+        return results, threading.active_count()
 
     threads_before = threading.active_count()
-    assert trio.run(sequential) == [i + 1 for i in range(50)]
-    assert asyncio.run(sequential()) == [i + 1 for i in range(50)]
-    assert threading.active_count() == threads_before
+    expected = [i + 1 for i in range(50)]
+    assert trio.run(sequential) == (expected, threads_before)
+    assert asyncio.run(sequential()) == (expected, threads_before)
 
 
 @pytest.mark.timeout(60)
 def test_cancelled_async_call_leaves_the_client_usable(client: scatter.Client) -> None:
-    import time
-
     def slow(seconds: float) -> float:
         time.sleep(seconds)
         return seconds
@@ -169,17 +170,24 @@ def test_cancelled_async_call_leaves_the_client_usable(client: scatter.Client) -
     remote_slow = client.make_callable("slow")
     remote_add = client.make_callable("add")
 
+    # Cancelled 0.2 s into a 3 s call: the cancellation ends the wait, not the reply.
     async def with_trio() -> int:
-        with trio.move_on_after(0.2):
+        started = time.monotonic()
+        with trio.move_on_after(0.2) as scope:
             await remote_slow.call_async(3.0)
             raise AssertionError("not cancelled")
+        assert scope.cancelled_caught
+        assert time.monotonic() - started < 2.0
         return int(await remote_add.call_async(2, 3))
 
     assert trio.run(with_trio) == 5
 
     async def with_asyncio() -> int:
-        with pytest.raises(TimeoutError):
+        started = time.monotonic()
+        with pytest.raises(TimeoutError) as raised:
             await asyncio.wait_for(remote_slow.call_async(3.0), 0.2)
+        assert not isinstance(raised.value, scatter.ScatterError)  # asyncio's, not a CallTimeout
+        assert time.monotonic() - started < 2.0
         return int(await remote_add.call_async(4, 5))
 
     assert asyncio.run(with_asyncio()) == 9

@@ -14,8 +14,10 @@ import pytest
 import zmq
 
 import scatter
-from cluster.launch import LocalNode
+from cluster.launch import LocalNode, process_gone
 from scatter import _wire
+from scatter._config import NodeConfig
+from tests.waiting import wait_until
 
 
 def add(a: int, b: int) -> int:
@@ -130,24 +132,51 @@ def test_hung_function_times_out_while_other_calls_go_on(
         other.close()
     assert isinstance(outcome["hang"], scatter.CallTimeout), outcome
     assert isinstance(outcome["hang"], TimeoutError)
-    assert "timeout of 1.5 s" in str(outcome["hang"])
+    # The soft interrupt ended it (not the kill, not the client giving up).
+    assert "ran past its timeout of 1.5 s and was interrupted" in str(outcome["hang"])
     assert served > 10  # calls went on while the hung one waited for its deadline
     assert hang_remote.call(0.01) == 0.01
-    with pytest.raises(scatter.CallTimeout):
+    with pytest.raises(scatter.CallTimeout, match=r"timeout of 0\.3 s and was interrupted"):
         hang_remote.call(5.0, timeout=0.3)  # a per-call timeout beats the function's
+
+
+def worker_pid() -> int:
+    return os.getpid()
 
 
 @pytest.mark.timeout(60)
 def test_function_ignoring_the_interrupt_is_killed_and_replaced(
-    with_add: scatter.RemoteFunction,
+    with_add: scatter.RemoteFunction, node: LocalNode, tmp_path: Path
 ) -> None:
-    @scatter.scatter(timeout=0.5)
-    def stubborn() -> None:
+    timeout = 0.5
+    kill_grace = NodeConfig().kill_grace  # the node fixture runs with the default
+    # The client gives up on its own at timeout + 3 s with "no reply within ...": only
+    # the node's SIGKILL ends the call sooner, with the message below.
+    bound = timeout + kill_grace + 1.5
+
+    @scatter.scatter(timeout=timeout)
+    def stubborn(pid_file: str) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        Path(pid_file).write_text(str(os.getpid()))
         time.sleep(60)
 
-    with pytest.raises(scatter.CallTimeout):
-        scatter.make_callable("stubborn")()
+    scatter.scatter(worker_pid)
+    pid_file = tmp_path / "stubborn.pid"
+    remote = scatter.make_callable("stubborn")
+    started = time.monotonic()
+    with pytest.raises(scatter.CallTimeout) as caught:
+        remote(str(pid_file))
+    elapsed = time.monotonic() - started
+    message = str(caught.value)
+    assert "ran past its timeout of 0.5 s; its worker was stopped and replaced" in message
+    assert elapsed < bound, f"took {elapsed:.2f} s: the worker was not killed in time"
+    stubborn_pid = int(pid_file.read_text())
+    wait_until(lambda: process_gone(stubborn_pid), 10, f"stubborn's worker {stubborn_pid} is gone")
+    new_pid = scatter.make_callable("worker_pid")()
+    assert new_pid != stubborn_pid and not process_gone(new_pid)
+    assert node.process is not None and node.process.poll() is None
+    with scatter.Client(node.address, autostart=False) as other:
+        assert other.status().pid == node.pid
     still_serving(with_add)
 
 
@@ -284,6 +313,6 @@ def test_node_default_timeout_applies_to_functions_without_their_own(tmp_path: P
         client.publish(nap)
         remote = client.make_callable("nap")
         assert remote(0.01) == 0.01
-        with pytest.raises(scatter.CallTimeout, match=r"timeout of 0\.5 s"):
+        with pytest.raises(scatter.CallTimeout, match=r"timeout of 0\.5 s and was interrupted"):
             remote(30.0)
         assert remote.call(0.8, timeout=5.0) == 0.8  # a per-call timeout beats the node's

@@ -115,6 +115,7 @@ def test_each_call_of_a_map_has_its_own_timeout(client: scatter.Client) -> None:
     # Queued behind each other, four 0.2 s calls take 0.8 s on one worker: each call's
     # timeout counts from when its worker starts it, not from when the map began.
     assert list(remote.map([0.2] * 4, parallel=1, timeout=0.6)) == [0.2] * 4
-    with pytest.raises(scatter.CallTimeout):
+    # Interrupted by its worker at 0.3 s: the worker got the per-call timeout too.
+    with pytest.raises(scatter.CallTimeout, match=r"timeout of 0\.3 s and was interrupted"):
         list(remote.map([0.0, 5.0, 0.0], parallel=1, timeout=0.3))
     assert remote(0.0) == 0.0

@@ -19,7 +19,8 @@ import nbformat
 import pytest
 
 import scatter
-from cluster.launch import LocalNode, free_port, process_gone, wait_until
+from cluster.launch import LocalNode, free_port, process_gone
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED_SCRIPT = ROOT / "examples" / "seed_notebook.py"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
 import scatter
 from cluster.launch import LocalNode
+from tests.waiting import wait_until
 
 
 def _publish(body: str, *, name: str = "calc") -> None:
@@ -63,18 +63,22 @@ def test_body_only_update_is_seamless_for_callers_in_a_loop(
     thread = threading.Thread(target=call_in_a_loop)
     thread.start()
     try:
-        deadline = time.monotonic() + 20
-        while len(results) < 50 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: len(results) >= 50 or errors, 20, "50 calls ran on version 1")
         _publish(V2_BODY)
-        while 103 not in results[-5:] and time.monotonic() < deadline:
-            time.sleep(0.01)
+        # At most the call in flight while publishing ran the old body: a client that
+        # scattered then calls finds its version.
+        published_at = len(results)
+        wait_until(
+            lambda: len(results) >= published_at + 6 or errors, 20, "5 calls ran after the update"
+        )
     finally:
         stop.set()
         thread.join(10)
     assert errors == []
-    assert results[0] == 3 and results[-1] == 103
-    assert set(results) == {3, 103}
+    assert not thread.is_alive()
+    assert results[:50] == [3] * 50
+    assert set(results[published_at + 1 :]) == {103}
+    assert results == sorted(results)  # never back to the old body once the new one answered
     assert remote.version == 2
 
 

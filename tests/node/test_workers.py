@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
 import scatter
-from cluster.launch import LocalNode, process_gone, wait_until
+from cluster.launch import LocalNode, process_gone
+from scatter._client import _IDLE_CHECK_AFTER
+from tests.waiting import holds_for, wait_until
 
 
 def add(a: int, b: int) -> int:
     return a + b
+
+
+def worker_pid() -> int:
+    return os.getpid()
 
 
 def _worker_pids(node_pid: int) -> list[int]:
@@ -28,15 +36,21 @@ def _worker_pids(node_pid: int) -> list[int]:
 
 
 @pytest.mark.timeout(60)
-def test_workers_outlive_the_spawning_thread(client: scatter.Client) -> None:
+def test_workers_outlive_the_spawning_thread(client: scatter.Client, node: LocalNode) -> None:
     # Workers once died 10 s after start: PR_SET_PDEATHSIG follows the thread that
-    # spawned them, and trio's process-spawning thread exits after 10 s idle.
-    client.publish(add)
-    remote = client.make_callable("add")
-    started = time.monotonic()
-    while time.monotonic() - started < 12.5:
-        assert remote(1, 2) == 3
-        time.sleep(0.05)
+    # spawned them, and trio's process-spawning thread exits after 10 s idle. The scenario
+    # is time passing, so the test watches the workers for longer than that.
+    client.publish(worker_pid)
+    remote = client.make_callable("worker_pid")
+    serving = remote()
+    workers = _worker_pids(node.pid)
+    assert serving in workers
+    holds_for(
+        lambda: all(not process_gone(pid) for pid in workers),
+        12.5,
+        f"every worker of the node ({workers}) is alive",
+    )
+    assert remote() == serving  # the same process still answers on the same connection
 
 
 @pytest.mark.timeout(60)
@@ -54,15 +68,22 @@ def test_workers_exit_when_their_node_is_killed(client: scatter.Client, node: Lo
 def test_connection_to_a_worker_that_died_while_idle_is_replaced(
     client: scatter.Client, node: LocalNode
 ) -> None:
-    import os
-    import signal
-
     client.publish(add)
     remote = client.make_callable("add")
     assert remote(1, 2) == 3
-    for pid in _worker_pids(node.pid):
+    last_call = time.monotonic()
+    workers = _worker_pids(node.pid)
+    for pid in workers:
         os.kill(pid, signal.SIGKILL)
-    time.sleep(1.2)  # the scenario: idle long enough that the pool looks before reusing
+    for pid in workers:
+        wait_until(lambda pid=pid: process_gone(pid), 10, f"worker {pid} dies")
+    # The scenario: the connection sat idle past the point where the client looks at it
+    # before reuse (the client's own threshold, whatever it is).
+    wait_until(
+        lambda: time.monotonic() - last_call > _IDLE_CHECK_AFTER,
+        _IDLE_CHECK_AFTER + 10,
+        "the connection has been idle long enough to be checked",
+    )
     assert remote(2, 3) == 5
     stats = client.statistics()
     # The dead worker's connection was noticed before sending, not after a send timeout.
@@ -88,11 +109,9 @@ def test_each_client_connection_gets_its_own_worker(node: LocalNode) -> None:
     # call from holding up anyone else's.
     clients = [scatter.Client(node.address, autostart=False) for _ in range(3)]
     try:
-        clients[0].publish(add)
-        for client in clients:
-            assert client.make_callable("add")(1, 2) == 3
-        endpoints = {client._idle[0].endpoint for client in clients}
-        assert len(endpoints) == 3
+        clients[0].publish(worker_pid)
+        pids = {client.make_callable("worker_pid")() for client in clients}
+        assert len(pids) == 3, pids
         assert clients[0].status().leases == 3
     finally:
         for client in clients:
