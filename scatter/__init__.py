@@ -29,6 +29,7 @@ from ._client import (
 )
 from ._core._registry import FunctionInfo as FunctionInfo, VersionInfo as VersionInfo
 from ._exceptions import (
+    AuthenticationError as AuthenticationError,
     CallTimeout as CallTimeout,
     ConfigError as ConfigError,
     FunctionNotFound as FunctionNotFound,
@@ -46,6 +47,7 @@ from ._exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "CallTimeout",
     "Client",
     "ClientStatistics",

@@ -37,18 +37,21 @@ from typing import Any
 import cloudpickle
 import msgspec
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from . import _wire
 from ._config import (
     ENV_AUTOSTART,
     MAX_MESSAGE_BYTES,
     data_dir_for,
+    default_data_dir,
     is_loopback,
     parse_address,
     resolve_client_config,
 )
 from ._core._signature import CallSpec, build_call_spec, restore_signature, typed_decoder
 from ._exceptions import (
+    AuthenticationError,
     CallTimeout,
     ConfigError,
     FunctionNotFound,
@@ -60,6 +63,14 @@ from ._exceptions import (
     ValidationError,
     VersionNotFound,
     WorkerCrashed,
+)
+from ._security import ClientKeys, apply_client_keys, client_keys, read_user_secret
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
 
 # A worker interrupts a call at its deadline and kills it `kill_grace` later; the client
@@ -113,6 +124,8 @@ def error_from_failure(failure: _wire.Failure) -> ScatterError:
         return ConfigError(failure.message)
     if kind == "load":
         return RemoteError("scatter.LoadError", failure.message)
+    if kind == "forbidden":
+        return AuthenticationError(failure.message)
     return ScatterError(failure.message)
 
 
@@ -208,11 +221,17 @@ class ReplyPolling:
 class WorkerConnection:
     """One DEALER socket to one leased worker, used by one thread at a time."""
 
-    def __init__(self, context: zmq.Context[Any], lease: int, endpoint: str) -> None:
+    def __init__(
+        self, context: zmq.Context[Any], lease: int, endpoint: str, keys: ClientKeys
+    ) -> None:
         self.lease = lease
         self.endpoint = endpoint
         self.sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if endpoint.startswith("tcp://"):
+            # The Unix socket of a worker is its user's only (a 0700 directory); TCP is
+            # anyone's, so it is CURVE.
+            apply_client_keys(self.sock, keys)
         # Queue only on a live connection, so a send to a dead worker fails (and can be
         # retried) instead of waiting forever for a reconnect.
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -397,9 +416,12 @@ class Client:
 
     Args:
         address: the node's address, such as ``tcp://127.0.0.1:4242``; default
-            ``SCATTER_ADDRESS``, else ``tcp://127.0.0.1:4242``.
+            ``SCATTER_ADDRESS``, else this user's own (``tcp://127.0.0.1:4242`` for root,
+            see ``default_address``).
         autostart: start a detached local node when none answers (default: on, unless
             ``SCATTER_AUTOSTART=0`` or the address is not on loopback).
+        secret: the cluster secret, or a call-only one (``scatter secret call-only``);
+            default ``SCATTER_SECRET``, else the secret this user's local nodes share.
 
     Example::
 
@@ -408,8 +430,14 @@ class Client:
         add(1, 2)
     """
 
-    def __init__(self, address: str | None = None, *, autostart: bool | None = None) -> None:
-        config = resolve_client_config(address)
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        autostart: bool | None = None,
+        secret: str | None = None,
+    ) -> None:
+        config = resolve_client_config(address, secret=secret)
         if autostart is not None:
             config = dataclasses.replace(config, autostart=autostart)
         self.config = config
@@ -432,6 +460,7 @@ class Client:
         self._idle: list[WorkerConnection] = []
         self._node_ready = False
         self._closed = False
+        self._client_keys: ClientKeys | None = None
         self._pid = os.getpid()
         self._counts: collections.Counter[str] = collections.Counter()
         weakref.finalize(
@@ -440,11 +469,30 @@ class Client:
 
     # -- node control --
 
+    def _keys(self) -> ClientKeys:
+        """The CURVE keys this client's secret gives (read once the node may have made it)."""
+        if self._client_keys is None:
+            secret = self.config.secret
+            if secret is None:
+                secret = read_user_secret(default_data_dir())
+            if secret is None:
+                raise AuthenticationError(
+                    f"no secret to talk to the node at {self.address}: set SCATTER_SECRET "
+                    f"(or pass secret=); a node you start keeps yours in "
+                    f"{default_data_dir() / 'secret'}"
+                )
+            self._client_keys = client_keys(secret)
+        return self._client_keys
+
     def _control_socket(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] | None = getattr(self._local, "sock", None)
         if sock is None:
+            keys = self._keys()
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            apply_client_keys(sock, keys)
+            # Where a wrong secret shows: the handshake fails, and no frame ever comes.
+            self._local.handshake = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
             sock.connect(self.address)
             self._local.sock = sock
             with self._lock:
@@ -454,10 +502,30 @@ class Client:
     def _reset_control_socket(self) -> None:
         sock = getattr(self._local, "sock", None)
         if sock is not None:
+            sock.disable_monitor()
+            self._local.handshake.close(linger=0)
             sock.close(linger=0)
             self._local.sock = None
             with self._lock:
                 self._control_sockets.remove(sock)
+
+    def _handshake_failed(self) -> bool:
+        """Whether the control socket's CURVE handshake failed since the last look."""
+        monitor: zmq.Socket[bytes] = self._local.handshake
+        failed = False
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            failed = event != zmq.EVENT_HANDSHAKE_SUCCEEDED
+        return failed
+
+    def _authentication_failed(self) -> AuthenticationError:
+        self._reset_control_socket()
+        self._node_ready = False
+        return AuthenticationError(
+            f"authentication failed at {self.address}: the node refused this client's "
+            "secret; check SCATTER_SECRET (or the node's --secret-file): both must be "
+            "the cluster's secret, or a call-only secret made from it"
+        )
 
     def request(self, make: Callable[[int], Any], timeout: float | None = None) -> Any:
         """Send one control request (built by ``make(request_id)``) and return its reply."""
@@ -472,7 +540,18 @@ class Client:
         deadline = time.monotonic() + wait_ms / 1000
         while True:
             remaining = max(0, int((deadline - time.monotonic()) * 1000))
-            if not sock.poll(remaining, zmq.POLLIN):
+            ready = 0
+            # Look at the handshake every 100 ms: a wrong secret fails at once, not
+            # at the timeout.
+            while remaining > 0 and not ready:
+                step = min(remaining, 100)
+                ready = sock.poll(step, zmq.POLLIN)
+                remaining = max(0, int((deadline - time.monotonic()) * 1000))
+                if not ready and self._handshake_failed():
+                    raise self._authentication_failed()
+            if not ready:
+                if self._handshake_failed():
+                    raise self._authentication_failed()
                 # A late answer must not reach the next request: start a fresh socket.
                 self._reset_control_socket()
                 self._node_ready = False
@@ -614,7 +693,7 @@ class Client:
         endpoint = leased.endpoint
         if leased.local_endpoint and is_loopback(parse_address(self.address)[0]):
             endpoint = leased.local_endpoint
-        return WorkerConnection(self._context, leased.lease, endpoint)
+        return WorkerConnection(self._context, leased.lease, endpoint, self._keys())
 
     def _checkin(self, connection: WorkerConnection) -> None:
         if connection.broken or self._closed:

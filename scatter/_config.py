@@ -10,13 +10,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ._exceptions import ConfigError
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:4242"
+DEFAULT_PORT = 4242
 DEFAULT_CALL_TIMEOUT = 30.0  # seconds; a function's own timeout or a per-call one overrides it
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds a client waits for a node's control answer
 
@@ -28,6 +29,26 @@ ENV_ADDRESS = "SCATTER_ADDRESS"
 ENV_DATA_DIR = "SCATTER_DATA_DIR"
 ENV_AUTOSTART = "SCATTER_AUTOSTART"
 ENV_SECRET = "SCATTER_SECRET"
+
+
+def default_address(uid: int | None = None) -> str:
+    """The node address of this OS user when none is configured: private to the user.
+
+    Two users of one machine must never share a node by accident (each has its own
+    data directory and secret). On Linux all of 127.0.0.0/8 is loopback, so each user
+    gets a host of their own on port 4242: 127.0.0.1 plus the uid (root, uid 0:
+    ``tcp://127.0.0.1:4242``; uid 1000: ``tcp://127.0.3.233:4242``). Elsewhere only
+    127.0.0.1 answers, so the port moves instead: 4242 + uid modulo 20,000.
+    """
+    if uid is None:
+        uid = os.getuid() if hasattr(os, "getuid") else 0
+    if sys.platform.startswith("linux"):
+        host = ipaddress.IPv4Address("127.0.0.1") + (uid % (2**24 - 2))
+        return f"tcp://{host}:{DEFAULT_PORT}"
+    return f"tcp://127.0.0.1:{DEFAULT_PORT + uid % 20_000}"
+
+
+DEFAULT_ADDRESS = default_address()
 
 
 def default_data_dir() -> Path:
@@ -79,6 +100,8 @@ class ClientConfig:
     autostart: bool = True
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # seconds per control request
     data_dir: Path | None = None  # for an auto-started node; None: data_dir_for(address)
+    # The cluster or call-only secret; None: this user's own (read from
+    # `default_data_dir()/secret`, which the user's loopback nodes make).
     secret: str | None = None
 
 
@@ -110,6 +133,8 @@ class NodeConfig:
     # with back-off (seconds). Generous: a loaded machine imports slowly.
     worker_start_timeout: float = 60.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # The cluster secret. None: on loopback, this user's own (made at first start in
+    # `default_data_dir()/secret`, mode 0600); beyond loopback, refused.
     secret: str | None = None
 
     @classmethod
@@ -128,12 +153,15 @@ def _env_bool(name: str, value: str) -> bool:
 
 
 def resolve_client_config(
-    address: str | None = None, *, environ: dict[str, str] | None = None
+    address: str | None = None,
+    *,
+    secret: str | None = None,
+    environ: dict[str, str] | None = None,
 ) -> ClientConfig:
     """Arguments, then SCATTER_* variables, then defaults."""
     env = os.environ if environ is None else environ
     configured = address is not None or ENV_ADDRESS in env
-    resolved = address or env.get(ENV_ADDRESS) or DEFAULT_ADDRESS
+    resolved = address or env.get(ENV_ADDRESS) or default_address()
     try:
         parse_address(resolved)
     except ConfigError as exc:
@@ -150,7 +178,7 @@ def resolve_client_config(
         # (or one set through SCATTER_ADDRESS on loopback) may be started for them.
         autostart=autostart and (not configured or is_loopback(parse_address(resolved)[0])),
         data_dir=data_dir,
-        secret=env.get(ENV_SECRET) or None,
+        secret=_resolve_secret(secret, None, env),
     )
 
 
@@ -158,22 +186,50 @@ def resolve_node_config(
     address: str | None = None,
     data_dir: str | Path | None = None,
     *,
+    secret_file: str | Path | None = None,
     environ: dict[str, str] | None = None,
     **overrides: object,
 ) -> NodeConfig:
-    """Arguments, then SCATTER_* variables, then the local profile's defaults."""
+    """Arguments, then SCATTER_* variables, then the local profile's defaults.
+
+    Raises:
+        ConfigError: a bad value, or an address beyond loopback without a secret.
+    """
     env = os.environ if environ is None else environ
-    resolved = address or env.get(ENV_ADDRESS) or DEFAULT_ADDRESS
+    resolved = address or env.get(ENV_ADDRESS) or default_address()
     host, _port = parse_address(resolved)
-    secret = env.get(ENV_SECRET) or None
-    if not is_loopback(host):
-        # The cluster secret that makes a non-loopback bind safe comes with the cluster
-        # work; until then a node refuses to expose code execution to a network.
+    secret = _resolve_secret(None, secret_file, env)
+    if secret is not None and secret.startswith("call-only:"):
         raise ConfigError(
-            f"refusing to listen on {resolved}: a node binds to loopback only "
-            "(127.0.0.0/8 or ::1); use tcp://127.0.0.1:PORT"
+            "a node needs the cluster secret, not a call-only one: it serves and changes code"
+        )
+    if secret is None and not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {resolved} without a cluster secret: anyone who can "
+            "reach it could run code here. Make one with `scatter secret new > cluster.key`, "
+            "copy it to every machine of the cluster (mode 600), and start the node with "
+            "--secret-file cluster.key (or SCATTER_SECRET)"
         )
     if data_dir is None and env.get(ENV_DATA_DIR):
         data_dir = env[ENV_DATA_DIR]
     path = Path(data_dir) if data_dir is not None else data_dir_for(resolved)
     return NodeConfig.local(address=resolved, data_dir=path.expanduser(), secret=secret, **overrides)
+
+
+def _resolve_secret(
+    given: str | None, secret_file: str | Path | None, env: Mapping[str, str]
+) -> str | None:
+    # Imported here: _security needs zmq, which the config module should not pull in
+    # for a `--help`.
+    from ._security import check_secret, read_secret_file
+
+    if given is not None:
+        return check_secret(given, "the secret argument")
+    if secret_file is not None:
+        try:
+            return read_secret_file(Path(secret_file).expanduser())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the secret file {secret_file}: {exc.strerror}") from None
+    if env.get(ENV_SECRET, "").strip():
+        return check_secret(env[ENV_SECRET], ENV_SECRET)
+    return None

@@ -13,6 +13,8 @@ msgspec, diskcache, cloudpickle) are mapped at the boundary where they happen, w
     +-- SignatureChanged (also TypeError)     the current version's signature differs from the caller's
     +-- NotScatterable (also TypeError)       @scatter refused the function (no annotations, generator ...)
     +-- Unreachable (also ConnectionError)    no node answered at the address
+    +-- AuthenticationError (also PermissionError)  wrong or missing secret, or a call-only
+    |                                         secret asking for a change
     +-- CallTimeout (also TimeoutError)       the call ran past its timeout
     +-- ProtocolError                         a malformed, oversized or unexpected message
     +-- ConfigError (also ValueError)         a bad argument or SCATTER_* environment value
@@ -25,6 +27,7 @@ the interpreter's own.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "CallTimeout",
     "ConfigError",
     "FunctionNotFound",
@@ -123,6 +126,15 @@ class NotScatterable(ScatterError, TypeError):
 
 class Unreachable(ScatterError, ConnectionError):
     """No node answered at the address."""
+
+
+class AuthenticationError(ScatterError, PermissionError):
+    """The node refused this client's secret, or its role may not do what it asked.
+
+    A client with a wrong or missing secret gets no frame through: check
+    ``SCATTER_SECRET`` (or the node's ``--secret-file``). A call-only secret may call,
+    describe and list; changes and shutdown need the cluster secret.
+    """
 
 
 class CallTimeout(ScatterError, TimeoutError):

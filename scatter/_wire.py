@@ -22,8 +22,10 @@ import msgspec
 
 # Protocol versions and what each added:
 #   1: calls, control requests, leases of worker processes (the single-node protocol).
-PROTOCOL_VERSION_MIN = 1
-PROTOCOL_VERSION_MAX = 1
+#   2: CURVE on every TCP connection, roles (Failure kind "forbidden"), node-computed
+#      content ids, NodeStatus incarnation and worker start failures.
+PROTOCOL_VERSION_MIN = 2
+PROTOCOL_VERSION_MAX = 2
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
 
 
@@ -58,6 +60,7 @@ FailureKind = Literal[
     "load",  # the version's body cannot be loaded on this node
     "internal",
     "invalid",  # a request the registry refuses (bad name, name taken by a set, ...)
+    "forbidden",  # the client's role may not do this (a call-only secret asked for a change)
 ]
 
 

@@ -230,11 +230,18 @@ class NodeCore:
         peer: bytes,
         payload: bytes,
         *,
+        role: str,
         now: float,
         wall: float,
         readings: Mapping[int, SlotReading],
     ) -> list[Effect]:
-        """A frame from a client. ``readings``: the workers' slots, read just now."""
+        """A frame from a client.
+
+        Args:
+            role: what the client's key may do: "deploy" (anything) or "call" (call,
+                describe, list); anything else is refused.
+            readings: the workers' slots, read just now.
+        """
         limit = self.config.max_message_bytes
         if len(payload) > limit:
             message = f"message of {len(payload)} bytes refused: the limit is {limit}"
@@ -243,6 +250,9 @@ class NodeCore:
             request = _wire.control_request_decoder.decode(payload)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return [self._send(peer, _wire.Failure(0, "protocol", f"malformed request: {exc}"))]
+        refusal = _refusal(request, role)
+        if refusal:
+            return [self._send(peer, _wire.Failure(request.id, "forbidden", refusal))]
         if isinstance(request, _wire.Lease):
             self.pool.observe(now, readings)
             return self._pool_effects(self.pool.lease((peer, request.id), now))
@@ -525,6 +535,22 @@ class NodeCore:
     @staticmethod
     def _send(peer: bytes, message: Any) -> Send:
         return Send(peer, _wire.encoder.encode(message))
+
+
+_DEPLOY_ONLY = (*_MUTATIONS, _wire.Shutdown)
+
+
+def _refusal(request: Any, role: str) -> str:
+    """Why ``role`` may not make ``request`` ("" if it may)."""
+    if role == "deploy" or (role == "call" and not isinstance(request, _DEPLOY_ONLY)):
+        return ""
+    what = type(request).__name__.lower()
+    if role == "call":
+        return (
+            f"this client holds a call-only secret: it may call, describe and list; {what} "
+            "needs the cluster secret"
+        )
+    return f"{what} refused: the client is not authenticated (check SCATTER_SECRET)"
 
 
 def _waiter(waiter: object) -> tuple[bytes, int]:

@@ -28,17 +28,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO
 
 import trio
 import zmq
 
-from .._config import NodeConfig, parse_address
+from .._config import NodeConfig, default_data_dir, parse_address
 from .._core import _node as core_effects
 from .._core._node import NodeCore, NodeFacts
 from .._exceptions import ConfigError
+from .._security import (
+    WORKER_KEY_VARIABLE,
+    NodeKeys,
+    apply_server_keys,
+    ensure_user_secret,
+    node_keys,
+)
 from .._transport._zmq_trio import TrioSocket
 from ._slots import SharedSlots
 from ._store import RegistryStore
@@ -57,8 +64,10 @@ class NodeDriver:
         slots: SharedSlots,
         control: TrioSocket,
         run_dir: Path,
+        keys: NodeKeys,
     ) -> None:
         self.config = config
+        self.keys = keys
         self.core = core
         self.store = store
         self.slots = slots
@@ -117,11 +126,12 @@ class NodeDriver:
 
         Error handling: a frame that is not ``[identity, payload]`` is dropped; whatever
         else a client sends, the core answers (rule 5 of the core), so nothing ends
-        this loop but cancellation.
+        this loop but cancellation. Only clients the ZAP handler let in get here, each
+        with its role.
         """
         task_status.started()
         while True:
-            frames = await self.control.recv_multipart()
+            frames, role = await self.control.recv_multipart_with_user()
             if len(frames) != 2:
                 continue
             peer, payload = frames
@@ -129,6 +139,7 @@ class NodeDriver:
                 self.core.receive(
                     peer,
                     payload,
+                    role=role,
                     now=time.monotonic(),
                     wall=time.time(),
                     readings=self.readings(),
@@ -173,6 +184,8 @@ class NodeDriver:
                 self._worker_command(slot),
                 stdout=subprocess.PIPE,
                 pass_fds=(self._parent_read,),
+                # The environment, not the command line: /proc/PID/cmdline is world-readable.
+                env={**os.environ, WORKER_KEY_VARIABLE: self.keys.server_secret.decode()},
             )
             with trio.fail_after(self.config.worker_start_timeout):
                 endpoints = await _read_ready(process)
@@ -221,6 +234,41 @@ class NodeDriver:
             str(self._parent_read),
         ]
 
+    async def serve_zap(
+        self,
+        sock: TrioSocket,
+        clients: Mapping[bytes, str],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Answer libzmq's ZAP requests: a known client key gets its role, any other none.
+
+        A refused client is logged once per address a minute, never a flood.
+        """
+        task_status.started()
+        logged: dict[bytes, float] = {}  # {peer address: when it was last logged}
+        while True:
+            frames = await sock.recv_multipart()
+            # [routing id, b"", version, request id, domain, address, identity, mechanism,
+            #  credentials...] (ZMQ RFC 27)
+            if len(frames) < 8:
+                continue
+            routing, _empty, version, request_id, _domain, address, _identity, mechanism = frames[:8]
+            key = frames[8] if len(frames) > 8 else b""
+            role = clients.get(key, "") if mechanism == b"CURVE" else ""
+            if role:
+                reply = [b"200", b"OK", role.encode()]
+            else:
+                reply = [b"400", b"unknown client key", b""]
+                now = time.monotonic()
+                if now - logged.get(address, -60.0) >= 60.0:
+                    logged[address] = now
+                    log(
+                        f"refused a client at {address.decode(errors='replace')}: its secret is "
+                        "not this cluster's (logged once a minute per address)"
+                    )
+            send_reply(sock, routing, b"", version, request_id, *reply, b"")
+
     def kill_workers(self) -> None:
         for process in self._processes.values():
             if process.returncode is None:
@@ -261,21 +309,30 @@ async def _read_ready(process: trio.Process) -> tuple[str, ...]:
     return tuple(line.split()[1:])
 
 
-def send_reply(sock: TrioSocket, peer: bytes, payload: bytes) -> None:
+def send_reply(sock: TrioSocket, peer: bytes, *payload: bytes) -> None:
     # A client that went away or whose queue is full: nothing to deliver to.
     with contextlib.suppress(zmq.ZMQError):
-        sock.send_multipart_nowait([peer, payload])
+        sock.send_multipart_nowait([peer, *payload])
 
 
 def log(message: str) -> None:
     print(f"scatter node: {message}", file=sys.stderr, flush=True)
 
 
-def _bind_control(config: NodeConfig) -> zmq.Socket[bytes]:
+def _bind_zap() -> zmq.Socket[bytes]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind("inproc://zeromq.zap.01")
+    return sock
+
+
+def _bind_control(config: NodeConfig, keys: NodeKeys) -> zmq.Socket[bytes]:
     host, port = parse_address(config.address)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock: zmq.Socket[bytes] = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    apply_server_keys(sock, keys.server_secret, zap=True)
     sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 4096)
     if ":" in host:
         sock.setsockopt(zmq.IPV6, 1)
@@ -314,10 +371,17 @@ async def serve_node(
     Raises:
         SystemExit: with status 1 when the node stopped because it could not write.
     """
+    keys = node_keys(config.secret or ensure_user_secret(default_data_dir()))
     lock = _lock_data_dir(config)
+    zap: TrioSocket | None = None
     try:
-        control = _bind_control(config)
+        # The ZAP handler must listen before the first client can knock (libzmq
+        # refuses every handshake on an enforced domain while nobody answers).
+        zap = TrioSocket(_bind_zap())
+        control = _bind_control(config, keys)
     except BaseException:
+        if zap is not None:
+            zap.close()
         lock.close()
         raise
     sock = TrioSocket(control)
@@ -346,13 +410,14 @@ async def serve_node(
             scatter_version=SCATTER_VERSION,
         )
         core = NodeCore(config, facts, store.changes(), store.views(), store.body_ids())
-        driver = NodeDriver(config, core, store, slots, sock, run_dir)
-        await _run(driver, task_status)
+        driver = NodeDriver(config, core, store, slots, sock, run_dir, keys)
+        await _run(driver, zap, task_status)
     finally:
         if driver is not None:
             driver.kill_workers()
             driver.close()
         sock.close()
+        zap.close()
         if slots is not None:
             slots.close()
         store.close()
@@ -363,7 +428,9 @@ async def serve_node(
 
 
 async def _run(
-    driver: NodeDriver, task_status: trio.TaskStatus[NodeDriver] = trio.TASK_STATUS_IGNORED
+    driver: NodeDriver,
+    zap: TrioSocket,
+    task_status: trio.TaskStatus[NodeDriver] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     core, config = driver.core, driver.config
     async with trio.open_nursery() as nursery:
@@ -375,6 +442,7 @@ async def _run(
             if isinstance(effect, core_effects.PersistViews):
                 await trio.to_thread.run_sync(driver._commit, effect)
         driver.perform(e for e in effects if not isinstance(e, core_effects.PersistViews))
+        await nursery.start(driver.serve_zap, zap, driver.keys.clients)
         await nursery.start(driver.serve_control)
         nursery.start_soon(driver.tick)
         nursery.start_soon(_stop_on_signal, driver)
@@ -397,7 +465,10 @@ def _lock_data_dir(config: NodeConfig) -> IO[str]:
     slots; the second one is refused instead. The lock dies with the process (flock), so
     a node killed with SIGKILL leaves nothing stale behind.
     """
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Bodies and sources are code, and the worker sockets take calls: the node's user's
+    # only, also for a directory an older release made 0755.
+    os.chmod(config.data_dir, 0o700)
     handle = open(config.data_dir / "node.lock", "a+")  # noqa: SIM115 - held until stop
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -424,4 +495,6 @@ async def _stop_on_signal(driver: NodeDriver) -> None:
 
 def run_node(config: NodeConfig) -> None:
     """Run a node in the foreground of this process (``scatter node start``)."""
+    # Everything the node and its workers create (store, slots, sockets) is its user's.
+    os.umask(0o077)
     trio.run(serve_node, config)

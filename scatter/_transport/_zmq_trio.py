@@ -79,6 +79,21 @@ class TrioSocket:
             await trio.lowlevel.checkpoint()
             return frames
 
+    async def recv_multipart_with_user(self) -> tuple[list[bytes], str]:
+        """Frames and the ZAP ``User-Id`` of the peer that sent them ("" without ZAP)."""
+        while True:
+            try:
+                frames: list[zmq.Frame] = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                await self._wait_readable()
+                continue
+            await trio.lowlevel.checkpoint()
+            try:
+                user = frames[-1].get("User-Id") or ""
+            except zmq.ZMQError:  # no ZAP handler named one
+                user = ""
+            return [frame.bytes for frame in frames], str(user)
+
     def send_multipart_nowait(self, frames: list[bytes]) -> None:
         """Send without blocking (rule 2); raises ``zmq.Again`` if the peer's queue is full."""
         try:

@@ -101,8 +101,10 @@ def request(message: Any) -> bytes:
     return _wire.encoder.encode(message)
 
 
-def receive(core: NodeCore, payload: bytes, peer: bytes = PEER) -> list[Any]:
-    return core.receive(peer, payload, now=1.0, wall=1000.0, readings={})
+def receive(
+    core: NodeCore, payload: bytes, peer: bytes = PEER, *, role: str = "deploy"
+) -> list[Any]:
+    return core.receive(peer, payload, role=role, now=1.0, wall=1000.0, readings={})
 
 
 def test_a_publish_is_persisted_then_applied_then_answered() -> None:
@@ -152,7 +154,7 @@ def test_requests_wait_while_the_views_of_a_change_are_written() -> None:
     (write,) = receive(core, publish("add"))
     (views,) = core.changes_persisted(write.ticket)
     # Applied in memory, not yet visible to workers: a describe must not see it yet...
-    assert receive(core, request(_wire.Describe(7, "add")), peer=b"other") == []
+    assert receive(core, request(_wire.Describe(7, "add")), peer=b"other", role="call") == []
     effects = core.views_persisted(views.ticket)
     replies = [
         (e.peer, _wire.control_reply_decoder.decode(e.payload))
@@ -293,3 +295,24 @@ def test_no_frame_raises_out_of_the_core(payload: bytes) -> None:
     core = Disk().core()
     for effect in receive(core, payload):
         assert isinstance(effect, Send | PersistChanges | Log)
+
+
+def test_a_call_only_client_may_call_describe_and_list_but_change_nothing() -> None:
+    disk = Disk()
+    core = disk.core()
+    disk.run(core, receive(core, publish("add")))
+    for change in (
+        publish("add", b"v2", request_id=2),
+        request(_wire.Rollback(3, "add")),
+        request(_wire.Vaporize(4, "add")),
+        request(_wire.Shutdown(5)),
+    ):
+        (refused,) = disk.run(core, receive(core, change, role="call"))
+        assert isinstance(refused, _wire.Failure) and refused.kind == "forbidden"
+        assert "call-only secret" in refused.message
+    (described,) = disk.run(core, receive(core, request(_wire.Describe(6, "add")), role="call"))
+    assert isinstance(described, _wire.Description) and described.version == 1
+    (listing,) = disk.run(core, receive(core, request(_wire.ListFunctions(7)), role="call"))
+    assert [row["name"] for row in listing.rows] == ["add"]
+    (hello,) = disk.run(core, receive(core, request(_wire.ListFunctions(8)), role=""))
+    assert hello.kind == "forbidden"
