@@ -13,11 +13,15 @@ Rules of the pool:
 3. A call past its deadline gets SIGUSR1 (the worker raises inside the function); past
    ``deadline + kill_grace`` the worker gets SIGKILL. A worker that exits for any reason
    is replaced if the pool is below ``min_workers``; its clients see their connection drop.
+   (Workers also enforce their own deadlines, which hold when the node is gone: see
+   ``_worker.py``.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import os
 import signal
 import subprocess
 import sys
@@ -53,8 +57,9 @@ class PoolStatistics:
 
 class WorkerPool:
     """Resource handling: every worker is a child process owned by the pool's nursery; the
-    pool kills them all when its nursery is cancelled, and a worker whose node died
-    (SIGKILL) notices within a quarter second while idle and exits.
+    pool kills them all when its nursery is cancelled. While the pool runs it holds the
+    write end of a pipe whose read end every worker gets (``--parent-fd``): when the node
+    dies, even by SIGKILL, the kernel closes it and the workers see EOF and exit.
 
     Error handling: a worker that fails to start raises from ``lease()`` as a ScatterError;
     a worker that dies later is replaced, never propagated.
@@ -70,21 +75,33 @@ class WorkerPool:
         self._started = 0
         self._replaced = 0
         self._nursery: trio.Nursery | None = None
+        self._parent_fd = -1  # the read end of the lifetime pipe, passed to each worker
 
     # -- lifecycle --
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            try:
-                async with trio.open_nursery() as starting:
-                    for _ in range(self.config.min_workers):
-                        starting.start_soon(self._spawn)
-                nursery.start_soon(self._supervise)
-                task_status.started()
-                await trio.sleep_forever()
-            finally:
-                self._kill_all()
+        # Worker sockets of an earlier start (a node killed with SIGKILL): never reused.
+        for stale in self.slots.path.parent.glob("worker-*.sock"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        # Nobody writes to this pipe; its write end closes when the node dies (workers:
+        # EOF). Both ends are close-on-exec; each worker gets the read end by pass_fds.
+        self._parent_fd, lifetime = os.pipe()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    async with trio.open_nursery() as starting:
+                        for _ in range(self.config.min_workers):
+                            starting.start_soon(self._spawn)
+                    nursery.start_soon(self._supervise)
+                    task_status.started()
+                    await trio.sleep_forever()
+                finally:
+                    self._kill_all()
+        finally:  # after the nursery: no spawn is using the read end any more
+            os.close(lifetime)
+            os.close(self._parent_fd)
 
     def _kill_all(self) -> None:
         for worker in list(self.workers.values()):
@@ -109,6 +126,8 @@ class WorkerPool:
                 "scatter._node._worker",
                 "--data-dir",
                 str(self.config.data_dir),
+                "--run-dir",
+                str(self.slots.path.parent),
                 "--slot",
                 str(slot),
                 "--host",
@@ -117,8 +136,14 @@ class WorkerPool:
                 str(self.config.call_timeout),
                 "--max-message-bytes",
                 str(self.config.max_message_bytes),
+                "--kill-grace",
+                str(self.config.kill_grace),
+                "--parent-fd",
+                str(self._parent_fd),
             ]
-            process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+            process = await trio.lowlevel.open_process(
+                command, stdout=subprocess.PIPE, pass_fds=(self._parent_fd,)
+            )
             try:
                 endpoints = await self._read_ready(process)
             except BaseException:
@@ -152,6 +177,10 @@ class WorkerPool:
 
     async def _watch(self, worker: WorkerProcess) -> None:
         await worker.process.wait()
+        for endpoint in worker.endpoints:  # its Unix socket path, unique to that process
+            if endpoint.startswith("ipc://"):
+                with contextlib.suppress(OSError):
+                    os.unlink(endpoint[len("ipc://") :])
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
             self.slots.clear(worker.slot)

@@ -143,7 +143,8 @@ def test_function_ignoring_the_interrupt_is_killed_and_replaced(
 ) -> None:
     @scatter.scatter(timeout=0.5)
     def stubborn() -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        # Deaf to the worker's own alarm and to the node's interrupt: only a kill ends it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGALRM})
         time.sleep(60)
 
     with pytest.raises(scatter.CallTimeout):
