@@ -12,13 +12,20 @@ and no results, only what lets the node supervise without a message per call:
 
 Writes are single aligned 8-byte stores, which x86-64 and AArch64 perform atomically;
 a reader may see a slot one call behind, never a torn value.
+
+A new inode at every node start: the file is written under a temporary name and renamed
+over ``slots``, never truncated in place. A worker left over from a node killed with
+SIGKILL (it lives until its running call ends, see ``_worker.py``) keeps its mapping of
+the old, unlinked file, so it can never write into the slot of a new start's worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
+import tempfile
 from pathlib import Path
 
 MAGIC = 0x53434154  # "SCAT"
@@ -38,16 +45,30 @@ class SharedSlots:
     def __init__(self, path: Path, *, create: bool = False) -> None:
         self.path = path
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
-                f.write(b"\0" * SIZE)
-        self._fd = os.open(path, os.O_RDWR)
+            self._fd = self._create(path)
+        else:
+            self._fd = os.open(path, os.O_RDWR)
         self._map = mmap.mmap(self._fd, SIZE)
-        if create:
-            _HEADER.pack_into(self._map, 0, MAGIC, 1, 1)
         magic, _layout, _gen = _HEADER.unpack_from(self._map, 0)
         if magic != MAGIC:
             raise RuntimeError(f"{path} is not a Scatter runtime file")
+
+    @staticmethod
+    def _create(path: Path) -> int:
+        """A fresh file, complete before it appears under ``path`` (the module docstring
+        says why a new inode); returns an fd open on it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        try:
+            with open(fd, "wb", closefd=False) as f:
+                f.write(_HEADER.pack(MAGIC, 1, 1) + b"\0" * (SIZE - _HEADER.size))
+            os.replace(temporary, path)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
+        return fd
 
     def close(self) -> None:
         try:

@@ -8,13 +8,36 @@ leases workers to client connections, so a hung or CPU-heavy call holds up only 
 caller, CPU-bound calls from several clients run on several cores, and a function that
 kills its interpreter costs one call: the node notices and starts a replacement.
 
-Timeouts: the worker writes each call's deadline to its shared slot. Past it, the node
-sends SIGUSR1 and the handler raises ``CallInterrupted`` inside the function (which works
-for Python code and for interruptible sleeps); if the call is still running ``kill_grace``
-later, the node kills the process.
+Nothing a caller sends ends the loop: every step of a call (decoding the frame and the
+arguments, loading, running, encoding the result, sending) catches ``Exception`` and
+answers a ``Failure``; a result that cannot be sent (an int beyond 64 bits, an object
+that does not pickle) is a ``validation`` failure naming the function and version. What
+is logged to stderr is an exception's type and where it was raised, never a value.
 
-Run as ``python -m scatter._node._worker --data-dir D --slot N --host H``; it prints one
-line, ``READY <endpoint>``, once it listens.
+Timeouts are the worker's own, so that they hold when the node is gone too: each call
+arms ``ITIMER_REAL`` for its timeout and the SIGALRM handler raises ``CallInterrupted``
+inside the function (Python code and interruptible sleeps); if the function swallows it
+and still runs ``kill_grace`` seconds later, the handler ends the process. One syscall
+per call (~0.7 us, ``cluster/bench_worker_timer.py``): the timer is not disarmed after a
+call, the next call re-arms it and a stale alarm landing while idle is ignored. It is
+re-armed on every call, not only when an earlier alarm would come too late, so that a
+signal reaches a call only past its own deadline. The node still watches the deadline each
+call writes to its shared slot (SIGUSR1, handled as the same interrupt, then SIGKILL).
+Code holding the GIL without returning to the interpreter (a C loop) runs no Python
+handler: only the node's SIGKILL ends it.
+
+The node's lifetime, watched on a pipe: the node passes the read end (``--parent-fd``)
+and keeps the write end open, writing nothing. A thread blocks reading it; EOF means the
+node is gone (even by SIGKILL): an idle worker exits at once, a busy one sends its reply
+(the call bounded by its own deadline), gives the caller up to a second to read it, then
+exits. No polling: an idle worker sleeps.
+Not PR_SET_PDEATHSIG: it fires when the parent *thread* exits, and trio spawns processes
+from a cache thread that exits after 10 s idle: every worker died 10 s after start.
+
+Run as ``python -m scatter._node._worker --data-dir D --run-dir R --slot N --host H
+--parent-fd F``; it prints one line, ``READY <endpoint>...``, once it listens. Its Unix
+socket is ``R/worker-{slot}-{pid}.sock``: unique per process, so a client never
+reconnects silently to another process that took over a path.
 """
 
 from __future__ import annotations
@@ -26,6 +49,7 @@ import linecache
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import types
@@ -38,7 +62,7 @@ import msgspec
 import zmq
 
 from .. import _wire
-from .._config import DEFAULT_CALL_TIMEOUT, MAX_MESSAGE_BYTES
+from .._config import DEFAULT_CALL_TIMEOUT, MAX_MESSAGE_BYTES, NodeConfig
 from .._core._registry import resolve_view
 from .._core._signature import CallSpec, build_call_spec, restore_signature, signature_of
 from .._exceptions import FunctionNotFound, NotScatterable, ValidationError, VersionNotFound
@@ -51,6 +75,22 @@ _SCATTER_DIR = str(Path(__file__).resolve().parent.parent)
 MAX_LOADED_VERSIONS = 256  # loaded bodies a worker keeps for reuse
 
 _RESULT_TAG: int = _wire.Result.__struct_config__.tag  # type: ignore[assignment]
+
+_ITIMER_REAL = signal.ITIMER_REAL
+# The longest alarm armed at once: setitimer refuses ~1e12 s; a later deadline re-arms.
+_MAX_ALARM = 1e6
+_MIN_ALARM = 1e-3  # setitimer(0) would disarm
+EXIT_IGNORED_INTERRUPT = 70  # exit status of a worker whose call ignored its interrupt
+
+_LEAVE_LINGER_MS = 1000  # bounds how long a last reply is given once the node is gone
+_INTERNAL_FAILURE = _wire.encoder.encode(
+    _wire.Failure(0, "internal", "the worker failed on this call; the node's log says where")
+)
+
+_BIG_INT = (
+    "an int does not fit in 64 bits (msgpack carries ints from -2**63 to 2**64-1); "
+    "return it as a str, or as a float if rounding is acceptable"
+)
 
 
 class CallInterrupted(BaseException):
@@ -74,15 +114,50 @@ class _Refused(Exception):
         self.extra = extra
 
 
+def _log(message: str) -> None:
+    """One line to stderr (the node's log). Never given argument or result values.
+
+    ``os.write``, not ``sys.stderr``: it runs in signal handlers, which may land while the
+    interrupted code is itself writing to ``sys.stderr``.
+    """
+    with contextlib.suppress(Exception):
+        os.write(2, f"scatter worker {os.getpid()}: {message}\n".encode(errors="replace"))
+
+
+def _log_exception(step: str, exc: BaseException) -> None:
+    """The type of ``exc`` and where it was raised; its message may quote a value."""
+    tb = exc.__traceback__
+    where = "?"
+    if tb is not None:
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        code = tb.tb_frame.f_code
+        where = f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}"
+    _log(f"{step}: {type(exc).__qualname__} at {where}")
+
+
+def _encodable(text: str) -> str:
+    """``text`` without lone surrogates, which UTF-8 (and so msgpack) cannot carry."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class Worker:
     def __init__(
-        self, data_dir: Path, run_dir: Path, slot: int, default_timeout: float, max_message_bytes: int
+        self,
+        data_dir: Path,
+        slot: int,
+        default_timeout: float,
+        max_message_bytes: int,
+        *,
+        run_dir: Path | None = None,
+        kill_grace: float = NodeConfig.kill_grace,
     ) -> None:
         self.store = RegistryStore(data_dir / "registry")
-        self.slots = SharedSlots(run_dir / "slots")
+        self.slots = SharedSlots((run_dir or data_dir / "run") / "slots")
         self.slot = slot
         self.default_timeout = default_timeout
         self.max_message_bytes = max_message_bytes
+        self.kill_grace = kill_grace
         self.generation = -1
         # {(name, pinned version or 0): (number, loaded)}, valid for self.generation
         self.routes: dict[tuple[str, int], tuple[int, Loaded]] = {}
@@ -92,14 +167,80 @@ class Worker:
         self.call_number = 0
         self.running = 0  # call number running now, 0 when idle
         self.deadline = 0.0
+        self.interrupted = 0  # the call number last interrupted
+        self.kill_at = 0.0  # when that call, still running, ends the process
+        self.busy = False  # from receiving a frame until its reply is sent
+        self.orphaned = False  # the node is gone: exit once no frame is in hand
+        self.ipc_path: Path | None = None
         self.encode = _wire.encoder.encode
         self.decode_call = _wire.call_decoder.decode
+        self.arm = signal.setitimer
 
-    # -- interruption --
+    # -- interruption (the module docstring says why the worker keeps its own time) --
+
+    def on_alarm(self, signum: int, frame: object) -> None:
+        """SIGALRM: the running call's deadline, or ``kill_grace`` after its interrupt."""
+        running = self.running
+        if not running:
+            return  # the stale alarm of a call that finished: ignored while idle
+        now = time.monotonic()
+        if running != self.interrupted:
+            if now < self.deadline:  # a deadline beyond _MAX_ALARM
+                self.arm(_ITIMER_REAL, max(min(self.deadline - now, _MAX_ALARM), _MIN_ALARM))
+                return
+            self._interrupt(running, now)
+        if now < self.kill_at:  # the node's SIGUSR1 interrupted first
+            self.arm(_ITIMER_REAL, max(self.kill_at - now, _MIN_ALARM))
+            return
+        _log(
+            f"call {running} still ran {self.kill_grace:g} s after its timeout interrupted "
+            "it (the function swallowed CallInterrupted): exiting"
+        )
+        self.exit(EXIT_IGNORED_INTERRUPT)
 
     def on_interrupt(self, signum: int, frame: object) -> None:
-        if self.running and time.monotonic() >= self.deadline:
-            raise CallInterrupted
+        """SIGUSR1, sent by the node past a deadline: the same interrupt, once per call.
+
+        Kept while nodes still send it; the worker's own alarm makes it redundant.
+        """
+        running = self.running
+        if running and running != self.interrupted:
+            now = time.monotonic()
+            if now >= self.deadline:
+                self._interrupt(running, now)
+
+    def _interrupt(self, running: int, now: float) -> None:
+        self.interrupted = running
+        self.kill_at = now + self.kill_grace
+        self.arm(_ITIMER_REAL, max(self.kill_grace, _MIN_ALARM))
+        raise CallInterrupted
+
+    # -- the node's lifetime --
+
+    def watch_parent(self, fd: int) -> None:
+        """Exit when the node is gone: EOF on the pipe whose write end only it holds."""
+
+        def wait_for_eof() -> None:
+            # The alarm and the node's interrupt are for the main thread (the call's).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})
+            with contextlib.suppress(OSError):
+                while os.read(fd, 64):  # the node never writes; anything read is ignored
+                    pass
+            # serve() reads orphaned, clears busy, reads orphaned again: one of the two
+            # sides sees the other (the GIL orders these), so the worker always exits,
+            # and a busy worker exits after its reply has left, not in the middle.
+            self.orphaned = True
+            if not self.busy:
+                self.exit(0)
+
+        threading.Thread(target=wait_for_eof, name="scatter-node-watch", daemon=True).start()
+
+    def exit(self, status: int) -> None:
+        """End the process now (``os._exit``: from a signal handler or the watch thread)."""
+        if self.ipc_path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.ipc_path)
+        os._exit(status)
 
     # -- lookups --
 
@@ -157,28 +298,48 @@ class Worker:
     # -- one call --
 
     def handle(self, payload: bytes) -> bytes:
-        if len(payload) > self.max_message_bytes:
-            return self.encode(
-                _wire.Failure(
+        """One frame in, one reply out. Nothing raised here ends the worker's loop."""
+        call_id = 0
+        try:
+            if len(payload) > self.max_message_bytes:
+                return self.failure(
                     0,
                     "protocol",
                     f"message of {len(payload)} bytes refused: the limit is {self.max_message_bytes}",
                 )
-            )
-        try:
-            call = self.decode_call(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            return self.encode(_wire.Failure(0, "protocol", f"malformed call: {exc}"))
-        try:
-            return self.run(call)
-        except _Refused as refusal:
-            return self.encode(_wire.Failure(call.id, refusal.kind, str(refusal), **refusal.extra))
-        except ValidationError as exc:
-            return self.encode(
-                _wire.Failure(
-                    call.id, "validation", str(exc), parameter=exc.parameter, path=exc.path
+            try:
+                call = self.decode_call(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                return self.failure(0, "protocol", f"malformed call: {exc}")
+            call_id = call.id
+            try:
+                return self.run(call)
+            except _Refused as refusal:
+                return self.failure(call_id, refusal.kind, str(refusal), **refusal.extra)
+            except ValidationError as exc:
+                return self.failure(
+                    call_id, "validation", str(exc), parameter=exc.parameter, path=exc.path
                 )
+        except CallInterrupted:  # landed between the function's return and running = 0
+            return self.failure(call_id, "timeout", "call interrupted at its deadline")
+        except Exception as exc:
+            _log_exception("a call failed inside the worker", exc)
+            return self.failure(
+                call_id,
+                "internal",
+                f"the worker failed on this call ({type(exc).__name__}); the node's log "
+                "says where. The worker keeps serving.",
             )
+
+    def failure(self, call_id: int, kind: _wire.FailureKind, message: str, **extra: Any) -> bytes:
+        """An encoded ``Failure``, whatever the strings in it."""
+        try:
+            return self.encode(_wire.Failure(call_id, kind, message, **extra))
+        except UnicodeEncodeError:  # lone surrogates, from an exception's message
+            clean: dict[str, Any] = {
+                k: _encodable(v) if isinstance(v, str) else v for k, v in extra.items()
+            }
+            return self.encode(_wire.Failure(call_id, kind, _encodable(message), **clean))
 
     def run(self, call: _wire.Call) -> bytes:
         generation = self.slots.generation()
@@ -198,12 +359,30 @@ class Worker:
                 old_version=call.known_version,
                 new_version=number,
             )
-        arguments = spec.decode_arguments(call.args)
+        try:
+            arguments = spec.decode_arguments(call.args)
+        except ValidationError:
+            raise
+        except Exception as exc:
+            # An extension value (a pickled object) that does not unpickle here: not a
+            # pickle, or a class from a module this node lacks.
+            _log_exception(f"decoding the arguments of {call.name}", exc)
+            raise _Refused(
+                "validation",
+                f"{call.name}() arguments: a value cannot be decoded on this node "
+                f"({type(exc).__name__}: {exc})",
+            ) from None
         timeout = call.timeout or loaded.timeout or self.default_timeout
+        if not timeout > 0:  # also NaN
+            raise _Refused(
+                "protocol", f"{call.name}: a timeout must be a positive number of seconds"
+            )
         self.call_number += 1
         self.deadline = deadline = time.monotonic() + timeout
         self.slots.begin_call(self.slot, self.call_number, deadline)
-        self.running = self.call_number
+        self.running = self.call_number  # before arming: an alarm while idle is ignored
+        # Not disarmed after the call: the next call re-arms (see the module docstring).
+        self.arm(_ITIMER_REAL, timeout if timeout < _MAX_ALARM else _MAX_ALARM)
         try:
             try:
                 value = spec.invoke(loaded.function, arguments)
@@ -217,16 +396,43 @@ class Worker:
                 "interrupted; raise the timeout with @scatter(timeout=...) or per call",
             ) from None
         except BaseException as exc:  # the function's exception, reported, never fatal
-            return self.encode(
-                _wire.Failure(
-                    call.id,
-                    "remote",
-                    str(exc),
-                    remote_type=_qualified_name(type(exc)),
-                    remote_traceback=_user_traceback(exc),
-                )
-            )
-        return spec.encode_reply(_RESULT_TAG, call.id, number, value)
+            return self.remote_failure(call.id, exc)
+        try:
+            return spec.encode_reply(_RESULT_TAG, call.id, number, value)
+        except ValidationError as exc:
+            # encode_result raises ValidationError from the encoder's TypeError for a
+            # value that cannot be encoded, from None for one not matching the annotation.
+            if not isinstance(exc.__cause__, TypeError):
+                raise
+            reason = str(exc.__cause__)
+        except OverflowError:
+            reason = _BIG_INT
+        except Exception as exc:  # e.g. the check's decoding failing to unpickle the value
+            _log_exception(f"checking the result of {call.name}", exc)
+            reason = f"{type(exc).__name__}: {exc}"
+        raise _Refused(
+            "validation",
+            f"the result of {call.name} (version {number}) cannot be sent: {reason}",
+            parameter="return",
+        )
+
+    def remote_failure(self, call_id: int, exc: BaseException) -> bytes:
+        """The function's exception as a ``remote`` failure, even if it will not print."""
+        try:
+            message = str(exc)
+        except Exception as inner:
+            message = f"<str() of the exception raised {type(inner).__name__}>"
+        try:
+            trace = _user_traceback(exc)
+        except Exception as inner:
+            trace = f"<the traceback could not be formatted: {type(inner).__name__}>"
+        return self.failure(
+            call_id,
+            "remote",
+            message,
+            remote_type=_qualified_name(type(exc)),
+            remote_traceback=trace,
+        )
 
 
 def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
@@ -257,23 +463,19 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
-def serve(worker: Worker, host: str, ipc_path: Path | None) -> None:
+def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | None) -> None:
     """Answer calls until the node goes away.
 
     Resource handling: the socket is bound to ``host`` on a free port and, for clients on
     this machine, to a Unix socket (~15% faster round trips than loopback TCP); both are
-    announced on stdout.
-    Error handling: a bad frame gets a ``protocol`` failure; nothing a caller sends ends
-    the loop. Only losing the parent node does.
+    announced on stdout. With ``parent_fd``, a thread watches the node (``watch_parent``);
+    without it (a worker started by hand) the worker runs until it is stopped.
+    Error handling: a bad frame gets a failure (``Worker.handle``); nothing a caller sends
+    ends the loop. Only losing the node does, or a call ignoring its interrupt.
     """
-    parent = os.getppid()
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    # Idle workers look up every quarter second whether their node is still there. Not
-    # PR_SET_PDEATHSIG: it fires when the parent *thread* exits, and trio spawns processes
-    # from a cache thread that exits after 10 s idle: every worker died 10 s after start.
-    sock.setsockopt(zmq.RCVTIMEO, 250)
     sock.setsockopt(zmq.MAXMSGSIZE, worker.max_message_bytes + 4096)
     if ":" in host:
         sock.setsockopt(zmq.IPV6, 1)
@@ -284,8 +486,12 @@ def serve(worker: Worker, host: str, ipc_path: Path | None) -> None:
         with contextlib.suppress(zmq.ZMQError):
             sock.bind(f"ipc://{ipc_path}")
             endpoints.append(f"ipc://{ipc_path}")
+            worker.ipc_path = ipc_path
+    signal.signal(signal.SIGALRM, worker.on_alarm)
     signal.signal(signal.SIGUSR1, worker.on_interrupt)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when workers stop
+    if parent_fd is not None:
+        worker.watch_parent(parent_fd)
     sys.stdout.write(f"READY {' '.join(endpoints)}\n")
     sys.stdout.flush()
     # The node stops reading our stdout after READY: what a function prints goes to the
@@ -303,35 +509,75 @@ def serve(worker: Worker, host: str, ipc_path: Path | None) -> None:
                 while more(zmq.RCVMORE):
                     recv()
                 continue
-        except zmq.Again:
-            if os.getppid() != parent:
+        except CallInterrupted:  # only raised while a call runs; a guard
+            continue
+        except zmq.ZMQError as exc:
+            _log_exception("receiving", exc)
+            if exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
                 return
             continue
-        except CallInterrupted:  # a late interrupt landing while idle
-            continue
+        worker.busy = True
         try:
             reply = handle(payload)
-        except CallInterrupted:  # landed between the function's return and end_call
-            reply = worker.encode(_wire.Failure(0, "timeout", "call interrupted at its deadline"))
-        send(identity, zmq.SNDMORE)
-        send(reply)
+        except Exception as exc:  # handle answers everything itself; a last guard
+            _log_exception("a call failed inside the worker", exc)
+            reply = _INTERNAL_FAILURE
+        try:
+            send(identity, zmq.SNDMORE)
+            send(reply)
+        except zmq.ZMQError as exc:
+            _log_exception("sending a reply", exc)
+        if worker.orphaned:  # the node died during this call
+            _leave(context, sock, worker)
+        worker.busy = False
+        if worker.orphaned:  # it died just now, and its watch saw us busy: see watch_parent
+            _leave(context, sock, worker)
+
+
+def _leave(
+    context: zmq.Context[zmq.Socket[bytes]], sock: zmq.Socket[bytes], worker: Worker
+) -> None:
+    """Exit after the node's death, once the reply just sent has had time to be read.
+
+    A client socket with ZMQ_IMMEDIATE (Scatter's) discards a reply it has not read yet
+    when the connection closes, so the socket stays open until the caller sends its next
+    frame (it has read the reply) or ``_LEAVE_LINGER_MS`` passes; then pending output is
+    flushed (the same bound) and the process exits.
+    """
+    with contextlib.suppress(Exception):
+        sock.poll(_LEAVE_LINGER_MS)
+    context.destroy(linger=_LEAVE_LINGER_MS)
+    worker.exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scatter._node._worker")
     parser.add_argument("--data-dir", type=Path, required=True)
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: DATA_DIR/run")
     parser.add_argument("--slot", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--timeout", type=float, default=DEFAULT_CALL_TIMEOUT)
+    parser.add_argument("--kill-grace", type=float, default=NodeConfig.kill_grace)
     parser.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES)
-    parser.add_argument("--run-dir", type=Path, required=True)
-    parser.add_argument("--kill-grace", type=float, default=1.0)
-    parser.add_argument("--parent-fd", type=int, default=-1)
+    parser.add_argument(
+        "--parent-fd", type=int, default=None, help="read end of the node's lifetime pipe"
+    )
     args = parser.parse_args(argv)
-    worker = Worker(args.data_dir, args.run_dir, args.slot, args.timeout, args.max_message_bytes)
-    ipc_path = args.run_dir.resolve() / f"worker-{args.slot}-{os.getpid()}.sock"
+    run_dir: Path = (args.run_dir or args.data_dir / "run").resolve()
+    if args.parent_fd is not None:
+        os.set_inheritable(args.parent_fd, False)  # not into a function's subprocesses
+    worker = Worker(
+        args.data_dir,
+        args.slot,
+        args.timeout,
+        args.max_message_bytes,
+        run_dir=run_dir,
+        kill_grace=args.kill_grace,
+    )
+    # One path per process: a client never reconnects silently to another worker.
+    ipc_path = run_dir / f"worker-{args.slot}-{os.getpid()}.sock"
     # Unix socket paths are limited to ~107 bytes; a deep data dir goes without.
-    serve(worker, args.host, ipc_path if len(str(ipc_path)) < 100 else None)
+    serve(worker, args.host, ipc_path if len(str(ipc_path)) < 100 else None, args.parent_fd)
 
 
 if __name__ == "__main__":

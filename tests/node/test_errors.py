@@ -156,7 +156,8 @@ def test_function_ignoring_the_interrupt_is_killed_and_replaced(
 
     @scatter.scatter(timeout=timeout)
     def stubborn(pid_file: str) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+        # Deaf to the worker's own alarm and to the node's interrupt: only a kill ends it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGALRM})
         Path(pid_file).write_text(str(os.getpid()))
         time.sleep(60)
 

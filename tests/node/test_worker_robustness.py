@@ -1,0 +1,270 @@
+"""A worker survives any one bad input, never outlives its node, and a node start gets
+runtime files of its own (see the docstrings of scatter/_node/_worker.py and _slots.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import zmq
+
+import scatter
+from cluster.launch import LocalNode, kill_if_alive, process_gone, wait_until
+from scatter import _wire
+from scatter._config import NodeConfig
+
+
+def _worker_pids(node_pid: int) -> list[int]:
+    """The live children of ``node_pid`` (a node's children are its workers)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == node_pid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def worker_pid() -> int:
+    return os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_unsendable_results_are_clear_errors_and_the_worker_keeps_serving(
+    client: scatter.Client,
+) -> None:
+    def big() -> int:
+        return 2**70
+
+    def bigs() -> list[int]:
+        return [1, -(2**70)]
+
+    def lock() -> Any:
+        return threading.Lock()  # cloudpickle cannot pickle a lock
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no words")
+
+    def unprintable() -> int:
+        raise Unprintable
+
+    for fn in (worker_pid, big, bigs, lock, unprintable):
+        client.publish(fn)
+    pid = client.make_callable("worker_pid")
+    first = pid()
+
+    with pytest.raises(scatter.ValidationError) as caught:
+        client.make_callable("big")()
+    assert str(caught.value).startswith(
+        "the result of big (version 1) cannot be sent: an int does not fit in 64 bits"
+    )
+    assert caught.value.parameter == "return"
+    assert pid() == first
+
+    with pytest.raises(scatter.ValidationError, match=r"^the result of bigs \(version 1\) cannot"):
+        client.make_callable("bigs")()
+    assert pid() == first
+
+    with pytest.raises(scatter.ValidationError) as caught:
+        client.make_callable("lock")()
+    assert str(caught.value).startswith("the result of lock (version 1) cannot be sent: ")
+    assert "lock" in str(caught.value)
+    assert pid() == first
+
+    with pytest.raises(scatter.RemoteError) as remote:
+        client.make_callable("unprintable")()
+    assert not isinstance(remote.value, scatter.WorkerCrashed)
+    assert remote.value.remote_type.endswith("Unprintable")
+    assert "str() of the exception raised RuntimeError" in remote.value.remote_message
+    assert pid() == first
+
+
+@pytest.mark.timeout(60)
+def test_junk_in_a_call_frame_gets_a_failure_and_the_worker_keeps_serving(
+    client: scatter.Client,
+) -> None:
+    def echo(x: Any) -> Any:
+        return x
+
+    client.publish(worker_pid)
+    client.publish(echo)
+    leased = client.request(lambda i: _wire.Lease(i))
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(leased.endpoint)
+
+    def call(name: str, args: bytes, timeout: float = 0.0) -> _wire.Result | _wire.Failure:
+        sock.send(_wire.encoder.encode(_wire.Call(7, name, 0, 0, "", timeout, msgspec.Raw(args))))
+        assert sock.poll(10_000), f"no reply to {name}: the worker died"
+        reply: _wire.Result | _wire.Failure = _wire.worker_reply_decoder.decode(sock.recv())
+        return reply
+
+    def pid_now() -> int:
+        reply = call("worker_pid", msgspec.msgpack.encode({}))
+        assert isinstance(reply, _wire.Result), reply
+        return int(msgspec.msgpack.decode(reply.value))
+
+    try:
+        first = pid_now()
+        for junk in (b"junk", b"\x80\x04\x95"):  # not a pickle; a truncated one
+            args = msgspec.msgpack.encode({"x": msgspec.msgpack.Ext(1, junk)})
+            failure = call("echo", args)
+            assert isinstance(failure, _wire.Failure), failure
+            assert failure.kind == "validation"
+            assert "echo() arguments: a value cannot be decoded on this node" in failure.message
+            assert pid_now() == first
+        unknown = call("echo", msgspec.msgpack.encode({"x": msgspec.msgpack.Ext(9, b"")}))
+        assert isinstance(unknown, _wire.Failure) and unknown.kind == "validation", unknown
+        assert pid_now() == first
+        not_a_map = call("echo", msgspec.msgpack.encode([1, 2]))
+        assert isinstance(not_a_map, _wire.Failure) and not_a_map.kind == "validation"
+        assert pid_now() == first
+        for bad_timeout in (-1.0, float("nan")):
+            failure = call("echo", msgspec.msgpack.encode({"x": 1}), timeout=bad_timeout)
+            assert isinstance(failure, _wire.Failure) and failure.kind == "protocol", failure
+            assert pid_now() == first
+        assert client.make_callable("echo")([1, "two"]) == [1, "two"]
+    finally:
+        sock.close()
+        context.term()
+
+
+@pytest.mark.timeout(90)
+def test_workers_exit_after_their_node_is_killed_even_mid_call(
+    client: scatter.Client, node: LocalNode
+) -> None:
+    def spin() -> None:
+        while True:
+            pass
+
+    def nap() -> None:
+        time.sleep(1000)
+
+    def stubborn() -> None:
+        while True:  # swallows the interrupt: only the kill_grace exit ends it
+            with contextlib.suppress(BaseException):
+                time.sleep(1000)
+
+    # Long enough that the calls are still running when the node dies, on a busy machine.
+    timeout = 2.0
+    client.publish(worker_pid)
+    hangs = (spin, nap, stubborn)
+    for fn in hangs:
+        client.publish(fn, timeout=timeout)
+    callers = [scatter.Client(node.address, autostart=False) for _ in hangs]
+    busy: list[int] = []
+    outcomes: dict[str, BaseException | None] = {}
+    all_leased = threading.Barrier(len(hangs) + 1)
+
+    def run(caller: scatter.Client, name: str) -> None:
+        busy.append(caller.make_callable("worker_pid")())  # leases this caller's worker
+        all_leased.wait(30)
+        try:
+            caller.make_callable(name)()
+            outcomes[name] = None
+        except BaseException as exc:
+            outcomes[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=(c, fn.__name__), daemon=True)
+        for c, fn in zip(callers, hangs, strict=True)
+    ]
+    workers: list[int] = []
+    try:
+        for thread in threads:
+            thread.start()
+        all_leased.wait(30)
+        wait_until(lambda: client.status().busy_workers == len(hangs), 10, "all calls run")
+        workers = _worker_pids(node.pid)  # busy ones and idle spares
+        assert set(busy) <= set(workers) and len(workers) > len(busy)
+        node.kill()
+        bound = timeout + NodeConfig.kill_grace + 10
+        for pid in workers:
+            wait_until(lambda pid=pid: process_gone(pid), bound, f"worker {pid} exits")
+        for thread in threads:
+            thread.join(10)
+        assert len(outcomes) == len(hangs)
+        assert all(isinstance(o, scatter.CallTimeout) for o in outcomes.values()), outcomes
+        # Interrupted at their deadline, their replies still left after the node died.
+        for name in ("spin", "nap"):
+            assert f"{name} (version 1) ran past its timeout" in str(outcomes[name])
+    finally:
+        for pid in workers:
+            kill_if_alive(pid)
+        for caller in callers:
+            caller.close()
+
+
+def _wakeups(pid: int) -> dict[int, int]:
+    """{thread id: voluntary context switches} of a process: how often each thread slept."""
+    counts = {}
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):
+            match = re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status.read_text(), re.M)
+            if match:
+                counts[int(status.parent.name)] = int(match.group(1))
+    return counts
+
+
+@pytest.mark.timeout(60)
+def test_idle_workers_sleep_until_called(client: scatter.Client, node: LocalNode) -> None:
+    # An idle worker blocks on its socket and on its node's pipe; nothing wakes it up.
+    # (It used to look for its node every 250 ms.)
+    client.publish(worker_pid)
+    assert client.make_callable("worker_pid")() in _worker_pids(node.pid)
+    workers = _worker_pids(node.pid)
+    before = {pid: _wakeups(pid) for pid in workers}
+    time.sleep(1.5)  # the window observed, not a wait for a condition
+    for pid in workers:
+        after = _wakeups(pid)
+        woke = sum(n - before[pid].get(tid, 0) for tid, n in after.items())
+        assert woke <= 1, f"idle worker {pid} woke {woke} times in 1.5 s"
+
+
+@pytest.mark.timeout(90)
+def test_a_restarted_node_gets_runtime_files_of_its_own(tmp_path: Path) -> None:
+    first = LocalNode(tmp_path / "node").start()
+    slots = first.data_dir / "run" / "slots"
+    old_workers: list[int] = []
+    old_slots = -1
+    try:
+        with scatter.Client(first.address, autostart=False) as client:
+            client.publish(worker_pid)
+            client.make_callable("worker_pid")()
+        old_workers = _worker_pids(first.pid)
+        old_slots = os.open(slots, os.O_RDONLY)  # keeps the old inode's number taken
+        first.kill()
+        second = LocalNode(first.data_dir).start()
+        try:
+            # A new inode: an orphan of the first start can never write a new worker's slot.
+            assert os.stat(slots).st_ino != os.fstat(old_slots).st_ino
+            assert os.fstat(old_slots).st_nlink == 0
+            with scatter.Client(second.address, autostart=False) as client:
+                pid = client.make_callable("worker_pid")()
+            live = _worker_pids(second.pid)
+            assert pid in live
+            sockets = sorted(p.name for p in slots.parent.glob("*.sock"))
+            assert sockets, "workers listen on Unix sockets"
+            for name in sockets:
+                match = re.fullmatch(r"worker-(\d+)-(\d+)\.sock", name)
+                assert match, name
+                assert int(match.group(2)) in live, f"{name}: no live worker of this start"
+        finally:
+            second.stop()
+    finally:
+        if old_slots >= 0:
+            os.close(old_slots)
+        first.kill()
+        for pid in old_workers:
+            kill_if_alive(pid)
