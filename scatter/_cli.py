@@ -20,6 +20,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import msgspec
@@ -31,8 +32,15 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from ._client import Client, start_background_node
-from ._config import DEFAULT_CALL_TIMEOUT, NodeConfig, parse_address, resolve_node_config
-from ._exceptions import RemoteError, ScatterError
+from ._config import (
+    DEFAULT_CALL_TIMEOUT,
+    NodeConfig,
+    parse_address,
+    resolve_client_config,
+    resolve_node_config,
+)
+from ._exceptions import ConfigError, RemoteError, ScatterError
+from ._security import call_only_secret, new_secret, read_secret_file
 
 __all__ = ["app", "main"]
 
@@ -85,6 +93,10 @@ app = typer.Typer(
 )
 node_app = typer.Typer(help="Start, inspect and stop a node on this machine.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
+secret_app = typer.Typer(
+    help="Make the secrets a cluster's nodes and clients share.", no_args_is_help=True
+)
+app.add_typer(secret_app, name="secret")
 
 
 # The NAME argument of the commands that take one.
@@ -127,6 +139,47 @@ def _client(ctx: typer.Context) -> Client:
     return Client(_address(ctx), autostart=False)
 
 
+# ---------------------------------------------------------------- secret
+
+
+@secret_app.command("new")
+def secret_new() -> None:
+    """Print a new random cluster secret: `scatter secret new > cluster.key`.
+
+    Give it to every node (`--secret-file cluster.key` or $SCATTER_SECRET) and to the
+    clients that may deploy. Keep the file private (chmod 600): whoever holds it can run
+    any code on every node.
+    """
+    print(new_secret())
+
+
+@secret_app.command("call-only")
+def secret_call_only(
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--secret-file",
+            metavar="PATH",
+            help="The cluster secret to derive from. Default: $SCATTER_SECRET.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Print the call-only secret of the cluster secret: it may call, describe and list.
+
+    Clients holding it (as $SCATTER_SECRET) cannot scatter, roll back, vaporize or stop
+    a node.
+    """
+    config = resolve_client_config(secret=None, environ=None)
+    if secret_file is not None:
+        secret = read_secret_file(secret_file.expanduser())
+    elif config.secret is not None:
+        secret = config.secret
+    else:
+        raise ConfigError("give the cluster secret with --secret-file PATH or $SCATTER_SECRET")
+    print(call_only_secret(secret))
+
+
 # ---------------------------------------------------------------- node
 
 
@@ -138,8 +191,9 @@ def node_start(
         typer.Option(
             "--address",
             metavar="tcp://HOST:PORT",
-            help="Where to listen (loopback only). Default: the global --address, "
-            "$SCATTER_ADDRESS, else tcp://127.0.0.1:4242.",
+            help="Where to listen. Beyond loopback it needs a cluster secret "
+            "(--secret-file or $SCATTER_SECRET). Default: the global --address, "
+            "$SCATTER_ADDRESS, else this user's own (tcp://127.0.0.1:4242 for root).",
             show_default=False,
         ),
     ] = None,
@@ -179,21 +233,31 @@ def node_start(
             "this, connections share them).",
         ),
     ] = NodeConfig.max_workers,
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--secret-file",
+            metavar="PATH",
+            help="The cluster secret (make one with `scatter secret new`; mode 600). "
+            "Default: $SCATTER_SECRET, else on loopback the secret this user's nodes share.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run a node. In the foreground it serves until Ctrl-C, SIGTERM or `scatter node stop`."""
     config = resolve_node_config(
         address or _address(ctx),
         data_dir,
+        secret_file=secret_file,
         call_timeout=call_timeout,
         max_workers=max(max_workers, NodeConfig.min_workers),
     )
     if background:
         _refuse_if_listening(config.address)
-        pid = start_background_node(
-            config.address,
-            config.data_dir,
-            node_options=[f"--call-timeout={call_timeout}", f"--max-workers={max_workers}"],
-        )
+        options = [f"--call-timeout={call_timeout}", f"--max-workers={max_workers}"]
+        if secret_file is not None:
+            options.append(f"--secret-file={secret_file.expanduser().resolve()}")
+        pid = start_background_node(config.address, config.data_dir, node_options=options)
         _out.print(
             f"started a node at {config.address} in the background: pid {pid}, "
             f"data {config.data_dir}, log {config.data_dir / 'node.log'}",

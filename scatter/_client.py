@@ -492,22 +492,24 @@ class Client:
             sock.setsockopt(zmq.LINGER, 0)
             apply_client_keys(sock, keys)
             # Where a wrong secret shows: the handshake fails, and no frame ever comes.
-            self._local.handshake = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            monitor = self._local.handshake = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
             sock.connect(self.address)
             self._local.sock = sock
             with self._lock:
-                self._control_sockets.append(sock)
+                self._control_sockets += (monitor, sock)
         return sock
 
     def _reset_control_socket(self) -> None:
         sock = getattr(self._local, "sock", None)
         if sock is not None:
+            monitor = self._local.handshake
             sock.disable_monitor()
-            self._local.handshake.close(linger=0)
+            monitor.close(linger=0)
             sock.close(linger=0)
             self._local.sock = None
             with self._lock:
                 self._control_sockets.remove(sock)
+                self._control_sockets.remove(monitor)
 
     def _handshake_failed(self) -> bool:
         """Whether the control socket's CURVE handshake failed since the last look."""

@@ -94,8 +94,9 @@ def call_only_secret(cluster_secret: str) -> str:
     if cluster_secret.startswith(CALL_ONLY_PREFIX):
         raise ConfigError("that is a call-only secret already; give the cluster secret")
     seed = _derive(cluster_secret.encode(), b"call-only")
-    server_public = _public(_derive(cluster_secret.encode(), b"server"))
-    return f"{CALL_ONLY_PREFIX}{seed.hex()}:{server_public.decode()}"
+    # Hex, not z85: z85 has shell characters (`&`, `#`, `}`), and this goes in variables.
+    server_public = z85.decode(_public(_derive(cluster_secret.encode(), b"server")))
+    return f"{CALL_ONLY_PREFIX}{seed.hex()}:{server_public.hex()}"
 
 
 def node_keys(cluster_secret: str) -> NodeKeys:
@@ -226,12 +227,12 @@ def _public(secret_key: bytes) -> bytes:
 
 def _parse_call_only(secret: str, origin: str) -> tuple[bytes, bytes]:
     try:
-        seed_hex, server_public = secret[len(CALL_ONLY_PREFIX) :].split(":", 1)
-        seed = bytes.fromhex(seed_hex)
-        if len(seed) != 32 or len(z85.decode(server_public)) != 32:
+        seed_hex, server_hex = secret[len(CALL_ONLY_PREFIX) :].split(":", 1)
+        seed, server_public = bytes.fromhex(seed_hex), bytes.fromhex(server_hex)
+        if len(seed) != 32 or len(server_public) != 32:
             raise ValueError("bad lengths")
     except ValueError:
         raise ConfigError(
             f"{origin}: malformed call-only secret; make one with `scatter secret call-only`"
         ) from None
-    return seed, server_public.encode()
+    return seed, z85.encode(server_public)

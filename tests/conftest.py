@@ -16,6 +16,10 @@ def _no_autostart(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # A test must never start (or talk to) a node on the default address by accident.
     monkeypatch.setenv("SCATTER_AUTOSTART", "0")
     monkeypatch.setenv("SCATTER_DATA_DIR", str(tmp_path / "default-data"))
+    # The user's own secret (made by the first node, read by clients) lives under
+    # XDG_DATA_HOME: each test gets its own, never the real user's.
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.delenv("SCATTER_SECRET", raising=False)
 
 
 @pytest.fixture

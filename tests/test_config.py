@@ -9,6 +9,9 @@ import pytest
 from scatter import ConfigError
 from scatter._config import (
     DEFAULT_ADDRESS,
+    default_address,
+    is_loopback,
+    parse_address,
     resolve_client_config,
     resolve_node_config,
 )
@@ -47,11 +50,35 @@ def test_no_autostart_for_an_address_off_this_machine() -> None:
     assert resolve_client_config("tcp://10.1.2.3:4242", environ={}).autostart is False
 
 
-def test_node_binds_loopback_only(tmp_path: Path) -> None:
+def test_node_beyond_loopback_needs_a_cluster_secret(tmp_path: Path) -> None:
     config = resolve_node_config("tcp://127.0.0.1:5001", tmp_path, environ={})
-    assert config.data_dir == tmp_path
-    with pytest.raises(ConfigError, match="loopback only"):
+    assert config.data_dir == tmp_path and config.secret is None  # the user's own, later
+    with pytest.raises(ConfigError, match=r"without a cluster secret.*scatter secret new"):
         resolve_node_config("tcp://0.0.0.0:5001", tmp_path, environ={})
+    secret = "x" * 32
+    exposed = resolve_node_config("tcp://0.0.0.0:5001", tmp_path, environ={"SCATTER_SECRET": secret})
+    assert exposed.secret == secret
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        resolve_node_config(environ={"SCATTER_SECRET": "short"})
+
+
+def test_secret_files_must_be_private(tmp_path: Path) -> None:
+    key = tmp_path / "cluster.key"
+    key.write_text("y" * 40 + "\n")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by other users"):
+        resolve_node_config(secret_file=key, environ={})
+    key.chmod(0o600)
+    assert resolve_node_config(secret_file=key, environ={}).secret == "y" * 40
+    with pytest.raises(ConfigError, match="cannot read the secret file"):
+        resolve_node_config(secret_file=tmp_path / "missing.key", environ={})
+
+
+def test_each_user_has_a_default_address_of_their_own() -> None:
+    assert default_address(0) == "tcp://127.0.0.1:4242"
+    assert len({default_address(uid) for uid in (0, 1000, 1001, 65534)}) == 4
+    for uid in (0, 1000, 65534):
+        assert is_loopback(parse_address(default_address(uid))[0])
 
 
 def test_node_data_dir_from_environment(tmp_path: Path) -> None:

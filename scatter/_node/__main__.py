@@ -16,11 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--call-timeout", type=float, default=DEFAULT_CALL_TIMEOUT)
     parser.add_argument("--max-workers", type=int, default=NodeConfig.max_workers)
+    parser.add_argument("--secret-file", default=None)
     args = parser.parse_args(argv)
     try:
         config = resolve_node_config(
             args.address,
             args.data_dir,
+            secret_file=args.secret_file,
             call_timeout=args.call_timeout,
             max_workers=max(args.max_workers, NodeConfig.min_workers),
         )

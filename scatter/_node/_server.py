@@ -25,6 +25,7 @@ import platform
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ from typing import IO
 
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .._config import NodeConfig, default_data_dir, parse_address
 from .._core import _node as core_effects
@@ -72,6 +74,11 @@ class NodeDriver:
         self.store = store
         self.slots = slots
         self.control = control
+        self.handshakes = TrioSocket(
+            control.sock.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | _HANDSHAKE_FAILURES
+            )
+        )
         self.run_dir = run_dir
         self.stop_requested = trio.Event()
         self.exit_code = 0
@@ -269,12 +276,40 @@ class NodeDriver:
                     )
             send_reply(sock, routing, b"", version, request_id, *reply, b"")
 
+    async def watch_handshakes(self, monitor: TrioSocket) -> None:
+        """Log clients whose CURVE handshake failed (another secret): once per address a
+        minute, never a flood. Their frames never reach the node, so this is the only
+        place that sees them."""
+        peers: dict[int, str] = {}  # {fd of an accepted connection: peer address}
+        failed = 0  # handshakes failed whose connection has not closed yet
+        logged: dict[str, float] = {}
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_ACCEPTED:
+                peers[value] = _peer_address(value)
+            elif kind & _HANDSHAKE_FAILURES:
+                failed += 1
+            elif kind == zmq.EVENT_DISCONNECTED:
+                address = peers.pop(value, "")
+                if failed:
+                    failed -= 1
+                    now = time.monotonic()
+                    if now - logged.get(address, -60.0) >= 60.0:
+                        logged[address] = now
+                        log(
+                            f"refused a client at {address or 'an unknown address'}: its "
+                            "secret is not this node's (logged once a minute per address)"
+                        )
+
     def kill_workers(self) -> None:
         for process in self._processes.values():
             if process.returncode is None:
                 process.kill()
 
     def close(self) -> None:
+        self.control.sock.disable_monitor()
+        self.handshakes.close()
         os.close(self._parent_read)
         os.close(self._parent_write)
 
@@ -285,6 +320,21 @@ async def _reap(process: trio.Process) -> None:
         if process.returncode is None:
             process.kill()
         await process.wait()
+
+
+_HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def _peer_address(fd: int) -> str:
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            return str(sock.getpeername()[0])
+    except OSError:  # closed already: a failed handshake can be that quick
+        return ""
 
 
 class _WorkerStartError(Exception):
@@ -442,7 +492,14 @@ async def _run(
             if isinstance(effect, core_effects.PersistViews):
                 await trio.to_thread.run_sync(driver._commit, effect)
         driver.perform(e for e in effects if not isinstance(e, core_effects.PersistViews))
+        # Ready means ready to call: the first workers are up (or failing to start, which
+        # `scatter node status` then shows) before the node says it listens.
+        while (stats := core.pool.statistics()).workers < config.min_workers:
+            if stats.start_failures:
+                break
+            await trio.sleep(0.01)
         await nursery.start(driver.serve_zap, zap, driver.keys.clients)
+        nursery.start_soon(driver.watch_handshakes, driver.handshakes)
         await nursery.start(driver.serve_control)
         nursery.start_soon(driver.tick)
         nursery.start_soon(_stop_on_signal, driver)

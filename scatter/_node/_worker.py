@@ -66,6 +66,7 @@ from .._config import DEFAULT_CALL_TIMEOUT, MAX_MESSAGE_BYTES, NodeConfig
 from .._core._registry import resolve_view
 from .._core._signature import CallSpec, build_call_spec, restore_signature, signature_of
 from .._exceptions import FunctionNotFound, NotScatterable, ValidationError, VersionNotFound
+from .._security import WORKER_KEY_VARIABLE, apply_server_keys
 from ._slots import SharedSlots
 from ._store import RegistryStore
 
@@ -480,7 +481,15 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
     if ":" in host:
         sock.setsockopt(zmq.IPV6, 1)
         host = f"[{host}]"
+    # CURVE on TCP, with the node's server key; no ZAP: both roles may call, and only a
+    # client that derived the server's public key from the secret completes the
+    # handshake (see _security.py). Options are taken per listener, at bind: the Unix
+    # socket below, in a directory only the user can open, stays plain and fast.
+    server_key = os.environ.pop(WORKER_KEY_VARIABLE, "")
+    if server_key:
+        apply_server_keys(sock, server_key.encode(), zap=False)
     sock.bind(f"tcp://{host}:*")
+    sock.curve_server = False
     endpoints = [sock.getsockopt_string(zmq.LAST_ENDPOINT)]
     if ipc_path is not None:
         with contextlib.suppress(zmq.ZMQError):

@@ -17,6 +17,7 @@ import scatter
 from cluster.launch import LocalNode, process_gone
 from scatter import _wire
 from scatter._config import NodeConfig
+from tests.raw_sockets import dealer
 from tests.waiting import wait_until
 
 
@@ -222,10 +223,8 @@ def test_functions_that_cannot_be_remote_are_refused_at_scatter_time(connected: 
 
 def _raw_request(address: str, frames: list[bytes], timeout_ms: int = 5000) -> bytes | None:
     context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock = dealer(context, address)
     try:
-        sock.connect(address)
         sock.send_multipart(frames)
         if sock.poll(timeout_ms):
             return sock.recv()

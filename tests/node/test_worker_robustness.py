@@ -19,6 +19,7 @@ import scatter
 from cluster.launch import LocalNode, kill_if_alive, process_gone, wait_until
 from scatter import _wire
 from scatter._config import NodeConfig
+from tests.raw_sockets import dealer
 
 
 def _worker_pids(node_pid: int) -> list[int]:
@@ -100,9 +101,7 @@ def test_junk_in_a_call_frame_gets_a_failure_and_the_worker_keeps_serving(
     client.publish(echo)
     leased = client.request(lambda i: _wire.Lease(i))
     context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(leased.endpoint)
+    sock = dealer(context, leased.endpoint)
 
     def call(name: str, args: bytes, timeout: float = 0.0) -> _wire.Result | _wire.Failure:
         sock.send(_wire.encoder.encode(_wire.Call(7, name, 0, 0, "", timeout, msgspec.Raw(args))))
@@ -235,7 +234,12 @@ def test_idle_workers_sleep_until_called(client: scatter.Client, node: LocalNode
 @pytest.mark.timeout(90)
 def test_a_restarted_node_gets_runtime_files_of_its_own(tmp_path: Path) -> None:
     first = LocalNode(tmp_path / "node").start()
-    slots = first.data_dir / "run" / "slots"
+
+    def slots_file() -> Path:
+        (found,) = (first.data_dir / "run").glob("*/slots")  # this start's run directory
+        return found
+
+    slots = slots_file()
     old_workers: list[int] = []
     old_slots = -1
     try:
@@ -247,6 +251,7 @@ def test_a_restarted_node_gets_runtime_files_of_its_own(tmp_path: Path) -> None:
         first.kill()
         second = LocalNode(first.data_dir).start()
         try:
+            slots = slots_file()
             # A new inode: an orphan of the first start can never write a new worker's slot.
             assert os.stat(slots).st_ino != os.fstat(old_slots).st_ino
             assert os.fstat(old_slots).st_nlink == 0
