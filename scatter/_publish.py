@@ -59,7 +59,9 @@ def prepare_publish(
     # The signature goes by value too: a client that never imported the defining module
     # still rebuilds the annotation types it validates against.
     body, signature = _pickle_by_value(fn, fn, portable_signature(sig))
-    identity = stable_pickle_identity(body)
+    # The timeout is part of what a version is: the same code with another timeout is a
+    # new version, not a no-op.
+    identity = stable_pickle_identity(body) + f"\0timeout={timeout!r}".encode()
     return {
         "name": resolved,
         "body": body,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,9 @@ import trio
 
 import scatter
 from cluster.launch import LocalNode, free_port
+from tests.waiting import wait_until
 from scatter._config import NodeConfig
-from scatter._node._server import serve_node
+from scatter._node._server import NodeDriver, serve_node
 from scatter._node._store import RegistryStore
 
 
@@ -115,6 +117,11 @@ def test_a_restarted_node_keeps_its_id_and_a_copied_data_dir_gets_a_new_one(
         with scatter.Client(node.address, autostart=False) as client:
             again = client.status()
             assert (again.node_id, again.incarnation) == (first.node_id, first.incarnation + 1)
+            # Each start numbers its changes under a writer of its own: a restored backup
+            # can never hand out a change id that peers already hold.
+            client.publish(charge, timeout=7.0)
+            writers = {v["change_id"].rsplit(":", 1)[0] for v in client.versions("charge")}
+            assert len(writers) == 2 and all(w.startswith(first.node_id) for w in writers)
     finally:
         node.stop()
     shutil.copytree(tmp_path / "node", tmp_path / "copy")
@@ -174,3 +181,49 @@ def test_a_change_the_store_refuses_is_answered_with_an_error_and_never_served(
         assert store.changes() == []
     finally:
         store.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_worker_that_cannot_start_is_retried_and_reported_never_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before the node core, a worker start that failed (OSError, or no READY within
+    # 60 s) ended the node with exit 1.
+    config = NodeConfig.local(
+        address=f"tcp://127.0.0.1:{free_port()}", data_dir=tmp_path / "node", min_workers=1
+    )
+    working = NodeDriver._worker_command
+
+    def broken(self: NodeDriver, slot: int) -> list[str]:
+        return [sys.executable, "-c", "import sys; sys.exit('no module named numpy')"]
+
+    monkeypatch.setattr(NodeDriver, "_worker_command", broken)
+
+    def as_a_user() -> None:
+        with scatter.Client(config.address, autostart=False) as client:
+            status = wait_until(
+                lambda: (s := client.status()).worker_start_failures >= 2 and s,
+                30,
+                "the node retries the failing start",
+            )
+            assert "exited while starting" in status.worker_start_error
+            assert status.workers == 0
+            client.publish(add)  # the registry side keeps serving
+            with pytest.raises(scatter.ScatterError, match="could not start a worker|no worker"):
+                client.make_callable("add")(1, 2)
+            monkeypatch.setattr(NodeDriver, "_worker_command", working)  # the fix arrives
+            wait_until(lambda: client.status().workers >= 1, 60, "a retry succeeds")
+            assert client.make_callable("add")(1, 2) == 3
+            assert client.status().worker_start_failures == 0
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            driver = await nursery.start(
+                lambda task_status: serve_node(config, task_status=task_status)
+            )
+            try:
+                await trio.to_thread.run_sync(as_a_user)
+            finally:
+                driver.stop_requested.set()
+
+    trio.run(main)

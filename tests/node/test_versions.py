@@ -187,3 +187,15 @@ def test_rescattering_same_code_from_another_process_changes_nothing(node: Local
     ]
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr + runs[1].stderr
     assert [r.stdout.strip() for r in runs] == ["1", "1"]
+
+
+@pytest.mark.timeout(60)
+def test_the_same_code_with_another_timeout_is_a_new_version(client: scatter.Client) -> None:
+    def slowish(x: int) -> int:
+        return x
+
+    assert client.publish(slowish).version == 1
+    assert client.publish(slowish).unchanged  # the same code, the same timeout: a no-op
+    changed = client.publish(slowish, timeout=7.0)
+    assert (changed.version, changed.unchanged) == (2, False)
+    assert client.describe("slowish").timeout == 7.0
