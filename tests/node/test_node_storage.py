@@ -13,10 +13,10 @@ import trio
 
 import scatter
 from cluster.launch import LocalNode, free_port
-from tests.waiting import wait_until
 from scatter._config import NodeConfig
 from scatter._node._server import NodeDriver, serve_node
 from scatter._node._store import RegistryStore
+from tests.waiting import wait_until
 
 
 def _billing(rate: int, *names: str) -> list[tuple[Any, str | None, float | None]]:
