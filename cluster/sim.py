@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         for victim in victims:
             sim.kill(victim)
         done = sim.run_until(
-            lambda: all(sim.declared_dead_by_all(v) for v in victims), limit=killed_at + 600.0
+            lambda sim=sim, victims=victims: all(sim.declared_dead_by_all(v) for v in victims),
+            limit=killed_at + 600.0,
         )
         if done is None:
             print(

@@ -444,8 +444,7 @@ class Membership:
 
     def _on_suspect(self, news: Suspect, now: float) -> None:
         if news.node == self.node:
-            if not self._leaving and news.incarnation >= self.incarnation:
-                self._refute(news.incarnation, now)
+            self._about_me(news.incarnation, now)
             return
         member = self._members.get(news.node)
         if member is None or news.incarnation < member.incarnation:
@@ -471,8 +470,7 @@ class Membership:
 
     def _on_dead(self, news: Dead, now: float) -> None:
         if news.node == self.node:
-            if not self._leaving and news.incarnation >= self.incarnation:
-                self._refute(news.incarnation, now)
+            self._about_me(news.incarnation, now)
             return
         member = self._members.get(news.node)
         if member is None or news.incarnation < member.incarnation:
@@ -484,6 +482,19 @@ class Membership:
         member.state, member.since = state, now
         self._suspicions.pop(news.node, None)
         self._broadcasts.put(news.node, news)
+
+    def _about_me(self, incarnation: int, now: float) -> None:
+        """Someone says we are suspect or dead: refute, or repeat that we live."""
+        if self._leaving:
+            return
+        if incarnation >= self.incarnation:
+            self._refute(incarnation, now)
+        else:
+            # Old news still travels: someone missed our refutation. Say it again
+            # rather than wait for anti-entropy (found by the simulator: a member held
+            # dead at an old incarnation until the next push/pull).
+            me = self._members[self.node]
+            self._broadcasts.put(self.node, Alive(self.node, self.address, me.incarnation))
 
     def _refute(self, incarnation: int, now: float) -> None:
         me = self._members[self.node]

@@ -209,7 +209,7 @@ def test_a_worker_that_cannot_start_is_retried_and_reported_never_fatal(
             assert "exited while starting" in status.worker_start_error
             assert status.workers == 0
             client.publish(add)  # the registry side keeps serving
-            with pytest.raises(scatter.ScatterError, match="could not start a worker|no worker"):
+            with pytest.raises(scatter.ScatterError, match=r"could not start a worker|no worker"):
                 client.make_callable("add")(1, 2)
             monkeypatch.setattr(NodeDriver, "_worker_command", working)  # the fix arrives
             wait_until(lambda: client.status().workers >= 1, 60, "a retry succeeds")
