@@ -1,6 +1,7 @@
 """Server processes for ``cluster/bench.py``: one per system under test.
 
     python cluster/_bench_servers.py pyzmq-reqrep --port P --parent PID
+    BENCH_CURVE_SECRET_KEY=... python cluster/_bench_servers.py pyzmq-reqrep --curve ...
     python cluster/_bench_servers.py zeroapi --port P --parent PID
     python cluster/_bench_servers.py scatter-node --port P --data-dir D --parent PID
 
@@ -25,6 +26,10 @@ if __package__:
 else:  # run as a script: this file's folder is sys.path[0]
     import _bench_workloads as w
 
+# The baseline's CURVE server key (z85), in the environment: the benchmark makes a key
+# pair per run and gives its clients the public half.
+CURVE_SECRET_VARIABLE = "BENCH_CURVE_SECRET_KEY"
+
 
 def start_watchdog(parent: int, max_seconds: float) -> None:
     deadline = time.monotonic() + max_seconds
@@ -40,7 +45,7 @@ def start_watchdog(parent: int, max_seconds: float) -> None:
 # -- the baseline: a plain REP loop, typed msgspec decoding, the work done in-process --
 
 
-def serve_pyzmq_reqrep(port: int) -> None:
+def serve_pyzmq_reqrep(port: int, curve: bool = False) -> None:
     import msgspec
     import zmq
 
@@ -52,6 +57,9 @@ def serve_pyzmq_reqrep(port: int) -> None:
     run = {b"add": lambda ab: w.add(*ab), b"total": w.total, b"cpu": w.cpu}
     encode = msgspec.msgpack.Encoder().encode
     sock = zmq.Context().socket(zmq.REP)
+    if curve:  # a CURVE server without ZAP, as Scatter's workers are
+        sock.curve_server = True
+        sock.curve_secretkey = os.environ.pop(CURVE_SECRET_VARIABLE).encode()
     sock.bind(f"tcp://127.0.0.1:{port}")
     # Bounded by the watchdog, which kills this process when the benchmark is done.
     while True:
@@ -115,10 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent", type=int, required=True, help="stop when this pid is gone")
     parser.add_argument("--max-seconds", type=float, default=3600.0)
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument(
+        "--curve", action="store_true", help=f"pyzmq-reqrep: ${CURVE_SECRET_VARIABLE}"
+    )
     args = parser.parse_args(argv)
     start_watchdog(args.parent, args.max_seconds)
     if args.system == "pyzmq-reqrep":
-        serve_pyzmq_reqrep(args.port)
+        serve_pyzmq_reqrep(args.port, curve=args.curve)
     elif args.system == "zeroapi":
         serve_zeroapi(args.port)
     else:

@@ -3,14 +3,21 @@
     nox -s bench                  # 3 rounds
     nox -s bench -- --quick       # 1 short round, well under 90 s with the install
     python cluster/bench.py --systems pyzmq-reqrep,zeroapi --workloads add --rounds 5
+    python cluster/bench.py --workloads add --rounds 3 \
+        --systems pyzmq-reqrep,pyzmq-reqrep-curve,scatter-local,scatter-tcp  # CURVE's cost
     python cluster/bench.py --only-registry-scaling   # just @scatter at 10 vs 5,000 functions
 
 Systems (each a server on a free loopback port, in processes of its own):
 
 - ``pyzmq-reqrep``, the baseline: a plain REP loop with typed msgspec decoding, doing the
   work itself (``_bench_servers.py``);
+- ``pyzmq-reqrep-curve``: the same server and client with CurveZMQ keys (a CURVE server
+  without ZAP, as Scatter's workers are), so that CURVE's raw cost is measured in the run;
 - ``zeroapi``: zeroapi 1.0.1 in its default layout, a broker and one worker process per core;
-- ``scatter-local``: a Scatter node, the calls run by the node the client talks to.
+- ``scatter-local``: a Scatter node, the calls run by the node the client talks to; the
+  client is a same-user local one, so it reaches its workers over their Unix socket;
+- ``scatter-tcp``: a Scatter node of its own, its clients made with ``transport="tcp"``:
+  the workers' TCP endpoint, with CURVE, as every client off the node's machine uses.
 
 Workloads (``_bench_workloads.py``): ``add(a, b)``, ``total(xs)`` of 1,000 floats, and
 ``cpu(n)``, pure Python for about 5 ms (``n`` calibrated once here, the same for all).
@@ -22,6 +29,14 @@ their order, so that drift (thermal, noisy neighbours) hits them all alike; each
 ratio to the baseline is taken within its round, and the report gives medians across
 rounds. The issue's targets are checked at the end as PASS/FAIL lines: reported, never
 asserted (a failed target still exits 0; a system that could not run exits 1).
+
+What CURVE costs Scatter (add p50, one client): no Scatter without CURVE can run next to
+it, and scatter-local differs from scatter-tcp in transport too (a Unix socket is faster
+than loopback TCP), so scatter-tcp over scatter-local is reported only as an upper bound.
+CURVE adds a fixed time to each round trip (its frames are sealed and opened), not a share
+of it, so the target compares scatter-tcp with scatter-tcp minus what CURVE adds to the
+pyzmq round trip in the same round: conservative, as REQ/REP carries three frames each
+way where Scatter's DEALER carries one.
 
 After the rounds, for Scatter alone: how long ``@scatter`` takes to return, and the
 pipelined variant, ``RemoteFunction.map``, against sequential calls from the same
@@ -42,6 +57,7 @@ cpu calibration), in well under 15 s.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -63,7 +79,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich import box
@@ -78,8 +94,12 @@ else:  # run as a script: this file's folder is sys.path[0]
 
 HERE = Path(__file__).resolve().parent
 SERVERS_SCRIPT = HERE / "_bench_servers.py"
+CURVE_SECRET_VARIABLE = "BENCH_CURVE_SECRET_KEY"  # as _bench_servers.py reads it
 BASELINE = "pyzmq-reqrep"
-SYSTEMS = (BASELINE, "zeroapi", "scatter-local")
+CURVE_BASELINE = "pyzmq-reqrep-curve"  # the baseline with CURVE keys
+SCATTER_TCP = "scatter-tcp"  # Scatter through its workers' TCP endpoint: CURVE
+SYSTEMS = (BASELINE, CURVE_BASELINE, "zeroapi", "scatter-local", SCATTER_TCP)
+SCATTER_SYSTEMS = ("scatter-local", SCATTER_TCP)
 
 # Bounds on waiting, so that a stuck system fails the run instead of hanging it.
 SERVER_START_TIMEOUT = 60.0
@@ -111,12 +131,15 @@ class Settings:
 # up once per system, then told which measurement to run. They share nothing but a barrier.
 
 
-def _pyzmq_callers(address: str) -> dict[str, Callable[..., Any]]:
+def _pyzmq_callers(address: str, server_key: bytes | None) -> dict[str, Callable[..., Any]]:
     import msgspec
     import zmq
 
     sock = zmq.Context.instance().socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    if server_key is not None:  # CURVE: the server's public key, a key pair of our own
+        sock.curve_serverkey = server_key
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
     sock.setsockopt(zmq.RCVTIMEO, CALL_TIMEOUT_MS)
     sock.setsockopt(zmq.SNDTIMEO, CALL_TIMEOUT_MS)
     sock.connect(address)
@@ -139,7 +162,7 @@ def _pyzmq_callers(address: str) -> dict[str, Callable[..., Any]]:
     return {workload: caller(workload) for workload in workloads.WORKLOADS}
 
 
-def _zeroapi_callers(address: str) -> dict[str, Callable[..., Any]]:
+def _zeroapi_callers(address: str, server_key: bytes | None) -> dict[str, Callable[..., Any]]:
     import logging
 
     from zero import ZeroClient
@@ -160,17 +183,22 @@ def _zeroapi_callers(address: str) -> dict[str, Callable[..., Any]]:
     return {workload: caller(workload) for workload in workloads.WORKLOADS}
 
 
-def _scatter_callers(address: str) -> dict[str, Callable[..., Any]]:
+def _scatter_callers(
+    address: str, server_key: bytes | None, transport: Literal["auto", "tcp"] = "auto"
+) -> dict[str, Callable[..., Any]]:
     import scatter
 
-    scatter.connect(address, autostart=False)  # each client process connects itself
-    return {workload: scatter.make_callable(workload) for workload in workloads.WORKLOADS}
+    # Each client process connects itself; its keys come from this user's secret.
+    client = scatter.Client(address, autostart=False, transport=transport)
+    return {workload: client.make_callable(workload) for workload in workloads.WORKLOADS}
 
 
-CALLERS = {
-    "pyzmq-reqrep": _pyzmq_callers,
+CALLERS: dict[str, Callable[[str, bytes | None], dict[str, Callable[..., Any]]]] = {
+    BASELINE: _pyzmq_callers,
+    CURVE_BASELINE: _pyzmq_callers,  # given the server's key
     "zeroapi": _zeroapi_callers,
     "scatter-local": _scatter_callers,
+    SCATTER_TCP: functools.partial(_scatter_callers, transport="tcp"),
 }
 
 
@@ -194,14 +222,17 @@ def _measure(call: Callable[[], Any], barrier: Any, warmup_s: float, duration_s:
 
 
 def client_main(
-    system: str, address: str, cpu_loops: int, conn: Any, barriers: dict[int, Any]
+    system: str,
+    address: str,
+    server_key: bytes | None,
+    cpu_loops: int,
+    conn: Any,
+    barriers: dict[int, Any],
 ) -> None:
     """One client process: set up, say ready, then run measurements until told to stop."""
-    import functools
-
     try:
         calls = {}
-        for workload, fn in CALLERS[system](address).items():
+        for workload, fn in CALLERS[system](address, server_key).items():
             args = workloads.call_args(workload, cpu_loops)
             got, want = fn(*args), workloads.expected(workload, cpu_loops)
             if got != want:
@@ -302,14 +333,24 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 
 
 @contextlib.contextmanager
-def server(system: str, workdir: Path) -> Iterator[str]:
-    """Start the system's server in a session of its own; yield its address."""
+def server(system: str, workdir: Path, curve_secret: bytes | None = None) -> Iterator[str]:
+    """Start the system's server in a session of its own; yield its address.
+
+    ``curve_secret``: the CURVE server key of ``pyzmq-reqrep-curve``.
+    """
     workdir.mkdir(parents=True)
     port = free_port()
-    kind = "scatter-node" if system == "scatter-local" else system
+    kind = "scatter-node" if system in SCATTER_SYSTEMS else system
+    env = dict(os.environ)
+    if system == CURVE_BASELINE:
+        if curve_secret is None:
+            raise SystemFailed(f"{system}: no CURVE key given")
+        kind = BASELINE
+        env[CURVE_SECRET_VARIABLE] = curve_secret.decode()
     command = [sys.executable, str(SERVERS_SCRIPT), kind, "--port", str(port)]
     command += ["--parent", str(os.getpid())]
-    env = dict(os.environ)
+    if system == CURVE_BASELINE:
+        command.append("--curve")
     if kind == "scatter-node":
         command += ["--data-dir", str(workdir / "data")]
         # The node must run the same scatter this process imports, installed or not.
@@ -343,7 +384,9 @@ def server(system: str, workdir: Path) -> Iterator[str]:
 class ClientPool:
     """``size`` client processes of one system, each connected once, reused per round."""
 
-    def __init__(self, system: str, address: str, cpu_loops: int, size: int) -> None:
+    def __init__(
+        self, system: str, address: str, server_key: bytes | None, cpu_loops: int, size: int
+    ) -> None:
         self.system = system
         context = multiprocessing.get_context("spawn")
         counts = {1, *(workloads.CONCURRENT_CLIENTS.values())}
@@ -356,7 +399,7 @@ class ClientPool:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=client_main,
-                args=(system, address, cpu_loops, child_end, self.barriers),
+                args=(system, address, server_key, cpu_loops, child_end, self.barriers),
                 name=f"bench-{system}-{i}",
                 daemon=True,
             )
@@ -411,8 +454,10 @@ class ClientPool:
 
 
 @contextlib.contextmanager
-def client_pool(system: str, address: str, cpu_loops: int, size: int) -> Iterator[ClientPool]:
-    pool = ClientPool(system, address, cpu_loops, size)
+def client_pool(
+    system: str, address: str, server_key: bytes | None, cpu_loops: int, size: int
+) -> Iterator[ClientPool]:
+    pool = ClientPool(system, address, server_key, cpu_loops, size)
     try:
         yield pool
     finally:
@@ -429,9 +474,15 @@ def _scatter_root() -> str | None:
     return str(Path(next(iter(spec.submodule_search_locations))).parent)
 
 
-def publish_workloads(address: str) -> Any:
+def publish_workloads(address: str, *, default: bool = True) -> Any:
+    """Publish the workloads; ``default``: through (and keep) the default client."""
     import scatter
 
+    if not default:  # a node of its own, the default client left to scatter-local
+        with scatter.Client(address, autostart=False) as client:
+            for fn in (workloads.add, workloads.total, workloads.cpu):
+                client.publish(fn)
+        return None
     scatter.connect(address, autostart=False)
     for fn in (workloads.add, workloads.total, workloads.cpu):
         scatter.scatter(fn)
@@ -653,15 +704,24 @@ class Run:
         console.print(f"[bold red]{system} FAILED[/]:\n{escape(detail)}")
 
     def execute(self) -> None:
+        import zmq
+
         pool_size = max(workloads.CONCURRENT_CLIENTS[w] for w in self.settings.workloads)
         scatter_module = None
+        # The CURVE baseline's server key pair, made for this run.
+        curve_public, curve_secret = zmq.curve_keypair()
+        server_keys = {CURVE_BASELINE: curve_public}
         with contextlib.ExitStack() as stack:
             addresses: dict[str, str] = {}
             for system in self.settings.systems:
                 try:
-                    address = stack.enter_context(server(system, self.workdir / system))
+                    address = stack.enter_context(
+                        server(system, self.workdir / system, curve_secret)
+                    )
                     if system == "scatter-local":
                         scatter_module = publish_workloads(address)
+                    elif system == SCATTER_TCP:
+                        publish_workloads(address, default=False)
                     addresses[system] = address
                 except Exception as exc:
                     self.fail(
@@ -670,7 +730,9 @@ class Run:
                     )
             # Start every pool before waiting on any: they import and connect in parallel.
             pools = {
-                system: stack.enter_context(client_pool(system, address, self.cpu_loops, pool_size))
+                system: stack.enter_context(
+                    client_pool(system, address, server_keys.get(system), self.cpu_loops, pool_size)
+                )
                 for system, address in addresses.items()
             }
             for system, pool in pools.items():
@@ -852,7 +914,8 @@ def build_report(bench: Run, machine: dict[str, Any]) -> dict[str, Any]:
         "publish": publish,
         "map": bench.map_rates,
         "registry_scaling": bench.registry_scaling,
-        "targets": check_targets(rows),
+        "curve": (curve := curve_cost(rows)),
+        "targets": [*check_targets(rows), curve["target"]],
         "errors": bench.errors,
     }
 
@@ -924,6 +987,60 @@ def check_targets(rows: dict[tuple[str, str, int], Row]) -> list[dict[str, Any]]
             }
         )
     return results
+
+
+CURVE_BOUND = 1.15
+CURVE_TARGET = "scatter over TCP with CURVE: add p50 at most 1.15x Scatter without CURVE"
+
+
+def curve_cost(rows: dict[tuple[str, str, int], Row]) -> dict[str, Any]:
+    """What CURVE costs, on add p50 with one client, from same-round figures.
+
+    Measured: scatter-tcp over scatter-local (CURVE and TCP against a Unix socket: an
+    upper bound of CURVE's cost to Scatter), and pyzmq with CURVE over pyzmq without.
+    The target's ratio: scatter-tcp over scatter-tcp less the time CURVE adds to the
+    pyzmq round trip (see the module docstring).
+    """
+
+    def row(system: str) -> Row | None:
+        return rows.get((system, "add", 1))
+
+    def ratios(system: str, reference: str) -> dict[int, float]:
+        found = row(system)
+        return per_round_ratios(rows, found, reference, "p50_us") if found else {}
+
+    def summary(per_round: dict[int, float]) -> dict[str, Any]:
+        return {
+            "ratio": _median(per_round.values()),
+            "per_round": [per_round[n] for n in sorted(per_round)],
+        }
+
+    added_us: dict[int, float] = {}  # what CURVE adds to one pyzmq round trip
+    without: dict[int, float] = {}  # scatter-tcp over its estimate without CURVE
+    plain, curve, tcp = row(BASELINE), row(CURVE_BASELINE), row(SCATTER_TCP)
+    if plain and curve and tcp:
+        for number, measured in tcp.rounds.items():
+            if number in plain.rounds and number in curve.rounds:
+                added = curve.rounds[number].p50_us - plain.rounds[number].p50_us
+                added_us[number] = added
+                if measured.p50_us - added > 0:
+                    without[number] = measured.p50_us / (measured.p50_us - added)
+    value = _median(without.values())
+    status = "SKIP" if value is None else "PASS" if value <= CURVE_BOUND else "FAIL"
+    return {
+        "what": "add p50, 1 client, same-round ratios (median across rounds)",
+        "scatter_tcp_vs_local": summary(ratios(SCATTER_TCP, "scatter-local")),
+        "pyzmq_curve_vs_plain": summary(ratios(CURVE_BASELINE, BASELINE)),
+        "pyzmq_curve_added_us": _median(added_us.values()),
+        "target": {
+            "target": CURVE_TARGET,
+            "status": status,
+            "ratio": value,
+            "bound": CURVE_BOUND,
+            "per_round": [without[n] for n in sorted(without)],
+            "how": "scatter-tcp p50 / (scatter-tcp p50 - (pyzmq-curve p50 - pyzmq p50))",
+        },
+    }
 
 
 def _number(value: float | None, digits: int) -> str:
@@ -1006,6 +1123,20 @@ def print_report(report: dict[str, Any]) -> None:
         for system in report["errors"]:
             console.print(f"[bold red]ERROR[/] {system} could not be measured (see above)")
         return
+    curve = report["curve"]
+    if curve["scatter_tcp_vs_local"]["ratio"] or curve["pyzmq_curve_vs_plain"]["ratio"]:
+        console.print("\nCURVE's cost (add p50, 1 client, same-round ratios):")
+        for text, figures in (
+            ("scatter-tcp (CURVE) add p50 vs scatter-local (ipc)", curve["scatter_tcp_vs_local"]),
+            ("pyzmq CURVE vs plain add p50", curve["pyzmq_curve_vs_plain"]),
+        ):
+            ratio, per_round = figures["ratio"], figures["per_round"]
+            detail = "not measured in this run" if ratio is None else f"{ratio:.2f}x"
+            if len(per_round) > 1:
+                detail += f" (per round: {', '.join(f'{r:.2f}' for r in per_round)})"
+            if text.startswith("pyzmq") and curve["pyzmq_curve_added_us"] is not None:
+                detail += f", +{curve['pyzmq_curve_added_us']:.1f} us a round trip"
+            console.print(f"  {text}: {detail}")
     console.print("\ntargets (the issue's, from same-round ratios):")
     colours = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}
     for target in report["targets"]:

@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cloudpickle
 import msgspec
@@ -422,6 +422,10 @@ class Client:
             ``SCATTER_AUTOSTART=0`` or the address is not on loopback).
         secret: the cluster secret, or a call-only one (``scatter secret call-only``);
             default ``SCATTER_SECRET``, else the secret this user's local nodes share.
+        transport: ``"auto"`` (default) reaches a worker on the node's machine through
+            its Unix socket, else its TCP endpoint (CURVE); ``"tcp"`` always takes TCP,
+            for a client that shares the node's loopback but not its files (a
+            container), or to measure what CURVE costs.
 
     Example::
 
@@ -436,12 +440,16 @@ class Client:
         *,
         autostart: bool | None = None,
         secret: str | None = None,
+        transport: Literal["auto", "tcp"] = "auto",
     ) -> None:
+        if transport not in ("auto", "tcp"):
+            raise ConfigError(f"transport must be 'auto' or 'tcp', not {transport!r}")
         config = resolve_client_config(address, secret=secret)
         if autostart is not None:
             config = dataclasses.replace(config, autostart=autostart)
         self.config = config
         self.address = config.address
+        self.transport = transport
         self._context: zmq.Context[Any] = zmq.Context()
         self._ids = itertools.count(1)
         # Sync calls begun and ended (see ``call``): how many are in flight, without a lock.
@@ -693,7 +701,11 @@ class Client:
         leased: _wire.Leased = self.request(lambda i: _wire.Lease(i), timeout=_LEASE_TIMEOUT)
         self._counts["leases"] += 1
         endpoint = leased.endpoint
-        if leased.local_endpoint and is_loopback(parse_address(self.address)[0]):
+        if (
+            leased.local_endpoint
+            and self.transport == "auto"
+            and is_loopback(parse_address(self.address)[0])
+        ):
             endpoint = leased.local_endpoint
         return WorkerConnection(self._context, leased.lease, endpoint, self._keys())
 

@@ -94,6 +94,20 @@ def test_a_raw_socket_without_curve_gets_nothing_from_node_or_worker(
 
 
 @pytest.mark.timeout(60)
+def test_transport_tcp_calls_workers_over_curve_on_loopback_too(
+    client: scatter.Client, node: LocalNode
+) -> None:
+    client.publish(add)
+    assert client.make_callable("add")(1, 2) == 3
+    assert [c.endpoint[:6] for c in client._idle] == ["ipc://"]  # the same-user fast path
+    with scatter.Client(node.address, autostart=False, transport="tcp") as tcp:
+        assert tcp.make_callable("add")(2, 3) == 5
+        assert [c.endpoint[:6] for c in tcp._idle] == ["tcp://"]
+    with pytest.raises(scatter.ConfigError, match="transport"):
+        scatter.Client(node.address, autostart=False, transport="udp")  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(60)
 def test_the_data_directory_and_the_user_secret_are_private(
     client: scatter.Client, node: LocalNode
 ) -> None:
