@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ._core._membership import MembershipConfig
 from ._exceptions import ConfigError
 
 DEFAULT_PORT = 4242
@@ -70,6 +71,15 @@ def parse_address(address: str) -> tuple[str, int]:
             f"bad node address {address!r}: expected tcp://HOST:PORT, such as {DEFAULT_ADDRESS}"
         )
     return parts.hostname, parts.port
+
+
+def normalize_address(address: str) -> str:
+    """``host:port`` or ``tcp://host:port`` as ``tcp://host:port``; ConfigError if neither."""
+    text = address.strip()
+    if "://" not in text:
+        text = f"tcp://{text}"
+    parse_address(text)
+    return text
 
 
 def is_loopback(host: str) -> bool:
@@ -133,13 +143,28 @@ class NodeConfig:
     # with back-off (seconds). Generous: a loaded machine imports slowly.
     worker_start_timeout: float = 60.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    # Membership timers (SWIM + Lifeguard): the LAN profile, memberlist's defaults; a
+    # loopback cluster for tests may take MembershipConfig.local() (`--profile local`).
+    membership: MembershipConfig = field(default_factory=MembershipConfig.lan)
+    # Every interval, one random member gets this node's registry clock and sends back
+    # what this node lacks (seconds). The digest is one counter per writer: cheap.
+    anti_entropy_interval: float = 1.0
+    # Members to join through at start (`scatter node join ADDR`), beyond those the
+    # node remembers from its last run.
+    join: tuple[str, ...] = ()
     # The cluster secret. None: on loopback, this user's own (made at first start in
     # `default_data_dir()/secret`, mode 0600); beyond loopback, refused.
     secret: str | None = None
 
+    def __post_init__(self) -> None:
+        # The shared-memory file has this many worker slots (see _node/_slots.py).
+        if not 1 <= self.max_workers <= 256:
+            raise ConfigError(f"max_workers must be between 1 and 256, got {self.max_workers}")
+
     @classmethod
     def local(cls, **overrides: object) -> NodeConfig:
-        """Loopback, fast timers: the default profile for a node on one machine."""
+        """Loopback: the default profile for a node on one machine (LAN membership timers;
+        pass ``membership=MembershipConfig.local()`` for a fast test cluster)."""
         return replace(cls(), **overrides)  # type: ignore[arg-type]
 
 

@@ -13,8 +13,8 @@ Every TCP connection uses CurveZMQ with keys derived from the secret:
 
 * the node's server key pair from the cluster secret alone, so only its holders can
   serve (the call-only secret carries the server's public key, not its secret one);
-* one client key pair per role; the node's ZAP handler maps a client's public key to its
-  role, and refuses every other key;
+* one client key pair per role (deploy, call, and peer for node-to-node traffic); the
+  node's ZAP handler maps a client's public key to its role, and refuses every other key;
 * workers serve calls only, to both roles: their CURVE server needs no ZAP, since only a
   client that knows the server's public key (derived from the secret, never sent on the
   wire) can complete the handshake.
@@ -40,8 +40,8 @@ from zmq.utils import z85
 
 from ._exceptions import ConfigError
 
-Role = Literal["deploy", "call"]
-ROLES: tuple[Role, ...] = ("deploy", "call")
+Role = Literal["deploy", "call", "peer"]
+ROLES: tuple[Role, ...] = ("deploy", "call", "peer")
 
 SECRET_FILE_NAME = "secret"  # in the user's data directory, for nodes given none
 CALL_ONLY_PREFIX = "call-only:"
@@ -52,15 +52,6 @@ WORKER_KEY_VARIABLE = "SCATTER_WORKER_SERVER_KEY"
 
 
 @dataclass(frozen=True)
-class NodeKeys:
-    """What a node needs: its CURVE key pair, and the client keys of each role."""
-
-    server_public: bytes  # z85
-    server_secret: bytes  # z85
-    clients: dict[bytes, Role]  # {client public key (32 raw bytes): role}
-
-
-@dataclass(frozen=True)
 class ClientKeys:
     """What a client needs: the server's public key, its own key pair, its role."""
 
@@ -68,6 +59,16 @@ class ClientKeys:
     server_public: bytes  # z85
     public: bytes  # z85
     secret: bytes  # z85
+
+
+@dataclass(frozen=True)
+class NodeKeys:
+    """What a node needs: its CURVE key pair, and the client keys of each role."""
+
+    server_public: bytes  # z85
+    server_secret: bytes  # z85
+    clients: dict[bytes, Role]  # {client public key (32 raw bytes): role}
+    peer: ClientKeys  # how this node connects to its peers
 
 
 def new_secret() -> str:
@@ -109,13 +110,28 @@ def node_keys(cluster_secret: str) -> NodeKeys:
     call_seed = _derive(secret, b"call-only")
     deploy_public = _public(_derive(secret, b"deploy client"))
     call_public = _public(_derive(call_seed, b"call client"))
+    peer_public = _public(_derive(secret, b"peer"))
     return NodeKeys(
         server_public=_public(server_secret),
         server_secret=z85.encode(server_secret),
         clients={
             z85.decode(deploy_public): "deploy",
             z85.decode(call_public): "call",
+            z85.decode(peer_public): "peer",
         },
+        peer=peer_keys(cluster_secret),
+    )
+
+
+def peer_keys(cluster_secret: str) -> ClientKeys:
+    """The keys a node connects to its peers with: only cluster-secret holders have them."""
+    secret = cluster_secret.encode()
+    peer_secret = _derive(secret, b"peer")
+    return ClientKeys(
+        role="peer",
+        server_public=_public(_derive(secret, b"server")),
+        public=_public(peer_secret),
+        secret=z85.encode(peer_secret),
     )
 
 

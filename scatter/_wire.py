@@ -20,10 +20,17 @@ from typing import Any, Literal
 
 import msgspec
 
+from ._core._membership import Ack, Alive, Dead, Nack, Ping, PingReq, Suspect, Sync
+from ._core._registry import Change
+from ._core._vclock import VectorClock
+
+Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
+
 # Protocol versions and what each added:
 #   1: calls, control requests, leases of worker processes (the single-node protocol).
 #   2: CURVE on every TCP connection, roles (Failure kind "forbidden"), node-computed
-#      content ids, NodeStatus incarnation and worker start failures.
+#      content ids, NodeStatus incarnation and worker start failures; node to node:
+#      PeerGossip (SWIM), PeerChanges, PeerDigest (anti-entropy), role "peer".
 PROTOCOL_VERSION_MIN = 2
 PROTOCOL_VERSION_MAX = 2
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
@@ -164,8 +171,49 @@ class CurrentVersion(msgspec.Struct, array_like=True, tag=22, frozen=True):
     name: str
 
 
+class Leave(msgspec.Struct, array_like=True, tag=23, frozen=True):
+    """Leave the cluster gracefully, then stop (`scatter node leave`)."""
+
+    id: int
+
+
+# ----- node to node (on the control socket, role "peer"; one-way) -----
+
+
+class PeerGossip(msgspec.Struct, array_like=True, tag=70, frozen=True):
+    """Membership messages (SWIM) from the node ``source`` listening at ``address``."""
+
+    source: str
+    address: str
+    messages: list[Membership]
+
+
+class PeerChanges(msgspec.Struct, array_like=True, tag=71, frozen=True):
+    """Registry changes, and the bodies they bring that the receiver may lack."""
+
+    source: str
+    address: str
+    changes: list[Change]
+    bodies: dict[str, bytes]  # {content_id: body}; the receiver checks each id
+
+
+class PeerDigest(msgspec.Struct, array_like=True, tag=72, frozen=True):
+    """Anti-entropy: the registry clock of ``source``; with ``reply``, send back yours."""
+
+    source: str
+    address: str
+    clock: VectorClock
+    reply: bool
+
+
+PeerMessage = PeerGossip | PeerChanges | PeerDigest
+
 ControlRequest = (
-    CurrentVersion
+    Leave
+    | PeerGossip
+    | PeerChanges
+    | PeerDigest
+    | CurrentVersion
     | PublishSet
     | Hello
     | Publish
@@ -255,6 +303,10 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     incarnation: int = 0  # how many times this node's data directory was started
     worker_start_failures: int = 0  # failed worker starts in a row (retried with back-off)
     worker_start_error: str = ""  # why the last one failed
+    # [{node, address, state, incarnation, changes_behind}] of every member known,
+    # this node included; changes_behind: -1 until the member sent its clock
+    members: list[dict[str, Any]] = []
+    changes: int = 0  # registry changes applied here
 
 
 ControlReply = (

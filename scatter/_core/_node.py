@@ -26,12 +26,25 @@
 # Rule 5: nothing a client sends ends the node. Oversized or malformed frames get
 # a `protocol` failure; a bug of ours answers `internal` and logs the error's type
 # and place, never a request's contents.
+#
+# Rule 6: peers replicate the registry. A change applied here (local or from a
+# peer) is pushed at once to every live member when it is ours, and gossiped to
+# `gossip_nodes` random members a bounded number of times (the broadcast queue);
+# every anti-entropy interval one random member gets our registry clock (a digest
+# of one counter per writer, never per function) and answers with the changes we
+# lack. Changes from peers are persisted, then applied, as local ones (rule 3),
+# and each body they bring is checked against its content id first.
+#
+# Rule 7: a stopping node answers everything that waits ("the node is stopping"),
+# so no client waits for a reply that will never come.
 
 """The node core: control requests, worker events and ticks in; effects out. Pure."""
 
 from __future__ import annotations
 
 import itertools
+import math
+import random
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -43,6 +56,8 @@ import msgspec
 from .. import _wire
 from .._config import NodeConfig
 from .._exceptions import ConfigError, FunctionNotFound, ScatterError, VersionNotFound
+from ._broadcast import BroadcastQueue
+from ._membership import MemberInfo, Membership, State
 from ._pool import (
     KillWorker,
     LeaseGranted,
@@ -53,7 +68,14 @@ from ._pool import (
     StartWorker,
     StopWorker,
 )
-from ._registry import Change, FunctionView, Registry, VersionRecord, content_id_of
+from ._registry import (
+    Change,
+    FunctionView,
+    PublishOp,
+    Registry,
+    VersionRecord,
+    content_id_of,
+)
 
 __all__ = [
     "BumpGeneration",
@@ -62,8 +84,11 @@ __all__ = [
     "NodeCore",
     "NodeFacts",
     "PersistChanges",
+    "PersistMembers",
     "PersistViews",
+    "PushChanges",
     "Send",
+    "SendPeer",
     "StartWorker",
     "Stop",
     "StopWorker",
@@ -101,6 +126,30 @@ class PersistViews:
 
 
 @dataclass(frozen=True)
+class SendPeer:
+    """Send ``payload`` to the peer node listening at ``address`` (one-way)."""
+
+    address: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class PushChanges:
+    """Send ``changes`` to the peer at ``address``, with the bodies they introduce
+    (the driver reads them from the store)."""
+
+    address: str
+    changes: tuple[Change, ...]
+
+
+@dataclass(frozen=True)
+class PersistMembers:
+    """Store the member table, so a restarted node rejoins by itself."""
+
+    members: tuple[MemberInfo, ...]
+
+
+@dataclass(frozen=True)
 class BumpGeneration:
     """Tell the workers that views moved (the shared generation counter)."""
 
@@ -116,7 +165,18 @@ class Stop:
     failed: bool = False  # the node exits non-zero
 
 
-Effect = Send | PersistChanges | PersistViews | BumpGeneration | Log | Stop | PoolEffect
+Effect = (
+    Send
+    | SendPeer
+    | PushChanges
+    | PersistChanges
+    | PersistViews
+    | PersistMembers
+    | BumpGeneration
+    | Log
+    | Stop
+    | PoolEffect
+)
 
 
 @dataclass(frozen=True)
@@ -132,21 +192,34 @@ class NodeFacts:
     started_at: float  # unix seconds
     python: str
     scatter_version: str
+    seed: int = 0  # of the membership core's randomness (probe order, gossip targets)
 
 
 @dataclass
 class _Write:
-    """The one local change in flight (rule 4)."""
+    """The one write in flight (rule 4): a local change, or changes from a peer."""
 
-    peer: bytes
-    request_id: int
-    change: Change
-    reply: Callable[[], Any]  # builds the reply once the change is applied
+    changes: tuple[Change, ...]
     ticket: int
+    peer: bytes = b""  # the client to answer; b"" for changes from a peer
+    request_id: int = 0
+    reply: Callable[[], Any] | None = None  # builds the reply once applied
+    local: bool = False
     views_pending: bool = False  # applied; its views are being written (requests wait)
 
 
+@dataclass(frozen=True)
+class _FromPeer:
+    """Changes a peer sent, waiting their turn to be written."""
+
+    changes: tuple[Change, ...]
+    bodies: Mapping[str, tuple[VersionRecord, bytes]]  # checked already
+
+
 _MUTATIONS = (_wire.Publish, _wire.PublishSet, _wire.Rollback, _wire.Vaporize)
+_PEER_MESSAGES = (_wire.PeerGossip, _wire.PeerChanges, _wire.PeerDigest)
+MAX_CHANGES_PER_PUSH = 256  # an anti-entropy answer sends the rest next round
+_MEMBERS_PERSIST_INTERVAL = 1.0  # seconds: the member table is stored at most this often
 
 
 class NodeCore:
@@ -182,7 +255,25 @@ class NodeCore:
         self._refs: Counter[str] = Counter()  # {content_id: live versions using it}
         self._tickets = itertools.count(1)
         self._write: _Write | None = None
-        self._waiting: deque[tuple[bytes, Any, float]] = deque()  # (peer, request, wall)
+        # (peer, request or _FromPeer, wall): what waits behind the write in flight
+        self._waiting: deque[tuple[bytes, Any, float]] = deque()
+        self._stopping = False
+        self.membership = Membership(
+            facts.node_id,
+            facts.address,
+            config.membership,
+            # Rule 2 of the membership: a restart must outrank whatever the last
+            # process refuted to; starts are counted, refutations within a start low.
+            incarnation=facts.incarnation << 32,
+            seed=facts.seed,
+        )
+        self._rng = random.Random(facts.seed + 1)
+        self._news: BroadcastQueue[Change] = BroadcastQueue()  # changes to gossip (rule 6)
+        self._next_anti_entropy = 0.0
+        self._next_change_gossip = 0.0
+        self._members_persisted: tuple[tuple[str, str, int], ...] = ()
+        self._members_persisted_at = -math.inf
+        self._peer_clocks: dict[str, Any] = {}  # {node id: the registry clock it last sent}
         self._handlers: dict[type, Callable[[Any], Any]] = {
             _wire.Hello: self._on_hello,
             _wire.CurrentVersion: self._on_current_version,
@@ -191,14 +282,22 @@ class NodeCore:
             _wire.ListFunctions: self._on_functions,
             _wire.Status: self._on_status,
         }
+        self._peer_handlers: dict[type, Callable[[Any, float], list[Effect]]] = {
+            _wire.PeerGossip: self._on_gossip,
+            _wire.PeerChanges: self._on_changes,
+            _wire.PeerDigest: self._on_digest,
+        }
 
     # -- events -----------------------------------------------------------------
 
-    def start(self, now: float) -> list[Effect]:
-        """Reconcile the workers' views with the registry; start the pool.
+    def start(self, now: float, join: Iterable[str] = ()) -> list[Effect]:
+        """Reconcile the workers' views with the registry; start the pool; join peers.
 
         The persisted views may be stale (a crash between a change and its views, a
         store written by an older release): every name is compared once.
+
+        Args:
+            join: addresses of members to join through (given, or remembered).
         """
         fresh = {name: self.registry.entry(name) for name in self.registry.names()}
         views: dict[str, FunctionView | None] = {
@@ -223,7 +322,9 @@ class NodeCore:
         if views or dropped:
             effects.append(PersistViews(next(self._tickets), views, dropped))
         effects.append(BumpGeneration())
-        return effects + list(self.pool.start(now))
+        effects += self.pool.start(now)
+        effects += self._packets(self.membership.join(join, now))
+        return effects
 
     def receive(
         self,
@@ -233,14 +334,15 @@ class NodeCore:
         role: str,
         now: float,
         wall: float,
-        readings: Mapping[int, SlotReading],
+        readings: Callable[[], Mapping[int, SlotReading]],
     ) -> list[Effect]:
-        """A frame from a client.
+        """A frame from a client or a peer node.
 
         Args:
-            role: what the client's key may do: "deploy" (anything) or "call" (call,
-                describe, list); anything else is refused.
-            readings: the workers' slots, read just now.
+            role: what the sender's key may do: "deploy" (anything a client may),
+                "call" (call, describe, list), "peer" (node-to-node messages only);
+                anything else is refused.
+            readings: reads the workers' slots now (only a lease needs them).
         """
         limit = self.config.max_message_bytes
         if len(payload) > limit:
@@ -252,15 +354,27 @@ class NodeCore:
             return [self._send(peer, _wire.Failure(0, "protocol", f"malformed request: {exc}"))]
         refusal = _refusal(request, role)
         if refusal:
+            if isinstance(request, _PEER_MESSAGES):
+                return [Log(f"refused a peer message from a {role or 'unknown'} client")]
             return [self._send(peer, _wire.Failure(request.id, "forbidden", refusal))]
+        if isinstance(request, _PEER_MESSAGES):
+            try:
+                return self._peer_handlers[type(request)](request, now)
+            except Exception as exc:
+                return self._internal(b"", 0, exc)[:1]  # a peer gets no reply, we a log
+        if self._stopping:
+            return [self._send(peer, _stopping_failure(request.id))]
         if isinstance(request, _wire.Lease):
-            self.pool.observe(now, readings)
+            self.pool.observe(now, readings())
             return self._pool_effects(self.pool.lease((peer, request.id), now))
         if isinstance(request, _wire.Release):
             self.pool.release(request.lease)
             return [self._send(peer, _wire.Done(request.id))]
         if isinstance(request, _wire.Shutdown):
             return [self._send(peer, _wire.Done(request.id)), Stop("asked to stop")]
+        if isinstance(request, _wire.Leave):
+            packets = self._packets(self.membership.leave(now))
+            return [*packets, self._send(peer, _wire.Done(request.id)), Stop("left the cluster")]
         if self._write is not None and (
             self._write.views_pending or isinstance(request, _MUTATIONS)
         ):
@@ -268,15 +382,49 @@ class NodeCore:
             return []
         return self._serve(peer, request, wall)
 
+    def stop(self) -> list[Effect]:
+        """The node is stopping (rule 7): answer what waits; refuse what comes."""
+        self._stopping = True
+        effects: list[Effect] = []
+        write, self._write = self._write, None
+        if write is not None and write.peer:
+            effects.append(
+                self._send(
+                    write.peer,
+                    _wire.Failure(
+                        write.request_id,
+                        "internal",
+                        "the node stopped while storing this change; it may have been "
+                        "stored: check versions() once a node runs again",
+                    ),
+                )
+            )
+        while self._waiting:
+            peer, request, _wall = self._waiting.popleft()
+            if not isinstance(request, _FromPeer):
+                effects.append(self._send(peer, _stopping_failure(request.id)))
+        return effects
+
+    def busy_writing(self) -> bool:
+        """Whether a write is in flight or waiting: a stopping driver lets it finish."""
+        return self._write is not None or any(
+            isinstance(r, _MUTATIONS | _FromPeer) for _, r, _ in self._waiting
+        )
+
     def changes_persisted(self, ticket: int) -> list[Effect]:
         write = self._write
         if write is None or write.ticket != ticket:
             return []
         try:
-            names = self.registry.apply(write.change)
-        except Exception as exc:  # our own change: a bug, never the client's doing
+            names = self.registry.apply_many(write.changes)
+        except Exception as exc:
+            # On disk and not appliable: every restart would fail the same way. Stop
+            # now, loudly, rather than serve a registry that disagrees with its log.
             self._write = None
-            return [*self._internal(write.peer, write.request_id, exc), *self._next()]
+            return [
+                *self._internal(write.peer, write.request_id, exc),
+                Stop("a stored change could not be applied (see the log)", failed=True),
+            ]
         views, dropped = self._derive(names)
         if not views and not dropped:
             return self._finish(write)
@@ -294,16 +442,17 @@ class NodeCore:
         write = self._write
         if write is not None and write.ticket == ticket and not write.views_pending:
             self._write = None
-            failure = _wire.Failure(
-                write.request_id,
-                "internal",
-                f"the node could not store the change ({error}); nothing was changed",
-            )
-            return [
-                Log(f"could not store change {write.change.change_id}: {error}"),
-                self._send(write.peer, failure),
-                *self._next(),
+            effects: list[Effect] = [
+                Log(f"could not store change {write.changes[0].change_id}: {error}")
             ]
+            if write.peer:
+                failure = _wire.Failure(
+                    write.request_id,
+                    "internal",
+                    f"the node could not store the change ({error}); nothing was changed",
+                )
+                effects.append(self._send(write.peer, failure))
+            return [*effects, *self._next()]
         return [
             Log(f"could not write the workers' views ({error})"),
             Stop("the workers' views could not be stored; a restart rebuilds them", failed=True),
@@ -322,11 +471,114 @@ class NodeCore:
         return self._pool_effects(self.pool.exited(slot, now))
 
     def tick(self, now: float, readings: Mapping[int, SlotReading]) -> list[Effect]:
-        return self._pool_effects(self.pool.tick(now, readings))
+        effects = self._pool_effects(self.pool.tick(now, readings))
+        effects += self._packets(self.membership.tick(now))
+        config = self.config
+        if now >= self._next_anti_entropy:
+            self._next_anti_entropy = now + config.anti_entropy_interval
+            for address in self._peers(1):
+                digest = _wire.PeerDigest(
+                    self.facts.node_id, self.facts.address, self.registry.clock, reply=True
+                )
+                effects.append(SendPeer(address, _wire.encoder.encode(digest)))
+        if len(self._news) and now >= self._next_change_gossip:
+            self._next_change_gossip = now + config.membership.gossip_interval
+            members = len(self.membership.live_members())
+            for address in self._peers(config.membership.gossip_nodes):
+                changes = self._news.take(
+                    32, members=members, retransmit_mult=config.membership.retransmit_mult
+                )
+                if changes:
+                    effects.append(PushChanges(address, tuple(changes)))
+        table = tuple((m.node, m.address, m.incarnation) for m in self.membership.members())
+        if table != self._members_persisted and now - self._members_persisted_at >= (
+            _MEMBERS_PERSIST_INTERVAL
+        ):
+            self._members_persisted, self._members_persisted_at = table, now
+            effects.append(PersistMembers(tuple(self.membership.members())))
+        return effects
+
+    def next_peer_wakeup(self) -> float:
+        """When the membership needs :meth:`tick` next, at the latest."""
+        return self.membership.next_wakeup()
+
+    # -- peers ------------------------------------------------------------------
+
+    def _on_gossip(self, message: _wire.PeerGossip, now: float) -> list[Effect]:
+        return self._packets(self.membership.receive(message.address, message.messages, now))
+
+    def _on_digest(self, message: _wire.PeerDigest, now: float) -> list[Effect]:
+        self._peer_clocks[message.source] = message.clock
+        effects: list[Effect] = []
+        missing = self.registry.changes_since(message.clock)[:MAX_CHANGES_PER_PUSH]
+        if missing:
+            effects.append(PushChanges(message.address, tuple(missing)))
+        if message.reply:
+            mine = _wire.PeerDigest(
+                self.facts.node_id, self.facts.address, self.registry.clock, reply=False
+            )
+            effects.append(SendPeer(message.address, _wire.encoder.encode(mine)))
+        return effects
+
+    def _on_changes(self, message: _wire.PeerChanges, now: float) -> list[Effect]:
+        fresh = tuple(c for c in message.changes if not self.registry.has_change(c.change_id))
+        if not fresh:
+            return []
+        bodies: dict[str, tuple[VersionRecord, bytes]] = {}
+        effects: list[Effect] = []
+        for change in fresh:
+            for op in change.ops:
+                if not isinstance(op, PublishOp):
+                    continue
+                record = op.record
+                body = message.bodies.get(record.content_id)
+                if body is None:
+                    continue
+                if _content_id(record, body) != record.content_id:
+                    effects.append(
+                        Log(f"a body from {message.source} does not match its content id "
+                            f"{record.content_id}; not stored")
+                    )
+                    continue
+                bodies[record.content_id] = (record, body)
+        batch = _FromPeer(fresh, bodies)
+        if self._write is not None:
+            self._waiting.append((b"", batch, 0.0))
+            return effects
+        return effects + self._begin_peer_write(batch)
+
+    def _begin_peer_write(self, batch: _FromPeer) -> list[Effect]:
+        # Held already by the time its turn came (anti-entropy raced the push)?
+        fresh = tuple(c for c in batch.changes if not self.registry.has_change(c.change_id))
+        if not fresh:
+            return self._next()
+        self._write = _Write(fresh, next(self._tickets))
+        return [PersistChanges(self._write.ticket, fresh, batch.bodies)]
+
+    def _peers(self, count: int) -> list[str]:
+        """Addresses of up to ``count`` random live members other than this node."""
+        live = [
+            m.address
+            for m in self.membership.members()
+            if m.node != self.facts.node_id and m.state <= State.SUSPECT
+        ]
+        return self._rng.sample(live, min(count, len(live)))
+
+    def _packets(self, packets: Iterable[Any]) -> list[Effect]:
+        me, address = self.facts.node_id, self.facts.address
+        return [
+            SendPeer(
+                packet.address,
+                _wire.encoder.encode(_wire.PeerGossip(me, address, list(packet.messages))),
+            )
+            for packet in packets
+        ]
 
     # -- requests ---------------------------------------------------------------
 
     def _serve(self, peer: bytes, request: Any, wall: float) -> list[Effect]:
+        if isinstance(request, _FromPeer):
+            return self._begin_peer_write(request)
         try:
             if isinstance(request, _MUTATIONS):
                 return self._begin_write(peer, request, wall)
@@ -340,7 +592,13 @@ class NodeCore:
         change, bodies, reply = self._prepare(request, wall)
         if change is None:
             return [self._send(peer, reply()), *self._next()]
-        self._write = _Write(peer, request.id, change, reply, next(self._tickets))
+        # Bodies of the versions this change adds, and no others: a member left as it
+        # was (same code) must not leave an unused body behind.
+        added = {op.record.content_id for op in change.ops if isinstance(op, PublishOp)}
+        bodies = {cid: found for cid, found in bodies.items() if cid in added}
+        self._write = _Write(
+            (change,), next(self._tickets), peer, request.id, reply, local=True
+        )
         return [PersistChanges(self._write.ticket, (change,), bodies)]
 
     def _prepare(
@@ -377,16 +635,14 @@ class NodeCore:
         return change, {}, lambda: _wire.Moved(request.id, request.name, 0)
 
     def _record(self, request: _wire.Publish, wall: float) -> VersionRecord:
-        content_id = content_id_of(
-            request.body,
-            signature=request.signature,
-            signature_text=request.signature_text,
-            source=request.source,
-            doc=request.doc,
-            timeout=request.timeout,
-        )
-        return VersionRecord(
-            content_id=content_id,
+        timeout = request.timeout
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(
+                f"{request.name}: the timeout must be a finite number of seconds above 0, "
+                f"got {timeout!r}"
+            )
+        record = VersionRecord(
+            content_id="",
             code_id=request.content_id,  # the publisher's; see VersionRecord.code_id
             name=request.name,
             signature=request.signature,
@@ -397,8 +653,9 @@ class NodeCore:
             origin=self.facts.node_id,
             python=request.python or self.facts.python,
             created_at=wall,
-            timeout=request.timeout,
+            timeout=timeout,
         )
+        return msgspec.structs.replace(record, content_id=_content_id(record, request.body))
 
     def _on_hello(self, req: _wire.Hello) -> _wire.Welcome:
         facts = self.facts
@@ -453,7 +710,26 @@ class NodeCore:
             incarnation=facts.incarnation,
             worker_start_failures=pool.start_failures,
             worker_start_error=pool.last_start_error,
+            members=[self._member_row(m) for m in self.membership.members()],
+            changes=stats.changes,
         )
+
+    def _member_row(self, member: MemberInfo) -> dict[str, Any]:
+        mine = self.registry.clock
+        if member.node == self.facts.node_id:
+            behind = 0
+        elif member.node in self._peer_clocks:
+            theirs = self._peer_clocks[member.node]
+            behind = sum(max(0, n - theirs.get(w)) for w, n in mine.entries.items())
+        else:
+            behind = -1
+        return {
+            "node": member.node,
+            "address": member.address,
+            "state": member.state.name.lower(),
+            "incarnation": member.incarnation,
+            "changes_behind": behind,
+        }
 
     # -- internals --------------------------------------------------------------
 
@@ -494,11 +770,17 @@ class NodeCore:
 
     def _finish(self, write: _Write) -> list[Effect]:
         self._write = None
-        try:
-            reply = write.reply()
-        except Exception as exc:
-            return [BumpGeneration(), *self._internal(write.peer, write.request_id, exc)]
-        return [BumpGeneration(), self._send(write.peer, reply), *self._next()]
+        effects: list[Effect] = [BumpGeneration()]
+        for change in write.changes:
+            self._news.put(change.change_id, change)
+        if write.local:  # ours: every live member hears of it at once (rule 6)
+            effects += [PushChanges(address, write.changes) for address in self._peers(1 << 30)]
+        if write.reply is not None:
+            try:
+                effects.append(self._send(write.peer, write.reply()))
+            except Exception as exc:
+                effects += self._internal(write.peer, write.request_id, exc)
+        return effects + self._next()
 
     def _next(self) -> list[Effect]:
         """Serve what waited behind a write, up to the next write."""
@@ -537,11 +819,13 @@ class NodeCore:
         return Send(peer, _wire.encoder.encode(message))
 
 
-_DEPLOY_ONLY = (*_MUTATIONS, _wire.Shutdown)
+_DEPLOY_ONLY = (*_MUTATIONS, _wire.Shutdown, _wire.Leave)
 
 
 def _refusal(request: Any, role: str) -> str:
     """Why ``role`` may not make ``request`` ("" if it may)."""
+    if isinstance(request, _PEER_MESSAGES):
+        return "" if role == "peer" else "node-to-node messages need the peer key"
     if role == "deploy" or (role == "call" and not isinstance(request, _DEPLOY_ONLY)):
         return ""
     what = type(request).__name__.lower()
@@ -550,7 +834,26 @@ def _refusal(request: Any, role: str) -> str:
             f"this client holds a call-only secret: it may call, describe and list; {what} "
             "needs the cluster secret"
         )
+    if role == "peer":
+        return f"{what} refused: a peer key is for node-to-node messages only"
     return f"{what} refused: the client is not authenticated (check SCATTER_SECRET)"
+
+
+def _stopping_failure(request_id: int) -> _wire.Failure:
+    return _wire.Failure(
+        request_id, "internal", "the node is stopping; nothing was done, try another node"
+    )
+
+
+def _content_id(record: VersionRecord, body: bytes) -> str:
+    return content_id_of(
+        body,
+        signature=record.signature,
+        signature_text=record.signature_text,
+        source=record.source,
+        doc=record.doc,
+        timeout=record.timeout,
+    )
 
 
 def _waiter(waiter: object) -> tuple[bytes, int]:

@@ -564,7 +564,7 @@ class Registry:
         """
         records = list(records)
         if not records:
-            raise ConfigError("nothing to publish: pass at least one VersionRecord")
+            raise ConfigError("nothing to publish: a set needs at least one function")
         names = [record.name for record in records]
         for name in names:
             _check_name(name)
@@ -842,14 +842,6 @@ class Registry:
     def names(self) -> list[str]:
         """Every name ever used here: live functions and sets, and tombstones."""
         return list(self._high_water)
-
-    def content_ids(self) -> set[str]:
-        """The content ids of every live version: the bodies a node must keep."""
-        return {
-            version.record.content_id
-            for function in self._functions.values()
-            for version in function.versions.values()
-        }
 
     def versions(self, name: str) -> list[VersionInfo]:
         """The history of a function or a set, oldest first, without bodies.

@@ -29,21 +29,27 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import trio
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from .. import _wire
 from .._config import NodeConfig, default_data_dir, parse_address
 from .._core import _node as core_effects
+from .._core._membership import State
 from .._core._node import NodeCore, NodeFacts
+from .._core._registry import PublishOp
 from .._exceptions import ConfigError
 from .._security import (
     WORKER_KEY_VARIABLE,
+    ClientKeys,
     NodeKeys,
+    apply_client_keys,
     apply_server_keys,
     ensure_user_secret,
     node_keys,
@@ -53,6 +59,51 @@ from ._slots import SharedSlots
 from ._store import RegistryStore
 
 SCATTER_VERSION = "0.1.0"
+
+
+Write = core_effects.PersistChanges | core_effects.PersistViews | core_effects.PersistMembers
+
+
+class PeerSockets:
+    """One DEALER per peer address, for one-way node-to-node messages (CURVE, peer key).
+
+    Resource handling: a peer's queue holds at most ``PEER_QUEUE`` messages; past that
+    (a dead or slow peer) messages are dropped, as SWIM and anti-entropy expect a lossy
+    network. Sockets to members that died are closed by :meth:`forget`.
+    """
+
+    PEER_QUEUE = 64
+
+    def __init__(self, keys: ClientKeys) -> None:
+        self._keys = keys
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sockets: dict[str, zmq.Socket[bytes]] = {}
+
+    def send(self, address: str, payload: bytes) -> None:
+        sock = self._sockets.get(address)
+        if sock is None:
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 200)  # a goodbye (leave) gets a moment to leave
+            sock.setsockopt(zmq.SNDHWM, self.PEER_QUEUE)
+            apply_client_keys(sock, self._keys)
+            try:
+                sock.connect(address)
+            except zmq.ZMQError:
+                sock.close(linger=0)
+                return
+            self._sockets[address] = sock
+        with contextlib.suppress(zmq.ZMQError):  # full: dropped, as a lossy network does
+            sock.send(payload, zmq.NOBLOCK)
+
+    def forget(self, address: str) -> None:
+        sock = self._sockets.pop(address, None)
+        if sock is not None:
+            sock.close(linger=0)
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
 
 
 class NodeDriver:
@@ -83,9 +134,8 @@ class NodeDriver:
         self.stop_requested = trio.Event()
         self.exit_code = 0
         self._processes: dict[int, trio.Process] = {}  # {slot: worker process}
-        self._writes, self._to_persist = trio.open_memory_channel[
-            core_effects.PersistChanges | core_effects.PersistViews
-        ](float("inf"))
+        self._writes, self._to_persist = trio.open_memory_channel[Write](float("inf"))
+        self.peers = PeerSockets(keys.peer)
         self._nursery: trio.Nursery | None = None
         # Workers watch the read end: it reaches EOF when this process is gone, however
         # it went (SIGKILL included). The write end is never written, only held.
@@ -93,11 +143,33 @@ class NodeDriver:
 
     # -- effects ------------------------------------------------------------------
 
+    def feed(self, event: Callable[..., list[core_effects.Effect]], *args: Any, **kw: Any) -> None:
+        """Give the core an event and perform what it returns.
+
+        Error handling: a bug (ours) in the core or in performing an effect is logged
+        with its type and place, never its values, and the node goes on: no task dies
+        of one bad event.
+        """
+        try:
+            self.perform(event(*args, **kw))
+        except Exception as exc:
+            log_internal(exc, f"handling {getattr(event, '__name__', 'an event')}")
+
     def perform(self, effects: Iterable[core_effects.Effect]) -> None:
         for effect in effects:
             if isinstance(effect, core_effects.Send):
                 send_reply(self.control, effect.peer, effect.payload)
-            elif isinstance(effect, core_effects.PersistChanges | core_effects.PersistViews):
+            elif isinstance(effect, core_effects.SendPeer):
+                self.peers.send(effect.address, effect.payload)
+            elif isinstance(effect, core_effects.PushChanges):
+                assert self._nursery is not None
+                self._nursery.start_soon(self.push_changes, effect)
+            elif isinstance(
+                effect,
+                core_effects.PersistChanges
+                | core_effects.PersistViews
+                | core_effects.PersistMembers,
+            ):
                 self._writes.send_nowait(effect)
             elif isinstance(effect, core_effects.BumpGeneration):
                 self.slots.bump_generation()
@@ -124,6 +196,26 @@ class NodeDriver:
     def readings(self) -> dict[int, tuple[int, float]]:
         return {slot: self.slots.read(slot) for slot in self.core.pool.slots()}
 
+    async def push_changes(self, push: core_effects.PushChanges) -> None:
+        """Send changes to a peer with the bodies they introduce, read off the loop."""
+        try:
+            wanted = {
+                op.record.content_id
+                for change in push.changes
+                for op in change.ops
+                if isinstance(op, PublishOp)
+            }
+            bodies = await trio.to_thread.run_sync(self._bodies, wanted)
+            facts = self.core.facts
+            message = _wire.PeerChanges(facts.node_id, facts.address, list(push.changes), bodies)
+            self.peers.send(push.address, _wire.encoder.encode(message))
+        except Exception as exc:
+            log_internal(exc, "pushing changes to a peer")
+
+    def _bodies(self, content_ids: Iterable[str]) -> dict[str, bytes]:
+        found = {cid: self.store.body(cid) for cid in content_ids}
+        return {cid: body for cid, body in found.items() if body is not None}
+
     # -- tasks --------------------------------------------------------------------
 
     async def serve_control(
@@ -142,15 +234,14 @@ class NodeDriver:
             if len(frames) != 2:
                 continue
             peer, payload = frames
-            self.perform(
-                self.core.receive(
-                    peer,
-                    payload,
-                    role=role,
-                    now=time.monotonic(),
-                    wall=time.time(),
-                    readings=self.readings(),
-                )
+            self.feed(
+                self.core.receive,
+                peer,
+                payload,
+                role=role,
+                now=time.monotonic(),
+                wall=time.time(),
+                readings=self.readings,
             )
 
     async def persist(self) -> None:
@@ -159,23 +250,29 @@ class NodeDriver:
             try:
                 await trio.to_thread.run_sync(self._commit, write)
             except Exception as exc:
-                self.perform(self.core.persist_failed(write.ticket, f"{type(exc).__name__}: {exc}"))
+                if isinstance(write, core_effects.PersistMembers):
+                    log_internal(exc, "storing the member table")
+                else:
+                    error = f"{type(exc).__name__}: {exc}"
+                    self.feed(self.core.persist_failed, write.ticket, error)
                 continue
             if isinstance(write, core_effects.PersistChanges):
-                self.perform(self.core.changes_persisted(write.ticket))
-            else:
-                self.perform(self.core.views_persisted(write.ticket))
+                self.feed(self.core.changes_persisted, write.ticket)
+            elif isinstance(write, core_effects.PersistViews):
+                self.feed(self.core.views_persisted, write.ticket)
 
-    def _commit(self, write: core_effects.PersistChanges | core_effects.PersistViews) -> None:
+    def _commit(self, write: Write) -> None:
         if isinstance(write, core_effects.PersistChanges):
             self.store.commit_changes(write.changes, write.bodies)
-        else:
+        elif isinstance(write, core_effects.PersistViews):
             self.store.commit_views(write.views, write.dropped_bodies)
+        else:
+            self.store.commit_members(write.members)
 
     async def tick(self) -> None:
         while True:
             await trio.sleep(self.config.supervise_interval)
-            self.perform(self.core.tick(time.monotonic(), self.readings()))
+            self.feed(self.core.tick, time.monotonic(), self.readings())
 
     async def run_worker(self, slot: int) -> None:
         """Start the worker of ``slot``, report it to the core, and wait for its exit.
@@ -201,7 +298,7 @@ class NodeDriver:
                 process.kill()
                 await process.wait()
             error = str(exc) or f"no READY line within {self.config.worker_start_timeout:g} s"
-            self.perform(self.core.worker_start_failed(slot, error, time.monotonic()))
+            self.feed(self.core.worker_start_failed, slot, error, time.monotonic())
             return
         except BaseException:  # cancelled while starting: the node is stopping
             if process is not None:
@@ -209,13 +306,13 @@ class NodeDriver:
             raise
         self._processes[slot] = process
         try:
-            self.perform(self.core.worker_started(slot, process.pid, endpoints, time.monotonic()))
+            self.feed(self.core.worker_started, slot, process.pid, endpoints, time.monotonic())
             await process.wait()
         finally:
             del self._processes[slot]
             await _reap(process)
         self.slots.clear(slot)
-        self.perform(self.core.worker_exited(slot, time.monotonic()))
+        self.feed(self.core.worker_exited, slot, time.monotonic())
 
     def _worker_command(self, slot: int) -> list[str]:
         config = self.config
@@ -302,16 +399,35 @@ class NodeDriver:
                             "secret is not this node's (logged once a minute per address)"
                         )
 
-    def kill_workers(self) -> None:
-        for process in self._processes.values():
-            if process.returncode is None:
-                process.kill()
+    async def wind_down(self) -> None:
+        """Stop as gently as a crash would, or gentler (rule 7 of the core).
+
+        The write in flight finishes (a few seconds at most) and everything that waits
+        gets its answer; workers see the node's pipe close and exit after the call they
+        run, each within its own deadline and grace, as they would if the node died;
+        past that they are killed. Then the last replies get a moment to leave.
+        """
+        with trio.move_on_after(5.0):
+            while self.core.busy_writing():
+                await trio.sleep(0.01)
+        self.feed(self.core.stop)
+        os.close(self._parent_write)
+        self._parent_write = -1
+        now = time.monotonic()
+        deadlines = [deadline for _number, deadline in self.readings().values() if deadline]
+        patience = max([d - now for d in deadlines] + [0.0]) + self.config.kill_grace + 0.5
+        with trio.move_on_after(min(patience, self.config.call_timeout + self.config.kill_grace)):
+            while any(p.returncode is None for p in self._processes.values()):
+                await trio.sleep(0.02)
+        await trio.sleep(0.05)
 
     def close(self) -> None:
         self.control.sock.disable_monitor()
         self.handshakes.close()
+        self.peers.close()
         os.close(self._parent_read)
-        os.close(self._parent_write)
+        if self._parent_write >= 0:
+            os.close(self._parent_write)
 
 
 async def _reap(process: trio.Process) -> None:
@@ -322,11 +438,8 @@ async def _reap(process: trio.Process) -> None:
         await process.wait()
 
 
-_HANDSHAKE_FAILURES = (
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-)
+# Not HANDSHAKE_FAILED_NO_DETAIL: a bare TCP connect that closes (a port probe) ends so.
+_HANDSHAKE_FAILURES = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 
 
 def _peer_address(fd: int) -> str:
@@ -367,6 +480,13 @@ def send_reply(sock: TrioSocket, peer: bytes, *payload: bytes) -> None:
 
 def log(message: str) -> None:
     print(f"scatter node: {message}", file=sys.stderr, flush=True)
+
+
+def log_internal(exc: BaseException, doing: str) -> None:
+    # The error's type and place only: its message may quote a request's contents.
+    where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    place = f" at {where[0].filename}:{where[0].lineno}" if where else ""
+    log(f"internal error {type(exc).__name__}{place} while {doing}; going on")
 
 
 def _bind_zap() -> zmq.Socket[bytes]:
@@ -436,10 +556,11 @@ async def serve_node(
         raise
     sock = TrioSocket(control)
     run_root = config.data_dir / "run"
-    store = open_store(config.data_dir / "registry")
+    store: RegistryStore | None = None
     slots: SharedSlots | None = None
     driver: NodeDriver | None = None
     try:
+        store = open_store(config.data_dir / "registry")
         identity, notice = store.open_as_node()
         if notice:
             log(notice)
@@ -458,19 +579,25 @@ async def serve_node(
             started_at=time.time(),
             python=platform.python_version(),
             scatter_version=SCATTER_VERSION,
+            seed=secrets.randbits(32),
         )
+        remembered = [
+            m.address
+            for m in store.members()
+            if m.node != identity.node_id and m.state <= State.SUSPECT
+        ]
         core = NodeCore(config, facts, store.changes(), store.views(), store.body_ids())
         driver = NodeDriver(config, core, store, slots, sock, run_dir, keys)
-        await _run(driver, zap, task_status)
+        await _run(driver, zap, [*config.join, *remembered], task_status)
     finally:
         if driver is not None:
-            driver.kill_workers()
             driver.close()
         sock.close()
         zap.close()
         if slots is not None:
             slots.close()
-        store.close()
+        if store is not None:
+            store.close()
         shutil.rmtree(run_root, ignore_errors=True)
         lock.close()
     if driver is not None and driver.exit_code:
@@ -480,13 +607,16 @@ async def serve_node(
 async def _run(
     driver: NodeDriver,
     zap: TrioSocket,
+    join: list[str],
     task_status: trio.TaskStatus[NodeDriver] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     core, config = driver.core, driver.config
     async with trio.open_nursery() as nursery:
         driver._nursery = nursery
+        # First: a SIGTERM during start-up must still stop the node cleanly.
+        nursery.start_soon(_stop_on_signal, driver)
         nursery.start_soon(driver.persist)
-        effects = core.start(time.monotonic())
+        effects = core.start(time.monotonic(), join)
         # The views reconciled at start are written before anyone is served.
         for effect in effects:
             if isinstance(effect, core_effects.PersistViews):
@@ -495,14 +625,13 @@ async def _run(
         # Ready means ready to call: the first workers are up (or failing to start, which
         # `scatter node status` then shows) before the node says it listens.
         while (stats := core.pool.statistics()).workers < config.min_workers:
-            if stats.start_failures:
+            if stats.start_failures or driver.stop_requested.is_set():
                 break
             await trio.sleep(0.01)
         await nursery.start(driver.serve_zap, zap, driver.keys.clients)
         nursery.start_soon(driver.watch_handshakes, driver.handshakes)
         await nursery.start(driver.serve_control)
         nursery.start_soon(driver.tick)
-        nursery.start_soon(_stop_on_signal, driver)
         facts = core.facts
         log(
             f"{facts.node_id} listening at {config.address} "
@@ -510,8 +639,7 @@ async def _run(
         )
         task_status.started(driver)
         await driver.stop_requested.wait()
-        # Give the last replies a moment to leave before the socket closes.
-        await trio.sleep(0.05)
+        await driver.wind_down()
         nursery.cancel_scope.cancel()
 
 

@@ -10,7 +10,8 @@ Keys, and nothing else ever (``test_store_holds_registry_entries_only`` checks i
   loads it with, stored once per content id whatever the number of versions or names
   that use it, and deleted once no live version does;
 * ``("fn", name)``: the view workers resolve a name with (``FunctionView``), derived from
-  the registry: rewritten for the names a change moved, reconciled at every start.
+  the registry: rewritten for the names a change moved, reconciled at every start;
+* ``"members"``: the cluster's members as last seen, so a restarted node rejoins.
 
 Arguments and results are never written here, nor logged.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 import diskcache
 import msgspec
 
+from .._core._membership import MemberInfo
 from .._core._registry import Change, FunctionView, VersionRecord
 
 # 1: changes embedded bodies, records by content id with bodies, ("fn", name) entries
@@ -43,8 +45,9 @@ class NodeIdentity(msgspec.Struct, frozen=True, kw_only=True):
     node_id: str  # stable across restarts of this data directory, here
     incarnation: int  # starts counted, this one included
     # The data directory's place ("<machine id>:<device>:<inode>"). A copy elsewhere
-    # (a cloned VM, a restored backup on another disk) sees another place and takes a
-    # new id, so two live nodes never share one.
+    # (another machine, another directory, a backup restored into a new directory) sees
+    # another place and takes a new id, so two live nodes never share one. A cloned VM
+    # keeps machine id and inode: clone it, then give it a new /etc/machine-id.
     home: str
 
 
@@ -53,6 +56,7 @@ _change_decoder = msgspec.msgpack.Decoder(Change)
 _record_decoder = msgspec.msgpack.Decoder(VersionRecord)
 _view_decoder = msgspec.msgpack.Decoder(FunctionView)
 _identity_decoder = msgspec.msgpack.Decoder(NodeIdentity)
+_members_decoder = msgspec.msgpack.Decoder(list[MemberInfo])
 
 
 class RegistryStore:
@@ -114,6 +118,10 @@ class RegistryStore:
                 self._cache.set(key, _encoder.encode(msgspec.convert(old, VersionRecord)))
             elif key[0] == "fn":
                 self._cache.delete(key)  # views are derived: the node reconciles them
+            elif key[0] == "change":
+                # Format 1 embedded each body in its change: decoding with today's record
+                # drops it (the body is kept once, under ("body", id), above).
+                self._cache.set(key, _encoder.encode(_change_decoder.decode(self._cache[key])))
         if isinstance(node_id, str):
             self._cache.delete("node_id")
             identity = NodeIdentity(node_id=node_id, incarnation=0, home=_home_of(self.directory))
@@ -137,6 +145,18 @@ class RegistryStore:
         return {
             key[1] for key in self._cache.iterkeys() if isinstance(key, tuple) and key[0] == "body"
         }
+
+    def members(self) -> list[MemberInfo]:
+        raw = self._cache.get("members")
+        if raw is None:
+            return []
+        try:
+            return _members_decoder.decode(raw)
+        except msgspec.DecodeError:
+            return []  # a table from another release: the node learns it again
+
+    def commit_members(self, members: Iterable[MemberInfo]) -> None:
+        self._cache.set("members", _encoder.encode(list(members)))
 
     # -- the node, for every change (from a thread) --
 

@@ -22,9 +22,9 @@ per call (~0.7 us, ``cluster/bench_worker_timer.py``): the timer is not disarmed
 call, the next call re-arms it and a stale alarm landing while idle is ignored. It is
 re-armed on every call, not only when an earlier alarm would come too late, so that a
 signal reaches a call only past its own deadline. The node still watches the deadline each
-call writes to its shared slot (SIGUSR1, handled as the same interrupt, then SIGKILL).
-Code holding the GIL without returning to the interpreter (a C loop) runs no Python
-handler: only the node's SIGKILL ends it.
+call writes to its shared slot and kills the worker past deadline plus grace: code holding
+the GIL without returning to the interpreter (a C loop) runs no Python handler, and only
+that SIGKILL ends it.
 
 The node's lifetime, watched on a pipe: the node passes the read end (``--parent-fd``)
 and keeps the write end open, writing nothing. A thread blocks reading it; EOF means the
@@ -46,6 +46,7 @@ import argparse
 import collections
 import contextlib
 import linecache
+import math
 import os
 import signal
 import sys
@@ -164,7 +165,9 @@ class Worker:
         self.routes: dict[tuple[str, int], tuple[int, Loaded]] = {}
         # {content_id: Loaded}: never stale (bodies are immutable), least recently used
         # first; bounded so a long-lived worker does not keep every version ever called.
-        self.loaded: collections.OrderedDict[str, Loaded] = collections.OrderedDict()
+        # Keyed by name too: one body published under two names is built once per name,
+        # so messages and tracebacks name the function that was called.
+        self.loaded: collections.OrderedDict[tuple[str, str], Loaded] = collections.OrderedDict()
         self.call_number = 0
         self.running = 0  # call number running now, 0 when idle
         self.deadline = 0.0
@@ -190,7 +193,7 @@ class Worker:
                 self.arm(_ITIMER_REAL, max(min(self.deadline - now, _MAX_ALARM), _MIN_ALARM))
                 return
             self._interrupt(running, now)
-        if now < self.kill_at:  # the node's SIGUSR1 interrupted first
+        if now < self.kill_at:  # interrupted already; the grace is not over
             self.arm(_ITIMER_REAL, max(self.kill_at - now, _MIN_ALARM))
             return
         _log(
@@ -198,17 +201,6 @@ class Worker:
             "it (the function swallowed CallInterrupted): exiting"
         )
         self.exit(EXIT_IGNORED_INTERRUPT)
-
-    def on_interrupt(self, signum: int, frame: object) -> None:
-        """SIGUSR1, sent by the node past a deadline: the same interrupt, once per call.
-
-        Kept while nodes still send it; the worker's own alarm makes it redundant.
-        """
-        running = self.running
-        if running and running != self.interrupted:
-            now = time.monotonic()
-            if now >= self.deadline:
-                self._interrupt(running, now)
 
     def _interrupt(self, running: int, now: float) -> None:
         self.interrupted = running
@@ -222,8 +214,8 @@ class Worker:
         """Exit when the node is gone: EOF on the pipe whose write end only it holds."""
 
         def wait_for_eof() -> None:
-            # The alarm and the node's interrupt are for the main thread (the call's).
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})
+            # The alarm is for the main thread (the call's).
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
             with contextlib.suppress(OSError):
                 while os.read(fd, 64):  # the node never writes; anything read is ignored
                     pass
@@ -263,9 +255,9 @@ class Worker:
         return route
 
     def load(self, name: str, content_id: str) -> Loaded:
-        loaded = self.loaded.get(content_id)
+        loaded = self.loaded.get((name, content_id))
         if loaded is not None:
-            self.loaded.move_to_end(content_id)  # off the hot path: routes hold Loaded
+            self.loaded.move_to_end((name, content_id))  # off the hot path: routes hold Loaded
             return loaded
         record = self.store.record(content_id)
         body = self.store.body(content_id)
@@ -291,7 +283,7 @@ class Worker:
                 "its body needs a module or Python version this node lacks",
             ) from exc
         loaded = Loaded(function, spec, record.timeout)
-        self.loaded[content_id] = loaded
+        self.loaded[(name, content_id)] = loaded
         if len(self.loaded) > MAX_LOADED_VERSIONS:
             self.loaded.popitem(last=False)
         return loaded
@@ -374,7 +366,7 @@ class Worker:
                 f"({type(exc).__name__}: {exc})",
             ) from None
         timeout = call.timeout or loaded.timeout or self.default_timeout
-        if not timeout > 0:  # also NaN
+        if not (math.isfinite(timeout) and timeout > 0):  # no NaN, no endless call
             raise _Refused(
                 "protocol", f"{call.name}: a timeout must be a positive number of seconds"
             )
@@ -497,7 +489,6 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
             endpoints.append(f"ipc://{ipc_path}")
             worker.ipc_path = ipc_path
     signal.signal(signal.SIGALRM, worker.on_alarm)
-    signal.signal(signal.SIGUSR1, worker.on_interrupt)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when workers stop
     if parent_fd is not None:
         worker.watch_parent(parent_fd)

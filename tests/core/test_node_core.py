@@ -104,7 +104,7 @@ def request(message: Any) -> bytes:
 def receive(
     core: NodeCore, payload: bytes, peer: bytes = PEER, *, role: str = "deploy"
 ) -> list[Any]:
-    return core.receive(peer, payload, role=role, now=1.0, wall=1000.0, readings={})
+    return core.receive(peer, payload, role=role, now=1.0, wall=1000.0, readings=dict)
 
 
 def test_a_publish_is_persisted_then_applied_then_answered() -> None:
