@@ -164,23 +164,87 @@ class LocalNode:
         self.stop()
 
 
+@dataclass
+class LocalCluster:
+    """N nodes on loopback forming one cluster: node i joins through node i - 1, so the
+    cluster is chained as memberlist's integration test chains it.
+
+    Resource handling: every node is a process of its own, stopped by PID in
+    :meth:`stop` (SIGTERM, then SIGKILL).
+    """
+
+    root: Path
+    size: int
+    profile: str = "local"
+    nodes: list[LocalNode] = field(default_factory=list)
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        try:
+            for i in range(self.size):
+                options = ["--profile", self.profile]
+                if self.nodes:
+                    options += ["--join", self.nodes[-1].address]
+                self.nodes.append(LocalNode(self.root / f"node-{i}", options=options).start())
+            self.wait_until_joined(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_until_joined(self, timeout: float) -> None:
+        """Until every node lists every node alive (its own view, over its control socket)."""
+        import scatter  # here: the launcher itself runs without the client stack loaded
+
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            with scatter.Client(node.address, autostart=False) as client:
+                while True:
+                    alive = {m["node"] for m in client.members() if m["state"] == "alive"}
+                    if len(alive) >= len(self.nodes):
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"{node.address} sees {len(alive)} of {len(self.nodes)} members "
+                            f"alive after {timeout:g} s"
+                        )
+                    time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cluster.launch")
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.launch",
+        description="Start N Scatter nodes on loopback as one cluster; Ctrl-C stops them.",
+    )
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--data-root", type=Path, default=None)
+    parser.add_argument("--profile", choices=("lan", "local"), default="local")
     args = parser.parse_args(argv)
     root = args.data_root or Path(tempfile.mkdtemp(prefix="scatter-cluster-"))
-    nodes = [LocalNode(root / f"node-{i}") for i in range(args.nodes)]
+    cluster = LocalCluster(root, args.nodes, args.profile)
+
+    def stop_on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so that `finally` stops every node by its PID
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        for node in nodes:
-            node.start()
+        cluster.start()
+        for node in cluster.nodes:
             print(f"{node.address} pid {node.pid} data {node.data_dir}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            while all(n.process is not None and n.process.poll() is None for n in nodes):
+            while all(n.process is not None and n.process.poll() is None for n in cluster.nodes):
                 time.sleep(0.5)
     finally:
-        for node in nodes:
-            node.stop()
+        cluster.stop()
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from ._client import Client, start_background_node
 from ._config import (
     DEFAULT_CALL_TIMEOUT,
     NodeConfig,
+    membership_profile,
+    normalize_address,
     parse_address,
     resolve_client_config,
     resolve_node_config,
@@ -183,78 +185,151 @@ def secret_call_only(
 # ---------------------------------------------------------------- node
 
 
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        metavar="tcp://HOST:PORT",
+        help="Where to listen. Beyond loopback it needs a cluster secret "
+        "(--secret-file or $SCATTER_SECRET). Default: the global --address, "
+        "$SCATTER_ADDRESS, else this user's own (tcp://127.0.0.1:4242 for root).",
+        show_default=False,
+    ),
+]
+DataDirOption = Annotated[
+    str | None,
+    typer.Option(
+        "--data-dir",
+        metavar="DIR",
+        help="Where the node keeps its registry. Default: $SCATTER_DATA_DIR, else one "
+        "directory per address under the user's data directory.",
+        show_default=False,
+    ),
+]
+BackgroundOption = Annotated[
+    bool,
+    typer.Option(
+        "--background",
+        help="Start a detached node (it outlives this command, logs to DIR/node.log), "
+        "print its pid and return, instead of running it in the foreground.",
+    ),
+]
+CallTimeoutOption = Annotated[
+    float,
+    typer.Option(
+        "--call-timeout",
+        metavar="SECONDS",
+        min=0.001,
+        help="Timeout of calls whose function and caller set none.",
+    ),
+]
+MaxWorkersOption = Annotated[
+    int,
+    typer.Option(
+        "--max-workers",
+        min=1,
+        max=256,
+        help="Worker processes the pool may grow to (each connection leases one; past "
+        "this, connections share them).",
+    ),
+]
+SecretFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--secret-file",
+        metavar="PATH",
+        help="The cluster secret (make one with `scatter secret new`; mode 600). "
+        "Default: $SCATTER_SECRET, else on loopback the secret this user's nodes share.",
+        show_default=False,
+    ),
+]
+ProfileOption = Annotated[
+    str,
+    typer.Option(
+        "--profile",
+        help="Membership timers: lan (memberlist's LAN defaults: a dead member is known "
+        "in about 5-7 s) or local (fast, for a cluster on one machine).",
+    ),
+]
+
+
 @node_app.command("start")
 def node_start(
     ctx: typer.Context,
-    address: Annotated[
-        str | None,
-        typer.Option(
-            "--address",
-            metavar="tcp://HOST:PORT",
-            help="Where to listen. Beyond loopback it needs a cluster secret "
-            "(--secret-file or $SCATTER_SECRET). Default: the global --address, "
-            "$SCATTER_ADDRESS, else this user's own (tcp://127.0.0.1:4242 for root).",
-            show_default=False,
-        ),
-    ] = None,
-    data_dir: Annotated[
-        str | None,
-        typer.Option(
-            "--data-dir",
-            metavar="DIR",
-            help="Where the node keeps its registry. Default: $SCATTER_DATA_DIR, else one "
-            "directory per address under the user's data directory.",
-            show_default=False,
-        ),
-    ] = None,
-    background: Annotated[
-        bool,
-        typer.Option(
-            "--background",
-            help="Start a detached node (it outlives this command, logs to DIR/node.log), "
-            "print its pid and return, instead of running it in the foreground.",
-        ),
-    ] = False,
-    call_timeout: Annotated[
-        float,
-        typer.Option(
-            "--call-timeout",
-            metavar="SECONDS",
-            min=0.001,
-            help="Timeout of calls whose function and caller set none.",
-        ),
-    ] = DEFAULT_CALL_TIMEOUT,
-    max_workers: Annotated[
-        int,
-        typer.Option(
-            "--max-workers",
-            min=1,
-            help="Worker processes the pool may grow to (each connection leases one; past "
-            "this, connections share them).",
-        ),
-    ] = NodeConfig.max_workers,
-    secret_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--secret-file",
-            metavar="PATH",
-            help="The cluster secret (make one with `scatter secret new`; mode 600). "
-            "Default: $SCATTER_SECRET, else on loopback the secret this user's nodes share.",
-            show_default=False,
-        ),
-    ] = None,
+    address: AddressOption = None,
+    data_dir: DataDirOption = None,
+    background: BackgroundOption = False,
+    call_timeout: CallTimeoutOption = DEFAULT_CALL_TIMEOUT,
+    max_workers: MaxWorkersOption = NodeConfig.max_workers,
+    secret_file: SecretFileOption = None,
+    profile: ProfileOption = "lan",
 ) -> None:
-    """Run a node. In the foreground it serves until Ctrl-C, SIGTERM or `scatter node stop`."""
+    """Run a node. In the foreground it serves until Ctrl-C, SIGTERM or `scatter node stop`.
+
+    A node restarted from its data directory rejoins the members it knew by itself.
+    """
+    _start_node(
+        ctx, address, data_dir, background, call_timeout, max_workers, secret_file, profile, []
+    )
+
+
+@node_app.command("join")
+def node_join(
+    ctx: typer.Context,
+    members: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="ADDR...",
+            help="Members to join through, as host:port or tcp://host:port (one is enough).",
+        ),
+    ],
+    address: AddressOption = None,
+    data_dir: DataDirOption = None,
+    background: BackgroundOption = False,
+    call_timeout: CallTimeoutOption = DEFAULT_CALL_TIMEOUT,
+    max_workers: MaxWorkersOption = NodeConfig.max_workers,
+    secret_file: SecretFileOption = None,
+    profile: ProfileOption = "lan",
+) -> None:
+    """Run a node that joins a cluster through ADDR; the same options as `node start`.
+
+    Every member of one cluster needs the same cluster secret (--secret-file or
+    $SCATTER_SECRET; on one machine, your own by default).
+    """
+    joined = [normalize_address(member) for member in members]
+    _start_node(
+        ctx, address, data_dir, background, call_timeout, max_workers, secret_file, profile, joined
+    )
+
+
+def _start_node(
+    ctx: typer.Context,
+    address: str | None,
+    data_dir: str | None,
+    background: bool,
+    call_timeout: float,
+    max_workers: int,
+    secret_file: Path | None,
+    profile: str,
+    join: list[str],
+) -> None:
     config = resolve_node_config(
         address or _address(ctx),
         data_dir,
         secret_file=secret_file,
         call_timeout=call_timeout,
         max_workers=max(max_workers, NodeConfig.min_workers),
+        membership=membership_profile(profile),
+        join=tuple(join),
     )
     if background:
         _refuse_if_listening(config.address)
-        options = [f"--call-timeout={call_timeout}", f"--max-workers={max_workers}"]
+        options = [
+            f"--call-timeout={call_timeout}",
+            f"--max-workers={max_workers}",
+            f"--profile={profile}",
+            *(f"--join={member}" for member in join),
+        ]
         if secret_file is not None:
             options.append(f"--secret-file={secret_file.expanduser().resolve()}")
         pid = start_background_node(config.address, config.data_dir, node_options=options)
@@ -268,6 +343,19 @@ def node_start(
 
     with contextlib.suppress(KeyboardInterrupt):
         run_node(config)
+
+
+@node_app.command("leave")
+def node_leave(ctx: typer.Context) -> None:
+    """Make the node (at `scatter --address`) leave its cluster gracefully, then stop."""
+    with _client(ctx) as client:
+        status = client.status()
+        client.leave()
+    _wait_until_stopped(status)
+    _out.print(
+        f"node {status.node_id} at {status.address} left its cluster and stopped",
+        highlight=False,
+    )
 
 
 def _listening(address: str) -> bool:
@@ -296,10 +384,20 @@ def _refuse_if_listening(address: str) -> None:
 
 @node_app.command("stop")
 def node_stop(ctx: typer.Context) -> None:
-    """Stop the node (at `scatter --address`) and wait until it no longer listens."""
+    """Stop the node (at `scatter --address`) and wait until it no longer listens.
+
+    Its cluster's members see it go silent and declare it dead; `node leave` says goodbye.
+    """
     with _client(ctx) as client:
         status = client.status()
         client.shutdown()
+    _wait_until_stopped(status)
+    _out.print(
+        f"stopped node {status.node_id} at {status.address} (pid {status.pid})", highlight=False
+    )
+
+
+def _wait_until_stopped(status: Any) -> None:
     deadline = time.monotonic() + STOP_WAIT
     while _listening(status.address):
         if time.monotonic() > deadline:
@@ -308,9 +406,6 @@ def node_stop(ctx: typer.Context) -> None:
                 f"{STOP_WAIT:g} s after it was told to stop"
             )
         time.sleep(0.05)
-    _out.print(
-        f"stopped node {status.node_id} at {status.address} (pid {status.pid})", highlight=False
-    )
 
 
 @node_app.command("status")
@@ -327,7 +422,7 @@ def node_status(ctx: typer.Context) -> None:
         ("address", status.address),
         ("data dir", status.data_dir),
         ("uptime", _duration(time.time() - status.started_at)),
-        ("functions", str(status.functions)),
+        ("functions", f"{status.functions} ({status.changes} changes applied)"),
         ("versions", str(status.versions)),
         ("workers", f"{status.workers} ({status.busy_workers} busy)"),
         ("leases", str(status.leases)),
@@ -343,6 +438,20 @@ def node_status(ctx: typer.Context) -> None:
     for key, value in rows:
         grid.add_row(key, Text(value))
     _out.print(grid)
+    if len(status.members) > 1:
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("member", "state", "incarnation", "address", "behind"):
+            table.add_column(column)
+        for member in status.members:
+            behind = member["changes_behind"]
+            table.add_row(
+                member["node"] + (" (this node)" if member["node"] == status.node_id else ""),
+                member["state"],
+                str(member["incarnation"] & 0xFFFFFFFF) + f" (start {member['incarnation'] >> 32})",
+                member["address"],
+                "?" if behind < 0 else f"{behind} changes" if behind else "up to date",
+            )
+        _out.print(table)
 
 
 def _duration(seconds: float) -> str:

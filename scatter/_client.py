@@ -664,6 +664,14 @@ class Client:
         status: _wire.NodeStatus = self.request(lambda i: _wire.Status(i))
         return status
 
+    def leave(self) -> None:
+        """Make the node leave its cluster gracefully (members see it as left), then stop."""
+        self.request(lambda i: _wire.Leave(i))
+
+    def members(self) -> list[dict[str, Any]]:
+        """The members the node knows: node, address, state, incarnation, changes_behind."""
+        return self.status().members
+
     def shutdown(self) -> None:
         """Stop the node this client talks to."""
         self.request(lambda i: _wire.Shutdown(i))

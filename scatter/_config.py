@@ -73,6 +73,15 @@ def parse_address(address: str) -> tuple[str, int]:
     return parts.hostname, parts.port
 
 
+def membership_profile(name: str) -> MembershipConfig:
+    """A named membership profile: "lan" (memberlist's LAN defaults) or "local" (fast)."""
+    if name == "lan":
+        return MembershipConfig.lan()
+    if name == "local":
+        return MembershipConfig.local()
+    raise ConfigError(f"unknown membership profile {name!r}: use lan or local")
+
+
 def normalize_address(address: str) -> str:
     """``host:port`` or ``tcp://host:port`` as ``tcp://host:port``; ConfigError if neither."""
     text = address.strip()

@@ -1,0 +1,225 @@
+"""Real clusters on loopback: membership, replication, catch-up and conflicts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import scatter
+from cluster.launch import LocalCluster, LocalNode
+from tests.waiting import holds_for, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def _add_v2() -> object:
+    def add(a: int, b: int) -> int:
+        return a + b + 100
+
+    return add
+
+
+def client(node: LocalNode) -> scatter.Client:
+    return scatter.Client(node.address, autostart=False)
+
+
+def _current(node: LocalNode, name: str) -> int | None:
+    with client(node) as c:
+        try:
+            return c.current_version(name)
+        except scatter.FunctionNotFound:
+            return None
+
+
+def _everywhere(nodes: list[LocalNode], name: str, version: int | None, timeout: float = 20.0) -> None:
+    for node in nodes:
+        wait_until(
+            lambda node=node: _current(node, name) == version,
+            timeout,
+            f"{node.address} has {name} at version {version}",
+        )
+
+
+def _state_of(observer: LocalNode, victim: LocalNode) -> str:
+    with client(observer) as c:
+        found = [m["state"] for m in c.members() if m["address"] == victim.address]
+    return found[0] if found else "unknown"
+
+
+@pytest.fixture
+def five(tmp_path: Path) -> Iterator[LocalCluster]:
+    with LocalCluster(tmp_path, 5) as cluster:
+        yield cluster
+
+
+@pytest.mark.timeout(120)
+def test_changes_through_any_member_reach_every_member(five: LocalCluster) -> None:
+    nodes = five.nodes
+    with client(nodes[0]) as first:
+        first.publish(add)
+        first.publish(_add_v2(), name="add")  # type: ignore[arg-type]
+    _everywhere(nodes, "add", 2)
+    with client(nodes[4]) as last:
+        assert last.make_callable("add")(1, 2) == 103  # the body came along, checked
+    with client(nodes[2]) as third:
+        assert third.rollback("add") == 1
+    _everywhere(nodes, "add", 1)
+    with client(nodes[4]) as last:
+        assert last.make_callable("add")(1, 2) == 3
+    with client(nodes[3]) as fourth:
+        fourth.vaporize("add")
+    _everywhere(nodes, "add", None)
+
+
+@pytest.mark.timeout(150)
+def test_a_frozen_node_and_a_killed_node_catch_up_and_nothing_vaporized_returns(
+    five: LocalCluster,
+) -> None:
+    nodes = five.nodes
+    frozen, killed = nodes[1], nodes[3]
+    with client(nodes[0]) as first:
+        first.publish(add)
+        first.publish(_add_v2(), name="gone")  # type: ignore[arg-type]
+    _everywhere(nodes, "gone", 1)
+    frozen.pause()
+    killed.kill()
+    try:
+        with client(nodes[2]) as third:
+            third.publish(_add_v2(), name="add")  # type: ignore[arg-type]
+            third.vaporize("gone")
+    finally:
+        frozen.resume()
+    restarted = LocalNode(killed.data_dir, port=killed.port, options=killed.options).start()
+    five.nodes[3] = restarted
+    _everywhere(five.nodes, "add", 2)
+    _everywhere(five.nodes, "gone", None)
+    # And it stays gone: no anti-entropy round brings it back from anyone.
+    holds_for(lambda: _current(restarted, "gone") is None, 2.0, "gone stays vaporized")
+    with client(restarted) as again:
+        assert again.make_callable("add")(1, 1) == 102
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_member_is_declared_dead_and_a_briefly_frozen_one_refutes(
+    tmp_path: Path,
+) -> None:
+    # The LAN profile: suspicion lasts at least 4 s, so a 1.5 s freeze is survivable.
+    with LocalCluster(tmp_path, 4, profile="lan") as cluster:
+        nodes = cluster.nodes
+        frozen = nodes[2]
+        frozen.pause()
+        wait_until(
+            lambda: _state_of(nodes[0], frozen) == "suspect" or _state_of(nodes[1], frozen) == "suspect",
+            10,
+            "the frozen member is suspected",
+        )
+        frozen.resume()
+        for observer in (nodes[0], nodes[1], nodes[3]):
+            wait_until(
+                lambda observer=observer: _state_of(observer, frozen) == "alive",
+                15,
+                f"{observer.address} sees the resumed member alive",
+            )
+        with client(frozen) as c:
+            me = next(m for m in c.members() if m["address"] == frozen.address)
+        assert me["incarnation"] & 0xFFFFFFFF >= 1  # it refuted: a higher incarnation
+        victim = nodes[3]
+        victim.kill()
+        for observer in nodes[:3]:
+            wait_until(
+                lambda observer=observer: _state_of(observer, victim) == "dead",
+                30,
+                f"{observer.address} declares the killed member dead",
+            )
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_changes_on_two_nodes_converge_and_show_the_conflict(tmp_path: Path) -> None:
+    a = LocalNode(tmp_path / "a", options=["--profile", "local"]).start()
+    b = LocalNode(tmp_path / "b", options=["--profile", "local"]).start()
+    try:
+        with client(a) as on_a, client(b) as on_b:  # neither knows of the other yet
+            on_a.publish(add)
+            on_b.publish(_add_v2(), name="add")  # type: ignore[arg-type]
+        b.stop()
+        b = LocalNode(b.data_dir, port=b.port, options=["--profile", "local", "--join", a.address])
+        b.start()
+        wait_until(
+            lambda: all(len(_versions(n)) == 2 for n in (a, b)), 20, "both hold both versions"
+        )
+        history_a, history_b = _versions(a), _versions(b)
+        assert history_a == history_b  # one deterministic rule, the same everywhere
+        assert [v["conflict"] for v in history_a] == [False, True]  # the moved one shows it
+        assert _current(a, "add") == _current(b, "add") == 2
+        result = subprocess.run(
+            [sys.executable, "-m", "scatter", "--address", a.address, "versions", "add"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert result.returncode == 0, result.stderr
+        assert "proposed as v1, renumbered" in result.stdout
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _versions(node: LocalNode) -> list[dict[str, object]]:
+    with client(node) as c:
+        try:
+            return [
+                {k: v for k, v in row.items() if k in ("version", "conflict", "content_id", "origin")}
+                for row in c.versions("add")
+            ]
+        except scatter.FunctionNotFound:
+            return []
+
+
+@pytest.mark.timeout(120)
+def test_join_status_and_leave_from_the_command_line(tmp_path: Path) -> None:
+    first = LocalNode(tmp_path / "first", options=["--profile", "local"]).start()
+    second = LocalNode(tmp_path / "second")  # only for its port and directory
+    pid = None
+    try:
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "scatter", *args],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=ROOT,
+            )
+
+        host_port = first.address.removeprefix("tcp://")
+        joined = cli(
+            "node", "join", host_port, "--address", second.address,
+            "--data-dir", str(second.data_dir), "--profile", "local", "--background",
+        )
+        assert joined.returncode == 0, joined.stderr
+        pid = int(joined.stdout.split("pid ")[1].split(",")[0])
+        wait_until(lambda: _state_of(first, second) == "alive", 20, "the joined node is alive")
+        status = cli("--address", first.address, "node", "status")
+        assert status.returncode == 0, status.stderr
+        assert second.address in status.stdout and "alive" in status.stdout
+        left = cli("--address", second.address, "node", "leave")
+        assert left.returncode == 0, left.stderr
+        assert "left its cluster" in left.stdout
+        wait_until(lambda: _state_of(first, second) == "left", 20, "the member is seen as left")
+    finally:
+        if pid is not None:
+            from cluster.launch import kill_if_alive
+
+            kill_if_alive(pid)
+        first.stop()
