@@ -33,3 +33,22 @@ def bench(session: nox.Session) -> None:
     # zeroapi is only a point of comparison: installed here, never a dependency of Scatter.
     session.install(".", "zeroapi==1.0.1")
     session.run("python", "cluster/bench.py", *session.posargs)
+
+
+@nox.session(default=False)
+def sim(session: nox.Session) -> None:
+    """The simulators: thousands of replication histories, and a 1,000-member cluster.
+
+    ``-- --nodes N --seeds S --loss L`` are passed to ``python -m cluster.sim``.
+    """
+    session.install("-e", ".[test]")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "tests/core/test_replication.py",
+        "tests/core/test_membership.py",
+        "-q",
+        env={"SCATTER_SIM_EXAMPLES": "3000"},
+    )
+    session.run("python", "-m", "cluster.sim", *(session.posargs or ["--nodes", "1000", "--seeds", "3"]))

@@ -26,7 +26,31 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from scatter._core._membership import Membership, MembershipConfig, Message, Packet, State
+import msgspec
+
+from scatter import _wire as wire
+from scatter._config import NodeConfig
+from scatter._core._membership import (
+    Alive,
+    MemberInfo,
+    Membership,
+    MembershipConfig,
+    Message,
+    Packet,
+    State,
+)
+from scatter._core._node import (
+    NodeCore,
+    NodeFacts,
+    PersistChanges,
+    PersistMembers,
+    PersistViews,
+    PushChanges,
+    Send,
+    SendPeer,
+)
+from scatter._core._registry import Change, FunctionView, PublishOp
+from scatter._exceptions import FunctionNotFound
 
 
 @dataclass(order=True)
@@ -166,6 +190,233 @@ class Simulation:
             for node in live
             if m.state_of(node) in (State.DEAD, State.LEFT)
         )
+
+
+# -- whole nodes: the node core (registry, replication, membership) on the same network --
+
+
+class SimDisk:
+    """What one node persisted, in memory: a restart rebuilds its core from this."""
+
+    def __init__(self) -> None:
+        self.changes: dict[str, Change] = {}
+        self.views: dict[str, FunctionView] = {}
+        self.bodies: dict[str, bytes] = {}
+        self.members: tuple[MemberInfo, ...] = ()
+        self.starts = 0
+
+
+class ClusterSimulation:
+    """Node cores (registry, replication, membership; no workers) on a simulated network.
+
+    The same `NodeCore` the Trio node drives; effects are performed at once (disk writes
+    succeed instantly), peer messages travel through the lossy, reordering queue. Used
+    by the stateful property test of replication and by ``--registry`` below.
+    """
+
+    def __init__(
+        self,
+        nodes: int,
+        *,
+        seed: int = 0,
+        loss: float = 0.0,
+        delay: tuple[float, float] = (0.0005, 0.002),
+        membership: MembershipConfig | None = None,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.loss = loss
+        self.delay = delay
+        self.now = 0.0
+        self.config = NodeConfig(
+            min_workers=0, membership=membership or MembershipConfig.local()
+        )
+        self.addresses = [f"tcp://sim-{i}:1" for i in range(nodes)]
+        self.disks = {address: SimDisk() for address in self.addresses}
+        self.cores: dict[str, NodeCore] = {}
+        self.down: set[str] = set()
+        self.cut: set[frozenset[str]] = set()  # pairs that cannot talk (a partition)
+        self.replies: dict[str, list[object]] = {a: [] for a in self.addresses}
+        self.messages = 0
+        self._queue: list[_Delivery] = []
+        self._order = itertools.count()
+        for address in self.addresses:
+            self._boot(address)
+        # Everyone knows everyone from the start: dissemination is what is measured.
+        table = [Alive(c.facts.node_id, a, c.membership.incarnation) for a, c in self.cores.items()]
+        for address, core in self.cores.items():
+            core.membership.receive(address, table, self.now)
+            self._perform(address, core.tick(self.now, {}))  # stores the table, as a node would
+
+    def _boot(self, address: str) -> None:
+        disk = self.disks[address]
+        disk.starts += 1
+        index = self.addresses.index(address)
+        facts = NodeFacts(
+            node_id=f"n{index}",
+            writer_id=f"n{index}.{disk.starts}",
+            incarnation=disk.starts,
+            address=address,
+            pid=0,
+            data_dir="",
+            started_at=0.0,
+            python="3.11",
+            scatter_version="sim",
+            seed=self.rng.randrange(2**32),
+        )
+        core = NodeCore(self.config, facts, disk.changes.values(), disk.views, disk.bodies)
+        self.cores[address] = core
+        # As the node's driver does: rejoin through the members remembered on disk.
+        remembered = [
+            m.address for m in disk.members if m.address != address and m.state <= State.SUSPECT
+        ]
+        self._perform(address, core.start(self.now, remembered, disk.members))
+
+    # -- faults ---------------------------------------------------------------------
+
+    def restart(self, address: str) -> None:
+        """Kill and restart a node from what it persisted (a new start, a new writer)."""
+        self.down.discard(address)
+        self._boot(address)
+
+    def partition(self, *groups: Iterable[str]) -> None:
+        """Cut every pair of nodes that are not in one group."""
+        sets = [set(group) for group in groups]
+        self.cut = {
+            frozenset((a, b))
+            for a in self.addresses
+            for b in self.addresses
+            if a != b and not any(a in g and b in g for g in sets)
+        }
+
+    def heal(self) -> None:
+        self.cut = set()
+        self.down = set()
+
+    # -- clients ----------------------------------------------------------------------
+
+    def request(self, address: str, message: object) -> object:
+        """A client request to one node, answered at once (its writes are instant)."""
+        core = self.cores[address]
+        before = len(self.replies[address])
+        payload = wire.encoder.encode(message)
+        effects = core.receive(
+            b"client", payload, role="deploy", now=self.now, wall=self.now, readings=dict
+        )
+        self._perform(address, effects)
+        answers = self.replies[address][before:]
+        assert answers, f"{address} did not answer {type(message).__name__} at once"
+        return answers[-1]
+
+    # -- running ----------------------------------------------------------------------
+
+    def step(self) -> None:
+        live = [(c.next_wakeup(), a) for a, c in self.cores.items() if a not in self.down]
+        next_timer = min(live, default=(float("inf"), ""))
+        if self._queue and self._queue[0].at <= next_timer[0]:
+            delivery = heapq.heappop(self._queue)
+            self.now = max(self.now, delivery.at)
+            if delivery.address in self.down or delivery.address not in self.cores:
+                return
+            core = self.cores[delivery.address]
+            (payload,) = delivery.messages
+            effects = core.receive(
+                b"", payload, role="peer", now=self.now, wall=self.now, readings=dict
+            )
+            self._perform(delivery.address, effects)
+            return
+        at, address = next_timer
+        if not address:
+            raise RuntimeError("nothing left to do: every node is down")
+        self.now = max(self.now, at, self.now + 1e-6)
+        self._perform(address, self.cores[address].tick(self.now, {}))
+
+    def run_until(self, condition: Callable[[], bool], *, limit: float) -> float | None:
+        while True:
+            if condition():
+                return self.now
+            if self.now > limit:
+                return None
+            self.step()
+
+    def run_for(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.step()
+
+    def _perform(self, address: str, effects: Iterable[object]) -> None:
+        pending = list(effects)
+        core = self.cores[address]
+        disk = self.disks[address]
+        while pending:
+            effect = pending.pop(0)
+            if isinstance(effect, Send):
+                self.replies[address].append(wire.control_reply_decoder.decode(effect.payload))
+            elif isinstance(effect, SendPeer):
+                self._send(address, effect.address, effect.payload)
+            elif isinstance(effect, PushChanges):
+                wanted = {
+                    op.record.content_id
+                    for change in effect.changes
+                    for op in change.ops
+                    if isinstance(op, PublishOp)
+                }
+                bodies = {cid: disk.bodies[cid] for cid in wanted if cid in disk.bodies}
+                message = wire.PeerChanges(
+                    core.facts.node_id, address, list(effect.changes), bodies
+                )
+                self._send(address, effect.address, wire.encoder.encode(message))
+            elif isinstance(effect, PersistChanges):
+                for change in effect.changes:
+                    disk.changes[change.change_id] = change
+                disk.bodies.update({cid: body for cid, (_, body) in effect.bodies.items()})
+                pending += core.changes_persisted(effect.ticket)
+            elif isinstance(effect, PersistMembers):
+                disk.members = effect.members
+            elif isinstance(effect, PersistViews):
+                for name, view in effect.views.items():
+                    if view is None:
+                        disk.views.pop(name, None)
+                    else:
+                        disk.views[name] = view
+                for cid in effect.dropped_bodies:
+                    disk.bodies.pop(cid, None)
+                pending += core.views_persisted(effect.ticket)
+
+    def _send(self, source: str, target: str, payload: bytes) -> None:
+        self.messages += 1
+        if frozenset((source, target)) in self.cut or self.rng.random() < self.loss:
+            return
+        at = self.now + self.rng.uniform(*self.delay)
+        heapq.heappush(self._queue, _Delivery(at, next(self._order), target, source, (payload,)))  # type: ignore[arg-type]
+
+    # -- questions ----------------------------------------------------------------------
+
+    def replicas(self) -> dict[str, tuple[object, ...]]:
+        """Each live node's registry as a comparable value: clock, functions, histories."""
+        out: dict[str, tuple[object, ...]] = {}
+        for address, core in self.cores.items():
+            if address in self.down:
+                continue
+            registry = core.registry
+            names = sorted(registry.names())
+            histories = []
+            for name in names:
+                try:
+                    histories.append((name, [msgspec.to_builtins(v) for v in registry.versions(name)]))
+                except FunctionNotFound:
+                    histories.append((name, None))
+            out[address] = (registry.clock, msgspec.to_builtins(registry.functions()), histories)
+        return out
+
+    def converged(self) -> bool:
+        live = [c for a, c in self.cores.items() if a not in self.down]
+        clocks = [c.registry.clock for c in live]
+        if any(clock != clocks[0] for clock in clocks[1:]) or any(
+            c.registry.statistics().pending for c in live
+        ):
+            return False  # cheap: most calls end here
+        values = list(self.replicas().values())
+        return all(v == values[0] for v in values[1:])
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -30,6 +30,9 @@
 #   gets our whole table and answers with its own (anti-entropy).
 # Rule 7: a probe of a suspect carries the suspicion, so the suspect can refute
 #   at once (Lifeguard's "buddy system").
+# Rule 8: every reconnect interval, one member held DEAD (not LEFT) gets our table,
+#   as Serf's reconnect does: after a partition each side holds the other dead, and
+#   without this nothing would reunite them.
 
 """SWIM + Lifeguard membership, pure: messages and ``now`` in, packets out."""
 
@@ -116,6 +119,7 @@ class Dead(msgspec.Struct, array_like=True, tag=66, frozen=True):
     node: str
     incarnation: int
     source: str  # == node: it left gracefully
+    address: str = ""  # in a table: where it was, so a reconnect can try it (rule 8)
 
 
 class Sync(msgspec.Struct, array_like=True, tag=67, frozen=True):
@@ -165,6 +169,9 @@ class MembershipConfig:
     push_pull_interval: float = 30.0
     # Local health: the probe interval and timeout stretch up to this factor.
     awareness_max_multiplier: int = 8
+    # Every interval, one member held dead gets our table (Serf's reconnect): after a
+    # partition both sides hold the other dead, and nothing else would ever reunite them.
+    reconnect_interval: float = 30.0
     # Most news piggybacked on one packet.
     max_piggyback: int = 16
 
@@ -184,6 +191,7 @@ class MembershipConfig:
             retransmit_mult=2,
             gossip_interval=0.05,
             push_pull_interval=5.0,
+            reconnect_interval=2.0,
         )
         return replace(fast, **overrides)  # type: ignore[arg-type]
 
@@ -284,6 +292,7 @@ class Membership:
         self._next_probe = now + self._rng.uniform(0, config.probe_interval)
         self._next_gossip = now + config.gossip_interval
         self._next_push_pull = now + config.push_pull_interval
+        self._next_reconnect = now + config.reconnect_interval
 
     # -- answers ----------------------------------------------------------------
 
@@ -317,7 +326,7 @@ class Membership:
 
     def next_wakeup(self) -> float:
         """When :meth:`tick` must run next at the latest."""
-        times = [self._next_probe, self._next_gossip, self._next_push_pull]
+        times = [self._next_probe, self._next_gossip, self._next_push_pull, self._next_reconnect]
         if self._probe is not None and not self._probe.acked:
             times.append(
                 self._probe.timeout_at if not self._probe.indirect else self._probe.ends_at
@@ -327,6 +336,15 @@ class Membership:
         return min(times)
 
     # -- events -----------------------------------------------------------------
+
+    def remember(self, members: Iterable[MemberInfo], now: float) -> None:
+        """Members known before a restart, as they were: the dead among them too, so
+        that reconnects can find them (rule 8). Our own entry keeps this run's."""
+        for info in members:
+            if info.node != self.node and info.node not in self._members:
+                self._members[info.node] = _Member(
+                    info.node, info.address, info.incarnation, info.state, now
+                )
 
     def join(self, addresses: Iterable[str], now: float) -> list[Packet]:
         """Ask each known address for its table, sending ours (push/pull).
@@ -366,6 +384,12 @@ class Membership:
             peer = self._random_others(1)
             if peer:
                 out.append(Packet(peer[0].address, (self._sync(reply=True),)))
+        if now >= self._next_reconnect:
+            self._next_reconnect = now + self.config.reconnect_interval
+            dead = [m for m in self._others() if m.state == State.DEAD]
+            if dead and not self._leaving:
+                # If it lives, our table tells it that it was held dead: it refutes.
+                out.append(Packet(self._rng.choice(dead).address, (self._sync(reply=True),)))
         return out
 
     # -- receiving --------------------------------------------------------------
@@ -414,7 +438,7 @@ class Membership:
         elif isinstance(news, Suspect):
             self._on_suspect(news, now)
         elif isinstance(news, Dead):
-            if from_sync and news.source != news.node:
+            if from_sync and news.source != news.node and news.node in self._members:
                 # A table says "dead": we only suspect (memberlist's mergeState). Our
                 # own timer, or the member's refutation, decides.
                 self._on_suspect(Suspect(news.node, news.incarnation, news.source), now)
@@ -473,8 +497,15 @@ class Membership:
             self._about_me(news.incarnation, now)
             return
         member = self._members.get(news.node)
+        if member is None and news.address and news.source != news.node:
+            # A member we never met, dead in someone's table: remember it, so a reconnect
+            # can find it alive again after a partition (rule 8).
+            self._members[news.node] = _Member(
+                news.node, news.address, news.incarnation, State.DEAD, now
+            )
+            return
         if member is None or news.incarnation < member.incarnation:
-            return  # a stranger's death is nothing to remember; stale news neither
+            return  # stale news, or a stranger's goodbye
         state = State.LEFT if news.source == news.node else State.DEAD
         if member.state >= State.DEAD and news.incarnation == member.incarnation:
             return
@@ -644,7 +675,7 @@ class Membership:
                 table.append(Suspect(m.node, m.incarnation, self.node))
             else:
                 source = m.node if m.state == State.LEFT else self.node
-                table.append(Dead(m.node, m.incarnation, source))
+                table.append(Dead(m.node, m.incarnation, source, m.address))
         return Sync(self.node, table, reply)
 
     def _others(self) -> list[_Member]:

@@ -290,7 +290,9 @@ class NodeCore:
 
     # -- events -----------------------------------------------------------------
 
-    def start(self, now: float, join: Iterable[str] = ()) -> list[Effect]:
+    def start(
+        self, now: float, join: Iterable[str] = (), remembered: Iterable[MemberInfo] = ()
+    ) -> list[Effect]:
         """Reconcile the workers' views with the registry; start the pool; join peers.
 
         The persisted views may be stale (a crash between a change and its views, a
@@ -298,6 +300,7 @@ class NodeCore:
 
         Args:
             join: addresses of members to join through (given, or remembered).
+            remembered: the member table the node stored before it stopped.
         """
         fresh = {name: self.registry.entry(name) for name in self.registry.names()}
         views: dict[str, FunctionView | None] = {
@@ -323,6 +326,7 @@ class NodeCore:
             effects.append(PersistViews(next(self._tickets), views, dropped))
         effects.append(BumpGeneration())
         effects += self.pool.start(now)
+        self.membership.remember(remembered, now)
         effects += self._packets(self.membership.join(join, now))
         return effects
 
@@ -491,16 +495,23 @@ class NodeCore:
                 if changes:
                     effects.append(PushChanges(address, tuple(changes)))
         table = tuple((m.node, m.address, m.incarnation) for m in self.membership.members())
-        if table != self._members_persisted and now - self._members_persisted_at >= (
-            _MEMBERS_PERSIST_INTERVAL
+        new_member = {row[0] for row in table} != {row[0] for row in self._members_persisted}
+        # A new member is stored at once (a restart soon after a join must rejoin);
+        # state changes at most once a second.
+        if table != self._members_persisted and (
+            new_member or now - self._members_persisted_at >= _MEMBERS_PERSIST_INTERVAL
         ):
             self._members_persisted, self._members_persisted_at = table, now
             effects.append(PersistMembers(tuple(self.membership.members())))
         return effects
 
-    def next_peer_wakeup(self) -> float:
-        """When the membership needs :meth:`tick` next, at the latest."""
-        return self.membership.next_wakeup()
+    def next_wakeup(self) -> float:
+        """When the cluster timers need :meth:`tick` next, at the latest (the pool's
+        deadlines are polled by the driver's own cadence)."""
+        times = [self.membership.next_wakeup(), self._next_anti_entropy]
+        if len(self._news):
+            times.append(self._next_change_gossip)
+        return min(times)
 
     # -- peers ------------------------------------------------------------------
 

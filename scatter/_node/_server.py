@@ -41,7 +41,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .. import _wire
 from .._config import NodeConfig, default_data_dir, parse_address
 from .._core import _node as core_effects
-from .._core._membership import State
+from .._core._membership import MemberInfo, State
 from .._core._node import NodeCore, NodeFacts
 from .._core._registry import PublishOp
 from .._exceptions import ConfigError
@@ -581,14 +581,13 @@ async def serve_node(
             scatter_version=SCATTER_VERSION,
             seed=secrets.randbits(32),
         )
+        members = store.members()
         remembered = [
-            m.address
-            for m in store.members()
-            if m.node != identity.node_id and m.state <= State.SUSPECT
+            m.address for m in members if m.node != identity.node_id and m.state <= State.SUSPECT
         ]
         core = NodeCore(config, facts, store.changes(), store.views(), store.body_ids())
         driver = NodeDriver(config, core, store, slots, sock, run_dir, keys)
-        await _run(driver, zap, [*config.join, *remembered], task_status)
+        await _run(driver, zap, [*config.join, *remembered], members, task_status)
     finally:
         if driver is not None:
             driver.close()
@@ -608,6 +607,7 @@ async def _run(
     driver: NodeDriver,
     zap: TrioSocket,
     join: list[str],
+    remembered: list[MemberInfo],
     task_status: trio.TaskStatus[NodeDriver] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     core, config = driver.core, driver.config
@@ -616,7 +616,7 @@ async def _run(
         # First: a SIGTERM during start-up must still stop the node cleanly.
         nursery.start_soon(_stop_on_signal, driver)
         nursery.start_soon(driver.persist)
-        effects = core.start(time.monotonic(), join)
+        effects = core.start(time.monotonic(), join, remembered)
         # The views reconciled at start are written before anyone is served.
         for effect in effects:
             if isinstance(effect, core_effects.PersistViews):

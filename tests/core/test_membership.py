@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cluster.sim import Simulation
+from cluster.sim import ClusterSimulation, Simulation
 from scatter._core._membership import (
     Ack,
     Alive,
@@ -157,3 +157,40 @@ def test_the_same_seed_replays_the_same_run() -> None:
 def test_news_of_a_join_reaches_everyone_through_one_member(nodes: int) -> None:
     sim = _joined(nodes, LOCAL, seed=3)
     assert sim.everyone_knows_everyone()
+
+
+# -- found by the replication state machine (tests/core/test_replication.py) ---------
+
+
+def _all_alive(sim: ClusterSimulation) -> bool:
+    return all(
+        {m.state for m in core.membership.members()} == {State.ALIVE}
+        and len(core.membership.members()) == len(sim.cores)
+        for core in sim.cores.values()
+    )
+
+
+@pytest.mark.parametrize("reconnect", [True, False])
+def test_a_partition_whose_sides_declared_each_other_dead_heals(reconnect: bool) -> None:
+    # Each side held the other DEAD, and nobody probes or gossips to the dead: without
+    # reconnects (Serf's), the cluster stayed split for good.
+    config = LOCAL if reconnect else MembershipConfig.local(reconnect_interval=float("inf"))
+    sim = ClusterSimulation(4, seed=5, membership=config)
+    sim.partition(sim.addresses[:2], sim.addresses[2:])
+    sim.run_for(10.0)
+    assert not _all_alive(sim)
+    sim.heal()
+    healed = sim.run_until(lambda: _all_alive(sim), limit=sim.now + 30.0)
+    assert (healed is not None) == reconnect
+
+
+def test_a_restarted_member_remembers_the_dead_and_finds_them_again() -> None:
+    # A restart used to forget members held dead; after a partition it then never
+    # reached them again.
+    sim = ClusterSimulation(4, seed=9)
+    sim.partition(sim.addresses[:2], sim.addresses[2:])
+    sim.run_for(10.0)
+    for address in sim.addresses:
+        sim.restart(address)
+    sim.heal()
+    assert sim.run_until(lambda: _all_alive(sim), limit=sim.now + 30.0) is not None
