@@ -384,6 +384,7 @@ class NodeCore:
             source=request.source,
             doc=request.doc,
             timeout=request.timeout,
+            signature_spec=request.signature_spec,
         )
         return VersionRecord(
             content_id=content_id,
@@ -398,6 +399,7 @@ class NodeCore:
             python=request.python or self.facts.python,
             created_at=wall,
             timeout=request.timeout,
+            signature_spec=request.signature_spec,
         )
 
     def _on_hello(self, req: _wire.Hello) -> _wire.Welcome:
@@ -416,12 +418,13 @@ class NodeCore:
             # 0 for a member its set retired: pinned versions of it still run.
             current_version=self._current_or_zero(req.name),
             content_id=record.content_id,
-            signature=record.signature,
+            signature=b"",  # the pickle is for workers; callers rebuild from signature_spec
             signature_text=record.signature_text,
             signature_id=record.signature_id,
             timeout=record.timeout or self.config.call_timeout,
             doc=record.doc,
             source=record.source if req.with_source else None,
+            signature_spec=record.signature_spec,
         )
 
     def _on_versions(self, req: _wire.ListVersions) -> _wire.Listing:
