@@ -20,8 +20,8 @@ What a caller gets for each kind of annotation:
   Methods are not rebuilt.
 - ``msgspec.Struct``: ``msgspec.defstruct`` with the same field names, encoded names,
   types, defaults, tag, tag field, ``array_like``, ``forbid_unknown_fields``,
-  ``omit_defaults``, ``frozen``, ``eq`` and ``order``; keyword-only when the original's
-  field order needs it. Methods, ``__post_init__`` and class variables are not rebuilt,
+  ``omit_defaults``, ``frozen``, ``eq`` and ``order``; all fields keyword-only when any
+  of the original's is (an approximation when it mixes both kinds). Methods, ``__post_init__`` and class variables are not rebuilt,
   and a generic Struct (``Box[int]``) is rebuilt under its plain name.
 - dataclasses and attrs classes: a Struct of the same name, fields and wire shape (a
   map). An approximation: its instances are Structs, not the original class, and carry
@@ -200,6 +200,7 @@ class RecordOf(_Node, tag="record"):
     frozen: bool = False
     eq: bool = True
     order: bool = False
+    kw_only: bool = False  # some field of the original is keyword-only
 
 
 class TypedDictOf(_Node, tag="typeddict"):
@@ -384,10 +385,17 @@ class _Describer:
                 "attrs" if hasattr(base, "__attrs_attrs__") else "dataclass"
             )
             params = getattr(base, "__dataclass_params__", None)
+            declared = getattr(base, "__dataclass_fields__", {}).values()
             return RecordOf(
-                module, qualname, origin, fields, frozen=bool(getattr(params, "frozen", False))
+                module,
+                qualname,
+                origin,
+                fields,
+                frozen=bool(getattr(params, "frozen", False)),
+                kw_only=any(getattr(f, "kw_only", False) is True for f in declared),
             )
         config = base.__struct_config__
+        positional = set(getattr(base, "__match_args__", ()))
         return RecordOf(
             module,
             qualname,
@@ -401,6 +409,7 @@ class _Describer:
             frozen=config.frozen,
             eq=config.eq,
             order=config.order,
+            kw_only=any(f.name not in positional for f in info.fields),
         )
 
     def _field(self, info: mi.Field) -> FieldSpec:
@@ -542,7 +551,16 @@ _ENUM_BASES: dict[str, type[enum.Enum]] = {
     "intflag": enum.IntFlag,
 }
 
-_SCALARS = (type(None), bool, int, float, str)
+_IMMUTABLE = (
+    type(None),
+    bool,
+    int,
+    float,
+    str,
+    bytes,
+    enum.Enum,
+    *(_PRIM_TYPES[k] for k in ("datetime", "date", "time", "timedelta", "uuid", "decimal")),
+)
 
 
 def _identifier(name: str, what: str) -> str:
@@ -810,12 +828,13 @@ class _Builder:
             options["tag"] = node.tag
             if node.tag_field is not None:
                 options["tag_field"] = node.tag_field
+        # Keyword-only as a whole when any field of the original was (or when required
+        # fields follow defaulted ones, which only keyword-only fields can): all
+        # keyword-only keeps the order, which array_like encodes by.
         name = _class_name(node.qualname)
         try:
-            made = msgspec.defstruct(name, fields, **options)
+            made = msgspec.defstruct(name, fields, kw_only=node.kw_only, **options)
         except TypeError:
-            # Required fields after defaulted ones: the original's were keyword-only.
-            # All keyword-only keeps the order, which array_like encodes by.
             made = msgspec.defstruct(name, fields, kw_only=True, **options)
         origin = "msgspec Struct" if node.origin == "struct" else f"{node.origin} class"
         made.__doc__ = (
@@ -830,14 +849,14 @@ class _Builder:
         return made, fill
 
     def _plain_default(self, f: FieldSpec) -> Any:
-        """The default as a plain value when it is one for its field's type, else _NO_PLAIN."""
-        if f.factory or f.default is None:
+        """The default itself when its field's type has no children (so it is built
+        already, or can be now) and the value is immutable, else _NO_PLAIN (a factory)."""
+        if f.factory or f.default is None or not 0 <= f.type < len(self.table):
             return _NO_PLAIN
-        node = self.table[f.type] if 0 <= f.type < len(self.table) else None
-        if not (isinstance(node, Prim) and node.name in ("any", "none", "bool", "int", "float", "str")):
+        if not isinstance(self.table[f.type], Prim | EnumOf | LiteralOf):
             return _NO_PLAIN
-        value = msgspec.msgpack.decode(f.default)
-        return value if type(value) in _SCALARS else _NO_PLAIN
+        value = _decode_default(f.default, self.type(f.type))
+        return value if isinstance(value, _IMMUTABLE) else _NO_PLAIN
 
     def _typed_dict(self, node: TypedDictOf) -> tuple[Any, Callable[[dict[str, Any]], None]]:
         keys: dict[str, Any] = {}
