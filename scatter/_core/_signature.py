@@ -709,10 +709,10 @@ __all__ = [
     "build_call_spec",
     "check_scatterable",
     "content_id",
+    "decoding",
+    "meets_pickles",
     "signature_id",
     "signature_of",
     "signature_text",
     "source_of",
-    "decoding",
-    "meets_pickles",
 ]

@@ -139,36 +139,36 @@ PrimName = Literal[
 ]
 
 
-class Prim(_Node, tag="prim"):
+class Prim(_Node, frozen=True, tag="prim"):
     name: PrimName
     constraints: Constraints | None = None
 
 
-class Collection(_Node, tag="collection"):
+class Collection(_Node, frozen=True, tag="collection"):
     of: Literal["list", "set", "frozenset", "vartuple"]
     item: int  # index into SignatureSpec.types, as every child below
     constraints: Constraints | None = None
 
 
-class TupleOf(_Node, tag="tuple"):
+class TupleOf(_Node, frozen=True, tag="tuple"):
     items: list[int]
 
 
-class DictOf(_Node, tag="dict"):
+class DictOf(_Node, frozen=True, tag="dict"):
     key: int
     value: int
     constraints: Constraints | None = None
 
 
-class UnionOf(_Node, tag="union"):
+class UnionOf(_Node, frozen=True, tag="union"):
     members: list[int]
 
 
-class LiteralOf(_Node, tag="literal"):
+class LiteralOf(_Node, frozen=True, tag="literal"):
     values: list[bool | int | str | None]
 
 
-class EnumOf(_Node, tag="enum"):
+class EnumOf(_Node, frozen=True, tag="enum"):
     module: str
     qualname: str
     flavor: Literal["plain", "int", "str", "flag", "intflag"]
@@ -185,7 +185,7 @@ class FieldSpec(msgspec.Struct, frozen=True, omit_defaults=True):
     factory: bool = False  # the default is made anew for each instance
 
 
-class RecordOf(_Node, tag="record"):
+class RecordOf(_Node, frozen=True, tag="record"):
     """A msgspec Struct, a dataclass or an attrs class."""
 
     module: str
@@ -203,19 +203,19 @@ class RecordOf(_Node, tag="record"):
     kw_only: bool = False  # some field of the original is keyword-only
 
 
-class TypedDictOf(_Node, tag="typeddict"):
+class TypedDictOf(_Node, frozen=True, tag="typeddict"):
     module: str
     qualname: str
     fields: list[FieldSpec]
 
 
-class NamedTupleOf(_Node, tag="namedtuple"):
+class NamedTupleOf(_Node, frozen=True, tag="namedtuple"):
     module: str
     qualname: str
     fields: list[FieldSpec]
 
 
-class OpaqueOf(_Node, tag="opaque"):
+class OpaqueOf(_Node, frozen=True, tag="opaque"):
     """A type msgspec cannot encode: its values travel pickled."""
 
     module: str
@@ -324,13 +324,13 @@ class _Describer:
         if isinstance(info, mi.Metadata):
             return self.add(info.type)
         if isinstance(info, mi.StructType | mi.DataclassType | mi.TypedDictType | mi.NamedTupleType):
-            key = ("named", info.cls)
-            found = self.index.get(key)
+            named = ("named", info.cls)
+            found = self.index.get(named)
             if found is not None:
                 return found
             position = len(self.types)
             self.types.append(None)  # reserved: fields may refer back to this class
-            self.index[key] = position
+            self.index[named] = position
             self.types[position] = self._named(info)
             return position
         node = self._node(info)
@@ -604,15 +604,12 @@ def _decode_default(data: bytes, annotation: Any) -> Any:
         return msgspec.msgpack.decode(data)
 
 
-def _namespace(obj: Any) -> dict[str, Any] | types.MappingProxyType[str, Any] | None:
-    # Plain dict reads: no attribute lookup that a module's __getattr__ could answer.
-    if isinstance(obj, types.ModuleType):
-        found = types.ModuleType.__dict__["__dict__"].__get__(obj)
-        return found if isinstance(found, dict) else None
-    if isinstance(obj, type):
-        found = type.__dict__["__dict__"].__get__(obj)
-        return found if isinstance(found, types.MappingProxyType) else None
-    return None
+def _namespace(obj: Any) -> Any:
+    # Plain dict reads from here on: nothing that a module's __getattr__ could answer.
+    if not isinstance(obj, types.ModuleType | type):
+        return None
+    found = vars(obj)
+    return found if isinstance(found, dict | types.MappingProxyType) else None
 
 
 def _local_class(module: str, qualname: str) -> type | None:
@@ -689,7 +686,7 @@ class _Builder:
         self.open: set[int] = set()
         self.finishers: list[Callable[[], None]] = []
 
-    def type(self, position: int) -> Any:
+    def build(self, position: int) -> Any:
         if position in self.built:
             return self.built[position]
         if not 0 <= position < len(self.table):
@@ -711,7 +708,7 @@ class _Builder:
         if isinstance(node, Prim):
             return _with_constraints(_PRIM_TYPES[node.name], node.constraints)
         if isinstance(node, Collection):
-            item = self.type(node.item)
+            item = self.build(node.item)
             made: Any
             if node.of == "list":
                 made = list[item]  # type: ignore[valid-type]
@@ -723,15 +720,15 @@ class _Builder:
                 made = tuple[item, ...]  # type: ignore[valid-type]
             return _with_constraints(made, node.constraints)
         if isinstance(node, TupleOf):
-            items = tuple(self.type(i) for i in node.items)
+            items = tuple(self.build(i) for i in node.items)
             return tuple[items] if items else tuple[()]  # type: ignore[valid-type]
         if isinstance(node, DictOf):
-            made = dict[self.type(node.key), self.type(node.value)]  # type: ignore[misc]
+            made = dict[self.build(node.key), self.build(node.value)]  # type: ignore[misc]
             return _with_constraints(made, node.constraints)
         if isinstance(node, UnionOf):
             if not node.members:
                 raise DescriptionError("an empty union")
-            members = tuple(self.type(i) for i in node.members)
+            members = tuple(self.build(i) for i in node.members)
             return typing.Union[members]  # noqa: UP007 - built from a tuple
         if isinstance(node, LiteralOf):
             if not node.values:
@@ -769,8 +766,8 @@ class _Builder:
             members.append((name, value))
         if not members:
             raise DescriptionError(f"enum {node.qualname} has no members")
-        base = _ENUM_BASES[node.flavor]
-        made = base(_class_name(node.qualname), members, module=node.module)  # type: ignore[call-overload]
+        base: Any = _ENUM_BASES[node.flavor]
+        made = base(_class_name(node.qualname), members, module=node.module)
         made.__qualname__ = node.qualname
         return made
 
@@ -789,7 +786,7 @@ class _Builder:
         made.__qualname__ = node.qualname
         # Registered before its fields are built: a field may refer back to this class.
         self.built[position] = made
-        annotations = {f.name: self.type(f.type) for f in node.fields}
+        annotations = {f.name: self.build(f.type) for f in node.fields}
         made.__annotations__ = annotations
         fill(annotations)
         return made
@@ -855,7 +852,7 @@ class _Builder:
             return _NO_PLAIN
         if not isinstance(self.table[f.type], Prim | EnumOf | LiteralOf):
             return _NO_PLAIN
-        value = _decode_default(f.default, self.type(f.type))
+        value = _decode_default(f.default, self.build(f.type))
         return value if isinstance(value, _IMMUTABLE) else _NO_PLAIN
 
     def _typed_dict(self, node: TypedDictOf) -> tuple[Any, Callable[[dict[str, Any]], None]]:
@@ -864,7 +861,7 @@ class _Builder:
             if not isinstance(f.name, str) or f.name in keys:
                 raise DescriptionError(f"TypedDict key {f.name!r} given twice")
             keys[f.name] = Any if f.required else NotRequired[Any]
-        made = typing.TypedDict(_class_name(node.qualname), keys)  # type: ignore[operator]
+        made = _TYPED_DICT(_class_name(node.qualname), keys)
         return made, lambda annotations: None
 
     def _named_tuple(self, node: NamedTupleOf) -> tuple[Any, Callable[[dict[str, Any]], None]]:
@@ -909,6 +906,7 @@ class _Builder:
 
 
 _NO_PLAIN: Any = object()
+_TYPED_DICT: Any = typing.TypedDict  # called with a name known only at run time
 
 _KINDS: dict[str, inspect._ParameterKind] = {
     "POSITIONAL_ONLY": inspect.Parameter.POSITIONAL_ONLY,
@@ -950,8 +948,8 @@ def rebuild(data: bytes, *, local_classes: bool = True) -> inspect.Signature:
         raise DescriptionError(f"type description format {spec.format}, this Scatter reads {FORMAT}")
     builder = _Builder(spec.types, local_classes=local_classes)
     try:
-        annotations = [builder.type(p.type) for p in spec.parameters]
-        returns = builder.type(spec.returns)
+        annotations = [builder.build(p.type) for p in spec.parameters]
+        returns = builder.build(spec.returns)
         builder.finish()
         parameters = []
         for p, annotation in zip(spec.parameters, annotations, strict=True):

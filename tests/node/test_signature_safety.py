@@ -57,9 +57,12 @@ def test_a_signature_pickle_that_runs_code_is_never_loaded_by_a_caller(
     fields["signature"] = pickle.dumps(Tripwire(marker))  # what the finding's publisher sent
     client.request(lambda i: _wire.Publish(id=i, **fields))
 
-    description = client.describe("add")
+    try:
+        description = client.describe("add")
+        remote = client.make_callable("add")
+    finally:
+        assert not marker.exists(), "the caller loaded the publisher's signature pickle"
     assert description.signature == b""  # the node no longer hands the pickle to callers
-    remote = client.make_callable("add")
     assert str(inspect.signature(remote)) == "(a: int, b: int) -> int"
     with pytest.raises(scatter.ValidationError) as caught:
         remote("x", 1)  # validated here, from the type description
@@ -322,7 +325,10 @@ def test_signature_shows_every_supported_type_and_calls_validate(
     assert result.returncode == 0, result.stderr
     assert result.stdout == "published\n"
 
-    remote = client.make_callable("everything")
+    try:
+        remote = client.make_callable("everything")
+    finally:
+        assert not (markers / f"loaded-by-{os.getpid()}").exists(), "publisher code ran here"
     sig = inspect.signature(remote)
     params = sig.parameters
     assert list(params) == [
