@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import cloudpickle
 import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -49,7 +48,8 @@ from ._config import (
     parse_address,
     resolve_client_config,
 )
-from ._core._signature import CallSpec, build_call_spec, restore_signature, typed_decoder
+from ._core import _typespec
+from ._core._signature import CallSpec, build_call_spec, decoding
 from ._exceptions import (
     AuthenticationError,
     CallTimeout,
@@ -397,10 +397,10 @@ class _Version:
     timeout: float  # effective: the function's own, else the node's default
     # Result | Failure, with the result's value decoded (and so validated) in the same
     # pass as its envelope: one decode per reply instead of two.
-    reply_decoder: msgspec.msgpack.Decoder[Any]
+    decode_reply: Callable[[bytes], Any]
 
 
-def _reply_decoder(spec: CallSpec) -> msgspec.msgpack.Decoder[Any]:
+def _reply_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
     result = msgspec.defstruct(
         "Result",
         [("id", int), ("version", int), ("value", spec.return_type)],
@@ -408,7 +408,7 @@ def _reply_decoder(spec: CallSpec) -> msgspec.msgpack.Decoder[Any]:
         array_like=True,
         frozen=True,
     )
-    return typed_decoder(result | _wire.Failure)
+    return decoding(result | _wire.Failure, unpickle=True)
 
 
 class Client:
@@ -942,16 +942,25 @@ class RemoteFunction:
         self.__qualname__ = name
 
     def _load(self, version: int | None) -> _Version:
+        # The signature is rebuilt from the publisher's type description: nothing of the
+        # publisher's is unpickled or run here (see _core/_typespec.py).
         description = self._client.describe(self._name, version)
-        try:
-            signature = restore_signature(cloudpickle.loads(description.signature))
-        except Exception as exc:
+        where = f"{self._name} v{description.version}"
+        if not description.signature_spec:
             raise ScatterError(
-                f"cannot read the signature of {self._name} v{description.version} here "
-                f"({type(exc).__name__}: {exc}); its annotations need a module this "
-                "process lacks"
-            ) from exc
-        spec = build_call_spec(self._name, signature)
+                f"{where} carries no type description of its signature (it was scattered "
+                "by an older Scatter); scatter it again"
+            )
+        try:
+            signature = _typespec.rebuild(description.signature_spec)
+            spec = build_call_spec(
+                self._name, signature, caller=True, signature_id=description.signature_id
+            )
+        except Exception as exc:  # DescriptionError, NotScatterable, or msgspec's refusal
+            raise ScatterError(
+                f"cannot rebuild the signature of {where} from its type description "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
         self.__signature__ = signature
         self.__doc__ = description.doc
         return _Version(
@@ -1079,7 +1088,7 @@ class RemoteFunction:
     def _finish(self, state: _Version, call_id: int, frame_bytes: bytes) -> Any:
         pinned = self._pinned or 0
         try:
-            reply = state.reply_decoder.decode(frame_bytes)
+            reply = state.decode_reply(frame_bytes)
         except (msgspec.DecodeError, msgspec.ValidationError):
             # Say precisely what is wrong: a result not matching the annotation, or a
             # frame that is no reply at all.

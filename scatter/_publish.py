@@ -3,6 +3,12 @@
 The body is pickled BY VALUE, also when the function lives in an importable module:
 the node and its workers need not have that module (the notebook that defined it may
 be gone). Modules it imports (numpy, ...) stay references and must exist on the node.
+
+The signature goes twice: pickled by value for the node's workers, which load the
+body (and so run the publisher's code) anyway, and as a msgspec type description
+(``_typespec``) for callers, who never unpickle anything to learn it. The description
+is rebuilt here once, as a caller would, so that a signature callers could not use is
+refused at ``@scatter`` time.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from typing import Any
 
 import cloudpickle
 
+from ._core import _typespec
 from ._core._signature import (
+    build_call_spec,
     check_scatterable,
     content_id,
     portable_signature,
@@ -62,10 +70,21 @@ def prepare_publish(
     # The timeout is part of what a version is: the same code with another timeout is a
     # new version, not a no-op.
     identity = stable_pickle_identity(body) + f"\0timeout={timeout!r}".encode()
+    signature_spec = _typespec.describe(sig)
+    try:
+        build_call_spec(
+            resolved, _typespec.rebuild(signature_spec, local_classes=False), caller=True
+        )
+    except (NotScatterable, _typespec.DescriptionError) as exc:
+        raise NotScatterable(
+            f"{resolved}(): callers could not rebuild its signature from its type "
+            f"description: {exc}"
+        ) from exc
     return {
         "name": resolved,
         "body": body,
         "signature": signature,
+        "signature_spec": signature_spec,
         "signature_text": signature_text(sig),
         "signature_id": signature_id(sig),
         "content_id": content_id(identity, sig),

@@ -31,8 +31,10 @@ Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
 #   2: CURVE on every TCP connection, roles (Failure kind "forbidden"), node-computed
 #      content ids, NodeStatus incarnation and worker start failures; node to node:
 #      PeerGossip (SWIM), PeerChanges, PeerDigest (anti-entropy), role "peer".
-PROTOCOL_VERSION_MIN = 2
-PROTOCOL_VERSION_MAX = 2
+#   3: signatures travel to callers as msgspec type descriptions (Publish and
+#      Description ``signature_spec``); Description.signature is no longer filled in.
+PROTOCOL_VERSION_MIN = 3
+PROTOCOL_VERSION_MAX = 3
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
 
 
@@ -98,7 +100,7 @@ class Publish(msgspec.Struct, array_like=True, tag=11, frozen=True):
     id: int
     name: str
     body: bytes  # cloudpickle of the function, by value
-    signature: bytes  # cloudpickle of its inspect.Signature (annotations, defaults)
+    signature: bytes  # cloudpickle of its inspect.Signature, for the node's workers only
     signature_text: str
     signature_id: str
     content_id: str
@@ -106,6 +108,8 @@ class Publish(msgspec.Struct, array_like=True, tag=11, frozen=True):
     doc: str | None = None
     python: str = ""
     timeout: float | None = None
+    # The signature as a msgspec type description (_core/_typespec.py), for callers.
+    signature_spec: bytes = b""
 
 
 class Rollback(msgspec.Struct, array_like=True, tag=12, frozen=True):
@@ -260,12 +264,13 @@ class Description(msgspec.Struct, array_like=True, tag=33, frozen=True):
     version: int
     current_version: int
     content_id: str
-    signature: bytes
+    signature: bytes  # always b"" since protocol 3: a caller never unpickles a signature
     signature_text: str
     signature_id: str
     timeout: float  # effective: the function's own, else the node's default
     doc: str | None = None
     source: str | None = None
+    signature_spec: bytes = b""  # the type description the caller rebuilds its checks from
 
 
 class Listing(msgspec.Struct, array_like=True, tag=34, frozen=True):

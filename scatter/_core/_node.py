@@ -665,6 +665,7 @@ class NodeCore:
             python=request.python or self.facts.python,
             created_at=wall,
             timeout=timeout,
+            signature_spec=request.signature_spec,
         )
         return msgspec.structs.replace(record, content_id=_content_id(record, request.body))
 
@@ -684,12 +685,13 @@ class NodeCore:
             # 0 for a member its set retired: pinned versions of it still run.
             current_version=self._current_or_zero(req.name),
             content_id=record.content_id,
-            signature=record.signature,
+            signature=b"",  # the pickle is for workers; callers rebuild from signature_spec
             signature_text=record.signature_text,
             signature_id=record.signature_id,
             timeout=record.timeout or self.config.call_timeout,
             doc=record.doc,
             source=record.source if req.with_source else None,
+            signature_spec=record.signature_spec,
         )
 
     def _on_versions(self, req: _wire.ListVersions) -> _wire.Listing:
@@ -864,6 +866,7 @@ def _content_id(record: VersionRecord, body: bytes) -> str:
         source=record.source,
         doc=record.doc,
         timeout=record.timeout,
+        signature_spec=record.signature_spec,
     )
 
 

@@ -106,7 +106,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Literal, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import msgspec
 
@@ -156,13 +156,16 @@ class VersionRecord(msgspec.Struct, frozen=True, kw_only=True):
     python: str  # "3.11.7": where the body was pickled
     created_at: float  # unix seconds
     timeout: float | None = None  # per-function call timeout, seconds; None: the node's default
-    signature: bytes = b""  # cloudpickle of the inspect.Signature, for clients' validation
+    signature: bytes = b""  # cloudpickle of the inspect.Signature, for workers only
     # The publisher's hash of the code with per-process pickling noise removed: the same
     # code scattered again is a no-op even though its pickle differs byte for byte. Used
     # for that and nothing else, so a publisher lying about it can only turn its own
     # publish into a no-op; what runs is always found by content_id, which the node
     # computes. "" for records made before it existed: content_id stands in.
     code_id: str = ""
+    # The signature as a msgspec type description, served to callers (who never unpickle
+    # ``signature``). b"" for records made before it existed: callers ask to re-scatter.
+    signature_spec: bytes = b""
 
     @property
     def same_code_key(self) -> str:
@@ -177,15 +180,17 @@ def content_id_of(
     source: str | None,
     doc: str | None,
     timeout: float | None,
+    signature_spec: bytes = b"",
 ) -> str:
     """The content id of a body and everything a worker loads with it.
 
     Computed by the node that receives a publish, and checked again by every node that
     receives the body, so no publisher can put another body under a known id.
     """
-    digest = hashlib.sha256(
-        _content_encoder.encode((body, signature, signature_text, source, doc, timeout))
-    )
+    fields: tuple[Any, ...] = (body, signature, signature_text, source, doc, timeout)
+    if signature_spec:  # ids of records made before it existed stay what they were
+        fields += (signature_spec,)
+    digest = hashlib.sha256(_content_encoder.encode(fields))
     return digest.hexdigest()[:32]
 
 

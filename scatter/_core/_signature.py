@@ -16,7 +16,17 @@ Rules of this module:
    same typed decoder the node uses. Both sides therefore accept exactly the same values
    (``msgspec.convert`` would let a dataclass instance through unchecked).
 5. cloudpickle carries only what msgspec cannot encode, as msgpack extension type
-   ``PICKLE_EXT_CODE``; a decoded value of a custom class is then checked with isinstance.
+   ``PICKLE_EXT_CODE``, and a pickle is loaded ONLY at a position whose annotation calls
+   for one: a type msgspec cannot encode (msgspec hands those to the ``dec_hook``). The
+   ``ext_hook`` never unpickles: it wraps the data and counts it; the ``dec_hook`` of an
+   opaque position claims it (and unpickles it, then checks it with isinstance). A
+   pickle left unclaimed (under ``Any``, ``object``, or wherever msgspec would have
+   passed it through) makes the decoding fail with :class:`PickleRefused`, and nothing
+   was unpickled for it. Types without ``Any`` or custom classes cannot meet an
+   extension value at all (msgspec refuses it by type), so their decoders skip the count.
+6. A caller builds its CallSpec from the signature rebuilt out of the publisher's type
+   description (``_typespec``), never from a pickle; opaque positions there are
+   :class:`OpaqueValue` stand-ins that take any value and validate nothing.
 """
 
 from __future__ import annotations
@@ -26,16 +36,19 @@ import hashlib
 import inspect
 import keyword
 import sys
+import threading
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NotRequired, TypedDict
 
 import cloudpickle
 import msgspec
+import msgspec.inspect as mi
 
 from .. import _pickling
 from .._exceptions import NotScatterable, ValidationError
+from ._typespec import OpaqueValue
 
 PICKLE_EXT_CODE = 1
 
@@ -50,15 +63,77 @@ def _enc_hook(obj: object) -> msgspec.msgpack.Ext:
         raise TypeError(f"cannot serialize a value of type {type(obj).__qualname__}: {exc}") from exc
 
 
-def _ext_hook(code: int, data: memoryview) -> object:
-    if code != PICKLE_EXT_CODE:
-        raise TypeError(f"unknown msgpack extension type {code}")
-    return cloudpickle.loads(data)
+class PickleRefused(msgspec.ValidationError):
+    """A pickle (an extension value) at a position whose annotation does not call for one."""
 
 
-def _dec_hook(expected: Any, obj: object) -> object:
-    # Called for annotations msgspec does not know (user classes): the value arrived
-    # through the pickle extension; check it is what the annotation says.
+class _ExtValue:
+    """An extension value as decoded: its data, not unpickled."""
+
+    __slots__ = ("code", "data")
+
+    def __init__(self, code: int, data: memoryview) -> None:
+        self.code = code
+        self.data = data
+
+
+class _Tally(threading.local):
+    def __init__(self) -> None:
+        self.unclaimed = 0  # extension values decoded and not claimed by an opaque position
+
+
+_tally = _Tally()
+
+
+def _counting_ext_hook(code: int, data: memoryview) -> object:
+    _tally.unclaimed += 1
+    return _ExtValue(code, data)
+
+
+def _refusing_ext_hook(code: int, data: memoryview) -> object:
+    # Decoders whose type has no Any and no custom class: msgspec refuses an extension
+    # value by type before it would get here; this is the belt to those braces.
+    raise PickleRefused("a pickled value (msgpack extension type) where none is expected")
+
+
+def _claim(value: _ExtValue) -> memoryview:
+    _tally.unclaimed -= 1
+    if value.code != PICKLE_EXT_CODE:
+        raise TypeError(f"unknown msgpack extension type {value.code}")
+    return value.data
+
+
+def _is_opaque_stand_in(expected: Any) -> bool:
+    return isinstance(expected, type) and issubclass(expected, OpaqueValue)
+
+
+def _unpickling_dec_hook(expected: Any, obj: object) -> object:
+    """An opaque position (a type msgspec cannot encode): the one place a pickle is loaded."""
+    if expected is object:  # takes anything, so it calls for nothing: a pickle stays unclaimed
+        return obj
+    if type(obj) is _ExtValue:
+        obj = cloudpickle.loads(_claim(obj))
+    if _is_opaque_stand_in(expected):
+        return obj  # a caller's stand-in: nothing to check the value against here
+    return _check_instance(expected, obj)
+
+
+def _validating_dec_hook(expected: Any, obj: object) -> object:
+    """As :func:`_unpickling_dec_hook`, without loading the pickle (the caller's own
+    arguments, which it only validates; finding which parameter holds a stray pickle)."""
+    if expected is object:
+        return obj
+    if type(obj) is _ExtValue:
+        _claim(obj)
+        return obj
+    if _is_opaque_stand_in(expected):
+        return obj
+    return _check_instance(expected, obj)
+
+
+def _check_instance(expected: Any, obj: object) -> object:
+    # The value arrived through the pickle extension (or as plain data); check it is what
+    # the annotation says.
     if isinstance(expected, type) and not isinstance(obj, expected):
         # The same class can exist twice in a process: rebuilt by value from the shipped
         # signature, and imported by reference along with a value. Same module and
@@ -79,9 +154,66 @@ def _dec_hook(expected: Any, obj: object) -> object:
 ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
 
 
-def typed_decoder(type_: Any) -> msgspec.msgpack.Decoder[Any]:
-    """A msgpack decoder validating against ``type_``, with the pickle extension wired in."""
-    return msgspec.msgpack.Decoder(type_, dec_hook=_dec_hook, ext_hook=_ext_hook)
+def meets_pickles(type_: Any) -> bool:
+    """True if decoding ``type_`` may meet an extension value: it holds Any or a custom class."""
+    try:
+        stack: list[Any] = [mi.type_info(type_)]
+    except Exception:
+        return True
+    seen: set[int] = set()
+    while stack:
+        info = stack.pop()
+        if id(info) in seen:
+            continue
+        seen.add(id(info))
+        if isinstance(info, mi.AnyType | mi.CustomType):
+            return True
+        for name in info.__struct_fields__:
+            value = getattr(info, name)
+            if isinstance(value, mi.Type):
+                stack.append(value)
+            elif isinstance(value, tuple):  # of types, of fields, or of Literal values
+                for item in value:
+                    if isinstance(item, mi.Field):
+                        stack.append(item.type)
+                    elif isinstance(item, mi.Type):
+                        stack.append(item)
+    return False
+
+
+def _guarded(decode: Callable[[Any], Any], payload: Any) -> Any:
+    tally = _tally
+    outer = tally.unclaimed  # a decoding inside an unpickling one keeps its own count
+    tally.unclaimed = 0
+    try:
+        value = decode(payload)
+        unclaimed = tally.unclaimed
+    finally:
+        tally.unclaimed = outer
+    if unclaimed:
+        raise PickleRefused(
+            "a pickled value (msgpack extension type) where the annotation does not call for "
+            "one; it was not unpickled"
+        )
+    return value
+
+
+def decoding(type_: Any, *, unpickle: bool) -> Callable[[Any], Any]:
+    """``decode(payload)`` validating against ``type_`` (rule 5).
+
+    ``unpickle``: load the pickles at opaque positions (else only validate them: a
+    caller's own arguments). Raises TypeError if msgspec cannot validate ``type_``.
+    """
+    hook = _unpickling_dec_hook if unpickle else _validating_dec_hook
+    if not meets_pickles(type_):
+        return msgspec.msgpack.Decoder(type_, dec_hook=hook, ext_hook=_refusing_ext_hook).decode
+    decoder = msgspec.msgpack.Decoder(type_, dec_hook=hook, ext_hook=_counting_ext_hook)
+    decode = decoder.decode
+
+    def guarded(payload: Any) -> Any:
+        return _guarded(decode, payload)
+
+    return guarded
 
 
 def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
@@ -179,7 +311,11 @@ def portable_signature(sig: inspect.Signature) -> tuple[inspect.Signature, dict[
 
 
 def restore_signature(shipped: Any) -> inspect.Signature:
-    """Undo :func:`portable_signature` in a process that unpickled it."""
+    """Undo :func:`portable_signature` in a node's worker that unpickled it.
+
+    Only a worker does: it loads the publisher's code anyway. A caller never unpickles a
+    signature; it rebuilds one from the type description (rule 6).
+    """
     if isinstance(shipped, inspect.Signature):
         return shipped
     sig, fixups = shipped
@@ -199,6 +335,9 @@ def signature_text(sig: inspect.Signature) -> str:
 def signature_id(sig: inspect.Signature) -> str:
     """A stable id of the calling contract: parameter names, kinds, annotations, defaults."""
     return hashlib.sha256(signature_text(sig).encode()).hexdigest()[:16]
+
+
+_signature_id = signature_id  # build_call_spec has a parameter of that name
 
 
 def _param_type(p: inspect.Parameter) -> Any:
@@ -321,15 +460,17 @@ class CallSpec:
     signature: inspect.Signature
     signature_id: str
     bind: Callable[..., dict[str, Any]]
-    args_decoder: msgspec.msgpack.Decoder[Any]
-    return_decoder: msgspec.msgpack.Decoder[Any]
+    decode_args: Callable[[Any], Any]  # see decoding(): raises msgspec's errors
+    decode_return: Callable[[Any], Any]
     invoke: Callable[[Callable[..., Any], dict[str, Any]], Any]
     checks_return: bool
     arguments_type: Any
     return_type: Any
     # msgspec.convert checks these arguments as strictly as decoding would (rule 4's
-    # exception): no dataclass, Struct or NamedTuple instance, which convert lets through.
+    # exception): no dataclass, Struct or NamedTuple instance, which convert lets through,
+    # and no Any or custom class, under which convert would pass a pickle along.
     converts: bool
+    parameter_types: dict[str, Any] = field(default_factory=dict)  # {name: decoded type}
 
     def encode_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         """Bind (Python's TypeError on bad arity), validate and encode (rule 4)."""
@@ -343,7 +484,7 @@ class CallSpec:
             # against ~30 us for convert, measured with cluster/bench.py's `total`), while
             # convert's fixed cost (~2 us) loses to decoding for small arguments.
             try:
-                msgspec.convert(arguments, self.arguments_type, dec_hook=_dec_hook)
+                msgspec.convert(arguments, self.arguments_type)
             except msgspec.ValidationError as exc:
                 raise argument_error(self.name, exc) from None
         else:
@@ -352,10 +493,45 @@ class CallSpec:
 
     def decode_arguments(self, payload: bytes | memoryview) -> dict[str, Any]:
         try:
-            arguments: dict[str, Any] = self.args_decoder.decode(payload)
+            arguments: dict[str, Any] = self.decode_args(payload)
+        except PickleRefused:
+            raise self._stray_pickle(payload) from None
         except msgspec.ValidationError as exc:
             raise argument_error(self.name, exc) from None
         return arguments
+
+    def _stray_pickle(self, payload: bytes | memoryview) -> ValidationError:
+        """The error for a pickle where no annotation calls for one, naming its parameter.
+
+        Off the call path: each argument is decoded again on its own, validating only,
+        so nothing is unpickled to find it.
+        """
+        try:
+            raw: dict[str, msgspec.Raw] = _RAW_ARGUMENTS.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raw = {}
+        for parameter, value in raw.items():
+            type_ = self.parameter_types.get(parameter)
+            if type_ is None:
+                continue
+            try:
+                decoding(type_, unpickle=False)(value)
+            except PickleRefused:
+                annotation = self.signature.parameters[parameter].annotation
+                return ValidationError(
+                    f"{self.name}() argument {parameter!r}: a pickled value (msgpack extension "
+                    f"type {PICKLE_EXT_CODE}) where its annotation {_type_name(annotation)} "
+                    "does not call for one; it was not unpickled. Only a type msgspec cannot "
+                    "encode (a numpy array, a plain class) takes a pickled value.",
+                    parameter=parameter,
+                    path=f"$.{parameter}",
+                )
+            except Exception:
+                continue
+        return ValidationError(
+            f"{self.name}() arguments: a pickled value where no annotation calls for one; "
+            "it was not unpickled"
+        )
 
     def encode_result(self, value: Any) -> bytes:
         """Encode a result and check it against the return annotation."""
@@ -367,7 +543,7 @@ class CallSpec:
             ) from exc
         if self.checks_return:
             try:
-                self.return_decoder.decode(payload)
+                self.decode_return(payload)
             except msgspec.ValidationError as exc:
                 raise ValidationError(
                     f"{self.name}() returned a value that does not match its return "
@@ -393,7 +569,15 @@ class CallSpec:
 
     def decode_result(self, payload: bytes | memoryview) -> Any:
         try:
-            return self.return_decoder.decode(payload)
+            return self.decode_return(payload)
+        except PickleRefused:
+            raise ValidationError(
+                f"{self.name}() result: a pickled value (msgpack extension type "
+                f"{PICKLE_EXT_CODE}) where its return annotation "
+                f"{_type_name(self.signature.return_annotation)} does not call for one; it was "
+                "not unpickled",
+                parameter="return",
+            ) from None
         except msgspec.ValidationError as exc:
             raise ValidationError(
                 f"{self.name}() result does not match its return annotation: {exc}",
@@ -433,11 +617,22 @@ def argument_error(name: str, exc: msgspec.ValidationError) -> ValidationError:
     return ValidationError(message, parameter=parameter, path=path)
 
 
-def build_call_spec(name: str, sig: inspect.Signature) -> CallSpec:
-    """Prepare every per-call step of one version (rule 1)."""
+def build_call_spec(
+    name: str, sig: inspect.Signature, *, caller: bool = False, signature_id: str | None = None
+) -> CallSpec:
+    """Prepare every per-call step of one version (rule 1).
+
+    ``caller``: the spec of a caller, built from a rebuilt signature (rule 6): its own
+    arguments are validated, never unpickled. ``signature_id``: the publisher's, which a
+    rebuilt signature's text need not hash to.
+    """
     fields: dict[str, Any] = {}
+    parameter_types: dict[str, Any] = {}
     for p in sig.parameters.values():
+        if not p.name.isidentifier() or keyword.iskeyword(p.name):
+            raise NotScatterable(f"{name}(): {p.name!r} is not a parameter name")
         t = _param_type(p)
+        parameter_types[p.name] = t
         optional = p.default is not inspect.Parameter.empty or p.kind in (
             inspect.Parameter.VAR_POSITIONAL,
             inspect.Parameter.VAR_KEYWORD,
@@ -447,23 +642,28 @@ def build_call_spec(name: str, sig: inspect.Signature) -> CallSpec:
     arguments_type = TypedDict(f"{binder_name}_arguments", fields)  # type: ignore[misc]
     return_type = _return_type(sig)
     try:
-        args_decoder = typed_decoder(arguments_type)
-        return_decoder = typed_decoder(return_type)
+        decode_args = decoding(arguments_type, unpickle=not caller)
+        decode_return = decoding(return_type, unpickle=True)
     except TypeError as exc:
         raise NotScatterable(f"{name}(): msgspec cannot validate an annotation: {exc}") from exc
     return CallSpec(
         name=name,
         signature=sig,
-        signature_id=signature_id(sig),
+        signature_id=signature_id or _signature_id(sig),
         bind=_make_binder(binder_name, sig),
-        args_decoder=args_decoder,
-        return_decoder=return_decoder,
+        decode_args=decode_args,
+        decode_return=decode_return,
         invoke=_make_invoker(sig),
         checks_return=return_type is not Any,
         arguments_type=arguments_type,
         return_type=return_type,
-        converts=all(_convert_validates(t, set()) for t in fields.values()),
+        converts=not meets_pickles(arguments_type)
+        and all(_convert_validates(t, set()) for t in fields.values()),
+        parameter_types=parameter_types,
     )
+
+
+_RAW_ARGUMENTS = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
 
 
 def _convert_validates(annotation: Any, seen: set[int]) -> bool:
@@ -504,13 +704,15 @@ __all__ = [
     "ENCODER",
     "PICKLE_EXT_CODE",
     "CallSpec",
+    "PickleRefused",
     "argument_error",
     "build_call_spec",
     "check_scatterable",
     "content_id",
+    "decoding",
+    "meets_pickles",
     "signature_id",
     "signature_of",
     "signature_text",
     "source_of",
-    "typed_decoder",
 ]

@@ -271,7 +271,9 @@ class Worker:
                 signature = restore_signature(cloudpickle.loads(record.signature))
             else:
                 signature = signature_of(function)
-            spec = build_call_spec(name, signature)
+            # The publisher's signature id, the one its callers send: the text of a
+            # signature rebuilt here can differ (a local class's qualified name).
+            spec = build_call_spec(name, signature, signature_id=record.signature_id or None)
             if record.source and isinstance(function, types.FunctionType):
                 _attach_source(function, f"<scatter {name} {content_id[:12]}>", record.source)
         except NotScatterable as exc:

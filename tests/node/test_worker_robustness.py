@@ -97,8 +97,17 @@ def test_junk_in_a_call_frame_gets_a_failure_and_the_worker_keeps_serving(
     def echo(x: Any) -> Any:
         return x
 
+    class Plain:  # msgspec cannot encode it: a parameter annotated so takes a pickle
+        pass
+
+    def hold(x):  # type: ignore[no-untyped-def]
+        return 1
+
+    hold.__annotations__ = {"x": Plain, "return": int}
+
     client.publish(worker_pid)
     client.publish(echo)
+    client.publish(hold)
     leased = client.request(lambda i: _wire.Lease(i))
     context = zmq.Context()
     sock = dealer(context, leased.endpoint)
@@ -118,10 +127,15 @@ def test_junk_in_a_call_frame_gets_a_failure_and_the_worker_keeps_serving(
         first = pid_now()
         for junk in (b"junk", b"\x80\x04\x95"):  # not a pickle; a truncated one
             args = msgspec.msgpack.encode({"x": msgspec.msgpack.Ext(1, junk)})
-            failure = call("echo", args)
+            failure = call("hold", args)
             assert isinstance(failure, _wire.Failure), failure
             assert failure.kind == "validation"
-            assert "echo() arguments: a value cannot be decoded on this node" in failure.message
+            assert "hold() arguments: a value cannot be decoded on this node" in failure.message
+            assert pid_now() == first
+            # Under Any no pickle is loaded at all (test_signature_safety.py).
+            refused = call("echo", args)
+            assert isinstance(refused, _wire.Failure), refused
+            assert (refused.kind, refused.parameter) == ("validation", "x")
             assert pid_now() == first
         unknown = call("echo", msgspec.msgpack.encode({"x": msgspec.msgpack.Ext(9, b"")}))
         assert isinstance(unknown, _wire.Failure) and unknown.kind == "validation", unknown
