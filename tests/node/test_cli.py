@@ -312,7 +312,7 @@ def test_node_status_describes_the_node(node: LocalNode, client: scatter.Client)
     assert fields["pid"] == str(node.pid)
     assert fields["address"] == node.address
     assert fields["data dir"] == str(node.data_dir)
-    assert fields["functions"] == "1"
+    assert fields["functions"] == "1 (1 changes applied)"
     assert fields["versions"] == "1"
     assert re.fullmatch(r"(\d+[dhm] )*\d+s", fields["uptime"])
     for key in ("node id", "workers", "leases"):
