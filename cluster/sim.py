@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
+import math
 import random
 import statistics
 import sys
@@ -31,7 +32,6 @@ import msgspec
 from scatter import _wire as wire
 from scatter._config import NodeConfig
 from scatter._core._membership import (
-    Alive,
     MemberInfo,
     Membership,
     MembershipConfig,
@@ -239,12 +239,24 @@ class ClusterSimulation:
         self.messages = 0
         self._queue: list[_Delivery] = []
         self._order = itertools.count()
+        self._timers: list[tuple[float, int, str]] = []  # (when, order, address), lazy
+        self._wake: dict[str, float] = {}  # {address: its current timer}
         for address in self.addresses:
             self._boot(address)
-        # Everyone knows everyone from the start: dissemination is what is measured.
-        table = [Alive(c.facts.node_id, a, c.membership.incarnation) for a, c in self.cores.items()]
+        # Everyone knows everyone from the start, quietly (a cluster in its steady state):
+        # dissemination is what is measured, not a thousand joins.
+        table = [
+            MemberInfo(
+                node=c.facts.node_id,
+                address=a,
+                incarnation=c.membership.incarnation,
+                state=State.ALIVE,
+                since=0.0,
+            )
+            for a, c in self.cores.items()
+        ]
         for address, core in self.cores.items():
-            core.membership.receive(address, table, self.now)
+            core.membership.remember(table, self.now)
             self._perform(address, core.tick(self.now, {}))  # stores the table, as a node would
 
     def _boot(self, address: str) -> None:
@@ -291,6 +303,9 @@ class ClusterSimulation:
     def heal(self) -> None:
         self.cut = set()
         self.down = set()
+        for address in self.cores:
+            self._wake.pop(address, None)
+            self._schedule(address)
 
     # -- clients ----------------------------------------------------------------------
 
@@ -310,9 +325,8 @@ class ClusterSimulation:
     # -- running ----------------------------------------------------------------------
 
     def step(self) -> None:
-        live = [(c.next_wakeup(), a) for a, c in self.cores.items() if a not in self.down]
-        next_timer = min(live, default=(float("inf"), ""))
-        if self._queue and self._queue[0].at <= next_timer[0]:
+        timer = self._next_timer()
+        if self._queue and (timer is None or self._queue[0].at <= timer[0]):
             delivery = heapq.heappop(self._queue)
             self.now = max(self.now, delivery.at)
             if delivery.address in self.down or delivery.address not in self.cores:
@@ -324,11 +338,28 @@ class ClusterSimulation:
             )
             self._perform(delivery.address, effects)
             return
-        at, address = next_timer
-        if not address:
+        if timer is None:
             raise RuntimeError("nothing left to do: every node is down")
+        at, address = timer
+        heapq.heappop(self._timers)
         self.now = max(self.now, at, self.now + 1e-6)
         self._perform(address, self.cores[address].tick(self.now, {}))
+
+    def _next_timer(self) -> tuple[float, str] | None:
+        """The earliest live node timer (a heap; stale entries are skipped)."""
+        while self._timers:
+            at, _order, address = self._timers[0]
+            if address in self.down or self._wake.get(address) != at:
+                heapq.heappop(self._timers)
+                continue
+            return at, address
+        return None
+
+    def _schedule(self, address: str) -> None:
+        at = self.cores[address].next_wakeup()
+        if self._wake.get(address) != at:
+            self._wake[address] = at
+            heapq.heappush(self._timers, (at, next(self._order), address))
 
     def run_until(self, condition: Callable[[], bool], *, limit: float) -> float | None:
         while True:
@@ -344,6 +375,10 @@ class ClusterSimulation:
             self.step()
 
     def _perform(self, address: str, effects: Iterable[object]) -> None:
+        self._perform_effects(address, effects)
+        self._schedule(address)  # what it just did may have moved its next timer
+
+    def _perform_effects(self, address: str, effects: Iterable[object]) -> None:
         pending = list(effects)
         core = self.cores[address]
         disk = self.disks[address]
@@ -424,6 +459,41 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _registry_rounds(
+    nodes: int, seeds: list[int], loss: float, config: MembershipConfig
+) -> int:
+    """Rounds (gossip intervals) until every node holds a version published at one."""
+    rounds: list[int] = []
+    started = time.monotonic()
+    for seed in seeds:
+        sim = ClusterSimulation(nodes, seed=seed, loss=loss, membership=config)
+        origin = sim.addresses[0]
+        sim.request(origin, wire.Publish(1, "add", b"body", b"", "(a: int) -> int", "s", "c"))
+        (change_id,) = list(sim.cores[origin].registry._changes)
+        published = sim.now
+        missing = set(sim.cores)
+
+        def everyone(
+            sim: ClusterSimulation = sim, missing: set[str] = missing, change_id: str = change_id
+        ) -> bool:
+            for address in list(missing):
+                if sim.cores[address].registry.has_change(change_id):
+                    missing.discard(address)
+            return not missing
+
+        reached = sim.run_until(everyone, limit=published + 120.0)
+        if reached is None:
+            print(f"seed {seed}: {len(missing)} nodes never got the version (--seed {seed})")
+            return 1
+        rounds.append(max(1, math.ceil((reached - published) / config.gossip_interval)))
+    print(
+        f"{nodes} nodes, {len(seeds)} seeds, loss {loss:.0%}: a new version reached every "
+        f"node in median {statistics.median(rounds):g} rounds, p99 {_percentile(rounds, 0.99):g} "
+        f"(rounds of {config.gossip_interval:g} s); {time.monotonic() - started:.1f} s of wall time"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.sim")
     parser.add_argument("--nodes", type=int, default=100)
@@ -433,9 +503,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=("lan", "local"), default="lan")
     parser.add_argument("--kill", type=int, default=1, help="members killed after joining")
     parser.add_argument("--observe", type=float, default=60.0, help="seconds watched after")
+    parser.add_argument(
+        "--registry",
+        action="store_true",
+        help="measure how a new version reaches every node (node cores, not membership alone)",
+    )
     args = parser.parse_args(argv)
     config = MembershipConfig.lan() if args.profile == "lan" else MembershipConfig.local()
     seeds = [args.seed] if args.seed is not None else list(range(args.seeds))
+    if args.registry:
+        return _registry_rounds(args.nodes, seeds, args.loss, config)
     joins: list[float] = []
     detections: list[float] = []
     false_dead = 0

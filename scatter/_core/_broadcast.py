@@ -8,6 +8,7 @@ older one worthless). Pure: no I/O, no clock.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -47,9 +48,11 @@ class BroadcastQueue(Generic[T]):
         if not self._items or limit <= 0:
             return []
         most = retransmit_limit(retransmit_mult, members)
-        chosen = sorted(self._items.items(), key=lambda kv: (kv[1].transmits, -kv[1].order))
+        chosen = heapq.nsmallest(
+            limit, self._items.items(), key=lambda kv: (kv[1].transmits, -kv[1].order)
+        )
         out: list[T] = []
-        for subject, item in chosen[:limit]:
+        for subject, item in chosen:
             out.append(item.message)
             item.transmits += 1
             if item.transmits >= most:

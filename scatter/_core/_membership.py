@@ -289,6 +289,8 @@ class Membership:
         self._awareness = 0
         self._leaving = False
         self._seeds: list[str] = []  # join addresses, asked again while we know nobody
+        self.version = 0  # moves whenever the table does: who, where, state, incarnation
+        self._live_cache: tuple[int, list[_Member]] = (-1, [])
         self._next_probe = now + self._rng.uniform(0, config.probe_interval)
         self._next_gossip = now + config.gossip_interval
         self._next_push_pull = now + config.push_pull_interval
@@ -316,13 +318,17 @@ class Membership:
             for m in sorted(self._members.values(), key=lambda m: m.node)
         ]
 
+    def known(self) -> dict[str, _Member]:
+        """{node: member} of everyone known, this member included (read only)."""
+        return self._members
+
     def state_of(self, node: str) -> State | None:
         member = self._members.get(node)
         return None if member is None else member.state
 
     def live_members(self) -> list[str]:
         """Members alive or suspected (not yet dead), this one included."""
-        return [m.node for m in self._members.values() if m.state <= State.SUSPECT]
+        return [self.node, *(m.node for m in self.live_others())]
 
     def next_wakeup(self) -> float:
         """When :meth:`tick` must run next at the latest."""
@@ -345,6 +351,7 @@ class Membership:
                 self._members[info.node] = _Member(
                     info.node, info.address, info.incarnation, info.state, now
                 )
+                self.version += 1
 
     def join(self, addresses: Iterable[str], now: float) -> list[Packet]:
         """Ask each known address for its table, sending ours (push/pull).
@@ -361,6 +368,7 @@ class Membership:
         self._leaving = True
         me = self._members[self.node]
         me.state, me.since = State.LEFT, now
+        self.version += 1
         goodbye = Dead(node=self.node, incarnation=me.incarnation, source=self.node)
         self._broadcasts.put(self.node, goodbye)
         return [Packet(m.address, (goodbye,)) for m in self._others() if m.state <= State.SUSPECT]
@@ -455,11 +463,13 @@ class Membership:
             self._members[news.node] = _Member(
                 news.node, news.address, news.incarnation, State.ALIVE, now
             )
+            self.version += 1
             self._broadcasts.put(news.node, news)
             return
         if news.incarnation <= member.incarnation:
             return  # stale, or nothing new: ALIVE never undoes a suspicion at its incarnation
         member.incarnation = news.incarnation
+        self.version += 1
         member.address = news.address
         if member.state != State.ALIVE:
             member.state, member.since = State.ALIVE, now
@@ -488,6 +498,7 @@ class Membership:
                 self._broadcasts.put(news.node, news)
             return
         member.incarnation = news.incarnation
+        self.version += 1
         member.state, member.since = State.SUSPECT, now
         self._start_suspicion(news.node, news.source, now)
         self._broadcasts.put(news.node, news)
@@ -503,6 +514,7 @@ class Membership:
             self._members[news.node] = _Member(
                 news.node, news.address, news.incarnation, State.DEAD, now
             )
+            self.version += 1
             return
         if member is None or news.incarnation < member.incarnation:
             return  # stale news, or a stranger's goodbye
@@ -510,6 +522,7 @@ class Membership:
         if member.state >= State.DEAD and news.incarnation == member.incarnation:
             return
         member.incarnation = news.incarnation
+        self.version += 1
         member.state, member.since = state, now
         self._suspicions.pop(news.node, None)
         self._broadcasts.put(news.node, news)
@@ -530,6 +543,7 @@ class Membership:
     def _refute(self, incarnation: int, now: float) -> None:
         me = self._members[self.node]
         me.incarnation = incarnation + 1
+        self.version += 1
         self._broadcasts.put(self.node, Alive(self.node, self.address, me.incarnation))
         # Suspected ourselves: we may be the slow one (Lifeguard).
         self._awareness = min(self._awareness + 1, self.config.awareness_max_multiplier - 1)
@@ -687,8 +701,16 @@ class Membership:
         (A member wrongly declared dead still syncs with us, as it thinks us alive, and
         learns of its death from our table: then it refutes.)
         """
-        pool = [m for m in self._others() if m.state <= State.SUSPECT]
+        pool = self.live_others()
         return self._rng.sample(pool, min(count, len(pool)))
+
+    def live_others(self) -> list[_Member]:
+        """Members other than us, alive or suspected; rebuilt only when the table moves."""
+        version, cached = self._live_cache
+        if version != self.version:
+            cached = [m for m in self._others() if m.state <= State.SUSPECT]
+            self._live_cache = (self.version, cached)
+        return cached
 
     def _probe_timeout(self) -> float:
         return self.config.probe_timeout * (self._awareness + 1)

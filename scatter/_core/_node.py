@@ -57,7 +57,7 @@ from .. import _wire
 from .._config import NodeConfig
 from .._exceptions import ConfigError, FunctionNotFound, ScatterError, VersionNotFound
 from ._broadcast import BroadcastQueue
-from ._membership import MemberInfo, Membership, State
+from ._membership import MemberInfo, Membership
 from ._pool import (
     KillWorker,
     LeaseGranted,
@@ -271,7 +271,8 @@ class NodeCore:
         self._news: BroadcastQueue[Change] = BroadcastQueue()  # changes to gossip (rule 6)
         self._next_anti_entropy = 0.0
         self._next_change_gossip = 0.0
-        self._members_persisted: tuple[tuple[str, str, int], ...] = ()
+        self._members_persisted_version = -1  # the membership table version last stored
+        self._members_persisted_count = 0
         self._members_persisted_at = -math.inf
         self._peer_clocks: dict[str, Any] = {}  # {node id: the registry clock it last sent}
         self._handlers: dict[type, Callable[[Any], Any]] = {
@@ -487,22 +488,26 @@ class NodeCore:
                 effects.append(SendPeer(address, _wire.encoder.encode(digest)))
         if len(self._news) and now >= self._next_change_gossip:
             self._next_change_gossip = now + config.membership.gossip_interval
-            members = len(self.membership.live_members())
+            members = len(self.membership.live_others()) + 1
             for address in self._peers(config.membership.gossip_nodes):
                 changes = self._news.take(
                     32, members=members, retransmit_mult=config.membership.retransmit_mult
                 )
                 if changes:
                     effects.append(PushChanges(address, tuple(changes)))
-        table = tuple((m.node, m.address, m.incarnation) for m in self.membership.members())
-        new_member = {row[0] for row in table} != {row[0] for row in self._members_persisted}
-        # A new member is stored at once (a restart soon after a join must rejoin);
-        # state changes at most once a second.
-        if table != self._members_persisted and (
-            new_member or now - self._members_persisted_at >= _MEMBERS_PERSIST_INTERVAL
-        ):
-            self._members_persisted, self._members_persisted_at = table, now
-            effects.append(PersistMembers(tuple(self.membership.members())))
+        membership = self.membership
+        if membership.version != self._members_persisted_version:
+            # A new member is stored at once (a restart soon after a join must rejoin);
+            # other moves of the table at most once a second.
+            count = len(membership.known())
+            if (
+                count != self._members_persisted_count
+                or now - self._members_persisted_at >= _MEMBERS_PERSIST_INTERVAL
+            ):
+                self._members_persisted_version = membership.version
+                self._members_persisted_count = count
+                self._members_persisted_at = now
+                effects.append(PersistMembers(tuple(membership.members())))
         return effects
 
     def next_wakeup(self) -> float:
@@ -568,12 +573,8 @@ class NodeCore:
 
     def _peers(self, count: int) -> list[str]:
         """Addresses of up to ``count`` random live members other than this node."""
-        live = [
-            m.address
-            for m in self.membership.members()
-            if m.node != self.facts.node_id and m.state <= State.SUSPECT
-        ]
-        return self._rng.sample(live, min(count, len(live)))
+        live = self.membership.live_others()
+        return [m.address for m in self._rng.sample(live, min(count, len(live)))]
 
     def _packets(self, packets: Iterable[Any]) -> list[Effect]:
         me, address = self.facts.node_id, self.facts.address
