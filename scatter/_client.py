@@ -563,7 +563,7 @@ class Client:
                 )
             try:
                 reply = _wire.control_reply_decoder.decode(sock.recv())
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except _wire.DECODE_ERRORS as exc:
                 raise ProtocolError(f"malformed reply from {self.address}: {exc}") from None
             if reply.id not in (request_id, 0):
                 continue  # an answer to a request abandoned earlier on this socket
@@ -1060,7 +1060,7 @@ class RemoteFunction:
         pinned = self._pinned or 0
         try:
             reply = state.reply_decoder.decode(frame_bytes)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _wire.DECODE_ERRORS:
             # Say precisely what is wrong: a result not matching the annotation, or a
             # frame that is no reply at all.
             reply = self._decode_reply_slowly(frame_bytes, state)
@@ -1076,7 +1076,7 @@ class RemoteFunction:
     def _decode_reply_slowly(self, frame: bytes, state: _Version) -> Any:
         try:
             reply = _wire.worker_reply_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _wire.DECODE_ERRORS as exc:
             raise ProtocolError(f"malformed reply to a call of {self._name}: {exc}") from None
         if isinstance(reply, _wire.Result):
             state.spec.decode_result(reply.value)  # raises the ValidationError that applies

@@ -8,7 +8,9 @@ Two conversations use it:
   ``Result`` or ``Failure``. These are the hot messages: ``array_like`` and small tags.
 
 Sizes are checked against ``max_message_bytes`` before anything is decoded, and a frame
-that fails to decode becomes a ``Failure`` of kind ``protocol``, never a dead serve loop.
+that fails to decode (``DECODE_ERRORS``) becomes a ``Failure`` of kind ``protocol``, never a
+dead serve loop. The limits below are msgspec constraints on the Structs, so decoding itself
+refuses a frame that breaks one, before anything is built from it.
 
 ONLY APPEND: tags and fields. New fields get defaults (msgspec schema evolution), so a
 peer one protocol version behind still decodes what it knows.
@@ -16,7 +18,7 @@ peer one protocol version behind still decodes what it knows.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -28,15 +30,70 @@ PROTOCOL_VERSION_MIN = 2
 PROTOCOL_VERSION_MAX = 2
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
 
+# ----- limits: what one peer may make a node or a worker hold -----
+#
+# The frame size (``MAX_MESSAGE_BYTES`` in _config.py, 64 MiB, checked before decoding)
+# bounds every frame; msgspec also checks each length header against the bytes left before
+# allocating (measured: a 5-byte frame declaring 2**32 items is refused in microseconds),
+# so no header can make a decoder allocate beyond the frame. These bound what a frame may
+# carry into the registry, which keeps all of it, and into the logs and views.
+
+# Function and set names: identifiers in practice; they key the store, the views and
+# every log line. 256 characters is 10x the longest name in any codebase we looked at.
+MAX_NAME_CHARS = 256
+# Node, writer, change, content and signature ids: ours are 12 to ~40 ASCII characters
+# (a writer id is "<node id>.<start>.<random>", a change id that plus ":<counter>").
+MAX_ID_CHARS = 128
+# Other short strings a registry keeps for every version: the Python version of the
+# publisher, the signature's text (a long parameter list is a few hundred characters).
+MAX_TEXT_CHARS = 64 * 1024
+# Members in one PublishSet, and so in one PublishSetOp: a set is a module's worth of
+# functions published together; each member costs a record and a view on every node.
+MAX_SET_MEMBERS = 1024
+# Ops in one registry Change: a set publish is one op per member plus the set's own.
+MAX_CHANGE_OPS = MAX_SET_MEMBERS + 1
+# Entries in one vector clock: one per writer that ever made a change, and a node takes
+# a new writer id at every start. 16,384 is 4 years of daily restarts of a 10-node
+# cluster that publishes from every node; past it a change is refused (an operator
+# problem worth hearing about, not a reason to let a peer send clocks of 10^6 entries).
+MAX_CLOCK_ENTRIES = 16 * 1024
+# Changes in one gossip or anti-entropy batch: a peer behind by more asks again.
+MAX_BATCH_CHANGES = 4096
+# Frames queued per peer and direction on the node's control ROUTER and each worker's
+# ROUTER (ZMQ_RCVHWM/SNDHWM; libzmq's default is 1,000). A client keeps one control
+# request in flight per socket and pipelines at most 32 calls (_client's
+# _PIPELINE_MAX_DEPTH): beyond 16 frames, its calls wait in its own send queue and in the
+# kernel, not in the worker; a worker busy with a call then holds at most
+# 16 x MAX_MESSAGE_BYTES per peer, not 1,000 x. A reply a peer leaves unread past 16 is
+# dropped (ROUTER), never blocks the serve loop.
+PEER_QUEUE_FRAMES = 16
+# Nesting depth of msgpack values: msgspec decodes nested containers recursively and
+# guards each level with Py_EnterRecursiveCall, so a frame nested deeper than the
+# interpreter's recursion limit raises RecursionError (100,000 nested arrays: refused in
+# ~20 us by every decoder here). That is a decode error like any other (DECODE_ERRORS).
+# On Python 3.11 the guard is sys.getrecursionlimit(), which a function may raise
+# (sys.setrecursionlimit(10**6) is common): then the same frame overflows the C stack
+# and kills the worker (measured: SIGSEGV). So a worker decodes with the limit at most
+# MAX_DECODE_RECURSION (the interpreter's default), and a control frame, whose Structs
+# nest 3 deep, can never need more. 3.12+ has a fixed C recursion limit of its own.
+MAX_DECODE_RECURSION = 1000
+
+# What a decoder raises for a frame it refuses.
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+Ident = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)]
+
 
 class Call(msgspec.Struct, array_like=True, tag=1, frozen=True):
     """Run ``name`` with ``args`` (the msgpack map made by ``CallSpec.encode_arguments``)."""
 
     id: int  # echoed in the reply, so a late reply to an abandoned call is never mistaken
-    name: str
+    name: Name
     version: int  # pinned version, or 0: the current one
     known_version: int  # the version whose signature the caller validated against
-    signature_id: str  # that version's signature id; "" skips the signature check
+    signature_id: Ident  # that version's signature id; "" skips the signature check
     timeout: float  # seconds; 0: the function's own timeout, else the node's default
     args: msgspec.Raw
 
@@ -89,41 +146,41 @@ class Hello(msgspec.Struct, array_like=True, tag=10, frozen=True):
 
 class Publish(msgspec.Struct, array_like=True, tag=11, frozen=True):
     id: int
-    name: str
+    name: Name
     body: bytes  # cloudpickle of the function, by value
     signature: bytes  # cloudpickle of its inspect.Signature (annotations, defaults)
-    signature_text: str
-    signature_id: str
-    content_id: str
+    signature_text: Text
+    signature_id: Ident
+    content_id: Ident  # the publisher's code id (VersionRecord.code_id)
     source: str | None = None
     doc: str | None = None
-    python: str = ""
+    python: Ident = ""
     timeout: float | None = None
 
 
 class Rollback(msgspec.Struct, array_like=True, tag=12, frozen=True):
     id: int
-    name: str
+    name: Name
     to: int | None = None
 
 
 class Vaporize(msgspec.Struct, array_like=True, tag=13, frozen=True):
     id: int
-    name: str
+    name: Name
 
 
 class Describe(msgspec.Struct, array_like=True, tag=14, frozen=True):
     """What a client needs to build a callable: signature, version, timeout."""
 
     id: int
-    name: str
+    name: Name
     version: int = 0
     with_source: bool = False
 
 
 class ListVersions(msgspec.Struct, array_like=True, tag=15, frozen=True):
     id: int
-    name: str
+    name: Name
 
 
 class ListFunctions(msgspec.Struct, array_like=True, tag=16, frozen=True):
@@ -153,15 +210,15 @@ class PublishSet(msgspec.Struct, array_like=True, tag=21, frozen=True):
     """Publish a function set: its complete membership, as one registry change."""
 
     id: int
-    name: str
-    members: list[Publish]
+    name: Name
+    members: Annotated[list[Publish], msgspec.Meta(max_length=MAX_SET_MEMBERS)]
 
 
 class CurrentVersion(msgspec.Struct, array_like=True, tag=22, frozen=True):
     """The current version of a function or a set; answered with ``Moved``."""
 
     id: int
-    name: str
+    name: Name
 
 
 ControlRequest = (
