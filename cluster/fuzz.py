@@ -82,6 +82,7 @@ TRACED_PER_INPUT = 64 << 20  # nor, when traced, allocate more Python memory at 
 ADDRESS_SPACE = 6 << 30  # RLIMIT_AS of the fuzzing process: allocation past it fails
 MAX_INPUT_BYTES = 64 * 1024  # libFuzzer's -max_len: frames of real size, Publish included
 
+POOL_SCRIPT_BYTES = 1024  # 512 events: longer scripts cost time and find nothing new
 ROLES = ("deploy", "call", "", "admin")  # the node's two roles, none, and a made-up one
 
 
@@ -169,18 +170,23 @@ class Harness:
         name = target or TARGETS[data[0] % len(TARGETS)]
         body = data[1:]
         self.inputs += 1
-        if self.traced:
-            tracemalloc.reset_peak()
-            before = tracemalloc.get_traced_memory()[0]
+        if self.traced:  # this input's allocations only, not its caller's (hypothesis')
+            tracemalloc.start()
         else:
             peak = _peak_rss()
         started = time.perf_counter()
-        self.targets[name](body)
+        try:
+            self.targets[name](body)
+        except BaseException:
+            if self.traced:
+                tracemalloc.stop()
+            raise
         elapsed = time.perf_counter() - started
         if elapsed > SECONDS_PER_INPUT:
             raise Finding(f"{name}: one input took {elapsed:.1f} s")
         if self.traced:
-            grown = tracemalloc.get_traced_memory()[1] - before
+            grown = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
             if grown > TRACED_PER_INPUT:
                 raise Finding(f"{name}: one input of {len(data)} bytes allocated {grown >> 20} MiB")
         elif self.inputs > 10:  # the first inputs load bodies, build decoders, ...
@@ -315,7 +321,7 @@ class Harness:
         model = _PoolModel(pool, maximum)
         now = 0.0
         model.take(pool.start(now))
-        script = data[2:]
+        script = data[2 : 2 + POOL_SCRIPT_BYTES]
         for position in range(0, len(script) - 1, 2):
             op, arg = script[position] % 8, script[position + 1]
             if op == 0 and model.starting:
@@ -386,8 +392,8 @@ class _PoolModel:
 
     def check(self) -> None:
         pool = self.pool
-        waiting = set(pool._waiting)
-        if waiting & self.answered or (waiting | self.answered) != self.asked:
+        # take() saw each answer go to an asked, unanswered waiter: counting is enough.
+        if len(pool._waiting) + len(self.answered) != len(self.asked):
             raise Finding("a lease was lost: neither answered nor waiting")
         # A start serves one waiter; the others share the first worker up (started()), so
         # more may wait than starts are under way only while no worker is live.

@@ -65,7 +65,10 @@ MAX_BATCH_CHANGES = 4096
 # _PIPELINE_MAX_DEPTH): beyond 16 frames, its calls wait in its own send queue and in the
 # kernel, not in the worker; a worker busy with a call then holds at most
 # 16 x MAX_MESSAGE_BYTES per peer, not 1,000 x. A reply a peer leaves unread past 16 is
-# dropped (ROUTER), never blocks the serve loop.
+# dropped (ROUTER), never blocks the serve loop. Not bounded by anything here: libzmq
+# counts whole messages, so a peer writing raw ZMTP can grow ONE unfinished multipart
+# message without bound (measured: +1 MiB of RSS per MiB sent, MAXMSGSIZE is per part).
+# Only peers that completed the CURVE handshake reach these sockets on TCP.
 PEER_QUEUE_FRAMES = 16
 # Nesting depth of msgpack values: msgspec decodes nested containers recursively and
 # guards each level with Py_EnterRecursiveCall, so a frame nested deeper than the

@@ -138,6 +138,7 @@ def _log_exception(step: str, exc: BaseException) -> None:
 
 
 _recursion_limit = sys.getrecursionlimit
+_MAX_DECODE_RECURSION = _wire.MAX_DECODE_RECURSION
 
 
 def _bounded(decode: Any, data: Any) -> Any:
@@ -327,7 +328,7 @@ class Worker:
                     f"message of {len(payload)} bytes refused: the limit is {self.max_message_bytes}",
                 )
             try:
-                if _recursion_limit() > _wire.MAX_DECODE_RECURSION:  # a function raised it
+                if _recursion_limit() > _MAX_DECODE_RECURSION:  # a function raised it
                     call = _bounded(self.decode_call, payload)
                 else:
                     call = self.decode_call(payload)
@@ -382,7 +383,7 @@ class Worker:
                 new_version=number,
             )
         try:
-            if _recursion_limit() > _wire.MAX_DECODE_RECURSION:
+            if _recursion_limit() > _MAX_DECODE_RECURSION:
                 arguments = _bounded(spec.decode_arguments, call.args)
             else:
                 arguments = spec.decode_arguments(call.args)
