@@ -95,7 +95,7 @@ _CRASH_CHECK_INTERVAL = 0.1
 # slow ones _PIPELINE_MIN_DEPTH: one running, one waiting.
 _PIPELINE_WORK = 0.002
 _PIPELINE_MIN_DEPTH = 2
-_PIPELINE_MAX_DEPTH = 32
+_PIPELINE_MAX_DEPTH = _wire.MAX_PIPELINED_CALLS  # 32; workers size their queues by it
 
 
 def error_from_failure(failure: _wire.Failure) -> ScatterError:

@@ -59,17 +59,23 @@ MAX_CHANGE_OPS = MAX_SET_MEMBERS + 1
 MAX_CLOCK_ENTRIES = 16 * 1024
 # Changes in one gossip or anti-entropy batch: a peer behind by more asks again.
 MAX_BATCH_CHANGES = 4096
-# Frames queued per peer and direction on the node's control ROUTER and each worker's
-# ROUTER (ZMQ_RCVHWM/SNDHWM; libzmq's default is 1,000). A client keeps one control
-# request in flight per socket and pipelines at most 32 calls (_client's
-# _PIPELINE_MAX_DEPTH): beyond 16 frames, its calls wait in its own send queue and in the
-# kernel, not in the worker; a worker busy with a call then holds at most
-# 16 x MAX_MESSAGE_BYTES per peer, not 1,000 x. A reply a peer leaves unread past 16 is
-# dropped (ROUTER), never blocks the serve loop. Not bounded by anything here: libzmq
-# counts whole messages, so a peer writing raw ZMTP can grow ONE unfinished multipart
-# message without bound (measured: +1 MiB of RSS per MiB sent, MAXMSGSIZE is per part).
-# Only peers that completed the CURVE handshake reach these sockets on TCP.
+# Frames one peer may queue in a node's control ROUTER or a worker's ROUTER, not read yet
+# (ZMQ_RCVHWM; libzmq's default is 1,000, so 1,000 x MAX_MESSAGE_BYTES per peer). A
+# full queue stops reading that peer's connection (backpressure, nothing is lost): a
+# client keeps one control request in flight per socket and pipelines at most
+# MAX_PIPELINED_CALLS calls, the rest wait in its own send queue and in the kernel.
+# Not bounded by anything here: libzmq counts whole messages, so a peer writing raw
+# ZMTP can grow ONE unfinished multipart message without bound (measured: +1 MiB of RSS
+# per MiB sent; MAXMSGSIZE is per part). Only peers that completed the CURVE handshake
+# reach these sockets on TCP, and only the user on the Unix sockets.
 PEER_QUEUE_FRAMES = 16
+# Calls one client connection keeps in flight at most (the client's map pipelining).
+MAX_PIPELINED_CALLS = 32
+# Replies queued for one peer, not yet written to its connection (ZMQ_SNDHWM). A ROUTER
+# DROPS a reply past it, and libzmq learns what its I/O thread wrote in batches, so it
+# must exceed what one honest peer can have outstanding: MAX_PIPELINED_CALLS, twice.
+# (16 lost replies under map's bursts; measured by test_map.)
+PEER_REPLY_FRAMES = 2 * MAX_PIPELINED_CALLS
 # Nesting depth of msgpack values: msgspec decodes nested containers recursively and
 # guards each level with Py_EnterRecursiveCall, so a frame nested deeper than the
 # interpreter's recursion limit raises RecursionError (100,000 nested arrays: refused in

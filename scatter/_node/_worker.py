@@ -505,7 +505,7 @@ def worker_socket(
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + 4096)
     sock.setsockopt(zmq.RCVHWM, _wire.PEER_QUEUE_FRAMES)
-    sock.setsockopt(zmq.SNDHWM, _wire.PEER_QUEUE_FRAMES)
+    sock.setsockopt(zmq.SNDHWM, _wire.PEER_REPLY_FRAMES)
     return sock
 
 

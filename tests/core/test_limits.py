@@ -223,7 +223,7 @@ def test_each_peer_may_queue_a_bounded_number_of_frames_on_node_and_worker() -> 
     try:
         for sock in (control, worker):
             assert sock.getsockopt(zmq.RCVHWM) == _wire.PEER_QUEUE_FRAMES
-            assert sock.getsockopt(zmq.SNDHWM) == _wire.PEER_QUEUE_FRAMES
+            assert sock.getsockopt(zmq.SNDHWM) == _wire.PEER_REPLY_FRAMES
     finally:
         control.close(linger=0)
         worker.close(linger=0)
