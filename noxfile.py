@@ -1,7 +1,7 @@
 """Nox sessions for Scatter.
 
 ``nox -s tests`` and ``nox -s lint`` run by default; ``nox -s bench -- --quick`` is a short
-benchmark run (the full one takes minutes).
+benchmark run (the full one takes minutes); ``nox -s fuzz -- --seconds 600`` fuzzes.
 """
 
 import nox
@@ -51,4 +51,25 @@ def sim(session: nox.Session) -> None:
         "-q",
         env={"SCATTER_SIM_EXAMPLES": "3000"},
     )
-    session.run("python", "-m", "cluster.sim", *(session.posargs or ["--nodes", "1000", "--seeds", "3"]))
+    session.run(
+        "python", "-m", "cluster.sim", *(session.posargs or ["--nodes", "1000", "--seeds", "3"])
+    )
+
+
+@nox.session(default=False)
+def fuzz(session: nox.Session) -> None:
+    """Coverage-guided fuzzing of decoders, node core, worker, registry and pool.
+
+    ``nox -s fuzz -- --inputs 1000000`` or ``-- --seconds 600`` (``--target worker``,
+    ``--engine random``; see cluster/fuzz.py). Not a default session: it runs until told
+    to stop. The test suite runs a short, bounded round of the same targets.
+    """
+    # atheris 3.1.0 has wheels for CPython 3.12+ only (no sdist); 3.0.0 is the last
+    # release with a 3.11 wheel, and fuzzes the same way.
+    session.install(
+        "-e",
+        ".",
+        "atheris==3.0.0; python_version < '3.12'",
+        "atheris==3.1.0; python_version >= '3.12'",
+    )
+    session.run("python", "-m", "cluster.fuzz", *session.posargs)

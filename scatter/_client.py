@@ -95,7 +95,7 @@ _CRASH_CHECK_INTERVAL = 0.1
 # slow ones _PIPELINE_MIN_DEPTH: one running, one waiting.
 _PIPELINE_WORK = 0.002
 _PIPELINE_MIN_DEPTH = 2
-_PIPELINE_MAX_DEPTH = 32
+_PIPELINE_MAX_DEPTH = _wire.MAX_PIPELINED_CALLS  # 32; workers size their queues by it
 
 
 def error_from_failure(failure: _wire.Failure) -> ScatterError:
@@ -571,7 +571,7 @@ class Client:
                 )
             try:
                 reply = _wire.control_reply_decoder.decode(sock.recv())
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except _wire.DECODE_ERRORS as exc:
                 raise ProtocolError(f"malformed reply from {self.address}: {exc}") from None
             if reply.id not in (request_id, 0):
                 continue  # an answer to a request abandoned earlier on this socket
@@ -1089,7 +1089,7 @@ class RemoteFunction:
         pinned = self._pinned or 0
         try:
             reply = state.decode_reply(frame_bytes)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _wire.DECODE_ERRORS:
             # Say precisely what is wrong: a result not matching the annotation, or a
             # frame that is no reply at all.
             reply = self._decode_reply_slowly(frame_bytes, state)
@@ -1105,7 +1105,7 @@ class RemoteFunction:
     def _decode_reply_slowly(self, frame: bytes, state: _Version) -> Any:
         try:
             reply = _wire.worker_reply_decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _wire.DECODE_ERRORS as exc:
             raise ProtocolError(f"malformed reply to a call of {self._name}: {exc}") from None
         if isinstance(reply, _wire.Result):
             state.spec.decode_result(reply.value)  # raises the ValidationError that applies

@@ -8,7 +8,9 @@ Two conversations use it:
   ``Result`` or ``Failure``. These are the hot messages: ``array_like`` and small tags.
 
 Sizes are checked against ``max_message_bytes`` before anything is decoded, and a frame
-that fails to decode becomes a ``Failure`` of kind ``protocol``, never a dead serve loop.
+that fails to decode (``DECODE_ERRORS``) becomes a ``Failure`` of kind ``protocol``, never a
+dead serve loop. The limits below are msgspec constraints on the Structs, so decoding itself
+refuses a frame that breaks one, before anything is built from it.
 
 ONLY APPEND: tags and fields. New fields get defaults (msgspec schema evolution), so a
 peer one protocol version behind still decodes what it knows.
@@ -16,7 +18,7 @@ peer one protocol version behind still decodes what it knows.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -37,15 +39,38 @@ PROTOCOL_VERSION_MIN = 3
 PROTOCOL_VERSION_MAX = 3
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
 
+# ----- limits: in _limits.py (the registry's records use them too); re-exported here -----
+
+from ._limits import (  # noqa: E402
+    DECODE_ERRORS as DECODE_ERRORS,
+    MAX_ADDRESS_CHARS as MAX_ADDRESS_CHARS,
+    MAX_BATCH_CHANGES as MAX_BATCH_CHANGES,
+    MAX_CHANGE_OPS as MAX_CHANGE_OPS,
+    MAX_CLOCK_ENTRIES as MAX_CLOCK_ENTRIES,
+    MAX_DECODE_RECURSION as MAX_DECODE_RECURSION,
+    MAX_GOSSIP_MESSAGES as MAX_GOSSIP_MESSAGES,
+    MAX_ID_CHARS as MAX_ID_CHARS,
+    MAX_NAME_CHARS as MAX_NAME_CHARS,
+    MAX_PIPELINED_CALLS as MAX_PIPELINED_CALLS,
+    MAX_SET_MEMBERS as MAX_SET_MEMBERS,
+    MAX_TEXT_CHARS as MAX_TEXT_CHARS,
+    PEER_QUEUE_FRAMES as PEER_QUEUE_FRAMES,
+    PEER_REPLY_FRAMES as PEER_REPLY_FRAMES,
+    Address as Address,
+    Ident as Ident,
+    Name as Name,
+    Text as Text,
+)
+
 
 class Call(msgspec.Struct, array_like=True, tag=1, frozen=True):
     """Run ``name`` with ``args`` (the msgpack map made by ``CallSpec.encode_arguments``)."""
 
     id: int  # echoed in the reply, so a late reply to an abandoned call is never mistaken
-    name: str
+    name: Name
     version: int  # pinned version, or 0: the current one
     known_version: int  # the version whose signature the caller validated against
-    signature_id: str  # that version's signature id; "" skips the signature check
+    signature_id: Ident  # that version's signature id; "" skips the signature check
     timeout: float  # seconds; 0: the function's own timeout, else the node's default
     args: msgspec.Raw
 
@@ -98,15 +123,15 @@ class Hello(msgspec.Struct, array_like=True, tag=10, frozen=True):
 
 class Publish(msgspec.Struct, array_like=True, tag=11, frozen=True):
     id: int
-    name: str
+    name: Name
     body: bytes  # cloudpickle of the function, by value
     signature: bytes  # cloudpickle of its inspect.Signature, for the node's workers only
-    signature_text: str
-    signature_id: str
-    content_id: str
+    signature_text: Text
+    signature_id: Ident
+    content_id: Ident  # the publisher's code id (VersionRecord.code_id)
     source: str | None = None
     doc: str | None = None
-    python: str = ""
+    python: Ident = ""
     timeout: float | None = None
     # The signature as a msgspec type description (_core/_typespec.py), for callers.
     signature_spec: bytes = b""
@@ -114,27 +139,27 @@ class Publish(msgspec.Struct, array_like=True, tag=11, frozen=True):
 
 class Rollback(msgspec.Struct, array_like=True, tag=12, frozen=True):
     id: int
-    name: str
+    name: Name
     to: int | None = None
 
 
 class Vaporize(msgspec.Struct, array_like=True, tag=13, frozen=True):
     id: int
-    name: str
+    name: Name
 
 
 class Describe(msgspec.Struct, array_like=True, tag=14, frozen=True):
     """What a client needs to build a callable: signature, version, timeout."""
 
     id: int
-    name: str
+    name: Name
     version: int = 0
     with_source: bool = False
 
 
 class ListVersions(msgspec.Struct, array_like=True, tag=15, frozen=True):
     id: int
-    name: str
+    name: Name
 
 
 class ListFunctions(msgspec.Struct, array_like=True, tag=16, frozen=True):
@@ -164,15 +189,15 @@ class PublishSet(msgspec.Struct, array_like=True, tag=21, frozen=True):
     """Publish a function set: its complete membership, as one registry change."""
 
     id: int
-    name: str
-    members: list[Publish]
+    name: Name
+    members: Annotated[list[Publish], msgspec.Meta(max_length=MAX_SET_MEMBERS)]
 
 
 class CurrentVersion(msgspec.Struct, array_like=True, tag=22, frozen=True):
     """The current version of a function or a set; answered with ``Moved``."""
 
     id: int
-    name: str
+    name: Name
 
 
 class Leave(msgspec.Struct, array_like=True, tag=23, frozen=True):
@@ -187,25 +212,26 @@ class Leave(msgspec.Struct, array_like=True, tag=23, frozen=True):
 class PeerGossip(msgspec.Struct, array_like=True, tag=70, frozen=True):
     """Membership messages (SWIM) from the node ``source`` listening at ``address``."""
 
-    source: str
-    address: str
-    messages: list[Membership]
+    source: Ident
+    address: Address
+    messages: Annotated[list[Membership], msgspec.Meta(max_length=MAX_GOSSIP_MESSAGES)]
 
 
 class PeerChanges(msgspec.Struct, array_like=True, tag=71, frozen=True):
     """Registry changes, and the bodies they bring that the receiver may lack."""
 
-    source: str
-    address: str
-    changes: list[Change]
-    bodies: dict[str, bytes]  # {content_id: body}; the receiver checks each id
+    source: Ident
+    address: Address
+    changes: Annotated[list[Change], msgspec.Meta(max_length=MAX_BATCH_CHANGES)]
+    # {content_id: body}; the receiver checks each id
+    bodies: Annotated[dict[Ident, bytes], msgspec.Meta(max_length=MAX_BATCH_CHANGES)]
 
 
 class PeerDigest(msgspec.Struct, array_like=True, tag=72, frozen=True):
     """Anti-entropy: the registry clock of ``source``; with ``reply``, send back yours."""
 
-    source: str
-    address: str
+    source: Ident
+    address: Address
     clock: VectorClock
     reply: bool
 

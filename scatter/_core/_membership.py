@@ -43,6 +43,7 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 import msgspec
 
@@ -122,11 +123,16 @@ class Dead(msgspec.Struct, array_like=True, tag=66, frozen=True):
     address: str = ""  # in a table: where it was, so a reconnect can try it (rule 8)
 
 
+# Members one table may list: SWIM clusters of 10,000+ exist (Lifeguard's paper); past
+# this a table is refused rather than held (a peer cannot make us allocate without bound).
+MAX_MEMBERS = 65_536
+
+
 class Sync(msgspec.Struct, array_like=True, tag=67, frozen=True):
     """A whole member table (push); ``reply`` asks for the other's (pull)."""
 
     source: str
-    members: list[Alive | Suspect | Dead]
+    members: Annotated[list[Alive | Suspect | Dead], msgspec.Meta(max_length=MAX_MEMBERS)]
     reply: bool
 
 

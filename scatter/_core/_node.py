@@ -355,7 +355,7 @@ class NodeCore:
             return [self._send(peer, _wire.Failure(0, "protocol", message))]
         try:
             request = _wire.control_request_decoder.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _wire.DECODE_ERRORS as exc:  # RecursionError too: nested past any limit
             return [self._send(peer, _wire.Failure(0, "protocol", f"malformed request: {exc}"))]
         refusal = _refusal(request, role)
         if refusal:
@@ -625,6 +625,14 @@ class NodeCore:
                 change = registry.prepare_publish(records, now=wall)
             else:
                 change = registry.prepare_publish(records, now=wall, set_name=request.name)
+            # Only the bodies of new versions: a member whose code is unchanged keeps its
+            # version, and a body stored for it would be one no live version uses.
+            new = (
+                {op.record.content_id for op in change.ops if isinstance(op, PublishOp)}
+                if change
+                else set()
+            )
+            bodies = {cid: pair for cid, pair in bodies.items() if cid in new}
 
             def published() -> _wire.Published:
                 number = registry.current_version(request.name)

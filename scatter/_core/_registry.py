@@ -21,6 +21,9 @@
 # was lost) is held, gossiped on, and applied when the gap fills. So a node never
 # shows an effect without its cause (a rollback without the version it targets),
 # and numbers move only because of true concurrency, never because of a gap.
+# A change whose clock would sort it before part of its own causal past (no honest
+# node makes one: its clock dominates everything it counts) never applies: every node
+# holds it pending, so it cannot make the order, and so the state, depend on arrival.
 #
 # Rule 5: a name is a function or a function set, never both, and numbers under a
 # name are never reused: the high-water mark outlives vaporize (the tombstone).
@@ -106,11 +109,12 @@ from __future__ import annotations
 import bisect
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
 
 from .._exceptions import ConfigError, FunctionNotFound, ProtocolError, VersionNotFound
+from .._limits import MAX_BATCH_CHANGES, MAX_CHANGE_OPS, MAX_SET_MEMBERS, Ident, Name, Text
 from ._vclock import VectorClock
 
 __all__ = [
@@ -134,7 +138,9 @@ __all__ = [
 
 # ---------------------------------------------------------------------------
 # Persisted and gossiped values. Fields are append-only, new fields need defaults:
-# these are stored on disk and sent between nodes of different releases.
+# these are stored on disk and sent between nodes of different releases. Strings and
+# collections carry the wire's limits (_wire.py), so decoding a peer's change refuses one
+# no honest node makes; a local change always fits them (its requests were decoded so).
 # ---------------------------------------------------------------------------
 
 
@@ -146,14 +152,14 @@ class VersionRecord(msgspec.Struct, frozen=True, kw_only=True):
     size and a body published twice is stored once.
     """
 
-    content_id: str  # content_id_of(body, ...): computed and checked by the node, never moves
-    name: str
-    signature_text: str  # "(a: int, b: int) -> int"
-    signature_id: str  # hash of the signature alone: equal ids, compatible callers
+    content_id: Ident  # content_id_of(body, ...): computed and checked by the node, never moves
+    name: Name
+    signature_text: Text  # "(a: int, b: int) -> int"
+    signature_id: Ident  # hash of the signature alone: equal ids, compatible callers
     source: str | None = None
     doc: str | None = None
-    origin: str  # node id of the node that built the record
-    python: str  # "3.11.7": where the body was pickled
+    origin: Ident  # node id of the node that built the record
+    python: Ident  # "3.11.7": where the body was pickled
     created_at: float  # unix seconds
     timeout: float | None = None  # per-function call timeout, seconds; None: the node's default
     signature: bytes = b""  # cloudpickle of the inspect.Signature, for workers only
@@ -162,7 +168,7 @@ class VersionRecord(msgspec.Struct, frozen=True, kw_only=True):
     # for that and nothing else, so a publisher lying about it can only turn its own
     # publish into a no-op; what runs is always found by content_id, which the node
     # computes. "" for records made before it existed: content_id stands in.
-    code_id: str = ""
+    code_id: Ident = ""
     # The signature as a msgspec type description, served to callers (who never unpickle
     # ``signature``). b"" for records made before it existed: callers ask to re-scatter.
     signature_spec: bytes = b""
@@ -205,30 +211,30 @@ class PublishOp(msgspec.Struct, frozen=True, kw_only=True, tag="publish"):
 
     record: VersionRecord
     proposed_version: int  # the number the origin gave it; see "Numbers" above
-    set_name: str | None = None  # published as a member of this set (same change)
+    set_name: Name | None = None  # published as a member of this set (same change)
 
 
 class PublishSetOp(msgspec.Struct, frozen=True, kw_only=True, tag="publish_set"):
     """Add a new version of set ``name`` and move every member to it."""
 
-    name: str
+    name: Name
     proposed_version: int
     # {member function name: change_id of the member version}; the complete membership
-    members: dict[str, str]
+    members: Annotated[dict[Name, Ident], msgspec.Meta(max_length=MAX_SET_MEMBERS)]
 
 
 class RollbackOp(msgspec.Struct, frozen=True, kw_only=True, tag="rollback"):
     """Make the version created by change ``target`` current again (function or set)."""
 
-    name: str
-    target: str  # change_id that created the version: the identity that never moves
+    name: Name
+    target: Ident  # change_id that created the version: the identity that never moves
     target_version: int  # the number the origin knew it by, for logs and humans only
 
 
 class VaporizeOp(msgspec.Struct, frozen=True, kw_only=True, tag="vaporize"):
     """Tombstone ``name``: a function, or a set together with every function it owns."""
 
-    name: str
+    name: Name
 
 
 Op: TypeAlias = PublishOp | PublishSetOp | RollbackOp | VaporizeOp
@@ -240,11 +246,17 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
     A change may touch several names (a set and its members); each name at most once.
     """
 
-    change_id: str  # f"{origin}:{clock[origin]}", unique in the cluster
-    origin: str  # node id of the node that made the change
+    change_id: Ident  # f"{origin}:{clock[origin]}", unique in the cluster
+    origin: Ident  # node id of the node that made the change
     clock: VectorClock  # the origin's clock after counting this change
     at: float  # unix seconds at the origin, for humans; never used for ordering
-    ops: tuple[Op, ...]
+    ops: Annotated[tuple[Op, ...], msgspec.Meta(max_length=MAX_CHANGE_OPS)]
+
+
+# A batch of changes from a peer (gossip, anti-entropy), decoded with every limit above.
+ChangeBatch: TypeAlias = Annotated[list[Change], msgspec.Meta(max_length=MAX_BATCH_CHANGES)]
+change_decoder = msgspec.msgpack.Decoder(Change)
+change_batch_decoder = msgspec.msgpack.Decoder(ChangeBatch)
 
 
 def order_key(change: Change) -> tuple[int, str, str]:
@@ -461,6 +473,7 @@ class Registry:
         self._keys: list[tuple[int, str, str]] = []  # order_key of each _log entry
         self._by_origin: dict[str, list[int]] = {}  # {origin: sorted counters held}
         self._pending: dict[str, Change] = {}  # {change_id: change waiting for its past}
+        self._totals: dict[str, int] = {}  # {change_id: clock.total()}, every change held
         self._clock = VectorClock()  # merge of the applied changes' clocks
         # The state derived from the log.
         self._functions: dict[str, _Function] = {}  # {name: function}, retired ones included
@@ -848,6 +861,15 @@ class Registry:
         """Every name ever used here: live functions and sets, and tombstones."""
         return list(self._high_water)
 
+    def content_ids(self) -> set[str]:
+        """The content ids of every live version: the bodies a node must keep (the
+        fuzzer's oracle for the node core's own count)."""
+        return {
+            version.record.content_id
+            for function in self._functions.values()
+            for version in function.versions.values()
+        }
+
     def versions(self, name: str) -> list[VersionInfo]:
         """The history of a function or a set, oldest first, without bodies.
 
@@ -970,22 +992,28 @@ class Registry:
             bisect.insort(counters, counter)
         self._changes[change.change_id] = change
         self._pending[change.change_id] = change
+        self._totals[change.change_id] = change.clock.total()
 
     def _take_ready(self) -> list[Change]:
         """Remove from pending, in apply order, every change whose causal past is applied.
 
-        One pass in apply order is enough: a change's causal past sorts before it,
-        so by the time a change is looked at, its past has been taken if it can be.
+        One pass in apply order is enough: a change's causal past sorts before it
+        (``_sorts_after_its_past``), so by the time a change is looked at, its past has
+        been taken if it can be.
         """
         ready: list[Change] = []
         clock = self._clock
         for change in sorted(self._pending.values(), key=order_key):
             origin = change.origin
             wanted = change.clock
-            if wanted.get(origin) == clock.get(origin) + 1 and all(
-                clock.get(node_id) >= count
-                for node_id, count in wanted.entries.items()
-                if node_id != origin
+            if (
+                wanted.get(origin) == clock.get(origin) + 1
+                and all(
+                    clock.get(node_id) >= count
+                    for node_id, count in wanted.entries.items()
+                    if node_id != origin
+                )
+                and self._sorts_after_its_past(change)
             ):
                 ready.append(change)
                 clock = clock.merge(wanted)
@@ -994,11 +1022,30 @@ class Registry:
         self._clock = clock
         return ready
 
+    def _sorts_after_its_past(self, change: Change) -> bool:
+        """Whether ``change`` sorts after every change its clock counts (all applied).
+
+        The newest change counted from each node sorts after that node's older ones and
+        their pasts (checked when they applied), so comparing with those is enough: O(clock).
+        A dishonest clock (one that drops an entry its predecessor had) fails here forever.
+        """
+        total = self._totals[change.change_id]
+        for node_id, count in change.clock.entries.items():
+            if node_id == change.origin:
+                count -= 1
+                if not count:
+                    continue
+            if self._totals[f"{node_id}:{count}"] >= total:
+                return False
+        return True
+
     def _rebuild(self) -> set[str]:
         """Replay the whole sorted log from an empty state (a change arrived out of order)."""
         self._rebuilds += 1
-        names = self._functions.keys() | self._sets.keys()
-        before = {name: self._full_key(name) for name in names}
+        # Every name ever used, tombstones too: a replay can turn a name nobody had heard
+        # of into a tombstone (published and vaporized in one batch), or move the
+        # high-water mark a tombstone's lookup quotes.
+        before = {name: self._full_key(name) for name in self._high_water}
         self._functions = {}
         self._sets = {}
         self._high_water = {}
@@ -1006,7 +1053,7 @@ class Registry:
         self._touched = None
         for change in self._log:
             self._apply_ops(change)
-        names = before.keys() | self._functions.keys() | self._sets.keys()
+        names = before.keys() | self._high_water.keys()
         return {name for name in names if before.get(name) != self._full_key(name)}
 
     def _apply_incrementally(self, change: Change) -> set[str]:
@@ -1060,6 +1107,8 @@ class Registry:
                 group.current,
                 tuple((n, v.change_id) for n, v in sorted(group.versions.items())),
             )
+        if name in self._high_water:
+            return ("tombstone", self._high_water[name])
         return None
 
     # -- internals: applying ops (THE ONE CONFLICT RULE lives in the order, not here) --

@@ -19,6 +19,8 @@ from typing import Annotated
 
 import msgspec
 
+from .._limits import MAX_CLOCK_ENTRIES, Ident
+
 __all__ = ["Ordering", "VectorClock"]
 
 
@@ -45,7 +47,11 @@ class VectorClock(msgspec.Struct, frozen=True):
     """
 
     # {node id: count}; never holds a zero (dropped in __post_init__), never a negative.
-    entries: dict[str, Annotated[int, msgspec.Meta(ge=0)]] = {}
+    # At most MAX_CLOCK_ENTRIES writers, checked when decoding (see _wire.py).
+    entries: Annotated[
+        dict[Ident, Annotated[int, msgspec.Meta(ge=0)]],
+        msgspec.Meta(max_length=MAX_CLOCK_ENTRIES),
+    ] = {}
 
     def __post_init__(self) -> None:
         # Runs on construction and on msgspec decoding alike; a ValueError here turns

@@ -504,6 +504,9 @@ def _bind_control(config: NodeConfig, keys: NodeKeys) -> zmq.Socket[bytes]:
     sock.setsockopt(zmq.LINGER, 0)
     apply_server_keys(sock, keys.server_secret, zap=True)
     sock.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes + 4096)
+    # What one client may queue here, each way (see _wire.py).
+    sock.setsockopt(zmq.RCVHWM, _wire.PEER_QUEUE_FRAMES)
+    sock.setsockopt(zmq.SNDHWM, _wire.PEER_REPLY_FRAMES)
     if ":" in host:
         sock.setsockopt(zmq.IPV6, 1)
         host = f"[{host}]"

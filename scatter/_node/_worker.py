@@ -59,8 +59,8 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
-import msgspec
 import zmq
+from msgspec import DecodeError
 
 from .. import _wire
 from .._config import DEFAULT_CALL_TIMEOUT, MAX_MESSAGE_BYTES, NodeConfig
@@ -136,6 +136,25 @@ def _log_exception(step: str, exc: BaseException) -> None:
         code = tb.tb_frame.f_code
         where = f"{code.co_filename}:{tb.tb_lineno} in {code.co_name}"
     _log(f"{step}: {type(exc).__qualname__} at {where}")
+
+
+_recursion_limit = sys.getrecursionlimit
+_MAX_DECODE_RECURSION = _wire.MAX_DECODE_RECURSION
+
+
+def _bounded(decode: Any, data: Any) -> Any:
+    """``decode(data)`` with the recursion limit at most ``MAX_DECODE_RECURSION``.
+
+    For a worker whose function raised the limit: msgspec's nesting guard is that limit on
+    Python 3.11, and a deep frame would otherwise overflow the C stack (see _wire.py).
+    The function gets its own limit back for its calls.
+    """
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(_wire.MAX_DECODE_RECURSION)
+    try:
+        return decode(data)
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def _encodable(text: str) -> str:
@@ -303,8 +322,11 @@ class Worker:
                     f"message of {len(payload)} bytes refused: the limit is {self.max_message_bytes}",
                 )
             try:
-                call = self.decode_call(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                if _recursion_limit() > _MAX_DECODE_RECURSION:  # a function raised it
+                    call = _bounded(self.decode_call, payload)
+                else:
+                    call = self.decode_call(payload)
+            except _wire.DECODE_ERRORS as exc:  # RecursionError: nested past any limit
                 return self.failure(0, "protocol", f"malformed call: {exc}")
             call_id = call.id
             try:
@@ -355,9 +377,20 @@ class Worker:
                 new_version=number,
             )
         try:
-            arguments = spec.decode_arguments(call.args)
+            if _recursion_limit() > _MAX_DECODE_RECURSION:
+                arguments = _bounded(spec.decode_arguments, call.args)
+            else:
+                arguments = spec.decode_arguments(call.args)
         except ValidationError:
             raise
+        except DecodeError as exc:  # e.g. invalid UTF-8: the caller's frame, not our bug
+            raise _Refused("validation", f"{call.name}() arguments: {exc}") from None
+        except RecursionError:
+            raise _Refused(
+                "validation",
+                f"{call.name}() arguments: a value is nested too deeply (the limit is about "
+                f"{_wire.MAX_DECODE_RECURSION} levels)",
+            ) from None
         except Exception as exc:
             # An extension value (a pickled object) that does not unpickle here: not a
             # pickle, or a class from a module this node lacks.
@@ -458,6 +491,18 @@ def _user_traceback(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+def worker_socket(
+    context: zmq.Context[zmq.Socket[bytes]], max_message_bytes: int
+) -> zmq.Socket[bytes]:
+    """The worker's ROUTER, with the limits of _wire.py on what one peer may queue."""
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + 4096)
+    sock.setsockopt(zmq.RCVHWM, _wire.PEER_QUEUE_FRAMES)
+    sock.setsockopt(zmq.SNDHWM, _wire.PEER_REPLY_FRAMES)
+    return sock
+
+
 def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | None) -> None:
     """Answer calls until the node goes away.
 
@@ -469,9 +514,7 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
     ends the loop. Only losing the node does, or a call ignoring its interrupt.
     """
     context = zmq.Context()
-    sock = context.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, worker.max_message_bytes + 4096)
+    sock = worker_socket(context, worker.max_message_bytes)
     if ":" in host:
         sock.setsockopt(zmq.IPV6, 1)
         host = f"[{host}]"

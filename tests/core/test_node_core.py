@@ -204,8 +204,12 @@ def test_bodies_are_stored_once_and_deleted_when_no_live_version_uses_them() -> 
 def test_a_change_writes_only_the_views_it_moved() -> None:
     disk = Disk()
     core = disk.core()
-    members = [_wire.Publish(0, f"f{i}", b"b", b"", "()", "s", f"c{i}") for i in range(2000)]
-    disk.run(core, receive(core, request(_wire.PublishSet(1, "many", members))))
+    members = [
+        _wire.Publish(0, f"f{i}", b"b", b"", "()", "s", f"c{i}")
+        for i in range(_wire.MAX_SET_MEMBERS)
+    ]
+    (published,) = disk.run(core, receive(core, request(_wire.PublishSet(1, "many", members))))
+    assert isinstance(published, _wire.Published)
     (write,) = receive(core, publish("add", request_id=2))
     (views,) = core.changes_persisted(write.ticket)
     assert set(views.views) == {"add"}
@@ -317,3 +321,18 @@ def test_a_call_only_client_may_call_describe_and_list_but_change_nothing() -> N
     assert [row["name"] for row in listing.rows] == ["add"]
     (hello,) = disk.run(core, receive(core, request(_wire.ListFunctions(8)), role=""))
     assert hello.kind == "forbidden"
+
+
+def test_a_set_publish_stores_no_body_for_a_member_whose_code_is_unchanged() -> None:
+    """Found by the fuzzer: a member republished with the same code id keeps its version,
+    but the node stored the body it came with, which no version used (until a restart)."""
+    disk = Disk()
+    core = disk.core()
+    member = _wire.Publish(0, "m1", b"body", b"", "()", "s", "code-m1")
+    other = _wire.Publish(0, "m2", b"body2", b"", "()", "s", "code-m2")
+    disk.run(core, receive(core, request(_wire.PublishSet(1, "kit", [member, other]))))
+    # Same code id, another signature pickle: another content id, not a new version.
+    again = _wire.Publish(0, "m1", b"body", b"other pickle", "()", "s", "code-m1")
+    (published,) = disk.run(core, receive(core, request(_wire.PublishSet(2, "kit", [again]))))
+    assert isinstance(published, _wire.Published) and not published.unchanged  # m2 left
+    assert disk.bodies.keys() == core.registry.content_ids()

@@ -892,3 +892,48 @@ def test_replicas_converge_whatever_the_history_and_delivery_order(
     assert snapshot(restarted, sim.names) == expected
     assert restarted.pending() == []
     check_history(first, changes, mode)
+
+
+# -- found by the fuzzer (cluster/fuzz.py) ----------------------------------------------
+
+
+def test_a_replay_reports_a_name_published_and_vaporized_in_one_batch() -> None:
+    """A replay (a batch sorting before what is applied) compared live names only: a
+    name that went from unknown to a tombstone was not reported, so the node never
+    wrote the view that makes a worker answer "was vaporized"."""
+    mine = Registry("n1")
+    mine.publish([record("f")], now=1.0)
+    mine.publish([record("g")], now=1.0)
+    other = Registry("n2")
+    batch = [other.publish([record("z")], now=1.0), other.vaporize("z", now=2.0)]
+    assert order_key(batch[0]) < order_key(mine.changes_since(VectorClock())[-1])
+    moved = mine.apply_many([c for c in batch if c is not None])
+    assert mine.statistics().rebuilds == 1
+    assert "z" in moved
+    assert mine.entry("z") is not None and "vaporized" in mine.entry("z").unavailable
+
+
+def test_a_change_whose_clock_drops_its_predecessors_entry_never_applies() -> None:
+    """A dishonest clock ({n2: 2} after a change that counted n1) sorted the change before
+    its own predecessor: applied on arrival one at a time, left pending when both came in
+    one batch. The state depended on arrival order (rule 3). Now it never applies."""
+    n1 = Registry("n1")
+    first = n1.publish([record("f")], now=1.0)
+    n2 = Registry.from_changes("n2", [first])
+    second = n2.publish([record("g")], now=1.0)
+    assert first is not None and second is not None
+    liar = Change(
+        change_id="n2:2",
+        origin="n2",
+        clock=VectorClock({"n2": 2}),  # n2's first change counted n1:1; this one forgets
+        at=2.0,
+        ops=(VaporizeOp(name="g"),),
+    )
+    one_by_one = Registry("a")
+    for change in (first, second, liar):
+        one_by_one.apply(change)
+    all_at_once = Registry.from_changes("b", [liar, second, first])
+    for registry in (one_by_one, all_at_once):
+        assert [c.change_id for c in registry.pending()] == ["n2:2"]
+        assert registry.current_version("g") == 1
+    assert one_by_one.clock == all_at_once.clock

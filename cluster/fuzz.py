@@ -1,0 +1,714 @@
+"""Fuzz everything a peer's bytes reach: decoders, the node core, a worker, registry, pool.
+
+    nox -s fuzz -- --inputs 1000000        # or --seconds 600; --target worker; --engine random
+    python -m cluster.fuzz --reproduce .fuzz/crashes/crash-...   # one input, with its traceback
+
+Coverage-guided with atheris (libFuzzer) over Scatter's own code, seeded with real frames
+(``fuzz_corpus.py``). One input is a target byte, then what that target reads:
+
+* ``decode``: the bytes, to every decoder a peer's frame or change meets. Only
+  ``_wire.DECODE_ERRORS`` may escape; what decodes must encode and decode back the same.
+* ``node``: a flags byte (role, failing writes or worker starts, a restart at the end) and
+  length-prefixed control frames, to a fresh ``NodeCore`` holding a real history; its
+  effects are performed as the driver does (``fuzz_corpus.Disk``). Every reply decodes,
+  every request is answered once, no ``internal`` failure, the workers' views and the
+  stored bodies match the registry after every frame, a restart changes nothing.
+* ``worker``: a flags byte and Call frames, to ``Worker.handle`` on an in-process worker
+  whose store holds the same history. Nothing escapes, every reply decodes, answers the
+  call's id, and is never ``internal`` (an unexpected exception caught).
+* ``registry``: a flags byte and frames decoded as changes (one or a batch) and applied
+  with ``Registry.apply_many``. Only ``ProtocolError`` may escape, and then nothing
+  changed; the names ``apply`` reports cover every name whose lookup moved; the same set
+  of changes applied in another order gives the same state (rule 3).
+* ``pool``: a script of driver events for ``PoolCore`` (starts, failures, exits, ticks,
+  leases, releases): every lease answered at most once, none waits with no start under
+  way, never more than ``max_workers``, a granted worker is live.
+
+Each input is bounded in time (libFuzzer's ``-timeout``, and a finding past
+``SECONDS_PER_INPUT``) and memory (``RLIMIT_AS`` on the fuzzing process, and a finding
+when one input raises the peak RSS by more than ``RSS_PER_INPUT``, or, in the test suite,
+its tracemalloc peak passes ``TRACED_PER_INPUT``). A finding is an exception: libFuzzer
+saves the input under ``.fuzz/crashes/`` and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import re
+import resource
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from cluster import fuzz_corpus as corpus
+from scatter import _wire
+from scatter._config import NodeConfig
+from scatter._core._pool import (
+    KillWorker,
+    LeaseGranted,
+    LeaseRefused,
+    PoolCore,
+    StartWorker,
+    StopWorker,
+)
+from scatter._core._registry import (
+    Change,
+    FunctionView,
+    Registry,
+    VersionRecord,
+    change_batch_decoder,
+    change_decoder,
+)
+from scatter._core._vclock import VectorClock
+from scatter._exceptions import FunctionNotFound, ProtocolError, VersionNotFound
+from scatter._node._store import NodeIdentity
+
+TARGETS = corpus.TARGETS
+SECONDS_PER_INPUT = 5.0  # a slower input is a finding (libFuzzer's -timeout kills at 20 s)
+RSS_PER_INPUT = 256 << 20  # one input may not raise the process's peak RSS by more
+TRACED_PER_INPUT = 64 << 20  # nor, when traced, allocate more Python memory at once
+ADDRESS_SPACE = 6 << 30  # RLIMIT_AS of the fuzzing process: allocation past it fails
+MAX_INPUT_BYTES = 64 * 1024  # libFuzzer's -max_len: frames of real size, Publish included
+
+POOL_SCRIPT_BYTES = 1024  # 512 events: longer scripts cost time and find nothing new
+ROLES = ("deploy", "call", "", "admin")  # the node's two roles, none, and a made-up one
+
+
+class Finding(AssertionError):
+    """An oracle broke: a bug, whatever the input."""
+
+
+# -- inputs ---------------------------------------------------------------------------
+
+
+def frames(data: bytes) -> list[bytes]:
+    """Length-prefixed frames (2 bytes, big-endian); the last one takes what is left."""
+    out: list[bytes] = []
+    position = 0
+    while position < len(data):
+        if position + 2 > len(data):
+            out.append(data[position:])
+            break
+        (size,) = struct.unpack_from(">H", data, position)
+        position += 2
+        out.append(data[position : position + size])
+        position += size
+    return out
+
+
+# -- the harness ------------------------------------------------------------------------
+
+
+DECODERS: list[tuple[str, msgspec.msgpack.Decoder[Any]]] = [
+    ("control request", _wire.control_request_decoder),
+    ("control reply", _wire.control_reply_decoder),
+    ("call", _wire.call_decoder),
+    ("worker reply", _wire.worker_reply_decoder),
+    ("change", change_decoder),
+    ("change batch", change_batch_decoder),
+    ("view", msgspec.msgpack.Decoder(FunctionView)),
+    ("record", msgspec.msgpack.Decoder(VersionRecord)),
+    ("clock", msgspec.msgpack.Decoder(VectorClock)),
+    ("identity", msgspec.msgpack.Decoder(NodeIdentity)),
+]
+
+
+class Harness:
+    """The five targets, and the per-input bounds. One per process: it holds a worker.
+
+    Args:
+        directory: where the worker's store and slots live (the caller removes it).
+        traced: bound each input's Python allocations with tracemalloc (slower; the
+            tests use it) instead of the process's peak RSS.
+    """
+
+    def __init__(self, directory: Path, *, traced: bool = False) -> None:
+        self.directory = directory
+        self.traced = traced
+        self.base = corpus.base_disk()
+        self.base_changes = list(self.base.changes.values())
+        self.config = NodeConfig(min_workers=1, max_workers=3)
+        self._worker: Any = None
+        self.inputs = 0
+        self.targets: dict[str, Callable[[bytes], None]] = {
+            "decode": self.run_decode,
+            "node": self.run_node,
+            "worker": self.run_worker,
+            "registry": self.run_registry,
+            "pool": self.run_pool,
+        }
+
+    @property
+    def worker(self) -> Any:
+        if self._worker is None:
+            self._worker = corpus.build_worker(self.directory)
+        return self._worker
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.store.close()
+            self._worker.slots.close()
+
+    # -- one input, bounded --
+
+    def check(self, data: bytes, target: str | None = None) -> None:
+        """Run one input; raise whatever escapes, or a Finding past a bound."""
+        if not data:
+            return
+        name = target or TARGETS[data[0] % len(TARGETS)]
+        body = data[1:]
+        self.inputs += 1
+        if self.traced:  # this input's allocations only, not its caller's (hypothesis')
+            tracemalloc.start()
+        else:
+            peak = _peak_rss()
+        started = time.perf_counter()
+        try:
+            self.targets[name](body)
+        except BaseException:
+            if self.traced:
+                tracemalloc.stop()
+            raise
+        elapsed = time.perf_counter() - started
+        if elapsed > SECONDS_PER_INPUT:
+            raise Finding(f"{name}: one input took {elapsed:.1f} s")
+        if self.traced:
+            grown = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            if grown > TRACED_PER_INPUT:
+                raise Finding(f"{name}: one input of {len(data)} bytes allocated {grown >> 20} MiB")
+        elif self.inputs > 10:  # the first inputs load bodies, build decoders, ...
+            grown = _peak_rss() - peak
+            if grown > RSS_PER_INPUT:
+                raise Finding(f"{name}: one input raised the peak RSS by {grown >> 20} MiB")
+
+    # -- decode --
+
+    def run_decode(self, data: bytes) -> None:
+        for what, decoder in DECODERS:
+            try:
+                value = decoder.decode(data)
+            except _wire.DECODE_ERRORS:
+                continue
+            encoded = _wire.encoder.encode(value)
+            try:
+                again = decoder.decode(encoded)
+            except _wire.DECODE_ERRORS as exc:
+                raise Finding(f"a decoded {what} does not decode once encoded: {exc}") from exc
+            if _wire.encoder.encode(again) != encoded:
+                raise Finding(f"a decoded {what} changes when encoded and decoded again")
+
+    # -- node --
+
+    def run_node(self, data: bytes) -> None:
+        flags = data[0] if data else 0
+        disk = self.base.copy()
+        disk.fail_persist = bool(flags & 4)
+        disk.fail_starts = bool(flags & 8)
+        disk.start_workers = not flags & 16
+        core = disk.core(self.config)
+        answers_expected = disk.start_workers or disk.fail_starts
+        sent_total = 0
+        now = 1.0
+        for index, payload in enumerate(frames(data[1:])):
+            role = ROLES[(flags + (index if flags & 32 else 0)) & 3]
+            peer = bytes([65 + index % 3])
+            now += 0.25
+            effects = core.receive(peer, payload, role=role, now=now, wall=1000 + now, readings=dict)
+            sent = disk.run(core, effects, now)
+            for reply_bytes in sent:
+                try:
+                    reply = _wire.control_reply_decoder.decode(reply_bytes)
+                except _wire.DECODE_ERRORS as exc:
+                    raise Finding(f"the node sent a reply that does not decode: {exc}") from exc
+                if isinstance(reply, _wire.Failure) and reply.kind == "internal":
+                    legit = ("could not store the change", "worker process")
+                    if not any(words in reply.message for words in legit):
+                        raise Finding(f"internal failure: {reply.message}")
+            internal = [log for log in disk.logs if log.startswith("internal error")]
+            if internal:
+                raise Finding(f"the core logged {internal[0]!r}")
+            sent_total += len(sent)
+            if answers_expected and sent_total != index + 1:
+                raise Finding(f"{index + 1} requests got {sent_total} replies")
+            if disk.stopped:
+                break
+            _check_views(core, disk)
+        if flags & 64 and not disk.stopped_failed:
+            _check_restart(core, disk, self.config)
+
+    # -- worker --
+
+    def run_worker(self, data: bytes) -> None:
+        worker = self.worker
+        flags = data[0] if data else 0
+        for payload in frames(data[1:]):
+            if flags & 1:
+                worker.slots.bump_generation()
+            reply_bytes = worker.handle(payload)
+            try:
+                reply = _wire.worker_reply_decoder.decode(reply_bytes)
+            except _wire.DECODE_ERRORS as exc:
+                raise Finding(f"the worker sent a reply that does not decode: {exc}") from exc
+            if isinstance(reply, _wire.Failure) and reply.kind == "internal":
+                raise Finding(f"internal failure: {reply.message}")
+            try:
+                call_id = _wire.call_decoder.decode(payload).id
+            except _wire.DECODE_ERRORS:
+                call_id = 0
+            if reply.id != call_id:
+                raise Finding(f"the reply to call {call_id} says {reply.id}")
+
+    # -- registry --
+
+    def run_registry(self, data: bytes) -> None:
+        registry = Registry.from_changes("fz.1.aaaaaa", self.base_changes)
+        accepted: list[Change] = []
+        for payload in frames(data[1:]):
+            batch = _changes(payload)
+            if batch is None:
+                continue
+            before = _snapshot(registry)
+            try:
+                moved = registry.apply_many(batch)
+            except ProtocolError:
+                if _snapshot(registry) != before:
+                    raise Finding("a refused batch changed the registry") from None
+                continue
+            after = _snapshot(registry)
+            changed = {
+                name
+                for name in before["names"].keys() | after["names"].keys()
+                if before["names"].get(name) != after["names"].get(name)
+            }
+            if not changed <= moved:
+                raise Finding(f"apply moved {sorted(changed - moved)} without saying so")
+            accepted += batch
+        if not accepted:
+            return
+        held: dict[str, Change] = {}
+        for change in self.base_changes + accepted:
+            held.setdefault(change.change_id, change)  # the first one held wins
+        ordered = list(held.values())
+        if data[:1] and data[0] & 1:
+            random.Random(len(data)).shuffle(ordered)
+        else:
+            ordered.reverse()
+        replayed = Registry.from_changes("fz.2.bbbbbb", ordered)
+        if _snapshot(replayed) != _snapshot(registry):
+            raise Finding("the same changes in another order give another state (rule 3)")
+
+    # -- pool --
+
+    def run_pool(self, data: bytes) -> None:
+        if len(data) < 2:
+            return
+        minimum = data[0] % 4
+        maximum = minimum + data[1] % 5
+        pool = PoolCore(min_workers=minimum, max_workers=maximum, kill_grace=1.0, idle_retire=5.0)
+        model = _PoolModel(pool, maximum)
+        now = 0.0
+        model.take(pool.start(now))
+        script = data[2 : 2 + POOL_SCRIPT_BYTES]
+        for position in range(0, len(script) - 1, 2):
+            op, arg = script[position] % 8, script[position + 1]
+            if op == 0 and model.starting:
+                slot = sorted(model.starting)[arg % len(model.starting)]
+                model.starting.discard(slot)
+                model.running[slot] = False
+                endpoints = (f"tcp://w{slot}", f"ipc://w{slot}")
+                model.take(pool.started(slot, 1000 + slot, endpoints, now))
+            elif op == 1 and model.starting:
+                slot = sorted(model.starting)[arg % len(model.starting)]
+                model.starting.discard(slot)
+                model.take(pool.start_failed(slot, "no fork", now))
+            elif op == 2:
+                slots = sorted(model.running)
+                slot = slots[arg % len(slots)] if slots else arg % 8
+                model.running.pop(slot, None)
+                model.take(pool.exited(slot, now))
+            elif op == 3:
+                model.take(pool.tick(now, model.readings(arg, now)))
+            elif op == 4:
+                now += arg / 10
+            elif op == 5:
+                pool.observe(now, model.readings(arg, now))
+            elif op == 6:
+                model.asked.add(model.next_waiter)
+                model.next_waiter += 1
+                model.take(pool.lease(model.next_waiter - 1, now))
+            elif op == 7:
+                pool.release(arg)
+            model.check()
+
+
+class _PoolModel:
+    """What the driver knows of the pool, and the pool's promises checked against it."""
+
+    def __init__(self, pool: PoolCore, maximum: int) -> None:
+        self.pool = pool
+        self.maximum = maximum
+        self.starting: set[int] = set()
+        self.running: dict[int, bool] = {}  # {slot: killed}
+        self.asked: set[int] = set()
+        self.answered: set[int] = set()
+        self.next_waiter = 0
+
+    def take(self, effects: list[Any]) -> None:
+        for effect in effects:
+            if isinstance(effect, StartWorker):
+                if effect.slot in self.starting or effect.slot in self.running:
+                    raise Finding(f"start of slot {effect.slot}, which is in use")
+                self.starting.add(effect.slot)
+            elif isinstance(effect, KillWorker | StopWorker):
+                if self.running.get(effect.slot) is not False:
+                    raise Finding(f"{type(effect).__name__} of slot {effect.slot}, not live")
+                self.running[effect.slot] = True
+            elif isinstance(effect, LeaseGranted | LeaseRefused):
+                waiter = effect.waiter
+                if waiter not in self.asked or waiter in self.answered:
+                    raise Finding(f"lease {waiter} answered twice, or never asked")
+                self.answered.add(waiter)  # type: ignore[arg-type]
+                if isinstance(effect, LeaseGranted):
+                    slot = int(effect.endpoints[0].removeprefix("tcp://w"))
+                    if self.running.get(slot) is not False:
+                        raise Finding(f"lease granted on slot {slot}, which is not live")
+
+    def readings(self, arg: int, now: float) -> dict[int, tuple[int, float]]:
+        deadline = now + (arg % 4 - 2) if arg & 4 else 0.0
+        return {slot: (arg >> 3, deadline) for slot in self.running}
+
+    def check(self) -> None:
+        pool = self.pool
+        # take() saw each answer go to an asked, unanswered waiter: counting is enough.
+        if len(pool._waiting) + len(self.answered) != len(self.asked):
+            raise Finding("a lease was lost: neither answered nor waiting")
+        # A start serves one waiter; the others share the first worker up (started()), so
+        # more may wait than starts are under way only while no worker is live.
+        if pool._waiting and not pool._starting:
+            raise Finding(f"{len(pool._waiting)} leases wait, and no worker is starting")
+        live = any(not killed for killed in self.running.values())
+        if live and len(pool._waiting) > len(pool._starting):
+            raise Finding(f"{len(pool._waiting)} leases wait on {len(pool._starting)} starts")
+        if pool._live() > max(self.maximum, pool.min_workers):
+            raise Finding(f"{pool._live()} workers, above max_workers={self.maximum}")
+        if set(pool._starting) != self.starting or set(pool._workers) != set(self.running):
+            raise Finding("the pool's workers are not the ones the driver started")
+
+
+# -- oracles' helpers ---------------------------------------------------------------------
+
+
+def _changes(payload: bytes) -> list[Change] | None:
+    for decoder in (change_batch_decoder, change_decoder):
+        try:
+            decoded = decoder.decode(payload)
+        except _wire.DECODE_ERRORS:
+            continue
+        return decoded if isinstance(decoded, list) else [decoded]
+    return None
+
+
+def _lookup(call: Callable[[], Any]) -> Any:
+    try:
+        return call()
+    except (FunctionNotFound, VersionNotFound) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _snapshot(registry: Registry) -> dict[str, Any]:
+    """Everything a lookup can answer, for comparing two registries (or one, twice)."""
+    names = sorted(registry.names())
+    stats = registry.statistics()
+    return {
+        "names": {
+            name: (
+                registry.entry(name),
+                _lookup(lambda name=name: registry.versions(name)),  # type: ignore[misc]
+                _lookup(lambda name=name: registry.current_version(name)),  # type: ignore[misc]
+            )
+            for name in names
+        },
+        "functions": registry.functions(),
+        "counts": (stats.functions, stats.sets, stats.versions, stats.tombstones, stats.changes),
+        "pending": sorted(c.change_id for c in registry.pending()),
+        "clock": registry.clock,
+    }
+
+
+def _check_views(core: Any, disk: corpus.Disk) -> None:
+    registry = core.registry
+    names = set(registry.names())
+    for name in names:
+        if disk.views.get(name) != registry.entry(name):
+            raise Finding(f"the workers' view of {name!r} is not the registry's")
+    if not disk.views.keys() <= names:
+        raise Finding(f"views of unknown names: {sorted(disk.views.keys() - names)}")
+    live = registry.content_ids()
+    if disk.bodies.keys() != live:
+        missing, extra = live - disk.bodies.keys(), disk.bodies.keys() - live
+        raise Finding(f"bodies missing {sorted(missing)} or kept unused {sorted(extra)}")
+
+
+def _check_restart(core: Any, disk: corpus.Disk, config: NodeConfig) -> None:
+    disk.fail_persist = False
+    again = corpus.Disk(disk.changes, disk.views, disk.bodies, disk.records)
+    restarted = again.core(config)
+    if _snapshot(restarted.registry) != _snapshot(core.registry):
+        raise Finding("a restart from the stored changes gives another registry")
+    if again.writes:
+        raise Finding("a restart had views or bodies to fix: the stored ones were stale")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- mutations (the random engine, and the test suite's strategy) ------------------------
+
+INTERESTING = bytes([0x00, 0x01, 0x7F, 0x80, 0x90, 0x91, 0x9F, 0xA0, 0xC0, 0xC1, 0xC2, 0xC3,
+                     0xC4, 0xCA, 0xCB, 0xCC, 0xCF, 0xD3, 0xD9, 0xDB, 0xDC, 0xDD, 0xDE, 0xDF,
+                     0xE0, 0xFF])  # fmt: skip
+
+
+def mutate(data: bytes, rng: random.Random, others: list[bytes]) -> bytes:
+    """A few random edits of ``data``, msgpack-aware enough to get past the headers."""
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.randrange(7)
+        position = rng.randrange(len(out) + 1)
+        if kind == 0 and out:
+            out[min(position, len(out) - 1)] ^= 1 << rng.randrange(8)
+        elif kind == 1 and out:
+            out[min(position, len(out) - 1)] = rng.choice(INTERESTING)
+        elif kind == 2:
+            out[position:position] = bytes(
+                rng.choice(INTERESTING) for _ in range(rng.randint(1, 8))
+            )
+        elif kind == 3:
+            del out[position : position + rng.randint(1, 16)]
+        elif kind == 4 and others:
+            other = rng.choice(others)
+            start = rng.randrange(len(other) + 1)
+            out[position:position] = other[start : start + rng.randint(1, 64)]
+        elif kind == 5:
+            out[position:position] = out[position : position + rng.randint(1, 32)] * rng.randint(
+                2, 64
+            )
+        elif kind == 6 and out:
+            out[min(position, len(out) - 1)] = rng.randrange(256)
+    return bytes(out[:MAX_INPUT_BYTES])
+
+
+# -- running it -----------------------------------------------------------------------------
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.fuzz", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--inputs", type=int, default=0, help="stop after this many (0: no limit)")
+    parser.add_argument(
+        "--seconds", type=float, default=0, help="stop after this long (0: no limit)"
+    )
+    parser.add_argument("--target", choices=TARGETS, default=None, help="default: all of them")
+    parser.add_argument("--engine", choices=("atheris", "random"), default="atheris")
+    parser.add_argument("--corpus", type=Path, default=Path(".fuzz/corpus"))
+    parser.add_argument("--crashes", type=Path, default=Path(".fuzz/crashes"))
+    parser.add_argument("--seed", type=int, default=1, help="the random engine's")
+    parser.add_argument("--reproduce", type=Path, nargs="+", help="run these inputs once, and stop")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def _harness(traced: bool = False) -> Iterator[Harness]:
+    directory = Path(os.environ.get("SCATTER_FUZZ_DIR") or tempfile.mkdtemp(prefix="scatter-fuzz-"))
+    harness = Harness(directory, traced=traced)
+    try:
+        yield harness
+    finally:
+        harness.close()
+        if "SCATTER_FUZZ_DIR" not in os.environ:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+
+
+def child_main(args: argparse.Namespace, libfuzzer: list[str]) -> None:
+    """Inside the instrumented process: hand the harness to libFuzzer (never returns)."""
+    import atheris  # type: ignore[import-not-found]
+
+    _limit_memory()
+    harness = Harness(Path(os.environ["SCATTER_FUZZ_DIR"]))
+    target = args.target
+
+    def one_input(data: bytes) -> None:
+        harness.check(data, target)
+
+    atheris.Setup([sys.argv[0], *libfuzzer], one_input)
+    atheris.Fuzz()
+
+
+# The instrumented child: Scatter's modules are imported under atheris' import hook, so
+# libFuzzer sees their branches (the harness itself and msgspec's C code are not).
+_CHILD = """
+import sys, atheris
+with atheris.instrument_imports(include=["scatter"]):
+    from cluster import fuzz
+args = fuzz._arguments(sys.argv[1:sys.argv.index("--")])
+fuzz.child_main(args, sys.argv[sys.argv.index("--") + 1:])
+"""
+
+_STATUS = re.compile(
+    r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/\S+ .*exec/s: (\d+) rss: (\d+)Mb"
+)
+
+
+def run_atheris(args: argparse.Namespace, argv: list[str]) -> int:
+    directory = args.corpus / (args.target or "all")  # inputs mean another thing per target
+    args.crashes.mkdir(parents=True, exist_ok=True)
+    seeds = corpus.write_corpus(directory, args.target)
+    libfuzzer = [
+        str(directory),
+        f"-max_len={MAX_INPUT_BYTES}",
+        "-timeout=20",
+        "-rss_limit_mb=4096",
+        "-malloc_limit_mb=0",
+        f"-artifact_prefix={args.crashes}/",
+        "-print_final_stats=1",
+        "-reload=0",
+    ]
+    if args.inputs:
+        libfuzzer.append(f"-runs={args.inputs}")
+    if args.seconds:
+        libfuzzer.append(f"-max_total_time={int(args.seconds)}")
+    own = [a for a in argv if a != "--child"]
+    scratch = tempfile.mkdtemp(prefix="scatter-fuzz-")
+    env = {**os.environ, "SCATTER_FUZZ_DIR": scratch}
+    print(f"fuzz: {seeds} seeds in {directory}, crashes go to {args.crashes}/", flush=True)
+    started = time.monotonic()
+    last: tuple[str, ...] = ()
+    stats: dict[str, str] = {}
+    crashed: list[str] = []
+    tail: list[str] = []
+    printed = 0.0
+    with subprocess.Popen(
+        [sys.executable, "-c", _CHILD, *own, "--child", "--", *libfuzzer],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as child:
+        assert child.stderr is not None
+        try:
+            for line in child.stderr:
+                tail = [*tail[-60:], line]
+                match = _STATUS.match(line)
+                if match:
+                    last = match.groups()
+                    if time.monotonic() - printed > 60:
+                        printed = time.monotonic()
+                        print(f"fuzz: {_progress(last, started)}", flush=True)
+                elif line.startswith("stat::"):
+                    key, _, value = line.partition(":")[2].partition(":")
+                    stats[key.strip(":")] = value.strip()
+                elif "Test unit written to" in line or "==ERROR" in line or "Uncaught" in line:
+                    crashed.append(line.strip())
+        finally:
+            returncode = child.wait()
+            shutil.rmtree(scratch, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    executed = int(stats.get("number_of_executed_units", last[0] if last else 0))
+    print(f"fuzz: done in {elapsed:.0f} s, exit status {returncode}")
+    print(f"fuzz: {executed} inputs, {executed / max(elapsed, 1e-9):.0f} inputs/s overall", end="")
+    if last:
+        print(
+            f"; coverage: {last[1]} edges, {last[2]} features in Scatter's code; "
+            f"corpus {last[3]} inputs; peak RSS {stats.get('peak_rss_mb', last[5])} MB"
+        )
+    else:
+        print()
+    if crashed or returncode:
+        sys.stdout.write("".join(tail))
+        print(f"fuzz: FOUND A CRASH: {' | '.join(crashed) or 'see above'}")
+        return 1
+    return 0
+
+
+def _progress(status: tuple[str, ...], started: float) -> str:
+    runs, cov, ft, corp, rate, rss = status
+    return (
+        f"{int(runs):,} inputs in {time.monotonic() - started:.0f} s ({rate}/s now), "
+        f"cov {cov} ft {ft}, corpus {corp}, rss {rss} MB"
+    )
+
+
+def run_random(args: argparse.Namespace) -> int:
+    """Mutations of the seeds, no coverage feedback: where atheris cannot be installed."""
+    rng = random.Random(args.seed)
+    seeds = corpus.seeds()
+    if args.target:
+        seeds = [s for s in seeds if TARGETS[s[0] % len(TARGETS)] == args.target]
+    _limit_memory()
+    args.crashes.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    count = 0
+    with _harness() as harness:
+        while (not args.inputs or count < args.inputs) and (
+            not args.seconds or time.monotonic() - started < args.seconds
+        ):
+            data = mutate(rng.choice(seeds), rng, seeds)
+            count += 1
+            try:
+                harness.check(data, args.target)
+            except Exception:
+                path = args.crashes / f"crash-random-{args.seed}-{count}"
+                path.write_bytes(data)
+                print(f"fuzz: crash on input {count}, saved as {path}")
+                raise
+    elapsed = time.monotonic() - started
+    print(f"fuzz: {count} inputs in {elapsed:.0f} s, {count / max(elapsed, 1e-9):.0f} inputs/s")
+    print("fuzz: coverage: not measured by the random engine (no feedback)")
+    return 0
+
+
+def reproduce(paths: list[Path], target: str | None) -> int:
+    with _harness() as harness:
+        for path in paths:
+            print(f"fuzz: {path}")
+            harness.check(path.read_bytes(), target)
+    print("fuzz: no crash")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _arguments(argv)
+    if args.reproduce:
+        return reproduce(args.reproduce, args.target)
+    if args.engine == "random":
+        return run_random(args)
+    try:
+        import atheris  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        print("fuzz: atheris is not installed (nox -s fuzz installs it); use --engine random")
+        return 2
+    return run_atheris(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
