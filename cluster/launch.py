@@ -78,6 +78,7 @@ class LocalNode:
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     options: list[str] = field(default_factory=list)  # more `python -m scatter._node` flags
+    env: dict[str, str] = field(default_factory=dict)  # more environment for the node
 
     @property
     def address(self) -> str:
@@ -92,7 +93,7 @@ class LocalNode:
         """Start the node and wait until it accepts connections."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / "node.log"
-        env = dict(os.environ, SCATTER_AUTOSTART="0")
+        env = dict(os.environ, SCATTER_AUTOSTART="0", **self.env)
         # A restarted node appends to the same log: only what this start writes counts.
         log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:

@@ -223,3 +223,27 @@ def test_join_status_and_leave_from_the_command_line(tmp_path: Path) -> None:
 
             kill_if_alive(pid)
         first.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_peer_with_another_secret_gets_nothing_through(tmp_path: Path) -> None:
+    member = LocalNode(tmp_path / "member", options=["--profile", "local"]).start()
+    stranger = LocalNode(
+        tmp_path / "stranger",
+        options=["--profile", "local", "--join", member.address],
+        env={"SCATTER_SECRET": "another-cluster-secret-entirely-0123456789"},
+    )
+    stranger.start()
+    try:
+        with client(member) as c:
+            c.publish(add)
+            holds_for(
+                lambda: [m["address"] for m in c.members()] == [member.address],
+                3.0,
+                "the stranger never becomes a member",
+            )
+            assert c.make_callable("add")(2, 2) == 4  # and the member serves on
+        assert "refused a client" in member.log()
+    finally:
+        stranger.stop()
+        member.stop()
