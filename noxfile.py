@@ -1,7 +1,7 @@
 """Nox sessions for Scatter.
 
 ``nox -s tests`` and ``nox -s lint`` run by default; ``nox -s bench -- --quick`` is a short
-benchmark run (the full one takes minutes).
+benchmark run (the full one takes minutes); ``nox -s bench-cluster`` measures a 5-node cluster.
 """
 
 import nox
@@ -33,3 +33,14 @@ def bench(session: nox.Session) -> None:
     # zeroapi is only a point of comparison: installed here, never a dependency of Scatter.
     session.install(".", "zeroapi==1.0.1")
     session.run("python", "cluster/bench.py", *session.posargs)
+
+
+@nox.session(name="bench-cluster", default=False)
+def bench_cluster(session: nox.Session) -> None:
+    """A 5-node loopback cluster: propagation, failure detection, idle digest bytes.
+
+    Not a default session: about 3 minutes (``-- --trials 3 --updates 20`` for a short look).
+    Writes a table, PASS/FAIL target lines and bench-results-cluster.json.
+    """
+    session.install(".")
+    session.run("python", "cluster/bench_cluster.py", *session.posargs)
