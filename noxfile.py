@@ -73,3 +73,14 @@ def fuzz(session: nox.Session) -> None:
         "atheris==3.1.0; python_version >= '3.12'",
     )
     session.run("python", "-m", "cluster.fuzz", *session.posargs)
+
+
+@nox.session(name="bench-cluster", default=False)
+def bench_cluster(session: nox.Session) -> None:
+    """A 5-node loopback cluster: propagation, failure detection, idle digest bytes.
+
+    Not a default session: about 3 minutes (``-- --trials 3 --updates 20`` for a short look).
+    Writes a table, PASS/FAIL target lines and bench-results-cluster.json.
+    """
+    session.install(".")
+    session.run("python", "cluster/bench_cluster.py", *session.posargs)

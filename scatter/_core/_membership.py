@@ -29,7 +29,9 @@
 #   retransmit_mult x ceil(log10(N+1)) times; every push_pull_interval, one member
 #   gets our whole table and answers with its own (anti-entropy).
 # Rule 7: a probe of a suspect carries the suspicion, so the suspect can refute
-#   at once (Lifeguard's "buddy system").
+#   at once (Lifeguard's "buddy system"); a member suspected by others is the next
+#   one we probe (ours, not memberlist's: confirmations come a probe later, not a
+#   round later, and the suspicion reaches its minimum timeout sooner).
 # Rule 8: every reconnect interval, one member held DEAD (not LEFT) gets our table,
 #   as Serf's reconnect does: after a partition each side holds the other dead, and
 #   without this nothing would reunite them.
@@ -508,6 +510,10 @@ class Membership:
         member.state, member.since = State.SUSPECT, now
         self._start_suspicion(news.node, news.source, now)
         self._broadcasts.put(news.node, news)
+        if news.source != self.node:
+            # Probe it next: our own verdict, a confirmation or the buddy-system nudge
+            # that lets it refute, comes one probe later instead of a round later.
+            self._probe_order.append(news.node)
 
     def _on_dead(self, news: Dead, now: float) -> None:
         if news.node == self.node:
