@@ -1,7 +1,8 @@
 """Nox sessions for Scatter.
 
 ``nox -s tests`` and ``nox -s lint`` run by default; ``nox -s bench -- --quick`` is a short
-benchmark run (the full one takes minutes); ``nox -s fuzz -- --seconds 600`` fuzzes.
+benchmark run (the full one takes minutes); ``nox -s fuzz -- --seconds 600`` fuzzes;
+``nox -s bench-cluster`` measures a 5-node cluster; ``nox -s sim`` runs the simulators.
 """
 
 import nox

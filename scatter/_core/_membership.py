@@ -29,9 +29,7 @@
 #   retransmit_mult x ceil(log10(N+1)) times; every push_pull_interval, one member
 #   gets our whole table and answers with its own (anti-entropy).
 # Rule 7: a probe of a suspect carries the suspicion, so the suspect can refute
-#   at once (Lifeguard's "buddy system"); a member suspected by others is the next
-#   one we probe (ours, not memberlist's: confirmations come a probe later, not a
-#   round later, and the suspicion reaches its minimum timeout sooner).
+#   at once (Lifeguard's "buddy system").
 # Rule 8: every reconnect interval, one member held DEAD (not LEFT) gets our table,
 #   as Serf's reconnect does: after a partition each side holds the other dead, and
 #   without this nothing would reunite them.
@@ -368,6 +366,11 @@ class Membership:
         a lost packet, or a seed that starts later, does not leave us alone for good.
         """
         self._seeds = [address for address in addresses if address != self.address]
+        # Our own ALIVE, gossiped like any news (memberlist's setAlive): a member that
+        # joined the seed before we did learns of us from the members we reach, not
+        # only from the seed's bounded retransmits or the next push/pull.
+        me = self._members[self.node]
+        self._broadcasts.put(self.node, Alive(self.node, self.address, me.incarnation))
         sync = self._sync(reply=True)
         return [Packet(address, (sync,)) for address in self._seeds]
 
@@ -510,10 +513,7 @@ class Membership:
         member.state, member.since = State.SUSPECT, now
         self._start_suspicion(news.node, news.source, now)
         self._broadcasts.put(news.node, news)
-        if news.source != self.node:
-            # Probe it next: our own verdict, a confirmation or the buddy-system nudge
-            # that lets it refute, comes one probe later instead of a round later.
-            self._probe_order.append(news.node)
+
 
     def _on_dead(self, news: Dead, now: float) -> None:
         if news.node == self.node:
