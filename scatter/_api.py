@@ -14,7 +14,7 @@ from typing import Any, TypeVar, overload
 import msgspec
 
 from ._client import Client, RemoteFunction
-from ._core._registry import FunctionInfo, VersionInfo
+from ._core._registry import FunctionInfo, VersionInfo, check_name
 from ._exceptions import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -73,12 +73,15 @@ def scatter(
     body identical to the current version changes nothing.
 
     Args:
-        name: the name callers use (default: the function's ``__name__``).
+        name: the name callers use (default: the function's ``__name__``). Function and
+            set names are Python identifiers (not keywords) of 1 to 128 characters.
         address: the node to ship to (default: the default client's).
         timeout: this function's call timeout in seconds (default: the node's).
 
     Raises:
         NotScatterable: the function lacks annotations, is a generator, ...
+        ConfigError: ``name`` breaks the name rule (``""`` included); TypeError if it is
+            not a str. Both before anything is sent.
 
     Example::
 
@@ -159,10 +162,10 @@ class FunctionSet:
     """
 
     def __init__(self, name: str, *, address: str | None = None) -> None:
-        self.name = name
+        self.name = check_name(name)  # refused here, not at the first publish()
         self.address = address
-        # {member name: (function, timeout)}, in the order they were added
-        self._members: dict[str, tuple[Callable[..., Any], float | None]] = {}
+        # {member name: (function, explicit name or None, timeout)}, in the order added
+        self._members: dict[str, tuple[Callable[..., Any], str | None, float | None]] = {}
 
     @overload
     def function(self, fn: F, /) -> F: ...
@@ -173,11 +176,19 @@ class FunctionSet:
     def function(
         self, fn: Any = None, /, *, name: str | None = None, timeout: float | None = None
     ) -> Any:
-        """Add a member (not shipped until :meth:`publish`). Returns the function unchanged."""
+        """Add a member (not shipped until :meth:`publish`). Returns the function unchanged.
+
+        Raises:
+            ConfigError, TypeError: ``name`` breaks the name rule (see ``@scatter``).
+        """
+        if name is not None:
+            check_name(name)  # "" is refused, never replaced by the function's name
 
         def add(member_function: F) -> F:
-            member = name or member_function.__name__
-            self._members[member] = (member_function, timeout)
+            # A default name that breaks the rule (a lambda's) is refused by publish(),
+            # with the other reasons a function cannot be scattered.
+            member = name if name is not None else str(getattr(member_function, "__name__", ""))
+            self._members[member] = (member_function, name, timeout)
             return member_function
 
         return add if fn is None else add(fn)
@@ -193,7 +204,5 @@ class FunctionSet:
         """
         if not self._members:
             raise ConfigError(f"function set {self.name!r} has no members; add some with @.function")
-        members: list[tuple[Callable[..., Any], str | None, float | None]] = [
-            (fn, member, timeout) for member, (fn, timeout) in self._members.items()
-        ]
+        members = list(self._members.values())
         return _client(self.address).publish_set(self.name, members).version

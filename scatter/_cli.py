@@ -6,6 +6,9 @@ Every command maps onto one public call (``scatter ls`` is ``Client.functions()`
 ``ScatterError`` becomes one red line ``error: ...`` on stderr and exit code 1, never a
 traceback. Anything else escaping a command is a bug and keeps its traceback.
 
+Tables are for people and fit the console (``_print_table``); ``--json`` prints the
+records the Python API returns, for scripts.
+
 Commands talk to the node at ``--address`` (before the command: ``scatter --address
 tcp://127.0.0.1:5000 ls``), else ``SCATTER_ADDRESS``, else ``tcp://127.0.0.1:4242``: the
 library's own resolution. They never auto-start a node (``scatter node status`` must
@@ -14,23 +17,33 @@ not start the node it asks about); ``scatter node start`` does that on purpose.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import inspect
+import json
+import math
 import socket
+import sys
 import time
+import types
+import typing
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import msgspec
 import typer
+from rich.cells import cell_len, chop_cells
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from . import __version__
 from ._client import Client, start_background_node
 from ._config import (
     DEFAULT_CALL_TIMEOUT,
@@ -41,6 +54,7 @@ from ._config import (
     resolve_client_config,
     resolve_node_config,
 )
+from ._core._registry import FunctionInfo, VersionInfo
 from ._exceptions import ConfigError, RemoteError, ScatterError
 from ._security import call_only_secret, new_secret, read_secret_file
 
@@ -115,9 +129,24 @@ class _Options:
     address: str | None  # None: SCATTER_ADDRESS, else the default address
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"scatter {__version__} (Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print this Scatter's version and exit.",
+            callback=_print_version,
+            is_eager=True,
+        ),
+    ] = False,
     address: Annotated[
         str | None,
         typer.Option(
@@ -409,10 +438,19 @@ def _wait_until_stopped(status: Any) -> None:
 
 
 @node_app.command("status")
-def node_status(ctx: typer.Context) -> None:
+def node_status(
+    ctx: typer.Context,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the status as JSON (Client.status()'s fields)."),
+    ] = False,
+) -> None:
     """Show the node (at `scatter --address`): pid, id, address, data dir, uptime, load."""
     with _client(ctx) as client:
         status = client.status()
+    if as_json:
+        _print_json(_record(status))
+        return
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
@@ -439,19 +477,28 @@ def node_status(ctx: typer.Context) -> None:
         grid.add_row(key, Text(value))
     _out.print(grid)
     if len(status.members) > 1:
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("member", "state", "incarnation", "address", "behind"):
-            table.add_column(column)
+        columns = [
+            _Column(""),  # this node's marker
+            _Column("member"),
+            _Column("state"),
+            _Column("behind"),
+            _Column("incarnation"),
+            _Column("address"),  # last: never cut short, under its row if need be
+        ]
+        cells = []
         for member in status.members:
             behind = member["changes_behind"]
-            table.add_row(
-                member["node"] + (" (this node)" if member["node"] == status.node_id else ""),
+            cells.append([
+                "*" if member["node"] == status.node_id else "",
+                member["node"],
                 member["state"],
+                "?" if behind < 0 else f"{behind} changes" if behind else "up to date",
                 str(member["incarnation"] & 0xFFFFFFFF) + f" (start {member['incarnation'] >> 32})",
                 member["address"],
-                "?" if behind < 0 else f"{behind} changes" if behind else "up to date",
-            )
-        _out.print(table)
+            ])
+        _out.print()
+        _print_table(columns, cells)
+        _out.print("* this node", style="dim", highlight=False)
 
 
 def _duration(seconds: float) -> str:
@@ -477,82 +524,276 @@ def _when(timestamp: float | None) -> str:
 # ---------------------------------------------------------------- functions
 
 
+JsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the records as JSON (the fields the Python API returns), for scripts.",
+    ),
+]
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+
+
 @app.command("ls")
-def list_functions(ctx: typer.Context) -> None:
+def list_functions(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List the node's functions (and sets) with their current versions."""
     with _client(ctx) as client:
-        # Rows as the node sends them ({field: value} of FunctionInfo): the CLI shows
-        # fields, it needs no typed record (and stays readable if a field is appended).
-        rows = client.functions()
+        # The records scatter.functions() returns; fields a newer node appends are dropped.
+        rows = msgspec.convert(client.functions(), list[FunctionInfo])
         address = client.address
+    rows.sort(key=lambda row: row.name)
+    if as_json:
+        _print_json(rows)
+        return
     if not rows:
         _out.print(f"no functions on the node at {address}", style="dim", highlight=False)
         return
-    with_sets = any(row.get("set_name") for row in rows)
-    table = Table(title=f"functions at {address}", title_justify="left")
-    table.add_column("name", style="bold cyan", no_wrap=True)
-    table.add_column("version", justify="right", no_wrap=True)
-    table.add_column("signature", ratio=1)
-    if with_sets:
-        table.add_column("set", no_wrap=True)
-    table.add_column("published", no_wrap=True)
-    table.add_column("origin", no_wrap=True)
-    for row in sorted(rows, key=lambda r: str(r.get("name"))):
-        cells: list[str | Text] = [
-            str(row.get("name")),
-            f"v{row.get('version')}",
-            Text(_signature(row, with_name=False)),
+    with_sets = any(row.set_name for row in rows)
+    origins = {row.origin for row in rows}
+    columns = [
+        _Column("name", style="bold cyan", fold=True),
+        _Column("version", justify="right"),
+        *([_Column("set")] if with_sets else []),
+        _Column("published"),
+        *([_Column("origin")] if len(origins) > 1 else []),
+        _Column("signature"),
+    ]
+    cells = [
+        [
+            row.name,
+            f"v{row.version}",
+            *([row.set_name or ""] if with_sets else []),
+            _when(row.created_at),
+            *([row.origin] if len(origins) > 1 else []),
+            _signature(row),
         ]
-        if with_sets:
-            cells.append(row.get("set_name") or "")
-        cells += [_when(row.get("created_at")), str(row.get("origin", ""))]
-        table.add_row(*cells)
-    _out.print(table)
+        for row in rows
+    ]
+    _out.print(f"functions at {address}", style="bold", highlight=False)
+    _print_table(columns, cells)
+    if len(origins) == 1:
+        _out.print(f"all published through node {origins.pop()}", style="dim", highlight=False)
 
 
-def _signature(row: dict[str, Any], *, with_name: bool = True) -> str:
-    if row.get("kind") == "set":
-        members = row.get("members") or {}
-        return "set: " + ", ".join(f"{n} v{v}" for n, v in sorted(members.items()))
-    text = str(row.get("signature_text", ""))
-    return f"{row.get('name')}{text}" if with_name else text
+def _signature(row: FunctionInfo | VersionInfo) -> str:
+    if row.kind == "set":
+        return "set: " + ", ".join(f"{n} v{v}" for n, v in sorted(row.members.items()))
+    return row.signature_text
 
 
 @app.command("versions")
 def list_versions(
     ctx: typer.Context,
     name: FunctionOrSetName,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", "-n", min=1, metavar="N", help="Show the newest N versions only."),
+    ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Show the version history of NAME: current version marked, merge conflicts noted."""
     with _client(ctx) as client:
-        rows = client.versions(name)  # [{field: value} of VersionInfo]
-    with_conflicts = any(row.get("conflict") for row in rows)
-    table = Table(title=f"versions of {name}", title_justify="left")
-    table.add_column("", no_wrap=True)  # the current marker
-    table.add_column("version", justify="right", no_wrap=True)
-    table.add_column("signature", ratio=1)
-    table.add_column("content id", no_wrap=True)
-    table.add_column("published", no_wrap=True)
-    table.add_column("origin", no_wrap=True)
-    if with_conflicts:
-        table.add_column("conflict")
-    for row in sorted(rows, key=lambda r: int(r.get("version", 0))):
-        current = bool(row.get("current"))
-        cells: list[str | Text] = [
-            "*" if current else "",
-            f"v{row.get('version')}",
-            Text(_signature(row, with_name=False)),
-            str(row.get("content_id", ""))[:12],
-            _when(row.get("created_at")),
-            str(row.get("origin", "")),
+        # The records scatter.versions() returns, oldest first.
+        rows = msgspec.convert(client.versions(name), list[VersionInfo])
+    rows.sort(key=lambda row: row.version)
+    total = len(rows)
+    if limit is not None:
+        rows = rows[-limit:]
+    if as_json:
+        _print_json(rows)
+        return
+    with_conflicts = any(row.conflict for row in rows)
+    origins = {row.origin for row in rows}
+    columns = [
+        _Column(""),  # the current marker
+        _Column("version", justify="right"),
+        _Column("published"),
+        _Column("content id"),
+        *([_Column("origin")] if len(origins) > 1 else []),
+        # The one conflict rule moved these versions off the number their origin gave.
+        *([_Column("conflict", style="yellow", under=True)] if with_conflicts else []),
+        _Column("signature"),
+    ]
+    cells = [
+        [
+            "*" if row.current else "",
+            f"v{row.version}",
+            _when(row.created_at),
+            row.content_id[:12],
+            *([row.origin] if len(origins) > 1 else []),
+            *(
+                [f"proposed as v{row.proposed_version}, renumbered" if row.conflict else ""]
+                if with_conflicts
+                else []
+            ),
+            _signature(row),
         ]
-        if with_conflicts:
-            # The one conflict rule moved this version off the number its origin gave it.
-            moved = f"proposed as v{row.get('proposed_version')}, renumbered"
-            cells.append(Text(moved if row.get("conflict") else "", style="yellow"))
-        table.add_row(*cells, style="bold green" if current else None)
-    _out.print(table)
-    _out.print("* current version", style="dim", highlight=False)
+        for row in rows
+    ]
+    _out.print(f"versions of {name}", style="bold", highlight=False)
+    _print_table(columns, cells, ["bold green" if row.current else "" for row in rows])
+    notes = ["* current version"]
+    if len(rows) < total:
+        notes.append(f"newest {len(rows)} of {total} versions")
+    if len(origins) == 1:
+        notes.append(f"all published through node {next(iter(origins))}")
+    _out.print("; ".join(notes), style="dim", highlight=False)
+
+
+# ---------------------------------------------------------------- tables
+
+# Tables are drawn here rather than by rich.Table, which shares out a narrow terminal's
+# columns by itself: at 80 columns (and always when piped) it squeezed a signature to
+# "(… i… b: i…" to keep room for a node id repeated on every row. Here every column but
+# the last keeps its width, and the last one, the signature, wraps between parameters;
+# when fewer than MIN_SIGNATURE_WIDTH columns are left, it goes under its row instead.
+_GAP = "  "
+MIN_SIGNATURE_WIDTH = 24
+_INDENT = "    "  # of a signature under its row
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    justify: Literal["left", "right"] = "left"
+    style: str = ""
+    # Long cells fold onto more lines (a 128-character name) instead of taking the row.
+    fold: bool = False
+    # When the signature goes under its row, so does this cell, as "header: value".
+    under: bool = False
+
+
+def _print_table(
+    columns: Sequence[_Column],
+    cells: Sequence[Sequence[str]],
+    row_styles: Sequence[str] | None = None,
+) -> None:
+    """Print ``cells`` under ``columns``; the last column wraps to fit the console."""
+    width = _out.width
+    widths = [
+        max([cell_len(column.header), *(cell_len(row[i]) for row in cells)])
+        for i, column in enumerate(columns)
+    ]
+    for i, column in enumerate(columns[:-1]):
+        if column.fold:
+            widths[i] = min(widths[i], max(cell_len(column.header), 16, width // 4))
+    used = sum(widths[:-1]) + len(_GAP) * (len(widths) - 1)
+    inline = width - used >= min(widths[-1], MIN_SIGNATURE_WIDTH)
+    # {column index: width} of the cells drawn in the row itself
+    in_row = {
+        i: widths[i] for i, column in enumerate(columns[:-1]) if inline or not column.under
+    }
+    if inline:
+        in_row[len(columns) - 1] = min(widths[-1], width - used)
+    under_width = max(width - len(_INDENT), 20)
+
+    def line(parts: list[tuple[str, int, _Column]], style: str) -> Text:
+        text = Text(style=style)
+        for j, (value, column_width, column) in enumerate(parts):
+            if j:
+                text.append(_GAP)
+            pad = " " * (column_width - cell_len(value))
+            value_text = Text(value, style=column.style)
+            text.append_text(
+                Text.assemble(pad, value_text)
+                if column.justify == "right"
+                else Text.assemble(value_text, pad)
+            )
+        text.rstrip()
+        return text
+
+    _out.print(line([(columns[i].header, w, columns[i]) for i, w in in_row.items()], "bold"))
+    for index, row in enumerate(cells):
+        style = row_styles[index] if row_styles else ""
+        blocks = {
+            i: _wrap_signature(row[i], w)
+            if i == len(columns) - 1
+            else chop_cells(row[i], w)
+            if columns[i].fold and cell_len(row[i]) > w
+            else [row[i]]
+            for i, w in in_row.items()
+        }
+        for k in range(max(len(block) for block in blocks.values())):
+            parts = [
+                (block[k] if k < len(block) else "", in_row[i], columns[i])
+                for i, block in blocks.items()
+            ]
+            _out.print(line(parts, style))
+        if inline:
+            continue
+        for i, column in enumerate(columns[:-1]):
+            if i not in in_row and row[i]:
+                note = Text(f"{_INDENT}{column.header}: ", style=style)
+                _out.print(note.append(row[i], style=column.style))
+        for piece in _wrap_signature(row[-1], under_width):
+            _out.print(Text(_INDENT + piece, style=style))
+
+
+def _wrap_signature(text: str, width: int) -> list[str]:
+    """``text`` in lines of at most ``width`` cells, broken between parameters if it can be.
+
+    Only spaces become line breaks, so the lines joined with spaces are ``text`` again.
+    """
+    lines: list[str] = []
+    current = ""
+    for piece in _signature_pieces(text):
+        candidate = f"{current} {piece}" if current else piece
+        if cell_len(candidate) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        current = ""
+        for word in piece.split(" "):  # a parameter longer than a line: break between words
+            candidate = f"{current} {word}" if current else word
+            if cell_len(candidate) <= width:
+                current = candidate
+                continue
+            if current:
+                lines.append(current)
+            *full, current = chop_cells(word, width) or [""]
+            lines.extend(full)
+    lines.append(current)
+    return lines
+
+
+def _signature_pieces(text: str) -> list[str]:
+    """``(a: int, b: dict[str, int]) -> int`` as ``["(a: int,", "b: dict[str, int])", "-> int"]``.
+
+    Splits after the commas between parameters (and a set's members) and before the
+    return arrow: not inside brackets or quoted defaults.
+    """
+    pieces: list[str] = []
+    depth = 0
+    quote = ""
+    start = 0
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if quote:
+            if char == "\\":
+                i += 1
+            elif char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        # depth 1 inside the parameter list's own parentheses, 0 in a set's member list.
+        elif char == " " and (
+            (text[i - 1] == "," and depth <= (1 if text.startswith("(") else 0))
+            or (depth == 0 and text.startswith("-> ", i + 1))
+        ):
+            pieces.append(text[start:i])
+            start = i + 1
+        i += 1
+    pieces.append(text[start:])
+    return pieces
 
 
 @app.command("show")
@@ -563,10 +804,14 @@ def show(
         int | None,
         typer.Option("--version", "-v", help="Show this version. Default: the current one."),
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Print the source of NAME (syntax highlighted on a terminal)."""
     with _client(ctx) as client:
         description = client.describe(name, version, source=True)
+    if as_json:
+        _print_json(_record(description, "signature"))  # always b"" since protocol 3
+        return
     source = description.source
     if source is None:
         # Published from somewhere inspect cannot read back (a REPL, exec'd code).
@@ -578,6 +823,14 @@ def show(
         _out.print(Syntax(source.rstrip("\n"), "python", theme="ansi_dark", line_numbers=False))
     else:
         typer.echo(source.rstrip("\n"))
+
+
+def _record(reply: msgspec.Struct, *drop: str) -> dict[str, Any]:
+    """A wire reply's fields by name, without its request id (and ``drop``)."""
+    fields = msgspec.structs.asdict(reply)
+    for name in ("id", *drop):
+        fields.pop(name, None)
+    return fields
 
 
 @app.command("rollback")
@@ -620,7 +873,8 @@ def call(
             metavar="ARG",
             help="Positional values in parameter order, then key=value keywords. A value "
             "is parsed as JSON unless its parameter is annotated `str` (text that is not "
-            "JSON is passed as a string).",
+            "JSON is passed as a string). A float may be nan, inf or -inf; bytes are "
+            "b64:BASE64, @FILE or @- (stdin).",
             show_default=False,
         ),
     ] = None,
@@ -631,7 +885,8 @@ def call(
 ) -> None:
     """Call NAME with ARGs, validated against its signature; print the result as JSON.
 
-    A result with no JSON form is printed as its repr.
+    Non-finite floats print as NaN and Infinity (as Python's json writes them); a result
+    with no JSON form is printed as its repr.
     """
     with _client(ctx) as client:
         function = client.make_callable(name, version)
@@ -645,11 +900,28 @@ def call(
             # Python's own arity error from the binder: as much the user's mistake as a
             # ValidationError, so it gets the same one line.
             _fail(exc)
+    typer.echo(_result_text(result))
+
+
+def _result_text(result: Any) -> str:
     try:
-        text = msgspec.json.encode(result).decode()
+        value = msgspec.to_builtins(result)
     except (TypeError, ValueError):
-        text = repr(result)
-    typer.echo(text)
+        return repr(result)
+    if _has_non_finite(value):
+        # msgspec writes NaN as null, which would read back as None.
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return msgspec.json.encode(value).decode()
+
+
+def _has_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_non_finite(v) for v in value)
+    return False
 
 
 def cli_arguments(signature: inspect.Signature, raw: list[str]) -> tuple[list[Any], dict[str, Any]]:
@@ -658,10 +930,13 @@ def cli_arguments(signature: inspect.Signature, raw: list[str]) -> tuple[list[An
     Words map to positional parameters in order; ``key=value`` names a parameter (or
     goes to ``**kwargs``). A value is JSON unless the parameter is annotated ``str``; a
     value that is not JSON stays a string and the callable's validation judges it.
+    Where the annotation takes a float, ``nan``, ``inf`` and ``-inf`` are floats; where
+    it takes bytes, ``b64:BASE64`` is decoded and ``@PATH`` (``@-``: stdin) is read.
     Arity is left to the callable, which words its errors as Python does.
 
     Raises:
         TypeError: a positional word after a keyword one.
+        ConfigError: bytes that are not base64 or a file that cannot be read.
     """
     kinds = inspect.Parameter
     params = list(signature.parameters.values())
@@ -681,23 +956,68 @@ def cli_arguments(signature: inspect.Signature, raw: list[str]) -> tuple[list[An
         if sep and keyword is not None:
             if key in kwargs:
                 raise TypeError(f"{key}= given twice")
-            kwargs[key] = _parse_value(value, keyword)
+            kwargs[key] = _parse_value(value, keyword, key)
             continue
         if kwargs:
             raise TypeError(f"positional argument {word!r} follows a key=value argument")
         index = len(args)
         param = positional[index] if index < len(positional) else var_positional
-        args.append(_parse_value(word, param))
+        args.append(_parse_value(word, param, param.name if param else f"#{index + 1}"))
     return args, kwargs
 
 
-def _parse_value(text: str, param: inspect.Parameter | None) -> Any:
-    if param is not None and param.annotation is str:
+_NON_FINITE = {
+    sign + word for sign in ("", "+", "-") for word in ("nan", "inf", "infinity")
+}
+
+
+def _parse_value(text: str, param: inspect.Parameter | None, label: str) -> Any:
+    annotation = param.annotation if param is not None else inspect.Parameter.empty
+    if annotation is str:
         return text
+    if _takes(annotation, bytes, bytearray):
+        if text.startswith("b64:"):
+            try:
+                return base64.b64decode(text[4:], validate=True)
+            except binascii.Error as exc:
+                raise ConfigError(f"argument {label!r}: {text[:20]!r} is not base64: {exc}") from None
+        if text.startswith("@"):
+            return _read_bytes(text[1:], label)
+        if annotation in (bytes, bytearray):
+            raise ConfigError(
+                f"argument {label!r} takes bytes: give b64:BASE64, @FILE or @- (stdin)"
+            )
+    if _takes(annotation, float) and text.strip().lower() in _NON_FINITE:
+        return float(text)
     try:
         return msgspec.json.decode(text)
     except msgspec.DecodeError:
+        pass
+    try:
+        return json.loads(text)  # JSON with NaN or Infinity in it: [1.5, NaN]
+    except ValueError:
         return text
+
+
+def _takes(annotation: Any, *kinds: type) -> bool:
+    """Whether ``annotation`` (or a member of its union) is one of ``kinds``."""
+    if annotation in kinds:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _takes(typing.get_args(annotation)[0], *kinds)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_takes(arg, *kinds) for arg in typing.get_args(annotation))
+    return False
+
+
+def _read_bytes(path: str, label: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"argument {label!r}: cannot read {path}: {exc.strerror}") from None
 
 
 def main() -> None:

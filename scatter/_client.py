@@ -49,6 +49,7 @@ from ._config import (
     resolve_client_config,
 )
 from ._core import _typespec
+from ._core._registry import check_name
 from ._core._signature import CallSpec, build_call_spec, decoding
 from ._exceptions import (
     AuthenticationError,
@@ -628,6 +629,7 @@ class Client:
         """Publish ``members`` (function, name, timeout) as the complete new version of a set."""
         from ._publish import prepare_publish
 
+        check_name(name)
         requests = [
             _wire.Publish(id=0, **prepare_publish(fn, name=member_name, timeout=timeout))
             for fn, member_name, timeout in members

@@ -21,6 +21,7 @@ from typing import Any
 import cloudpickle
 
 from ._core import _typespec
+from ._core._registry import check_name
 from ._core._signature import (
     build_call_spec,
     check_scatterable,
@@ -59,11 +60,22 @@ def _pickle_by_value(fn: Callable[..., Any], *objects: object) -> list[bytes]:
 def prepare_publish(
     fn: Callable[..., Any], *, name: str | None = None, timeout: float | None = None
 ) -> dict[str, Any]:
-    """The fields of a ``Publish`` request for ``fn``; NotScatterable if it cannot be one."""
-    resolved: str = name or getattr(fn, "__name__", None) or ""
+    """The fields of a ``Publish`` request for ``fn``, checked before anything is sent.
+
+    Raises:
+        NotScatterable: ``fn`` cannot be a remote function (also: its ``__name__`` breaks
+            the name rule, as a lambda's does, and no ``name`` was given).
+        ConfigError: ``name`` breaks the name rule (``check_name``), or a bad timeout.
+        TypeError: ``name`` is not a str.
+    """
+    if name is not None:
+        # An explicit name (also "") is judged as given, never replaced by __name__.
+        check_name(name)
     if timeout is not None and not timeout > 0:
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    sig = check_scatterable(fn, resolved)
+    default = getattr(fn, "__name__", None)
+    sig = check_scatterable(fn, default if name is None else name)  # judges the default
+    resolved = str(default) if name is None else name
     # The signature goes by value too: a client that never imported the defining module
     # still rebuilds the annotation types it validates against.
     body, signature = _pickle_by_value(fn, fn, portable_signature(sig))

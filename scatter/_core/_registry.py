@@ -28,6 +28,12 @@
 # Rule 5: a name is a function or a function set, never both, and numbers under a
 # name are never reused: the high-water mark outlives vaporize (the tombstone).
 #
+# Rule 6: a NEW name follows NAME_RULE, checked by `check_name` and nowhere else: the
+# publisher and FunctionSet call it before sending, the registry when it prepares a
+# publish. Changes already made (on disk, from peers of other releases) are never
+# re-judged by it: refusing one that another node applied would split the cluster
+# (rule 3), so applying only needs a non-empty name within the wire's MAX_NAME_CHARS.
+#
 # THE ONE CONFLICT RULE
 # =====================
 #
@@ -108,16 +114,28 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import keyword
+import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
 
 from .._exceptions import ConfigError, FunctionNotFound, ProtocolError, VersionNotFound
-from .._limits import MAX_BATCH_CHANGES, MAX_CHANGE_OPS, MAX_SET_MEMBERS, Ident, Name, Text
+from .._limits import (
+    MAX_BATCH_CHANGES,
+    MAX_CHANGE_OPS,
+    MAX_NAME_CHARS,
+    MAX_SET_MEMBERS,
+    Ident,
+    Name,
+    Text,
+)
 from ._vclock import VectorClock
 
 __all__ = [
+    "MAX_FUNCTION_NAME_CHARS",
+    "NAME_RULE",
     "Change",
     "FunctionInfo",
     "FunctionView",
@@ -130,6 +148,7 @@ __all__ = [
     "VaporizeOp",
     "VersionInfo",
     "VersionRecord",
+    "check_name",
     "content_id_of",
     "order_key",
     "resolve_view",
@@ -585,12 +604,12 @@ class Registry:
             raise ConfigError("nothing to publish: a set needs at least one function")
         names = [record.name for record in records]
         for name in names:
-            _check_name(name)
+            check_name(name)
         if len(set(names)) != len(names):
             twice = sorted({name for name in names if names.count(name) > 1})
             raise ConfigError(f"publish got several versions of {_listing(twice)} in one change")
         if set_name is not None:
-            _check_name(set_name)
+            check_name(set_name)
             if set_name in names:
                 raise ConfigError(f"set {set_name!r} cannot have a member of the same name")
             if set_name in self._functions:
@@ -1294,9 +1313,49 @@ class Registry:
 # ---------------------------------------------------------------------------
 
 
-def _check_name(name: object) -> None:
-    if not isinstance(name, str) or not name:
-        raise ConfigError(f"a function or set name must be a non-empty str, got {name!r}")
+# Function and set names (rule 6). A name is what a caller types (make_callable("add"),
+# `scatter call add`) and what the callable becomes (its __name__, the name in Python's
+# own arity errors), so it is a name you could give a def: a Python identifier, not a
+# keyword, in the NFKC form Python itself reads identifiers in (so "ﬁle" and "file" are
+# never two functions). No dots, dashes or spaces: they need quoting somewhere (a shell,
+# a def, a log line), and a rule can be loosened later without breaking anyone, never
+# tightened; dots stay free to mean namespaces one day. 128 characters is 2-3x the
+# longest function names in large codebases, and keeps the CLI's tables readable; the
+# wire's MAX_NAME_CHARS (256) stays the outer bound for what a peer may send.
+MAX_FUNCTION_NAME_CHARS = 128
+assert MAX_FUNCTION_NAME_CHARS <= MAX_NAME_CHARS
+NAME_RULE = (
+    "function and set names are Python identifiers (letters, digits and _, not starting "
+    f"with a digit, not a keyword) of 1 to {MAX_FUNCTION_NAME_CHARS} characters"
+)
+
+
+def check_name(name: object) -> str:
+    """Refuse a new function or set name that breaks NAME_RULE; return it unchanged.
+
+    Raises:
+        TypeError: ``name`` is not a str.
+        ConfigError: it is a str that breaks the rule; the message states the rule.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{NAME_RULE}; got {type(name).__name__} {_short(name)}")
+    if (
+        0 < len(name) <= MAX_FUNCTION_NAME_CHARS
+        and name.isidentifier()
+        and not keyword.iskeyword(name)
+        and unicodedata.normalize("NFKC", name) == name
+    ):
+        return name
+    why = f" ({len(name)} characters)" if len(name) > MAX_FUNCTION_NAME_CHARS else ""
+    if name.isidentifier() and unicodedata.normalize("NFKC", name) != name:
+        why = f" (Python reads it as {unicodedata.normalize('NFKC', name)!r})"
+    raise ConfigError(f"{NAME_RULE}; got {_short(name)}{why}")
+
+
+def _short(value: object, limit: int = 40) -> str:
+    # A 300-character name in full would drown the rule it breaks.
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "..." + text[-1]
 
 
 def _rollback_target(

@@ -47,7 +47,8 @@ import msgspec
 import msgspec.inspect as mi
 
 from .. import _pickling
-from .._exceptions import NotScatterable, ValidationError
+from .._exceptions import ConfigError, NotScatterable, ValidationError
+from ._registry import check_name
 from ._typespec import OpaqueValue
 
 PICKLE_EXT_CODE = 1
@@ -226,8 +227,12 @@ def signature_of(fn: Callable[..., Any]) -> inspect.Signature:
         raise NotScatterable(f"{fn!r} has no Python signature to ship: {exc}") from exc
 
 
-def check_scatterable(fn: object, name: str) -> inspect.Signature:
-    """Refuse, with a message saying what to do, anything that cannot become a remote function."""
+def check_scatterable(fn: object, name: object) -> inspect.Signature:
+    """Refuse, with a message saying what to do, anything that cannot become a remote function.
+
+    ``name`` is the one it would get by default (its ``__name__``): an explicit name was
+    checked already, with ``check_name``'s own errors.
+    """
     if not callable(fn):
         raise NotScatterable(f"@scatter needs a function, got {type(fn).__qualname__}")
     if isinstance(fn, type):
@@ -235,10 +240,12 @@ def check_scatterable(fn: object, name: str) -> inspect.Signature:
             f"@scatter takes plain functions, not classes ({fn.__qualname__}); "
             "scatter a function that builds or uses it"
         )
-    if not (name.isidentifier() and not keyword.iskeyword(name)):
+    try:
+        name = check_name(name)
+    except (TypeError, ConfigError) as exc:
         raise NotScatterable(
-            f"{name!r} is not a usable function name; pass @scatter(name='a_name')"
-        )
+            f"not a usable function name: {exc}; give it one with name='a_name'"
+        ) from None
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         raise NotScatterable(
             f"{name}() is a generator: its results cannot be streamed back; "

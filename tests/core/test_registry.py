@@ -21,6 +21,7 @@ from scatter._core._registry import (
     VaporizeOp,
     VersionInfo,
     VersionRecord,
+    check_name,
     order_key,
 )
 from scatter._core._vclock import VectorClock
@@ -586,6 +587,37 @@ def test_functions_and_sets_share_one_namespace() -> None:
         reg.publish([record("s")], now=2.0)
     with pytest.raises(FunctionNotFound, match="'s' is a function set, not a function"):
         reg.resolve("s")
+
+
+def test_a_new_name_follows_the_name_rule_and_the_error_states_it() -> None:
+    reg = Registry("n1")
+    rule = r"function and set names are Python identifiers .* of 1 to 128 characters; got "
+    for bad in ("", "my-func", "a b", "billing.charge", "1st", "class", "x" * 129, "ﬁle"):
+        with pytest.raises(ConfigError, match=rule):
+            reg.publish([record(bad)], now=1.0)
+        with pytest.raises(ConfigError, match=rule):
+            reg.publish([record("m")], now=1.0, set_name=bad)
+    with pytest.raises(ConfigError, match=r"got 'xxxx.*\.\.\.' \(300 characters\)"):
+        reg.publish([record("x" * 300)], now=1.0)
+    with pytest.raises(TypeError, match=rule + "int 5"):
+        check_name(5)
+    for good in ("add", "_private", "größe", "x" * 128, "v2_add"):
+        reg.publish([record(good)], now=1.0)
+    assert len(reg.functions()) == 5
+
+
+def test_a_name_made_before_the_rule_still_applies_and_can_be_vaporized() -> None:
+    # Rule 6: changes already made are never judged again (a peer of another release
+    # applied them), so an old name stays callable, listable and removable.
+    old = Registry("old")
+    change = old._local_change(
+        [PublishOp(record=record("my-func"), proposed_version=1)], now=1.0
+    )
+    reg = Registry("n1")
+    reg.apply(change)
+    assert reg.current_version("my-func") == 1
+    reg.vaporize("my-func", now=2.0)
+    assert reg.functions() == []
 
 
 def test_a_set_can_adopt_an_existing_function_without_a_new_version() -> None:

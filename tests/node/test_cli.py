@@ -9,6 +9,7 @@ in a ``finally`` if it is still there.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -16,6 +17,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -71,6 +73,25 @@ def add(a: int, b: int) -> int:
 
 def add3(a: int, b: int, c: int) -> int:
     return a + b + c
+
+
+def configure(
+    point: Point,
+    scale: float = 1.0,
+    *,
+    labels: dict[str, list[float]] | None = None,
+    note: str = "a, b",
+    strict: bool = False,
+) -> dict[str, float]:
+    return {"scale": scale}
+
+
+def size(data: bytes, *, factor: float = 1.0) -> float:
+    return len(data) * factor
+
+
+def same(x: float) -> list[float]:
+    return [x, x]
 
 
 def greet(name: str, punct: str = "!") -> str:
@@ -130,7 +151,11 @@ def test_ls_lists_functions_with_current_version_and_signature(
     publish(client, add, greet)
     result = cli(node.address, "ls")
     assert result.exit_code == 0, result.output
-    lines = {line.split()[1]: line for line in result.stdout.splitlines() if "│" in line}
+    lines = {
+        line.split()[0]: line
+        for line in result.stdout.splitlines()
+        if re.match(r"\w+\s+v\d", line)
+    }
     assert "v1" in lines["add"]
     assert "(a: int, b: int) -> int" in lines["add"]
     assert "(name: str, punct: str = '!') -> str" in lines["greet"]
@@ -145,7 +170,7 @@ def test_versions_marks_the_current_version_and_show_prints_its_source(
 
     result = cli(node.address, "versions", "add")
     assert result.exit_code == 0, result.output
-    rows = [line for line in result.stdout.splitlines() if re.search(r"│\s+v\d", line)]
+    rows = [line for line in result.stdout.splitlines() if re.match(r"[* ]\s+v\d", line)]
     assert len(rows) == 2, result.stdout
     v1, v2 = rows
     assert "(a: int, b: int) -> int" in v1 and "*" not in v1
@@ -196,6 +221,118 @@ def test_rollback_and_rm_change_what_the_node_serves(
     assert "'add'" in one_error_line(again.stderr)
 
 
+def cli_at(address: str, columns: int, *args: str) -> Result:
+    """``scatter --address ADDRESS ARGS...`` as piped to a console ``columns`` wide."""
+    return runner.invoke(app, ["--address", address, *args], env={"COLUMNS": str(columns)})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("columns", [80, 60])
+def test_ls_and_versions_fit_the_width_and_wrap_signatures_whole(
+    node: LocalNode, client: scatter.Client, columns: int
+) -> None:
+    publish(client, add, greet, configure)
+    publish(client, add3, name="add")
+    node_id = client.status().node_id
+    signature = (
+        "(point: tests.node.test_cli.Point, scale: float = 1.0, *, "
+        "labels: dict[str, list[float]] | None = None, note: str = 'a, b', "
+        "strict: bool = False) -> dict[str, float]"
+    )
+    for args in (["ls"], ["versions", "add"], ["versions", "configure"]):
+        result = cli_at(node.address, columns, *args)
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()
+        assert max(len(line) for line in lines) <= columns, result.stdout
+        assert "…" not in result.stdout  # nothing cut short
+        # The origin is the same on every row: said once, under the table.
+        assert result.stdout.count(node_id) == 1, result.stdout
+        assert lines[-1].endswith(f"all published through node {node_id}")
+    listing = cli_at(node.address, columns, "ls").stdout
+    # Wrapped between parameters: the lines of the signature joined with a space.
+    start = listing.index("(point:")
+    wrapped = " ".join(
+        line.strip() for line in listing[start:].splitlines()[:-1] if not re.match(r"\w", line)
+    )
+    assert wrapped.startswith(signature), listing
+    lines = listing.splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("configure "))
+    if columns == 80:  # on its row, wrapped
+        assert lines[row].endswith("  (point: tests.node.test_cli.Point,"), listing
+    else:  # too narrow for a signature column: under its row
+        assert lines[row + 1].startswith("    (point: tests.node.test_cli.Point,"), listing
+    history = cli_at(node.address, columns, "versions", "add").stdout
+    assert "(a: int, b: int, c: int) -> int" in history
+    assert re.search(r"^\*\s+v2\s", history, re.MULTILINE), history
+
+
+def test_versions_keeps_a_conflict_readable_at_60_columns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = [
+        {"name": "add", "version": v, "current": v == 2, "change_id": f"{o}:1", "origin": o,
+         "created_at": 1.7e9, "proposed_version": 1, "conflict": v == 2,
+         "content_id": f"{v}" * 32, "signature_text": "(a: int, b: int) -> int"}
+        for v, o in ((1, "n1aaaaaaaaaa"), (2, "n2bbbbbbbbbb"))
+    ]
+    monkeypatch.setattr(scatter.Client, "versions", lambda self, name: rows)
+    address = f"tcp://127.0.0.1:{free_port()}"  # never asked: versions() is replaced
+    for columns in (200, 60):
+        result = cli_at(address, columns, "versions", "add")
+        assert result.exit_code == 0, result.output
+        assert "proposed as v1, renumbered" in result.stdout
+        assert max(len(line) for line in result.stdout.splitlines()) <= columns
+        assert "n1aaaaaaaaaa" in result.stdout and "n2bbbbbbbbbb" in result.stdout  # they differ
+    assert "    conflict: proposed as v1, renumbered" in result.stdout  # under its row at 60
+
+
+@pytest.mark.timeout(60)
+def test_json_gives_the_records_of_the_python_api(node: LocalNode, client: scatter.Client) -> None:
+    publish(client, add, greet)
+    publish(client, add3, name="add")
+
+    listed = cli_at(node.address, 60, "ls", "--json")
+    assert listed.exit_code == 0, listed.output
+    functions = scatter.functions(address=node.address)
+    assert json.loads(listed.stdout) == msgspec.to_builtins(functions)
+
+    history = cli_at(node.address, 60, "versions", "add", "--json")
+    assert history.exit_code == 0, history.output
+    assert json.loads(history.stdout) == msgspec.to_builtins(
+        scatter.versions("add", address=node.address)
+    )
+    newest = json.loads(cli_at(node.address, 60, "versions", "add", "--json", "--limit", "1").stdout)
+    assert [row["version"] for row in newest] == [2]
+
+    shown = json.loads(cli_at(node.address, 60, "show", "add", "--json", "-v", "1").stdout)
+    assert (shown["name"], shown["version"], shown["current_version"]) == ("add", 1, 2)
+    assert shown["signature_text"] == "(a: int, b: int) -> int"
+    assert "return a + b\n" in shown["source"]
+
+    status = json.loads(cli_at(node.address, 60, "node", "status", "--json").stdout)
+    assert status["pid"] == node.pid and status["address"] == node.address
+    assert status["functions"] == 2 and status["members"][0]["state"] == "alive"
+
+
+@pytest.mark.timeout(60)
+def test_versions_limit_shows_the_newest(node: LocalNode, client: scatter.Client) -> None:
+    publish(client, add)
+    publish(client, add3, name="add")
+    publish(client, add, name="add")  # v3: add's body again
+    result = cli(node.address, "versions", "add", "--limit", "2")
+    assert result.exit_code == 0, result.output
+    rows = re.findall(r"^[* ]\s+(v\d)\s", result.stdout, re.MULTILINE)
+    assert rows == ["v2", "v3"], result.stdout
+    assert "newest 2 of 3 versions" in result.stdout
+    assert cli(node.address, "versions", "add", "--limit", "0").exit_code == 2  # usage error
+
+
+def test_version_flag_prints_scatters_version() -> None:
+    result = cli(None, "--version")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"scatter {scatter.__version__} (Python ")
+
+
 # ---------------------------------------------------------------- call
 
 
@@ -219,6 +356,43 @@ def test_call_converts_each_argument_by_its_parameter(
         result = cli(node.address, "call", *args)
         assert result.exit_code == 0, (args, result.output)
         assert result.stdout == expected + "\n", args
+
+
+@pytest.mark.timeout(60)
+def test_call_takes_bytes_as_base64_or_a_file_and_non_finite_floats(
+    node: LocalNode, client: scatter.Client, tmp_path: Path
+) -> None:
+    publish(client, size, same, norm)
+    data = tmp_path / "data.bin"
+    data.write_bytes(b"\x00\xffhello")
+    cases = [
+        (["size", "b64:aGVsbG8="], "5.0"),  # base64
+        (["size", f"@{data}", "factor=2"], "14.0"),  # a file, and a keyword-only key=value
+        (["size", "data=b64:", "factor=-inf"], "NaN"),  # 0 * -inf
+        (["same", "nan"], "[NaN,NaN]"),  # printed as Python's json writes them
+        (["same", "x=-inf"], "[-Infinity,-Infinity]"),
+        (["same", "Infinity"], "[Infinity,Infinity]"),
+        (["norm", '{"x": 3, "y": 4}', "scale=inf"], "Infinity"),
+    ]
+    for args, expected in cases:
+        result = cli(node.address, "call", *args)
+        assert result.exit_code == 0, (args, result.output)
+        assert result.stdout == expected + "\n", args
+    stdin = runner.invoke(
+        app, ["--address", node.address, "call", "size", "@-"], input=b"abc", env={"COLUMNS": "200"}
+    )
+    assert stdin.exit_code == 0, stdin.output
+    assert stdin.stdout == "3.0\n"
+    errors = [
+        (["size", "hello"], "argument 'data' takes bytes: give b64:BASE64, @FILE or @- (stdin)"),
+        (["size", "b64:not base64!"], "argument 'data': 'b64:not base64!' is not base64"),
+        (["size", f"@{tmp_path / 'missing'}"], "cannot read"),
+        (["same", "nanx"], "Expected `float`, got `str`"),
+    ]
+    for args, expected in errors:
+        result = cli(node.address, "call", *args)
+        assert result.exit_code == 1, (args, result.output)
+        assert expected in one_error_line(result.stderr), args
 
 
 @pytest.mark.timeout(60)

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 import scatter
-from cluster.launch import LocalNode, process_gone
+from cluster.launch import LocalNode, free_port, process_gone
 from scatter import _wire
 from scatter._config import NodeConfig
 from tests.raw_sockets import dealer
@@ -219,6 +219,33 @@ def test_functions_that_cannot_be_remote_are_refused_at_scatter_time(connected: 
     with pytest.raises(scatter.NotScatterable, match="not a usable function name"):
         scatter.scatter(lambda x: x)
     assert scatter.functions() == []
+
+
+NAME_RULE = r"function and set names are Python identifiers .* of 1 to 128 characters; got "
+
+
+def test_a_name_that_breaks_the_rule_is_refused_before_anything_is_sent() -> None:
+    # No node listens there: a ConfigError rather than Unreachable proves nothing was sent.
+    nowhere = f"tcp://127.0.0.1:{free_port()}"
+    scatter.connect(nowhere, autostart=False)
+    for bad in ("", "my-func", "a" * 300, "class"):
+        with pytest.raises(scatter.ConfigError, match=NAME_RULE):
+            scatter.scatter(add, name=bad)  # "" used to mean add's own name
+        with pytest.raises(scatter.ConfigError, match=NAME_RULE):
+            scatter.FunctionSet(bad)
+        with pytest.raises(scatter.ConfigError, match=NAME_RULE):
+            scatter.FunctionSet("billing").function(name=bad)
+    with pytest.raises(TypeError, match=NAME_RULE + "int 5"):
+        scatter.scatter(add, name=5)  # type: ignore[call-overload]  # was AttributeError
+    with pytest.raises(TypeError, match=NAME_RULE):
+        scatter.FunctionSet(None)  # type: ignore[arg-type]
+    with pytest.raises(scatter.NotScatterable, match="not a usable function name: " + NAME_RULE):
+        scatter.scatter(lambda x: x)
+    with scatter.Client(nowhere, autostart=False) as client:
+        with pytest.raises(scatter.ConfigError, match=NAME_RULE + "'my set'"):
+            client.publish_set("my set", [(add, None, None)])
+        with pytest.raises(scatter.Unreachable):  # a good name does try to send
+            client.publish(add, name="add_" + "x" * 124)
 
 
 def _raw_request(address: str, frames: list[bytes], timeout_ms: int = 5000) -> bytes | None:
