@@ -1110,7 +1110,10 @@ class RemoteFunction:
         except _wire.DECODE_ERRORS as exc:
             raise ProtocolError(f"malformed reply to a call of {self._name}: {exc}") from None
         if isinstance(reply, _wire.Result):
-            state.spec.decode_result(reply.value)  # raises the ValidationError that applies
+            # Raises the ValidationError that applies, or decodes what only the slow path
+            # takes: an int beyond 64 bits where the annotation is not Any.
+            value = state.spec.decode_result(reply.value)
+            return msgspec.structs.replace(reply, value=value)
         return reply
 
     def _failure(self, failure: _wire.Failure, state: _Version) -> ScatterError:

@@ -27,11 +27,26 @@ Rules of this module:
 6. A caller builds its CallSpec from the signature rebuilt out of the publisher's type
    description (``_typespec``), never from a pickle; opaque positions there are
    :class:`OpaqueValue` stand-ins that take any value and validate nothing.
+7. An ``int`` is Python's int. msgpack carries ints from -2**63 to 2**64-1; a larger one
+   travels as msgpack extension type ``BIG_INT_EXT_CODE`` (2, never the pickle code)
+   holding the int's minimal two's-complement big-endian bytes: ``int.from_bytes`` reads
+   it back, nothing is unpickled or run. The usual path pays nothing for it. Encoding
+   tries the plain encode, and only on msgspec's ``OverflowError`` redoes it with the big
+   ints swapped for extension values (:func:`encode_with_big_ints`). Typed decoding
+   refuses an extension value at an ``int`` position (msgspec checks the type before any
+   ``ext_hook``: "Expected `int`, got `ext`"); only then is the payload decoded untyped,
+   each big int read back, and the value validated with ``msgspec.convert`` against the
+   same type (:func:`decode_with_big_ints`), which takes a big int wherever an int goes,
+   makes it a float where a float goes ("Number out of range" past a float's range) and
+   refuses it for ``str``, ``bool`` and the rest. Under ``Any`` the ``ext_hook`` itself
+   reads a big int back. Bytes rather than decimal digits: 2.3x smaller, linear time, and
+   ``int(str)`` refuses more than 4,300 digits (``sys.set_int_max_str_digits``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import inspect
 import keyword
@@ -52,11 +67,40 @@ from ._registry import check_name
 from ._typespec import OpaqueValue
 
 PICKLE_EXT_CODE = 1
+BIG_INT_EXT_CODE = 2  # an int beyond msgpack's 64 bits (rule 7); never a pickle
 
 _UNSET: Any = object()  # default of optional parameters in generated binders
 
+_MIN_INT64 = -(2**63)
+_MAX_UINT64 = 2**64 - 1
+
+
+class _BigInt:
+    """An int beyond 64 bits, for the encoder's hook. Hashable (``Ext`` is not): a big
+    int may be a dict key."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+
+def big_int_ext(value: int) -> msgspec.msgpack.Ext:
+    """``value`` as extension type ``BIG_INT_EXT_CODE``: minimal two's-complement bytes."""
+    data = value.to_bytes((value.bit_length() + 8) // 8, "big", signed=True)
+    return msgspec.msgpack.Ext(BIG_INT_EXT_CODE, data)
+
+
+def _big_int_of(data: memoryview) -> int:
+    return int.from_bytes(data, "big", signed=True)
+
 
 def _enc_hook(obj: object) -> msgspec.msgpack.Ext:
+    if type(obj) is _BigInt:
+        return big_int_ext(obj.value)
     # Anything msgspec cannot encode natively (numpy arrays, user classes) goes by value.
     try:
         return msgspec.msgpack.Ext(PICKLE_EXT_CODE, _pickling.dumps(obj))
@@ -81,12 +125,15 @@ class _ExtValue:
 class _Tally(threading.local):
     def __init__(self) -> None:
         self.unclaimed = 0  # extension values decoded and not claimed by an opaque position
+        self.big_ints = 0  # big ints read back by decode_with_big_ints's untyped decoding
 
 
 _tally = _Tally()
 
 
 def _counting_ext_hook(code: int, data: memoryview) -> object:
+    if code == BIG_INT_EXT_CODE:  # under Any: an int, read back here (rule 7)
+        return _big_int_of(data)
     _tally.unclaimed += 1
     return _ExtValue(code, data)
 
@@ -94,7 +141,17 @@ def _counting_ext_hook(code: int, data: memoryview) -> object:
 def _refusing_ext_hook(code: int, data: memoryview) -> object:
     # Decoders whose type has no Any and no custom class: msgspec refuses an extension
     # value by type before it would get here; this is the belt to those braces.
+    if code == BIG_INT_EXT_CODE:
+        return _big_int_of(data)
     raise PickleRefused("a pickled value (msgpack extension type) where none is expected")
+
+
+def _untyped_ext_hook(code: int, data: memoryview) -> object:
+    if code == BIG_INT_EXT_CODE:
+        _tally.big_ints += 1
+        return _big_int_of(data)
+    _tally.unclaimed += 1
+    return _ExtValue(code, data)
 
 
 def _claim(value: _ExtValue) -> memoryview:
@@ -153,6 +210,80 @@ def _check_instance(expected: Any, obj: object) -> object:
 
 
 ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+# What msgpack carries as itself: to_builtins leaves these for the encoder, so that the
+# fallback encodes every other value to the very bytes ENCODER makes; convert refuses a
+# str for them (no base64 bytes), as typed msgpack decoding does.
+_PASSED_THROUGH = (bytes, bytearray, memoryview, datetime.datetime, msgspec.msgpack.Ext)
+_NATIVE_INPUTS = (bytes, bytearray, memoryview)
+
+
+def _swap_big_ints(obj: Any) -> Any:
+    kind = type(obj)
+    if kind is dict:
+        return {_swap_big_ints(k): _swap_big_ints(v) for k, v in obj.items()}
+    if kind is list or kind is tuple:
+        return [_swap_big_ints(item) for item in obj]
+    if isinstance(obj, int) and kind is not bool and not _MIN_INT64 <= obj <= _MAX_UINT64:
+        return _BigInt(int(obj))
+    return obj
+
+
+def encode_with_big_ints(value: Any) -> bytes:
+    """``ENCODER.encode(value)`` for a value holding ints beyond 64 bits (rule 7).
+
+    ``to_builtins`` first flattens Structs, dataclasses, enums and the rest exactly as the
+    encoder would (custom classes go through the same pickling hook), then the big ints
+    are swapped for stand-ins the encoder's hook writes as ``BIG_INT_EXT_CODE``.
+    """
+    plain = msgspec.to_builtins(value, builtin_types=_PASSED_THROUGH, enc_hook=_enc_hook)
+    return ENCODER.encode(_swap_big_ints(plain))
+
+
+_UNTYPED = msgspec.msgpack.Decoder(ext_hook=_untyped_ext_hook)
+_NO_BIG_INTS: Any = object()
+
+
+def decode_with_big_ints(type_: Any, payload: Any, *, unpickle: bool) -> Any:
+    """Decode ``payload`` as ``type_`` where typed decoding met an extension value (rule 7).
+
+    Untyped decoding reads each big int back; ``msgspec.convert`` then validates the
+    whole value against ``type_`` as typed decoding would, with the same hooks and the
+    same count of unclaimed pickles (rule 5). Returns ``_NO_BIG_INTS`` if the payload holds
+    none: the typed decoder's error stands then.
+    """
+    hook = _unpickling_dec_hook if unpickle else _validating_dec_hook
+    tally = _tally
+    outer = tally.unclaimed, tally.big_ints
+    tally.unclaimed = tally.big_ints = 0
+    try:
+        try:
+            plain = _UNTYPED.decode(payload)
+        except msgspec.DecodeError:
+            return _NO_BIG_INTS
+        if not tally.big_ints:
+            return _NO_BIG_INTS
+        try:
+            value = msgspec.convert(plain, type_, dec_hook=hook, builtin_types=_NATIVE_INPUTS)
+        except msgspec.ValidationError as exc:
+            if "`_ExtValue`" not in str(exc):
+                raise
+            # Worded as typed decoding words an extension value where none may go.
+            raise msgspec.ValidationError(str(exc).replace("`_ExtValue`", "`ext`")) from None
+        unclaimed = tally.unclaimed
+    finally:
+        tally.unclaimed, tally.big_ints = outer
+    if unclaimed:
+        raise PickleRefused(
+            "a pickled value (msgpack extension type) where the annotation does not call for "
+            "one; it was not unpickled"
+        )
+    return value
+
+
+def _met_an_extension(exc: msgspec.ValidationError) -> bool:
+    """The typed decoder refused an extension value by type: perhaps a big int."""
+    return "got `ext`" in str(exc)
 
 
 def meets_pickles(type_: Any) -> bool:
@@ -478,12 +609,18 @@ class CallSpec:
     # and no Any or custom class, under which convert would pass a pickle along.
     converts: bool
     parameter_types: dict[str, Any] = field(default_factory=dict)  # {name: decoded type}
+    unpickles_arguments: bool = True  # a node's spec; a caller's only validates (rule 6)
 
     def encode_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         """Bind (Python's TypeError on bad arity), validate and encode (rule 4)."""
         arguments = self.bind(*args, **kwargs)
         try:
             payload = ENCODER.encode(arguments)
+        except OverflowError:  # an int beyond 64 bits (rule 7)
+            try:
+                payload = encode_with_big_ints(arguments)
+            except TypeError as exc:
+                raise ValidationError(f"{self.name}(): {exc}") from exc
         except TypeError as exc:
             raise ValidationError(f"{self.name}(): {exc}") from exc
         if self.converts and len(payload) > _CONVERT_ABOVE_BYTES:
@@ -504,7 +641,25 @@ class CallSpec:
         except PickleRefused:
             raise self._stray_pickle(payload) from None
         except msgspec.ValidationError as exc:
-            raise argument_error(self.name, exc) from None
+            return self._decode_arguments_slowly(payload, exc)
+        return arguments
+
+    def _decode_arguments_slowly(
+        self, payload: bytes | memoryview, exc: msgspec.ValidationError
+    ) -> dict[str, Any]:
+        """Where typed decoding failed: the big-int fallback (rule 7), else its error."""
+        try:
+            if not _met_an_extension(exc):
+                raise exc
+            arguments: dict[str, Any] = decode_with_big_ints(
+                self.arguments_type, payload, unpickle=self.unpickles_arguments
+            )
+            if arguments is _NO_BIG_INTS:
+                raise exc
+        except PickleRefused:
+            raise self._stray_pickle(payload) from None
+        except msgspec.ValidationError as error:
+            raise argument_error(self.name, error) from None
         return arguments
 
     def _stray_pickle(self, payload: bytes | memoryview) -> ValidationError:
@@ -540,17 +695,34 @@ class CallSpec:
             "it was not unpickled"
         )
 
+    def _decode_return(self, payload: bytes | memoryview) -> Any:
+        """``decode_return``, and the big-int fallback where it met an extension value."""
+        try:
+            return self.decode_return(payload)
+        except PickleRefused:
+            raise
+        except msgspec.ValidationError as exc:
+            if not _met_an_extension(exc):
+                raise
+            value = decode_with_big_ints(self.return_type, payload, unpickle=True)
+            if value is _NO_BIG_INTS:
+                raise exc from None
+            return value
+
     def encode_result(self, value: Any) -> bytes:
         """Encode a result and check it against the return annotation."""
         try:
-            payload = ENCODER.encode(value)
+            try:
+                payload = ENCODER.encode(value)
+            except OverflowError:  # an int beyond 64 bits (rule 7)
+                payload = encode_with_big_ints(value)
         except TypeError as exc:
             raise ValidationError(
                 f"{self.name}() returned a value that cannot be sent: {exc}", parameter="return"
             ) from exc
         if self.checks_return:
             try:
-                self.decode_return(payload)
+                self._decode_return(payload)
             except msgspec.ValidationError as exc:
                 raise ValidationError(
                     f"{self.name}() returned a value that does not match its return "
@@ -570,13 +742,16 @@ class CallSpec:
         """
         expected = _PLAIN_RESULT_TYPES.get(self.return_type)
         if expected is not None and type(value) in expected:
-            return ENCODER.encode((tag, call_id, version, value))
+            try:
+                return ENCODER.encode((tag, call_id, version, value))
+            except OverflowError:  # an int beyond 64 bits: encoded and checked below
+                pass
         payload = self.encode_result(value)
         return ENCODER.encode((tag, call_id, version, msgspec.Raw(payload)))
 
     def decode_result(self, payload: bytes | memoryview) -> Any:
         try:
-            return self.decode_return(payload)
+            return self._decode_return(payload)
         except PickleRefused:
             raise ValidationError(
                 f"{self.name}() result: a pickled value (msgpack extension type "
@@ -667,6 +842,7 @@ def build_call_spec(
         converts=not meets_pickles(arguments_type)
         and all(_convert_validates(t, set()) for t in fields.values()),
         parameter_types=parameter_types,
+        unpickles_arguments=not caller,
     )
 
 
@@ -708,6 +884,7 @@ def source_of(fn: Callable[..., Any]) -> str | None:
 
 
 __all__ = [
+    "BIG_INT_EXT_CODE",
     "ENCODER",
     "PICKLE_EXT_CODE",
     "CallSpec",
@@ -716,7 +893,9 @@ __all__ = [
     "build_call_spec",
     "check_scatterable",
     "content_id",
+    "decode_with_big_ints",
     "decoding",
+    "encode_with_big_ints",
     "meets_pickles",
     "signature_id",
     "signature_of",

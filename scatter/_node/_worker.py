@@ -10,9 +10,10 @@ kills its interpreter costs one call: the node notices and starts a replacement.
 
 Nothing a caller sends ends the loop: every step of a call (decoding the frame and the
 arguments, loading, running, encoding the result, sending) catches ``Exception`` and
-answers a ``Failure``; a result that cannot be sent (an int beyond 64 bits, an object
-that does not pickle) is a ``validation`` failure naming the function and version. What
-is logged to stderr is an exception's type and where it was raised, never a value.
+answers a ``Failure``; a result that cannot be sent (an object that does not pickle) is
+a ``validation`` failure naming the function and version (an int beyond 64 bits is sent:
+rule 7 of ``_core/_signature.py``). What is logged to stderr is an exception's type and
+where it was raised, never a value.
 
 Timeouts are the worker's own, so that they hold when the node is gone too: each call
 arms ``ITIMER_REAL`` for its timeout and the SIGALRM handler raises ``CallInterrupted``
@@ -87,11 +88,6 @@ EXIT_IGNORED_INTERRUPT = 70  # exit status of a worker whose call ignored its in
 _LEAVE_LINGER_MS = 1000  # bounds how long a last reply is given once the node is gone
 _INTERNAL_FAILURE = _wire.encoder.encode(
     _wire.Failure(0, "internal", "the worker failed on this call; the node's log says where")
-)
-
-_BIG_INT = (
-    "an int does not fit in 64 bits (msgpack carries ints from -2**63 to 2**64-1); "
-    "return it as a str, or as a float if rounding is acceptable"
 )
 
 
@@ -433,8 +429,6 @@ class Worker:
             if not isinstance(exc.__cause__, TypeError):
                 raise
             reason = str(exc.__cause__)
-        except OverflowError:
-            reason = _BIG_INT
         except Exception as exc:  # e.g. the check's decoding failing to unpickle the value
             _log_exception(f"checking the result of {call.name}", exc)
             reason = f"{type(exc).__name__}: {exc}"

@@ -202,6 +202,62 @@ def test_a_pickle_under_any_is_refused_and_never_loaded(
     assert not marker.exists()
 
 
+@pytest.mark.timeout(90)
+def test_a_big_int_extension_is_read_as_an_int_and_never_unpickled(
+    client: scatter.Client, tmp_path: Path
+) -> None:
+    # Extension type 2 (BIG_INT_EXT_CODE) is an int's bytes: int.from_bytes, nothing else.
+    marker = tmp_path / "pickle-loaded"
+    tripwire = pickle.dumps(Tripwire(marker))
+
+    def big_int(value: int) -> msgspec.msgpack.Ext:
+        return msgspec.msgpack.Ext(2, value.to_bytes(16, "big", signed=True))
+
+    def twice(n: int) -> int:
+        return 2 * n
+
+    def bits(x: Any) -> int:
+        return x.bit_length() if type(x) is int else -1
+
+    def text(s: str) -> int:
+        return 1
+
+    def both(n: int, x: Any) -> int:
+        return 1
+
+    for fn in (twice, bits, text, both):
+        client.publish(fn)
+    big = -(2**100)
+    with _worker_socket(client) as sock:
+        reply = _raw_call(sock, "twice", {"n": big_int(big)})
+        assert isinstance(reply, _wire.Result), reply
+        value = msgspec.msgpack.decode(reply.value, ext_hook=lambda code, data: (code, bytes(data)))
+        assert value[0] == 2 and int.from_bytes(value[1], "big", signed=True) == 2 * big
+        # A pickle's bytes under code 2 are only a (large) number.
+        reply = _raw_call(sock, "bits", {"x": msgspec.msgpack.Ext(2, tripwire)})
+        assert isinstance(reply, _wire.Result), reply
+        assert msgspec.msgpack.decode(reply.value) > 64
+        failure = _raw_call(sock, "text", {"s": big_int(big)})
+        assert isinstance(failure, _wire.Failure), failure
+        assert (failure.kind, failure.parameter) == ("validation", "s"), failure
+        assert "Expected `str`, got `int`" in failure.message
+        # A pickle under Any is refused as ever, with a big int beside it.
+        pickled = msgspec.msgpack.Ext(1, tripwire)
+        failure = _raw_call(sock, "both", {"n": big_int(big), "x": pickled})
+        assert isinstance(failure, _wire.Failure), failure
+        assert (failure.kind, failure.parameter) == ("validation", "x"), failure
+        assert "was not unpickled" in failure.message
+        failure = _raw_call(sock, "both", {"n": pickled, "x": big_int(big)})
+        assert isinstance(failure, _wire.Failure), failure
+        assert (failure.kind, failure.parameter) == ("validation", "n"), failure
+    with pytest.raises(scatter.ValidationError) as caught:
+        client.make_callable("both")(big, Tripwire(marker))
+    assert caught.value.parameter == "x"
+    assert "was not unpickled" in str(caught.value)
+    assert client.make_callable("both")(big, [big]) == 1
+    assert not marker.exists()
+
+
 @pytest.mark.timeout(60)
 def test_a_plain_class_annotation_still_travels_pickled(client: scatter.Client) -> None:
     class Blob:  # msgspec cannot encode it, and no caller can import it (a local class)

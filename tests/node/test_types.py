@@ -1,10 +1,12 @@
-"""Every type msgspec supports crosses a real node natively; the rest through cloudpickle."""
+"""Every type msgspec supports crosses a real node natively; the rest through cloudpickle.
+An int is Python's int: beyond 64 bits too (rule 7 of scatter/_core/_signature.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import enum
+import math
 import uuid
 from decimal import Decimal
 from typing import Any, Literal, NamedTuple, Optional, TypedDict, Union
@@ -143,3 +145,96 @@ def test_nested_dataclass_error_names_parameter_and_path(connected: object) -> N
     assert caught.value.parameter == "points"
     assert caught.value.path == "$.points[1].x"
     assert "points" in str(caught.value) and "$.points[1].x" in str(caught.value)
+
+
+class Account(msgspec.Struct):
+    owner: str
+    balance: int
+
+
+@dataclasses.dataclass
+class Ledger:
+    entries: list[int]
+
+
+BIG = 10**30
+BIG_CASES: list[tuple[str, Any, Any]] = [
+    ("int", int, -BIG),
+    ("edges", list[int], [2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 2**1000]),
+    ("list", list[int], [1, BIG, -BIG]),
+    ("dict", dict[str, int], {"a": BIG, "b": -BIG, "c": 1}),
+    ("keys", dict[int, str], {BIG: "big", 1: "small"}),
+    ("tuple", tuple[int, str], (BIG, "x")),
+    ("optional", Optional[int], BIG),  # noqa: UP045
+    ("union", Union[int, str], -BIG),  # noqa: UP007
+    ("struct", Account, Account("ada", BIG)),
+    ("dataclass", Ledger, Ledger([BIG, -1])),
+    ("namedtuple", Pair, Pair(-BIG, "minus")),
+    ("any", Any, {"n": [BIG, -BIG], "m": 2}),
+]
+
+
+@pytest.mark.timeout(90)
+def test_ints_beyond_64_bits_cross_a_node_in_arguments_and_results(connected: object) -> None:
+    @scatter.scatter
+    def factorial(n: int) -> int:
+        return math.factorial(n)
+
+    @scatter.scatter
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    for label, annotation, _value in BIG_CASES:
+        scatter.scatter(_echo_of(annotation), name=f"echo_big_{label}")
+
+    assert scatter.make_callable("factorial")(30) == math.factorial(30)
+    assert scatter.make_callable("add")(BIG, 1) == BIG + 1
+    assert scatter.make_callable("add")(-BIG, -BIG) == -2 * BIG
+    for label, _annotation, value in BIG_CASES:
+        result = scatter.make_callable(f"echo_big_{label}")(value)
+        assert result == value, label
+        assert type(result) is type(value), label
+
+
+@pytest.mark.timeout(90)
+def test_big_ints_are_still_validated(connected: object) -> None:
+    @scatter.scatter
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @scatter.scatter
+    def half(x: float) -> float:
+        return x / 2
+
+    @scatter.scatter
+    def as_float() -> float:
+        return BIG
+
+    @scatter.scatter
+    def as_text() -> str:
+        return BIG  # type: ignore[return-value]
+
+    remote = scatter.make_callable("add")
+    with pytest.raises(scatter.ValidationError) as caught:
+        remote("1", 2)
+    assert (caught.value.parameter, caught.value.path) == ("a", "$.a")
+    with pytest.raises(scatter.ValidationError) as caught:
+        remote(BIG, "1")  # the big int's path through validation refuses the str too
+    assert (caught.value.parameter, caught.value.path) == ("b", "$.b")
+    assert "Expected `int`, got `str`" in str(caught.value)
+    with pytest.raises(scatter.ValidationError) as caught:
+        remote(BIG, 2.5)
+    assert caught.value.parameter == "b"
+    # Where a float goes, a big int becomes a float, as msgspec converts any int; past a
+    # float's range it is refused, as msgspec refuses such a number for a float.
+    assert scatter.make_callable("half")(BIG) == BIG / 2
+    result = scatter.make_callable("as_float")()
+    assert (result, type(result)) == (float(BIG), float)
+    with pytest.raises(scatter.ValidationError, match="Number out of range") as caught:
+        scatter.make_callable("half")(10**400)
+    assert caught.value.parameter == "x"
+    # Nor does a big int pass for a str, on the node's side.
+    with pytest.raises(scatter.ValidationError) as caught:
+        scatter.make_callable("as_text")()
+    assert caught.value.parameter == "return"
+    assert "Expected `str`, got `int`" in str(caught.value)
