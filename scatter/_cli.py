@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -32,6 +31,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from ._client import Client, start_background_node
+from ._client._autostart import port_open
 from ._config import (
     DEFAULT_CALL_TIMEOUT,
     NodeConfig,
@@ -359,11 +359,7 @@ def node_leave(ctx: typer.Context) -> None:
 
 
 def _listening(address: str) -> bool:
-    try:
-        with socket.create_connection(parse_address(address), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    return port_open(*parse_address(address))
 
 
 def _refuse_if_listening(address: str) -> None:
