@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .._config import ENV_AUTOSTART, ClientConfig, data_dir_for, parse_address
-from .._exceptions import Unreachable
+from .._exceptions import ScatterError, Unreachable
 
 _autostart_lock = threading.Lock()
 # Detached nodes started by this process: kept referenced so that Popen's destructor does
@@ -67,6 +67,10 @@ def start_background_node(
     Returns:
         the node's pid.
 
+    Raises:
+        ScatterError: the node exited before it listened (its log's last lines say why:
+            a data directory in use, a bad option).
+        Unreachable: it still did not listen after ``wait`` seconds.
     """
     directory = data_dir or data_dir_for(address)
     directory.mkdir(parents=True, exist_ok=True)
@@ -102,8 +106,9 @@ def start_background_node(
         if port_open(host, port):
             return process.pid
         if process.poll() is not None and not port_open(host, port):
+            # Not Unreachable: the node did not fail to answer, it failed to start.
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise Unreachable(
+            raise ScatterError(
                 f"the background node exited with code {process.returncode}: "
                 + " | ".join(tail)
             )

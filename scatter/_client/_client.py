@@ -73,23 +73,30 @@ class Client:
     def publish(
         self, fn: Callable[..., Any], *, name: str | None = None, timeout: float | None = None
     ) -> _wire.Published:
-        from .._publish import prepare_publish
+        from .._publish import prepare_publish, too_large_to_ship
 
         fields = prepare_publish(fn, name=name, timeout=timeout)
-        published: _wire.Published = self.request(lambda i: _wire.Publish(id=i, **fields))
+        published: _wire.Published = self._control.request(
+            lambda i: _wire.Publish(id=i, **fields),
+            too_large=lambda size: too_large_to_ship([fields], size),
+        )
         return published
 
     def publish_set(
         self, name: str, members: list[tuple[Callable[..., Any], str | None, float | None]]
     ) -> _wire.Published:
         """Publish ``members`` (function, name, timeout) as the complete new version of a set."""
-        from .._publish import prepare_publish
+        from .._publish import prepare_publish, too_large_to_ship
 
-        requests = [
-            _wire.Publish(id=0, **prepare_publish(fn, name=member_name, timeout=timeout))
+        prepared = [
+            prepare_publish(fn, name=member_name, timeout=timeout)
             for fn, member_name, timeout in members
         ]
-        published: _wire.Published = self.request(lambda i: _wire.PublishSet(i, name, requests))
+        requests = [_wire.Publish(id=0, **fields) for fields in prepared]
+        published: _wire.Published = self._control.request(
+            lambda i: _wire.PublishSet(i, name, requests),
+            too_large=lambda size: too_large_to_ship(prepared, size, set_name=name),
+        )
         return published
 
     def describe(self, name: str, version: int | None = None, *, source: bool = False) -> _wire.Description:

@@ -19,7 +19,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import _wire
-from .._config import ClientConfig, default_data_dir
+from .._config import MAX_MESSAGE_BYTES, ClientConfig, default_data_dir, parse_address
 from .._exceptions import (
     AuthenticationError,
     CallTimeout,
@@ -34,7 +34,7 @@ from .._exceptions import (
     VersionNotFound,
 )
 from .._security import ClientKeys, apply_client_keys, client_keys, read_user_secret
-from ._autostart import ensure_listening
+from ._autostart import ensure_listening, port_open
 
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -73,6 +73,13 @@ def error_from_failure(failure: _wire.Failure) -> ScatterError:
     if kind == "forbidden":
         return AuthenticationError(failure.message)
     return ScatterError(failure.message)
+
+
+def _request_too_large(size: int) -> ScatterError:
+    return ProtocolError(
+        f"a request of {size:,} bytes is over the limit of {MAX_MESSAGE_BYTES:,} bytes a "
+        "node accepts"
+    )
 
 
 class NodeControl:
@@ -119,12 +126,19 @@ class NodeControl:
             self._client_keys = client_keys(secret)
         return self._client_keys
 
-    def request(self, make: Callable[[int], Any], timeout: float | None = None) -> Any:
+    def request(
+        self,
+        make: Callable[[int], Any],
+        timeout: float | None = None,
+        *,
+        too_large: Callable[[int], ScatterError] = _request_too_large,
+    ) -> Any:
         """Send one control request (built by ``make(request_id)``) and return its reply.
 
         Args:
             make: builds the request from its id.
             timeout: seconds to wait for the reply (default: ``config.connect_timeout``).
+            too_large: the error for a request over the frame limit, given its size.
 
         Raises:
             Unreachable: the node did not answer in time.
@@ -134,9 +148,13 @@ class NodeControl:
         """
         if self.closed:
             raise ScatterError("this client is closed")
-        self._ensure_node()
         request_id = next(self._ids)
         frame = _wire.encoder.encode(make(request_id))
+        if len(frame) > MAX_MESSAGE_BYTES:
+            # Refused here, before anything is sent: a node drops a frame far past the
+            # limit with its connection, unread, and the caller would only see silence.
+            raise too_large(len(frame))
+        self._ensure_node()
         sock = self._socket()
         sock.send(frame)
         seconds = timeout or self.config.connect_timeout
@@ -177,10 +195,18 @@ class NodeControl:
                 # A late answer must not reach the next request: start a fresh socket.
                 self._reset_socket()
                 self.node_ready = False
-                raise Unreachable(
-                    f"no node answered at {self.address} within {seconds:g} s; "
-                    "start one with `scatter node start` or set SCATTER_ADDRESS"
-                )
+                raise self._no_answer(seconds)
+
+    def _no_answer(self, seconds: float) -> Unreachable:
+        if port_open(*parse_address(self.address)):
+            return Unreachable(
+                f"the node at {self.address} did not answer within {seconds:g} s: something "
+                "listens there, but it is busy or stopped, or it is not a Scatter node"
+            )
+        return Unreachable(
+            f"no node answered at {self.address} within {seconds:g} s; "
+            "start one with `scatter node start` or set SCATTER_ADDRESS"
+        )
 
     def _ensure_node(self) -> None:
         if self.node_ready:
