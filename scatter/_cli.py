@@ -23,7 +23,6 @@ import contextlib
 import inspect
 import json
 import math
-import socket
 import sys
 import time
 import types
@@ -45,6 +44,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from ._client import Client, start_background_node
+from ._client._autostart import port_open
 from ._config import (
     DEFAULT_CALL_TIMEOUT,
     NodeConfig,
@@ -388,11 +388,7 @@ def node_leave(ctx: typer.Context) -> None:
 
 
 def _listening(address: str) -> bool:
-    try:
-        with socket.create_connection(parse_address(address), timeout=0.5):
-            return True
-    except OSError:
-        return False
+    return port_open(*parse_address(address))
 
 
 def _refuse_if_listening(address: str) -> None:

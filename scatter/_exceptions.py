@@ -125,7 +125,12 @@ class NotScatterable(ScatterError, TypeError):
 
 
 class Unreachable(ScatterError, ConnectionError):
-    """No node answered at the address."""
+    """No node answered at the address: nothing listens there, or what listens was silent.
+
+    Only ever silence. A node that answers with an error raises that error, and what the
+    client refuses before sending (a body or arguments over the frame limit) raises its
+    own.
+    """
 
 
 class AuthenticationError(ScatterError, PermissionError):

@@ -20,6 +20,7 @@ from typing import Any
 
 import cloudpickle
 
+from ._config import MAX_MESSAGE_BYTES
 from ._core import _typespec
 from ._core._registry import check_name
 from ._core._signature import (
@@ -105,3 +106,30 @@ def prepare_publish(
         "python": platform.python_version(),
         "timeout": timeout,
     }
+
+
+def too_large_to_ship(
+    members: list[dict[str, Any]], request_bytes: int, *, set_name: str | None = None
+) -> NotScatterable:
+    """The error for a ``Publish`` (or ``PublishSet``) of ``members`` (``prepare_publish``
+    fields) that encodes to ``request_bytes``, over the limit of one frame.
+
+    The client refuses it before sending anything: a node would drop the frame unread,
+    with its connection, and the caller would see only silence.
+    """
+    largest = max(members, key=lambda fields: len(fields["body"]))
+    body_bytes = len(largest["body"])
+    over = request_bytes - MAX_MESSAGE_BYTES
+    what = repr(largest["name"]) if set_name is None else f"the set {set_name!r}"
+    return NotScatterable(
+        f"cannot ship {what}: the body of {largest['name']}() pickles to "
+        f"{_mib(body_bytes)} ({body_bytes:,} bytes), and the request is {over:,} bytes "
+        f"({_mib(over)}) over the {_mib(MAX_MESSAGE_BYTES)} a node accepts in one message. "
+        "It is likely a closure over a large array: pass it as an argument, or load it "
+        "inside the function"
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+

@@ -380,15 +380,17 @@ class NodeDriver:
         peers: dict[int, str] = {}  # {fd of an accepted connection: peer address}
         failed = 0  # handshakes failed whose connection has not closed yet
         logged: dict[str, float] = {}
+        last_peer = ""  # a failed handshake can close its socket before we ask who it was
         while True:
             event = parse_monitor_message(await monitor.recv_multipart())
             kind, value = event["event"], event["value"]
             if kind == zmq.EVENT_ACCEPTED:
-                peers[value] = _peer_address(value)
+                peers[value] = _peer_address(value) or last_peer
+                last_peer = peers[value]
             elif kind & _HANDSHAKE_FAILURES:
                 failed += 1
             elif kind == zmq.EVENT_DISCONNECTED:
-                address = peers.pop(value, "")
+                address = peers.pop(value, "") or last_peer
                 if failed:
                     failed -= 1
                     now = time.monotonic()

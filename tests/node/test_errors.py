@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ import zmq
 import scatter
 from cluster.launch import LocalNode, free_port, process_gone
 from scatter import _wire
+from scatter._client import start_background_node
 from scatter._config import NodeConfig
 from tests.raw_sockets import dealer
 from tests.waiting import wait_until
@@ -308,6 +310,66 @@ def test_oversized_frame_is_refused_and_node_keeps_serving(
     with pytest.raises(scatter.ProtocolError, match="limit"):
         client.make_callable("size")(huge)
     assert client.make_callable("size")(b"abc") == 3
+
+
+@pytest.mark.timeout(60)
+def test_a_body_over_the_frame_limit_says_so_before_sending_and_the_node_serves_on(
+    client: scatter.Client,
+) -> None:
+    # A closure over 70 MiB: past what zmq lets through, where the node drops the frame
+    # with its connection, unread (this once read "Unreachable ... start one").
+    table = bytes(range(256)) * (70 * 4096)
+
+    def lookup(i: int) -> int:
+        return table[i]
+
+    with pytest.raises(scatter.NotScatterable) as caught:
+        client.publish(lookup)
+    message = str(caught.value)
+    assert "cannot ship 'lookup': the body of lookup() pickles to 70.0 MiB" in message
+    found = re.search(r"the request is ([\d,]+) bytes", message)
+    assert found, message
+    over = int(found[1].replace(",", ""))
+    assert 6 * 2**20 < over < 6 * 2**20 + 64 * 1024, message
+    assert "over the 64.0 MiB a node accepts in one message" in message
+    assert "pass it as an argument, or load it inside the function" in message
+    # Refused before anything was sent: without a node too, the body is what is blamed.
+    with (
+        scatter.Client(f"tcp://127.0.0.1:{free_port()}", autostart=False) as nobody,
+        pytest.raises(scatter.NotScatterable, match="cannot ship 'lookup'"),
+    ):
+        nobody.publish(lookup)
+    with pytest.raises(scatter.NotScatterable, match="cannot ship the set 'tables'"):
+        client.publish_set("tables", [(add, None, None), (lookup, None, None)])
+    client.publish(add)
+    assert client.make_callable("add")(20, 22) == 42
+    assert [row["name"] for row in client.functions()] == ["add"]
+
+
+@pytest.mark.timeout(60)
+def test_a_background_node_that_fails_to_start_is_not_called_unreachable(tmp_path: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(scatter.ScatterError, match=r"exited with code 2: .*--no-such-option") as caught:
+        start_background_node(address, tmp_path / "node", node_options=["--no-such-option"])
+    assert not isinstance(caught.value, scatter.Unreachable)  # its log says why, not silence
+
+
+@pytest.mark.timeout(60)
+def test_a_node_that_listens_but_does_not_answer_is_not_called_absent(
+    client: scatter.Client, node: LocalNode
+) -> None:
+    assert client.status().pid == node.pid
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(scatter.Unreachable) as caught:
+            client.request(lambda i: _wire.Status(i), timeout=0.5)
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    assert f"the node at {node.address} did not answer within 0.5 s: something listens" in str(
+        caught.value
+    )
+    assert "scatter node start" not in str(caught.value)
+    assert client.status().pid == node.pid  # the late answer went with the old socket
 
 
 @pytest.mark.timeout(60)

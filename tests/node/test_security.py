@@ -99,10 +99,10 @@ def test_transport_tcp_calls_workers_over_curve_on_loopback_too(
 ) -> None:
     client.publish(add)
     assert client.make_callable("add")(1, 2) == 3
-    assert [c.endpoint[:6] for c in client._idle] == ["ipc://"]  # the same-user fast path
+    assert [c.endpoint[:6] for c in client._pool.idle] == ["ipc://"]  # the same-user fast path
     with scatter.Client(node.address, autostart=False, transport="tcp") as tcp:
         assert tcp.make_callable("add")(2, 3) == 5
-        assert [c.endpoint[:6] for c in tcp._idle] == ["tcp://"]
+        assert [c.endpoint[:6] for c in tcp._pool.idle] == ["tcp://"]
     with pytest.raises(scatter.ConfigError, match="transport"):
         scatter.Client(node.address, autostart=False, transport="udp")  # type: ignore[arg-type]
 

@@ -1,0 +1,278 @@
+"""Control requests to a node, and what a node's ``Failure`` means on this side.
+
+A control request (publish, describe, lease, ...) is one frame each way on a DEALER
+socket, matched by id. Sockets are never shared between threads at the same time, so
+each thread gets its own, with a monitor of its CURVE handshake: a wrong secret shows
+there (the handshake fails and no frame ever comes), which tells it apart from a node
+that does not answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from .. import _wire
+from .._config import MAX_MESSAGE_BYTES, ClientConfig, default_data_dir, parse_address
+from .._exceptions import (
+    AuthenticationError,
+    CallTimeout,
+    ConfigError,
+    FunctionNotFound,
+    ProtocolError,
+    RemoteError,
+    ScatterError,
+    SignatureChanged,
+    Unreachable,
+    ValidationError,
+    VersionNotFound,
+)
+from .._security import ClientKeys, apply_client_keys, client_keys, read_user_secret
+from ._autostart import ensure_listening, port_open
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def error_from_failure(failure: _wire.Failure) -> ScatterError:
+    """The exception a Failure stands for (the client-side half of the error tree)."""
+    kind = failure.kind
+    if kind == "remote":
+        return RemoteError(failure.remote_type, failure.message, failure.remote_traceback)
+    if kind == "validation":
+        return ValidationError(failure.message, parameter=failure.parameter, path=failure.path)
+    if kind == "not_found":
+        return FunctionNotFound(failure.message)
+    if kind == "version_not_found":
+        return VersionNotFound(failure.message)
+    if kind == "signature_changed":
+        return SignatureChanged(
+            failure.message,
+            name=failure.name,
+            old_version=failure.old_version,
+            new_version=failure.new_version,
+        )
+    if kind == "timeout":
+        return CallTimeout(failure.message)
+    if kind == "protocol":
+        return ProtocolError(failure.message)
+    if kind == "invalid":
+        return ConfigError(failure.message)
+    if kind == "load":
+        return RemoteError("scatter.LoadError", failure.message)
+    if kind == "forbidden":
+        return AuthenticationError(failure.message)
+    return ScatterError(failure.message)
+
+
+def _request_too_large(size: int) -> ScatterError:
+    return ProtocolError(
+        f"a request of {size:,} bytes is over the limit of {MAX_MESSAGE_BYTES:,} bytes a "
+        "node accepts"
+    )
+
+
+class NodeControl:
+    """Control requests to the node at ``config.address``, from any thread.
+
+    Args:
+        config: the client's resolved configuration.
+        context: the client's zmq context (its worker connections share it).
+        ids: the client's id counter; control requests and calls draw from it.
+
+    Resource handling:
+        Each thread's socket is made on its first request and closed by :meth:`close`.
+    """
+
+    def __init__(
+        self, config: ClientConfig, context: zmq.Context[Any], ids: Iterator[int]
+    ) -> None:
+        self.config = config
+        self.address = config.address
+        self._context = context
+        self._ids = ids
+        self._local = threading.local()
+        # Every thread's control socket and its monitor, closed with the client: a
+        # thread-local alone would drop a finished thread's socket unclosed (a
+        # ResourceWarning, and its pending messages) when the thread goes away.
+        self.sockets: list[zmq.Socket[bytes]] = []
+        self._lock = threading.Lock()
+        self.node_ready = False
+        self.closed = False
+        self._client_keys: ClientKeys | None = None
+
+    def keys(self) -> ClientKeys:
+        """The CURVE keys this client's secret gives (read once the node may have made it)."""
+        if self._client_keys is None:
+            secret = self.config.secret
+            if secret is None:
+                secret = read_user_secret(default_data_dir())
+            if secret is None:
+                raise AuthenticationError(
+                    f"no secret to talk to the node at {self.address}: set SCATTER_SECRET "
+                    f"(or pass secret=); a node you start keeps yours in "
+                    f"{default_data_dir() / 'secret'}"
+                )
+            self._client_keys = client_keys(secret)
+        return self._client_keys
+
+    def request(
+        self,
+        make: Callable[[int], Any],
+        timeout: float | None = None,
+        *,
+        too_large: Callable[[int], ScatterError] = _request_too_large,
+    ) -> Any:
+        """Send one control request (built by ``make(request_id)``) and return its reply.
+
+        Args:
+            make: builds the request from its id.
+            timeout: seconds to wait for the reply (default: ``config.connect_timeout``).
+            too_large: the error for a request over the frame limit, given its size.
+
+        Raises:
+            Unreachable: the node did not answer in time.
+            AuthenticationError: the node refused this client's secret.
+            ProtocolError: the reply is malformed.
+            ScatterError: the node's ``Failure``, as :func:`error_from_failure` maps it.
+        """
+        if self.closed:
+            raise ScatterError("this client is closed")
+        request_id = next(self._ids)
+        frame = _wire.encoder.encode(make(request_id))
+        if len(frame) > MAX_MESSAGE_BYTES:
+            # Refused here, before anything is sent: a node drops a frame far past the
+            # limit with its connection, unread, and the caller would only see silence.
+            raise too_large(len(frame))
+        self._ensure_node()
+        sock = self._socket()
+        sock.send(frame)
+        seconds = timeout or self.config.connect_timeout
+        deadline = time.monotonic() + seconds
+        while True:
+            received = self._receive(sock, deadline, seconds)
+            try:
+                reply = _wire.control_reply_decoder.decode(received)
+            except _wire.DECODE_ERRORS as exc:
+                raise ProtocolError(f"malformed reply from {self.address}: {exc}") from None
+            if reply.id not in (request_id, 0):
+                continue  # an answer to a request abandoned earlier on this socket
+            if isinstance(reply, _wire.Failure):
+                raise error_from_failure(reply)
+            return reply
+
+    def send_nowait(self, make: Callable[[int], Any]) -> None:
+        """Send a request nobody waits for (a lease's release); a lost one is harmless.
+
+        Its answer is skipped by id when this thread's socket next reads.
+        """
+        if self.closed or not self.node_ready:
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self._socket().send(_wire.encoder.encode(make(next(self._ids))), zmq.NOBLOCK)
+
+    def _receive(self, sock: zmq.Socket[bytes], deadline: float, seconds: float) -> bytes:
+        """The next frame on ``sock`` before ``deadline``, or the error its silence means."""
+        while True:
+            remaining = max(0, int((deadline - time.monotonic()) * 1000))
+            # Look at the handshake every 100 ms: a wrong secret fails at once, not at the
+            # timeout.
+            if remaining and sock.poll(min(remaining, 100), zmq.POLLIN):
+                return sock.recv()
+            if self._handshake_failed():
+                raise self._authentication_failed()
+            if not remaining:
+                # A late answer must not reach the next request: start a fresh socket.
+                self._reset_socket()
+                self.node_ready = False
+                raise self._no_answer(seconds)
+
+    def _no_answer(self, seconds: float) -> Unreachable:
+        if port_open(*parse_address(self.address)):
+            return Unreachable(
+                f"the node at {self.address} did not answer within {seconds:g} s: something "
+                "listens there, but it is busy or stopped, or it is not a Scatter node"
+            )
+        return Unreachable(
+            f"no node answered at {self.address} within {seconds:g} s; "
+            "start one with `scatter node start` or set SCATTER_ADDRESS"
+        )
+
+    def _ensure_node(self) -> None:
+        if self.node_ready:
+            return
+        ensure_listening(self.config)
+        self.node_ready = True
+        self._check_protocol()
+
+    def _check_protocol(self) -> None:
+        welcome: _wire.Welcome = self.request(lambda i: _wire.Hello(i))
+        if not _wire.PROTOCOL_VERSION_MIN <= welcome.protocol <= _wire.PROTOCOL_VERSION_MAX:
+            self.node_ready = False
+            raise ProtocolError(
+                f"the node at {self.address} speaks protocol {welcome.protocol}; this client "
+                f"speaks {_wire.PROTOCOL_VERSION_MIN}..{_wire.PROTOCOL_VERSION_MAX}: upgrade "
+                "the older of the two"
+            )
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] | None = getattr(self._local, "sock", None)
+        if sock is None:
+            keys = self.keys()
+            sock = self._context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            apply_client_keys(sock, keys)
+            # Where a wrong secret shows: the handshake fails, and no frame ever comes.
+            monitor = self._local.handshake = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            sock.connect(self.address)
+            self._local.sock = sock
+            with self._lock:
+                self.sockets += (monitor, sock)
+        return sock
+
+    def _reset_socket(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            monitor = self._local.handshake
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            self._local.sock = None
+            with self._lock:
+                self.sockets.remove(sock)
+                self.sockets.remove(monitor)
+
+    def _handshake_failed(self) -> bool:
+        """Whether this thread's CURVE handshake failed since the last look."""
+        monitor: zmq.Socket[bytes] = self._local.handshake
+        failed = False
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
+            failed = event != zmq.EVENT_HANDSHAKE_SUCCEEDED
+        return failed
+
+    def _authentication_failed(self) -> AuthenticationError:
+        self._reset_socket()
+        self.node_ready = False
+        return AuthenticationError(
+            f"authentication failed at {self.address}: the node refused this client's "
+            "secret; check SCATTER_SECRET (or the node's --secret-file): both must be "
+            "the cluster's secret, or a call-only secret made from it"
+        )
+
+    def close(self) -> None:
+        """Refuse further requests and close every thread's socket."""
+        self.closed = True
+        for sock in self.sockets:
+            sock.close(linger=0)
+        self.sockets.clear()
