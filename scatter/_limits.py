@@ -27,6 +27,7 @@ __all__ = [
     "MAX_TEXT_CHARS",
     "PEER_QUEUE_FRAMES",
     "PEER_REPLY_FRAMES",
+    "REPLY_SEND_TIMEOUT_MS",
     "Address",
     "Ident",
     "Name",
@@ -72,11 +73,16 @@ MAX_BATCH_CHANGES = 4096
 PEER_QUEUE_FRAMES = 16
 # Calls one client connection keeps in flight at most (the client's map pipelining).
 MAX_PIPELINED_CALLS = 32
-# Replies queued for one peer, not yet written to its connection (ZMQ_SNDHWM). A ROUTER
-# DROPS a reply past it, and libzmq learns what its I/O thread wrote in batches, so it
-# must exceed what one honest peer can have outstanding: MAX_PIPELINED_CALLS, twice.
-# (16 lost replies under map's bursts; measured by test_map.)
-PEER_REPLY_FRAMES = 2 * MAX_PIPELINED_CALLS
+# Replies queued for one peer, not yet written to its connection (ZMQ_SNDHWM). libzmq
+# learns what its I/O thread wrote in batches, so this must well exceed what one honest
+# peer can have outstanding (MAX_PIPELINED_CALLS): at 2x, replies were still dropped
+# under a loaded machine (the benchmark's map: "reply 8285 to call 8274"). A worker's
+# ROUTER is also ROUTER_MANDATORY, so a full queue makes the worker wait (up to
+# REPLY_SEND_TIMEOUT) instead of dropping a reply silently.
+PEER_REPLY_FRAMES = 8 * MAX_PIPELINED_CALLS
+# Milliseconds a worker waits for room in a peer's reply queue before it gives that
+# reply up (a client that stopped reading): the call's caller then times out.
+REPLY_SEND_TIMEOUT_MS = 5000
 # Nesting depth of msgpack values: msgspec decodes nested containers recursively and
 # guards each level with Py_EnterRecursiveCall, so a frame nested deeper than the
 # interpreter's recursion limit raises RecursionError (100,000 nested arrays: refused in

@@ -56,6 +56,7 @@ from ._limits import (  # noqa: E402
     MAX_TEXT_CHARS as MAX_TEXT_CHARS,
     PEER_QUEUE_FRAMES as PEER_QUEUE_FRAMES,
     PEER_REPLY_FRAMES as PEER_REPLY_FRAMES,
+    REPLY_SEND_TIMEOUT_MS as REPLY_SEND_TIMEOUT_MS,
     Address as Address,
     Ident as Ident,
     Name as Name,

@@ -494,6 +494,10 @@ def worker_socket(
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes + 4096)
     sock.setsockopt(zmq.RCVHWM, _wire.PEER_QUEUE_FRAMES)
     sock.setsockopt(zmq.SNDHWM, _wire.PEER_REPLY_FRAMES)
+    # Never drop a reply silently: wait for room, or fail the send (a gone or stalled
+    # client) and say so, rather than leave a pipelining caller with a hole.
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.SNDTIMEO, _wire.REPLY_SEND_TIMEOUT_MS)
     return sock
 
 
@@ -565,7 +569,8 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
             send(identity, zmq.SNDMORE)
             send(reply)
         except zmq.ZMQError as exc:
-            _log_exception("sending a reply", exc)
+            if exc.errno != zmq.EHOSTUNREACH:  # a caller that went away: nothing to say
+                _log_exception("sending a reply", exc)
         if worker.orphaned:  # the node died during this call
             _leave(context, sock, worker)
         worker.busy = False
