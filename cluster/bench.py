@@ -33,10 +33,10 @@ asserted (a failed target still exits 0; a system that could not run exits 1).
 What CURVE costs Scatter (add p50, one client): no Scatter without CURVE can run next to
 it, and scatter-local differs from scatter-tcp in transport too (a Unix socket is faster
 than loopback TCP), so scatter-tcp over scatter-local is reported only as an upper bound.
-CURVE adds a fixed time to each round trip (its frames are sealed and opened), not a share
-of it, so the target compares scatter-tcp with scatter-tcp minus what CURVE adds to the
-pyzmq round trip in the same round: conservative, as REQ/REP carries three frames each
-way where Scatter's DEALER carries one.
+The target is judged on that upper bound: if CURVE and TCP together cost at most 15% over
+the Unix socket, CURVE alone costs no more. An estimate that subtracts what CURVE adds to
+the pyzmq round trip is reported beside it, not judged: that delta moved from 8 to 45 us
+between rounds here, as much as a whole Scatter call.
 
 After the rounds, for Scatter alone: how long ``@scatter`` takes to return, and the
 pipelined variant, ``RemoteFunction.map``, against sequential calls from the same
@@ -990,7 +990,10 @@ def check_targets(rows: dict[tuple[str, str, int], Row]) -> list[dict[str, Any]]
 
 
 CURVE_BOUND = 1.15
-CURVE_TARGET = "scatter over TCP with CURVE: add p50 at most 1.15x Scatter without CURVE"
+CURVE_TARGET = (
+    "scatter over TCP with CURVE: add p50 at most 1.15x Scatter without CURVE "
+    "(bounded by scatter-tcp over scatter-local)"
+)
 
 
 def curve_cost(rows: dict[tuple[str, str, int], Row]) -> dict[str, Any]:
@@ -1025,7 +1028,12 @@ def curve_cost(rows: dict[tuple[str, str, int], Row]) -> dict[str, Any]:
                 added_us[number] = added
                 if measured.p50_us - added > 0:
                     without[number] = measured.p50_us / (measured.p50_us - added)
-    value = _median(without.values())
+    # The target is judged on the upper bound, scatter-tcp over scatter-local: CURVE and
+    # TCP together against the Unix socket, measured in the same round. The estimate
+    # from pyzmq's CURVE delta is reported too, but it is no verdict: that delta moved
+    # between 8 and 45 us from round to round here, as much as a whole Scatter call.
+    bound = ratios(SCATTER_TCP, "scatter-local")
+    value = _median(bound.values())
     status = "SKIP" if value is None else "PASS" if value <= CURVE_BOUND else "FAIL"
     return {
         "what": "add p50, 1 client, same-round ratios (median across rounds)",
@@ -1037,8 +1045,9 @@ def curve_cost(rows: dict[tuple[str, str, int], Row]) -> dict[str, Any]:
             "status": status,
             "ratio": value,
             "bound": CURVE_BOUND,
-            "per_round": [without[n] for n in sorted(without)],
-            "how": "scatter-tcp p50 / (scatter-tcp p50 - (pyzmq-curve p50 - pyzmq p50))",
+            "per_round": [bound[n] for n in sorted(bound)],
+            "how": "scatter-tcp p50 / scatter-local p50 (CURVE and TCP vs a Unix socket)",
+            "estimate_without_curve": _median(without.values()),
         },
     }
 
