@@ -61,6 +61,19 @@ def process_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def child_pids(parent: int) -> list[int]:
+    """The live (not zombie) children of ``parent``: a node's children are its workers."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
 def kill_if_alive(pid: int) -> None:
     """SIGKILL ``pid`` (one this process started or looked up) unless it is gone already."""
     if not process_gone(pid):

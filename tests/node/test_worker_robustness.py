@@ -16,23 +16,10 @@ import pytest
 import zmq
 
 import scatter
-from cluster.launch import LocalNode, kill_if_alive, process_gone, wait_until
+from cluster.launch import LocalNode, child_pids, kill_if_alive, process_gone, wait_until
 from scatter import _wire
 from scatter._config import NodeConfig
 from tests.raw_sockets import dealer
-
-
-def _worker_pids(node_pid: int) -> list[int]:
-    """The live children of ``node_pid`` (a node's children are its workers)."""
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == node_pid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 def worker_pid() -> int:
@@ -207,7 +194,7 @@ def test_workers_exit_after_their_node_is_killed_even_mid_call(
             thread.start()
         all_leased.wait(30)
         wait_until(lambda: client.status().busy_workers == len(hangs), 10, "all calls run")
-        workers = _worker_pids(node.pid)  # busy ones and idle spares
+        workers = child_pids(node.pid)  # busy ones and idle spares
         assert set(busy) <= set(workers) and len(workers) > len(busy)
         node.kill()
         bound = timeout + NodeConfig.kill_grace + 10
@@ -243,8 +230,8 @@ def test_idle_workers_sleep_until_called(client: scatter.Client, node: LocalNode
     # An idle worker blocks on its socket and on its node's pipe; nothing wakes it up.
     # (It used to look for its node every 250 ms.)
     client.publish(worker_pid)
-    assert client.make_callable("worker_pid")() in _worker_pids(node.pid)
-    workers = _worker_pids(node.pid)
+    assert client.make_callable("worker_pid")() in child_pids(node.pid)
+    workers = child_pids(node.pid)
     before = {pid: _wakeups(pid) for pid in workers}
     time.sleep(1.5)  # the window observed, not a wait for a condition
     for pid in workers:
@@ -268,7 +255,7 @@ def test_a_restarted_node_gets_runtime_files_of_its_own(tmp_path: Path) -> None:
         with scatter.Client(first.address, autostart=False) as client:
             client.publish(worker_pid)
             client.make_callable("worker_pid")()
-        old_workers = _worker_pids(first.pid)
+        old_workers = child_pids(first.pid)
         old_slots = os.open(slots, os.O_RDONLY)  # keeps the old inode's number taken
         first.kill()
         second = LocalNode(first.data_dir).start()
@@ -279,7 +266,7 @@ def test_a_restarted_node_gets_runtime_files_of_its_own(tmp_path: Path) -> None:
             assert os.fstat(old_slots).st_nlink == 0
             with scatter.Client(second.address, autostart=False) as client:
                 pid = client.make_callable("worker_pid")()
-            live = _worker_pids(second.pid)
+            live = child_pids(second.pid)
             assert pid in live
             sockets = sorted(p.name for p in slots.parent.glob("*.sock"))
             assert sockets, "workers listen on Unix sockets"

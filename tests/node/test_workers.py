@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
 import scatter
-from cluster.launch import LocalNode, process_gone
+from cluster.launch import LocalNode, child_pids, process_gone
 from scatter._client import _IDLE_CHECK_AFTER
 from tests.waiting import holds_for, wait_until
 
@@ -23,16 +22,6 @@ def worker_pid() -> int:
     return os.getpid()
 
 
-def _worker_pids(node_pid: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == node_pid and fields[0] != "Z":
-            pids.append(int(stat.parent.name))
-    return pids
 
 
 @pytest.mark.timeout(60)
@@ -43,7 +32,7 @@ def test_workers_outlive_the_spawning_thread(client: scatter.Client, node: Local
     client.publish(worker_pid)
     remote = client.make_callable("worker_pid")
     serving = remote()
-    workers = _worker_pids(node.pid)
+    workers = child_pids(node.pid)
     assert serving in workers
     holds_for(
         lambda: all(not process_gone(pid) for pid in workers),
@@ -57,7 +46,7 @@ def test_workers_outlive_the_spawning_thread(client: scatter.Client, node: Local
 def test_workers_exit_when_their_node_is_killed(client: scatter.Client, node: LocalNode) -> None:
     client.publish(add)
     assert client.make_callable("add")(1, 2) == 3
-    workers = _worker_pids(node.pid)
+    workers = child_pids(node.pid)
     assert workers, "the node has worker processes"
     node.kill()
     for pid in workers:
@@ -72,7 +61,7 @@ def test_connection_to_a_worker_that_died_while_idle_is_replaced(
     remote = client.make_callable("add")
     assert remote(1, 2) == 3
     last_call = time.monotonic()
-    workers = _worker_pids(node.pid)
+    workers = child_pids(node.pid)
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     for pid in workers:
