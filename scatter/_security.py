@@ -49,6 +49,9 @@ MIN_SECRET_LENGTH = 16  # characters; `scatter secret new` makes 43
 # How a node hands its CURVE server key to its workers (their environment, which only
 # the user can read; a command line is anyone's). The worker removes it at start.
 WORKER_KEY_VARIABLE = "SCATTER_WORKER_SERVER_KEY"
+# ... and the client keys with their roles ("role:hex,..."): public, but a worker's ZAP
+# needs them to know who calls (a call-only key may not send pickles).
+WORKER_CLIENTS_VARIABLE = "SCATTER_WORKER_CLIENT_KEYS"
 
 
 @dataclass(frozen=True)

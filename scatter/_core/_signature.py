@@ -189,6 +189,17 @@ def _validating_dec_hook(expected: Any, obj: object) -> object:
     return _check_instance(expected, obj)
 
 
+def _pickle_refusing_dec_hook(expected: Any, obj: object) -> object:
+    """For callers whose role may not send pickles (call-only): an opaque position that
+    holds one refuses it, unloaded; everything else decodes as for anyone."""
+    if type(obj) is _ExtValue:
+        _claim(obj)
+        raise PickleRefused("a pickled value from a client whose secret is call-only")
+    if expected is object or _is_opaque_stand_in(expected):
+        return obj
+    return _check_instance(expected, obj)
+
+
 def _check_instance(expected: Any, obj: object) -> object:
     # The value arrived through the pickle extension (or as plain data); check it is what
     # the annotation says.
@@ -337,6 +348,16 @@ def decoding(type_: Any, *, unpickle: bool) -> Callable[[Any], Any]:
     caller's own arguments). Raises TypeError if msgspec cannot validate ``type_``.
     """
     hook = _unpickling_dec_hook if unpickle else _validating_dec_hook
+    return _decoder(type_, hook)
+
+
+def refusing_pickles(type_: Any) -> Callable[[Any], Any]:
+    """``decode(payload)`` as :func:`decoding` does, but a pickle anywhere is refused
+    (``PickleRefused``), never loaded: for the arguments of a call-only client."""
+    return _decoder(type_, _pickle_refusing_dec_hook)
+
+
+def _decoder(type_: Any, hook: Callable[[Any, object], object]) -> Callable[[Any], Any]:
     if not meets_pickles(type_):
         return msgspec.msgpack.Decoder(type_, dec_hook=hook, ext_hook=_refusing_ext_hook).decode
     decoder = msgspec.msgpack.Decoder(type_, dec_hook=hook, ext_hook=_counting_ext_hook)
@@ -897,6 +918,7 @@ __all__ = [
     "decoding",
     "encode_with_big_ints",
     "meets_pickles",
+    "refusing_pickles",
     "signature_id",
     "signature_of",
     "signature_text",

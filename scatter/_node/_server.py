@@ -46,6 +46,7 @@ from .._core._node import NodeCore, NodeFacts
 from .._core._registry import PublishOp
 from .._exceptions import ConfigError
 from .._security import (
+    WORKER_CLIENTS_VARIABLE,
     WORKER_KEY_VARIABLE,
     ClientKeys,
     NodeKeys,
@@ -289,7 +290,13 @@ class NodeDriver:
                 stdout=subprocess.PIPE,
                 pass_fds=(self._parent_read,),
                 # The environment, not the command line: /proc/PID/cmdline is world-readable.
-                env={**os.environ, WORKER_KEY_VARIABLE: self.keys.server_secret.decode()},
+                env={
+                    **os.environ,
+                    WORKER_KEY_VARIABLE: self.keys.server_secret.decode(),
+                    WORKER_CLIENTS_VARIABLE: ",".join(
+                        f"{role}:{key.hex()}" for key, role in self.keys.clients.items()
+                    ),
+                },
             )
             with trio.fail_after(self.config.worker_start_timeout):
                 endpoints = await _read_ready(process)

@@ -55,20 +55,29 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 import zmq
-from msgspec import DecodeError
+from msgspec import DecodeError, ValidationError as MsgspecValidationError
 
 from .. import _wire
 from .._config import DEFAULT_CALL_TIMEOUT, MAX_MESSAGE_BYTES, NodeConfig
 from .._core._registry import resolve_view
-from .._core._signature import CallSpec, build_call_spec, restore_signature, signature_of
+from .._core._signature import (
+    CallSpec,
+    argument_error,
+    build_call_spec,
+    meets_pickles,
+    refusing_pickles,
+    restore_signature,
+    signature_of,
+)
 from .._exceptions import FunctionNotFound, NotScatterable, ValidationError, VersionNotFound
-from .._security import WORKER_KEY_VARIABLE, apply_server_keys
+from .._security import WORKER_CLIENTS_VARIABLE, WORKER_KEY_VARIABLE, apply_server_keys
 from ._slots import SharedSlots
 from ._store import RegistryStore
 
@@ -103,6 +112,9 @@ class Loaded:
     function: Any
     spec: CallSpec
     timeout: float | None  # the version's own call timeout
+    # Its arguments may hold a pickle (an opaque parameter type): this decodes them for a
+    # call-only client, refusing any pickle unloaded. None: nothing to refuse.
+    refusing: Callable[[Any], Any] | None = None
 
 
 class _Refused(Exception):
@@ -183,6 +195,7 @@ class Worker:
         # Keyed by name too: one body published under two names is built once per name,
         # so messages and tracebacks name the function that was called.
         self.loaded: collections.OrderedDict[tuple[str, str], Loaded] = collections.OrderedDict()
+        self.frame: zmq.Frame | None = None  # the call's frame: who sent it (ZAP User-Id)
         self.call_number = 0
         self.running = 0  # call number running now, 0 when idle
         self.deadline = 0.0
@@ -299,7 +312,10 @@ class Worker:
                 f"cannot load {name} on this node ({type(exc).__name__}: {exc}); "
                 "its body needs a module or Python version this node lacks",
             ) from exc
-        loaded = Loaded(function, spec, record.timeout)
+        refusing = (
+            refusing_pickles(spec.arguments_type) if meets_pickles(spec.arguments_type) else None
+        )
+        loaded = Loaded(function, spec, record.timeout, refusing)
         self.loaded[(name, content_id)] = loaded
         if len(self.loaded) > MAX_LOADED_VERSIONS:
             self.loaded.popitem(last=False)
@@ -354,6 +370,20 @@ class Worker:
             }
             return self.encode(_wire.Failure(call_id, kind, _encodable(message), **clean))
 
+    def arguments_without_pickles(self, call: _wire.Call, loaded: Loaded) -> Any:
+        """A call-only client's arguments: a pickle is code, and that role runs none."""
+        assert loaded.refusing is not None
+        try:
+            return _bounded(loaded.refusing, call.args)
+        except MsgspecValidationError as exc:
+            if "call-only" in str(exc):
+                raise _Refused(
+                    "forbidden",
+                    f"{call.name}(): this client's secret is call-only, and a pickled "
+                    "argument would run code on the node; call it with the cluster secret",
+                ) from None
+            raise argument_error(call.name, exc) from None
+
     def run(self, call: _wire.Call) -> bytes:
         generation = self.slots.generation()
         if generation != self.generation:
@@ -373,11 +403,13 @@ class Worker:
                 new_version=number,
             )
         try:
-            if _recursion_limit() > _MAX_DECODE_RECURSION:
+            if loaded.refusing is not None and _role_of(self.frame) == "call":
+                arguments = self.arguments_without_pickles(call, loaded)
+            elif _recursion_limit() > _MAX_DECODE_RECURSION:
                 arguments = _bounded(spec.decode_arguments, call.args)
             else:
                 arguments = spec.decode_arguments(call.args)
-        except ValidationError:
+        except (ValidationError, _Refused):
             raise
         except DecodeError as exc:  # e.g. invalid UTF-8: the caller's frame, not our bug
             raise _Refused("validation", f"{call.name}() arguments: {exc}") from None
@@ -501,6 +533,51 @@ def worker_socket(
     return sock
 
 
+def _role_of(frame: zmq.Frame | None) -> str:
+    """The ZAP role of a call's sender: "deploy", "call", or "" (the Unix socket: only
+    the node's own user can open it, who holds the cluster secret anyway)."""
+    if frame is None:
+        return ""
+    try:
+        return str(frame.get("User-Id") or "")
+    except zmq.ZMQError:
+        return ""
+
+
+def _client_roles(text: str) -> dict[bytes, str]:
+    roles: dict[bytes, str] = {}
+    for item in filter(None, text.split(",")):
+        role, _, key = item.partition(":")
+        roles[bytes.fromhex(key)] = role
+    return roles
+
+
+def _serve_zap(context: zmq.Context[zmq.Socket[bytes]], clients: dict[bytes, str]) -> None:
+    """Answer ZAP for the worker's TCP endpoint, in a thread: a known key gets its role."""
+    sock = context.socket(zmq.REP)
+    sock.bind("inproc://zeromq.zap.01")
+
+    def answer() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # the call's, not ours
+        while True:
+            try:
+                frames = sock.recv_multipart()
+            except zmq.ZMQError:
+                return
+            version, request_id, mechanism = frames[0], frames[1], frames[5]
+            if mechanism == b"NULL":
+                # Only the Unix socket speaks NULL (the TCP listener is a CURVE server),
+                # and only the node's user can open it.
+                sock.send_multipart([version, request_id, b"200", b"OK", b"", b""])
+                continue
+            key = frames[6] if len(frames) > 6 and mechanism == b"CURVE" else b""
+            role = clients.get(key, "")
+            status = [b"200", b"OK", role.encode()] if role else [b"400", b"unknown key", b""]
+            sock.send_multipart([version, request_id, *status, b""])
+
+    threading.Thread(target=answer, name="scatter-zap", daemon=True).start()
+
+
 def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | None) -> None:
     """Answer calls until the node goes away.
 
@@ -521,10 +598,15 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
     # handshake (see _security.py). Options are taken per listener, at bind: the Unix
     # socket below, in a directory only the user can open, stays plain and fast.
     server_key = os.environ.pop(WORKER_KEY_VARIABLE, "")
+    clients = _client_roles(os.environ.pop(WORKER_CLIENTS_VARIABLE, ""))
     if server_key:
-        apply_server_keys(sock, server_key.encode(), zap=False)
+        # With ZAP on TCP: each call then carries its client's role, and a call-only key
+        # may not send pickles (see Worker.arguments_without_pickles).
+        apply_server_keys(sock, server_key.encode(), zap=bool(clients))
+        if clients:
+            _serve_zap(context, clients)
     sock.bind(f"tcp://{host}:*")
-    sock.curve_server = False
+    sock.curve_server = False  # the Unix socket: plain (ZAP lets its NULL peers in)
     endpoints = [sock.getsockopt_string(zmq.LAST_ENDPOINT)]
     if ipc_path is not None:
         with contextlib.suppress(zmq.ZMQError):
@@ -547,7 +629,9 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
     while True:
         try:
             identity = recv()  # a ROUTER always puts the sender's identity first
-            payload = recv()
+            # A frame, not bytes: it knows who sent it (the role ZAP gave its key).
+            worker.frame = frame = recv(copy=False)
+            payload = frame.bytes
             if more(zmq.RCVMORE):
                 while more(zmq.RCVMORE):
                     recv()

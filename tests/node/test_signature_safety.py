@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import cloudpickle
 import msgspec
 import pytest
 import zmq
@@ -452,3 +453,46 @@ def test_signature_shows_every_supported_type_and_calls_validate(
     assert caught.value.parameter == "mode"
 
     assert not (markers / f"loaded-by-{os.getpid()}").exists()
+
+
+class Box:
+    """A plain class: msgspec cannot encode it, so it travels pickled (an opaque type)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def unbox(box: Box) -> int:
+    return box.value
+
+
+@pytest.mark.timeout(90)
+def test_a_call_only_client_cannot_make_a_worker_unpickle(
+    client: scatter.Client, tmp_path: Path
+) -> None:
+    # Found by the fuzzing helper: a call-only secret could run code on a worker by
+    # sending a pickle for a parameter of an opaque type. The worker's ZAP now tells it
+    # the caller's role, and a call-only caller's pickles are refused unloaded.
+    from scatter._config import default_data_dir
+    from scatter._security import call_only_secret, read_user_secret
+
+    client.publish(unbox)
+    marker = tmp_path / "unpickled-for-a-call-only-client"
+    cluster_secret = read_user_secret(default_data_dir())
+    assert cluster_secret is not None
+    leased = client.request(lambda i: _wire.Lease(i))
+    context = zmq.Context()
+    try:
+        caller = dealer(context, leased.endpoint, secret=call_only_secret(cluster_secret))
+        tripwire = msgspec.msgpack.Ext(1, pickle.dumps(Tripwire(marker)))
+        refused = _raw_call(caller, "unbox", {"box": tripwire})
+        assert isinstance(refused, _wire.Failure) and refused.kind == "forbidden", refused
+        assert "call-only" in refused.message
+        assert not marker.exists(), "the worker unpickled a call-only client's argument"
+        # The cluster secret's holder may still pass a Box (deploy role, over TCP too).
+        owner = dealer(context, leased.endpoint, secret=cluster_secret)
+        box = msgspec.msgpack.Ext(1, cloudpickle.dumps(Box(7)))
+        done = _raw_call(owner, "unbox", {"box": box})
+        assert isinstance(done, _wire.Result) and msgspec.msgpack.decode(done.value) == 7
+    finally:
+        context.destroy(linger=0)
