@@ -15,9 +15,8 @@ Every TCP connection uses CurveZMQ with keys derived from the secret:
   serve (the call-only secret carries the server's public key, not its secret one);
 * one client key pair per role (deploy, call, and peer for node-to-node traffic); the
   node's ZAP handler maps a client's public key to its role, and refuses every other key;
-* workers serve calls only, to both roles: their CURVE server needs no ZAP, since only a
-  client that knows the server's public key (derived from the secret, never sent on the
-  wire) can complete the handshake.
+* workers serve calls to both roles; their own ZAP handler tells each call's role, so
+  that a call-only client's pickles (code) are refused unloaded.
 
 Local Unix sockets and the data directory are created under umask 077, so only the
 node's user can open them.
