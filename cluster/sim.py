@@ -62,7 +62,30 @@ class _Delivery:
     messages: tuple[Message, ...] = field(compare=False)
 
 
-class Simulation:
+class _VirtualTime:
+    """Running a simulation: one event at a time (``step``), on its own clock."""
+
+    now: float
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def run_until(self, condition: Callable[[], bool], *, limit: float) -> float | None:
+        """Advance time until ``condition()`` holds; its time, or None past ``limit``."""
+        while True:
+            if condition():
+                return self.now
+            if self.now > limit:
+                return None
+            self.step()
+
+    def run_for(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end:
+            self.step()
+
+
+class Simulation(_VirtualTime):
     """Members on a lossy, reordering in-memory network, on a virtual clock.
 
     Args:
@@ -114,20 +137,6 @@ class Simulation:
         for address, member in self.members.items():
             if address != via:
                 self._send(address, member.join([via], self.now))
-
-    def run_until(self, condition: Callable[[], bool], *, limit: float) -> float | None:
-        """Advance time until ``condition()`` holds; its time, or None past ``limit``."""
-        while True:
-            if condition():
-                return self.now
-            if self.now > limit:
-                return None
-            self.step()
-
-    def run_for(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self.now < end:
-            self.step()
 
     def step(self) -> None:
         """Deliver the next packet or fire the next timer, whichever comes first."""
@@ -206,7 +215,7 @@ class SimDisk:
         self.starts = 0
 
 
-class ClusterSimulation:
+class ClusterSimulation(_VirtualTime):
     """Node cores (registry, replication, membership; no workers) on a simulated network.
 
     The same `NodeCore` the Trio node drives; effects are performed at once (disk writes
@@ -360,19 +369,6 @@ class ClusterSimulation:
         if self._wake.get(address) != at:
             self._wake[address] = at
             heapq.heappush(self._timers, (at, next(self._order), address))
-
-    def run_until(self, condition: Callable[[], bool], *, limit: float) -> float | None:
-        while True:
-            if condition():
-                return self.now
-            if self.now > limit:
-                return None
-            self.step()
-
-    def run_for(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self.now < end:
-            self.step()
 
     def _perform(self, address: str, effects: Iterable[object]) -> None:
         self._perform_effects(address, effects)

@@ -6,81 +6,39 @@ from typing import Any
 
 from hypothesis import given, settings, strategies as st
 
+from cluster import fuzz_corpus
+from cluster.fuzz_corpus import facts
 from scatter import _wire
 from scatter._config import NodeConfig
 from scatter._core._node import (
     BumpGeneration,
     Log,
     NodeCore,
-    NodeFacts,
     PersistChanges,
     PersistViews,
     Send,
     StartWorker,
     Stop,
 )
-from scatter._core._registry import Change, FunctionView, resolve_view
+from scatter._core._registry import FunctionView, resolve_view
 from scatter._exceptions import FunctionNotFound
 
 PEER = b"client-1"
 
 
-def facts(writer: str = "n1.1.aaaaaa") -> NodeFacts:
-    return NodeFacts(
-        node_id="n1",
-        writer_id=writer,
-        incarnation=1,
-        address="tcp://127.0.0.1:1",
-        pid=1,
-        data_dir="/nowhere",
-        started_at=0.0,
-        python="3.11.7",
-        scatter_version="0",
-    )
+class Disk(fuzz_corpus.Disk):
+    """The fuzz corpus's in-memory store (what a driver persists), answering with the
+    decoded replies; ``fail``: the change writes fail."""
 
-
-class Disk:
-    """What a driver persists, kept in memory: the store as the core sees it."""
-
-    def __init__(self) -> None:
-        self.changes: dict[str, Change] = {}
-        self.views: dict[str, FunctionView] = {}
-        self.bodies: dict[str, bytes] = {}
-        self.generation = 0
-
-    def core(self, writer: str = "n1.1.aaaaaa") -> NodeCore:
-        core = NodeCore(NodeConfig(), facts(writer), self.changes.values(), self.views, self.bodies)
-        self.run(core, core.start(0.0))
-        return core
-
-    def run(self, core: NodeCore, effects: list[Any], *, fail: bool = False) -> list[Any]:
-        """Perform effects as the driver does; return the decoded replies, in order."""
-        replies: list[Any] = []
-        pending = list(effects)
-        while pending:
-            effect = pending.pop(0)
-            if isinstance(effect, Send):
-                replies.append(_wire.control_reply_decoder.decode(effect.payload))
-            elif isinstance(effect, PersistChanges):
-                if fail:
-                    pending += core.persist_failed(effect.ticket, "OSError: disk full")
-                    continue
-                for change in effect.changes:
-                    self.changes[change.change_id] = change
-                self.bodies.update({cid: body for cid, (_, body) in effect.bodies.items()})
-                pending += core.changes_persisted(effect.ticket)
-            elif isinstance(effect, PersistViews):
-                for name, view in effect.views.items():
-                    if view is None:
-                        self.views.pop(name, None)
-                    else:
-                        self.views[name] = view
-                for cid in effect.dropped_bodies:
-                    del self.bodies[cid]
-                pending += core.views_persisted(effect.ticket)
-            elif isinstance(effect, BumpGeneration):
-                self.generation += 1
-        return replies
+    def run(  # type: ignore[override]
+        self, core: NodeCore, effects: list[Any], *, fail: bool = False
+    ) -> list[Any]:
+        self.fail_persist = fail
+        try:
+            sent = super().run(core, effects)
+        finally:
+            self.fail_persist = False
+        return [_wire.control_reply_decoder.decode(payload) for payload in sent]
 
 
 def publish(name: str, body: bytes = b"v1", *, request_id: int = 1, code: str = "") -> bytes:
