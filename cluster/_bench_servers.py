@@ -4,6 +4,7 @@
     BENCH_CURVE_SECRET_KEY=... python cluster/_bench_servers.py pyzmq-reqrep --curve ...
     python cluster/_bench_servers.py zeroapi --port P --parent PID
     python cluster/_bench_servers.py scatter-node --port P --data-dir D --parent PID
+    python cluster/_bench_servers.py scatter-node --plain-workers ...   # workers without CURVE
 
 The benchmark starts each in a session of its own and kills that process group when done.
 Each also stops by itself: a watchdog thread kills its whole process group (zeroapi's
@@ -101,12 +102,22 @@ def serve_zeroapi(port: int) -> None:
 # -- Scatter: the node exactly as users start it, under this watchdog --
 
 
-def serve_scatter_node(port: int, data_dir: str) -> int:
+# The node, its workers told no key: their TCP endpoint then runs without CURVE (the
+# worker turns CURVE on only when given a key). For ``scatter-tcp-plain`` alone, to
+# measure what CURVE costs Scatter; no option of Scatter's own does this, on purpose.
+_NODE_WITHOUT_WORKER_CURVE = (
+    "import runpy, scatter._node._server as server; "
+    "server.WORKER_KEY_VARIABLE = 'SCATTER_BENCH_WORKER_KEY_WITHHELD'; "
+    "runpy.run_module('scatter._node', run_name='__main__', alter_sys=True)"
+)
+
+
+def serve_scatter_node(port: int, data_dir: str, plain_workers: bool = False) -> int:
+    start = ["-c", _NODE_WITHOUT_WORKER_CURVE] if plain_workers else ["-m", "scatter._node"]
     node = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "scatter._node",
+            *start,
             "--address",
             f"tcp://127.0.0.1:{port}",
             "--data-dir",
@@ -126,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--curve", action="store_true", help=f"pyzmq-reqrep: ${CURVE_SECRET_VARIABLE}"
     )
+    parser.add_argument(
+        "--plain-workers",
+        action="store_true",
+        help="scatter-node: workers' TCP endpoint without CURVE (to measure CURVE's cost)",
+    )
     args = parser.parse_args(argv)
     start_watchdog(args.parent, args.max_seconds)
     if args.system == "pyzmq-reqrep":
@@ -135,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.data_dir:
             parser.error("scatter-node needs --data-dir")
-        return serve_scatter_node(args.port, args.data_dir)
+        return serve_scatter_node(args.port, args.data_dir, args.plain_workers)
     return 0
 
 
