@@ -13,6 +13,9 @@ Systems (each a server on a free loopback port, in processes of its own):
   work itself (``_bench_servers.py``);
 - ``pyzmq-reqrep-curve``: the same server and client with CurveZMQ keys (a CURVE server
   without ZAP, as Scatter's workers are), so that CURVE's raw cost is measured in the run;
+- ``tcp-msgspec``: a plain TCP server, a thread per connection, length-prefixed msgspec
+  frames, the work done in-process: the fastest Python RPC measured here, the limit Scatter
+  aims at (``scatter-local`` against it is reported after the table);
 - ``zeroapi``: zeroapi 1.0.1 in its default layout, a broker and one worker process per core;
 - ``scatter-local``: a Scatter node, the calls run by the node the client talks to; the
   client is a same-user local one, so it reaches its workers over their Unix socket;
@@ -88,18 +91,28 @@ from rich.markup import escape
 from rich.table import Table
 
 if __package__:
-    from . import _bench_workloads as workloads
+    from . import _bench_servers as servers, _bench_workloads as workloads
 else:  # run as a script: this file's folder is sys.path[0]
+    import _bench_servers as servers
     import _bench_workloads as workloads
 
 HERE = Path(__file__).resolve().parent
 SERVERS_SCRIPT = HERE / "_bench_servers.py"
-CURVE_SECRET_VARIABLE = "BENCH_CURVE_SECRET_KEY"  # as _bench_servers.py reads it
+CURVE_SECRET_VARIABLE = servers.CURVE_SECRET_VARIABLE
 BASELINE = "pyzmq-reqrep"
 CURVE_BASELINE = "pyzmq-reqrep-curve"  # the baseline with CURVE keys
 SCATTER_TCP = "scatter-tcp"  # Scatter through its workers' TCP endpoint: CURVE
 SCATTER_TCP_PLAIN = "scatter-tcp-plain"  # the same endpoint without CURVE: its cost
-SYSTEMS = (BASELINE, CURVE_BASELINE, "zeroapi", "scatter-local", SCATTER_TCP, SCATTER_TCP_PLAIN)
+TCP_MSGSPEC = "tcp-msgspec"  # the fastest Python RPC here: the limit Scatter aims at
+SYSTEMS = (
+    BASELINE,
+    CURVE_BASELINE,
+    TCP_MSGSPEC,
+    "zeroapi",
+    "scatter-local",
+    SCATTER_TCP,
+    SCATTER_TCP_PLAIN,
+)
 SCATTER_SYSTEMS = ("scatter-local", SCATTER_TCP, SCATTER_TCP_PLAIN)
 
 # Bounds on waiting, so that a stuck system fails the run instead of hanging it.
@@ -163,6 +176,36 @@ def _pyzmq_callers(address: str, server_key: bytes | None) -> dict[str, Callable
     return {workload: caller(workload) for workload in workloads.WORKLOADS}
 
 
+def _tcp_msgspec_callers(address: str, server_key: bytes | None) -> dict[str, Callable[..., Any]]:
+    import socket
+
+    import msgspec
+
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=CALL_TIMEOUT_MS / 1000)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    encode = msgspec.msgpack.Encoder().encode
+
+    def caller(workload: str) -> Callable[..., Any]:
+        result = float if workload == "total" else int
+        decode = msgspec.msgpack.Decoder(tuple[str, result | str]).decode  # type: ignore[valid-type]
+        pack_all = workload == "add"  # add's two arguments travel as one pair
+
+        def call(*args: Any) -> Any:
+            payload = encode((workload, args if pack_all else args[0]))
+            sock.sendall(servers.FRAME_HEADER.pack(len(payload)) + payload)
+            header = servers.recv_exactly(sock, servers.FRAME_HEADER.size)
+            (size,) = servers.FRAME_HEADER.unpack(header)
+            status, value = decode(servers.recv_exactly(sock, size))
+            if status != "ok":
+                raise RuntimeError(f"{workload}: the server said {value}")
+            return value
+
+        return call
+
+    return {workload: caller(workload) for workload in workloads.WORKLOADS}
+
+
 def _zeroapi_callers(address: str, server_key: bytes | None) -> dict[str, Callable[..., Any]]:
     import logging
 
@@ -205,6 +248,7 @@ def _scatter_callers(
 CALLERS: dict[str, Callable[[str, bytes | None], dict[str, Callable[..., Any]]]] = {
     BASELINE: _pyzmq_callers,
     CURVE_BASELINE: _pyzmq_callers,  # given the server's key
+    TCP_MSGSPEC: _tcp_msgspec_callers,
     "zeroapi": _zeroapi_callers,
     "scatter-local": _scatter_callers,
     SCATTER_TCP: functools.partial(_scatter_callers, transport="tcp"),
@@ -926,6 +970,7 @@ def build_report(bench: Run, machine: dict[str, Any]) -> dict[str, Any]:
         "publish": publish,
         "map": bench.map_rates,
         "registry_scaling": bench.registry_scaling,
+        "limit": against_limit(rows),
         "curve": (curve := curve_cost(rows)),
         "targets": [*check_targets(rows), curve["target"]],
         "errors": bench.errors,
@@ -999,6 +1044,18 @@ def check_targets(rows: dict[tuple[str, str, int], Row]) -> list[dict[str, Any]]
             }
         )
     return results
+
+
+def against_limit(rows: dict[tuple[str, str, int], Row]) -> list[dict[str, Any]]:
+    """scatter-local over tcp-msgspec, the limit Scatter aims at: same-round medians."""
+    found = []
+    for (system, workload, clients), row in sorted(rows.items()):
+        if system != _S or (TCP_MSGSPEC, workload, clients) not in rows:
+            continue
+        p50 = _median(per_round_ratios(rows, row, TCP_MSGSPEC, "p50_us").values())
+        rate = _median(per_round_ratios(rows, row, TCP_MSGSPEC, "calls_per_s").values())
+        found.append({"workload": workload, "clients": clients, "p50": p50, "calls_per_s": rate})
+    return found
 
 
 CURVE_BOUND = 1.15
@@ -1133,6 +1190,13 @@ def print_report(report: dict[str, Any]) -> None:
         for system in report["errors"]:
             console.print(f"[bold red]ERROR[/] {system} could not be measured (see above)")
         return
+    if report["limit"]:
+        console.print("\nscatter-local against tcp-msgspec, the limit (same-round medians):")
+        for line in report["limit"]:
+            console.print(
+                f"  {line['workload']} x{line['clients']}: p50 {_times(line['p50'])}, "
+                f"calls/s {_times(line['calls_per_s'])}"
+            )
     curve = report["curve"]
     measured = (curve[key]["ratio"] for key in curve if key.endswith(("_plain", "_local")))
     if any(ratio is not None for ratio in measured):
