@@ -226,7 +226,9 @@ class Harness:
             role = ROLES[(flags + (index if flags & 32 else 0)) & 3]
             peer = bytes([65 + index % 3])
             now += 0.25
-            effects = core.receive(peer, payload, role=role, now=now, wall=1000 + now, readings=dict)
+            effects = core.receive(
+                peer, payload, role=role, now=now, wall=1000 + now, readings=dict
+            )
             sent = disk.run(core, effects, now)
             for reply_bytes in sent:
                 try:
@@ -558,7 +560,14 @@ def child_main(args: argparse.Namespace, libfuzzer: list[str]) -> None:
     target = args.target
 
     def one_input(data: bytes) -> None:
-        harness.check(data, target)
+        try:
+            harness.check(data, target)
+        except SystemExit as exc:
+            # atheris hands an escaping SystemExit to Python, which exits: libFuzzer then
+            # says only "fuzz target exited", with no traceback and maybe another input.
+            raise Finding(
+                f"SystemExit({exc.code!r}) escaped the {target or 'chosen'} target"
+            ) from exc
 
     atheris.Setup([sys.argv[0], *libfuzzer], one_input)
     atheris.Fuzz()
