@@ -112,6 +112,14 @@ class Failure(msgspec.Struct, array_like=True, tag=3, frozen=True, omit_defaults
     name: str = ""
     old_version: int = 0
     new_version: int = 0
+    # Since protocol 4, kind "remote": what lets a caller rebuild the exception as an
+    # instance of its own class (scatter/_client/_remote_errors.py). ``remote_args`` and
+    # ``remote_attributes`` are plain msgpack (``exc.args``, the ``__dict__`` entries
+    # msgpack carries), read without unpickling; ``remote_pickle`` is the exception by
+    # cloudpickle, sent only to callers whose role may unpickle (never call-only).
+    remote_args: bytes = b""
+    remote_attributes: bytes = b""
+    remote_pickle: bytes = b""
 
 
 # ----- control requests (client -> node) -----

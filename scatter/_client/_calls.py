@@ -33,6 +33,7 @@ from .._exceptions import ProtocolError, ScatterError, SignatureChanged, Unreach
 from ._connections import CRASH_CHECK_INTERVAL, ConnectionPool, Undelivered, WorkerConnection
 from ._control import error_from_failure
 from ._polling import ReplyPolling
+from ._remote_errors import remote_error
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -474,6 +475,11 @@ class RemoteFunction:
         return reply
 
     def _failure(self, failure: _wire.Failure, state: _Version) -> ScatterError:
+        if failure.kind == "remote":
+            # Only a client that may deploy loads an exception's pickle (the publisher's
+            # code); a call-only one rebuilds a class only from modules it has imported.
+            may_unpickle = self._sender._pool.control.keys().role == "deploy"
+            return remote_error(failure, may_unpickle=may_unpickle)
         error = error_from_failure(failure)
         if isinstance(error, SignatureChanged):
             with contextlib.suppress(ScatterError):

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import msgspec
 import zmq
 from msgspec import DecodeError, ValidationError as MsgspecValidationError
 
@@ -480,12 +481,19 @@ class Worker:
             trace = _user_traceback(exc)
         except Exception as inner:
             trace = f"<the traceback could not be formatted: {type(inner).__name__}>"
+        args, attributes = _exception_state(exc)
+        # A pickle is code: never for a call-only caller (who must not load any), and
+        # only the caller decides whether it loads one (_client/_remote_errors.py).
+        pickled = _pickled_exception(exc) if _role_of(self.frame) != "call" else b""
         return self.failure(
             call_id,
             "remote",
             message,
             remote_type=_qualified_name(type(exc)),
             remote_traceback=trace,
+            remote_args=args,
+            remote_attributes=attributes,
+            remote_pickle=pickled,
         )
 
 
@@ -507,6 +515,49 @@ def _attach_source(function: types.FunctionType, filename: str, source: str) -> 
 def _qualified_name(cls: type) -> str:
     module = cls.__module__
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
+
+
+_plain_encode = msgspec.msgpack.Encoder().encode  # msgpack's own types only: no pickles
+MAX_EXCEPTION_STATE_BYTES = 256 * 1024  # args, attributes, pickle: each; beyond, not sent
+
+
+def _exception_state(exc: BaseException) -> tuple[bytes, bytes]:
+    """``exc.args`` and the ``__dict__`` entries plain msgpack carries, each encoded.
+
+    ``b""`` for args that do not encode: the caller then cannot rebuild the exception by
+    its class's name. Attributes that do not encode are left out one by one.
+    """
+    try:
+        args = _plain_encode(list(exc.args))
+    except Exception:
+        args = b""
+    kept: dict[str, Any] = {}
+    for name, value in getattr(exc, "__dict__", {}).items():
+        if isinstance(name, str) and not name.startswith("__"):
+            try:
+                _plain_encode(value)
+            except Exception:
+                continue
+            kept[name] = value
+    try:
+        attributes = _plain_encode(kept) if kept else b""
+    except Exception:
+        attributes = b""
+    if len(args) > MAX_EXCEPTION_STATE_BYTES or len(attributes) > MAX_EXCEPTION_STATE_BYTES:
+        return b"", b""
+    return args, attributes
+
+
+def _pickled_exception(exc: BaseException) -> bytes:
+    """``exc`` by cloudpickle (its class by value where this process cannot import it),
+    or ``b""``: not an ``Exception``, does not pickle, or too large."""
+    if not isinstance(exc, Exception):
+        return b""
+    try:
+        pickled = cloudpickle.dumps(exc)
+    except Exception:
+        return b""
+    return pickled if len(pickled) <= MAX_EXCEPTION_STATE_BYTES else b""
 
 
 def _user_traceback(exc: BaseException) -> str:
