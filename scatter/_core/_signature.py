@@ -403,11 +403,6 @@ def check_scatterable(fn: object, name: object) -> inspect.Signature:
             f"{name}() is a generator: its results cannot be streamed back; "
             "return a list (or another container) instead"
         )
-    if inspect.iscoroutinefunction(fn):
-        raise NotScatterable(
-            f"{name}() is a coroutine function; scatter a plain def function "
-            "(callers can still await it with .call_async)"
-        )
     sig = signature_of(fn)
     missing = [
         p.name for p in sig.parameters.values() if p.annotation is inspect.Parameter.empty

@@ -44,8 +44,10 @@ reconnects silently to another process that took over a path.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
+import inspect
 import linecache
 import math
 import os
@@ -83,6 +85,11 @@ from ._slots import SharedSlots
 from ._store import RegistryStore
 
 _SCATTER_DIR = str(Path(__file__).resolve().parent.parent)
+_NOT_THE_FUNCTIONS = (
+    _SCATTER_DIR,
+    os.path.dirname(asyncio.__file__),
+    str(Path(asyncio.__file__).resolve().parent),
+)
 
 
 MAX_LOADED_VERSIONS = 256  # loaded bodies a worker keeps for reuse
@@ -208,6 +215,7 @@ class Worker:
         self.encode = _wire.encoder.encode
         self.decode_call = _wire.call_decoder.decode
         self.arm = signal.setitimer
+        self.loop: asyncio.AbstractEventLoop | None = None  # for async def functions
 
     # -- interruption (the module docstring says why the worker keeps its own time) --
 
@@ -316,11 +324,52 @@ class Worker:
         refusing = (
             refusing_pickles(spec.arguments_type) if meets_pickles(spec.arguments_type) else None
         )
+        if inspect.iscoroutinefunction(function):
+            function = self.awaiting(function)
         loaded = Loaded(function, spec, record.timeout, refusing)
         self.loaded[(name, content_id)] = loaded
         if len(self.loaded) > MAX_LOADED_VERSIONS:
             self.loaded.popitem(last=False)
         return loaded
+
+    # -- async def functions --
+
+    def awaiting(self, coroutine_function: Callable[..., Any]) -> Callable[..., Any]:
+        """A plain function that runs ``coroutine_function`` to its end on this worker's
+        event loop: the call path (deadline, alarm, failures) stays the sync one."""
+        run = self.run_coroutine
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return run(coroutine_function(*args, **kwargs))
+
+        return call
+
+    def run_coroutine(self, coroutine: Any) -> Any:
+        """Await ``coroutine`` on the worker's asyncio loop: one per process, made on the
+        first async call and reused (as uvicorn keeps one loop per worker).
+
+        The deadline is the sync one: the SIGALRM handler raises ``CallInterrupted`` in
+        whatever runs, the coroutine's own code (the task ends with it) or the loop
+        waiting in ``select`` (the task is left pending). Either way, and after a normal
+        return too, the call's tasks still pending are cancelled and run to their end, so
+        their ``finally`` blocks run and nothing of this call runs during the next one. A
+        task that ignores its cancellation holds the call; past ``kill_grace`` after the
+        deadline the alarm ends the process, as for a sync function that swallows
+        ``CallInterrupted``.
+        """
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+        task = loop.create_task(coroutine)
+        try:
+            return loop.run_until_complete(task)
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            if pending:
+                for leftover in pending:
+                    leftover.cancel()
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
     # -- one call --
 
@@ -561,9 +610,10 @@ def _pickled_exception(exc: BaseException) -> bytes:
 
 
 def _user_traceback(exc: BaseException) -> str:
-    # Skip the worker's own frames: the caller wants the function's.
+    # Skip the worker's own frames (and asyncio's, that ran an async def): the caller
+    # wants the function's.
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_SCATTER_DIR):
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_NOT_THE_FUNCTIONS):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
