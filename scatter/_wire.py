@@ -76,10 +76,18 @@ class Call(msgspec.Struct, array_like=True, tag=1, frozen=True):
     args: msgspec.Raw
 
 
+# What a call wrote to sys.stdout (1) and sys.stderr (2), in order, each line already
+# prefixed on the worker with the function and the process: "(add pid=1234) hello\n".
+Output = list[tuple[int, str]]
+
+
 class Result(msgspec.Struct, array_like=True, tag=2, frozen=True):
     id: int
     version: int  # the version that ran: a body-only update moves callers along
     value: msgspec.Raw
+    # Since protocol 4. Left out (a 4-element array) when the call wrote nothing: the
+    # worker's one-pass encoding (CallSpec.encode_reply) writes this Struct as a tuple.
+    output: Output = []
 
 
 FailureKind = Literal[
@@ -120,6 +128,7 @@ class Failure(msgspec.Struct, array_like=True, tag=3, frozen=True, omit_defaults
     remote_args: bytes = b""
     remote_attributes: bytes = b""
     remote_pickle: bytes = b""
+    output: Output = []  # since protocol 4: what the call wrote before it failed
 
 
 # ----- control requests (client -> node) -----

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -270,10 +271,27 @@ class _Version:
     decode_reply: Callable[[bytes], Any]
 
 
+def show_output(output: _wire.Output) -> None:
+    """Print what a call wrote, each line already behind its "(name pid=N)" prefix, to
+    this process's sys.stdout / sys.stderr as they are now (a notebook's, under Jupyter)."""
+    for stream, text in output:
+        target = sys.stderr if stream == 2 else sys.stdout
+        if target is None:  # pythonw, or a closed stream: nowhere to print
+            continue
+        with contextlib.suppress(Exception):
+            target.write(text)
+            target.flush()
+
+
 def _reply_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
     result = msgspec.defstruct(
         "Result",
-        [("id", int), ("version", int), ("value", spec.return_type)],
+        [
+            ("id", int),
+            ("version", int),
+            ("value", spec.return_type),
+            ("output", _wire.Output, msgspec.field(default_factory=list)),
+        ],
         tag=_wire.Result.__struct_config__.tag,
         array_like=True,
         frozen=True,
@@ -455,6 +473,8 @@ class RemoteFunction:
             reply = self._decode_reply_slowly(frame_bytes, state)
         if reply.id != call_id and reply.id != 0:
             raise ProtocolError(f"reply {reply.id} to call {call_id}: the worker is confused")
+        if reply.output:
+            show_output(reply.output)
         if type(reply) is _wire.Failure:
             raise self._failure(reply, state)
         if reply.version != state.number and not pinned:

@@ -748,21 +748,28 @@ class CallSpec:
                 ) from None
         return payload
 
-    def encode_reply(self, tag: int, call_id: int, version: int, value: Any) -> bytes:
+    def encode_reply(
+        self, tag: int, call_id: int, version: int, value: Any, output: Any = None
+    ) -> bytes:
         """A whole ``Result`` message in one encoding pass, the result checked first.
 
         ``_wire.Result`` is an array-like tagged Struct, so ``(tag, id, version, value)``
-        encodes to the same bytes; ``test_one_pass_reply_is_a_result_on_the_wire`` holds
-        the two together. Results of plain builtin types are checked with a type test;
-        anything else takes the encode-and-decode path of :meth:`encode_result`.
+        (with ``output`` after, if the call wrote any) decodes as one;
+        ``test_one_pass_reply_is_a_result_on_the_wire`` holds the two together. Results of
+        plain builtin types are checked with a type test; anything else takes the
+        encode-and-decode path of :meth:`encode_result`.
         """
         expected = _PLAIN_RESULT_TYPES.get(self.return_type)
         if expected is not None and type(value) in expected:
             try:
+                if output:
+                    return ENCODER.encode((tag, call_id, version, value, output))
                 return ENCODER.encode((tag, call_id, version, value))
             except OverflowError:  # an int beyond 64 bits: encoded and checked below
                 pass
         payload = self.encode_result(value)
+        if output:
+            return ENCODER.encode((tag, call_id, version, msgspec.Raw(payload), output))
         return ENCODER.encode((tag, call_id, version, msgspec.Raw(payload)))
 
     def decode_result(self, payload: bytes | memoryview) -> Any:

@@ -48,6 +48,7 @@ import asyncio
 import collections
 import contextlib
 import inspect
+import io
 import linecache
 import math
 import os
@@ -80,6 +81,7 @@ from .._core._signature import (
     signature_of,
 )
 from .._exceptions import FunctionNotFound, NotScatterable, ValidationError, VersionNotFound
+from .._publish import CAPTURE_OUTPUT_ATTRIBUTE
 from .._security import WORKER_CLIENTS_VARIABLE, WORKER_KEY_VARIABLE, apply_server_keys
 from ._slots import SharedSlots
 from ._store import RegistryStore
@@ -93,6 +95,8 @@ _NOT_THE_FUNCTIONS = (
 
 
 MAX_LOADED_VERSIONS = 256  # loaded bodies a worker keeps for reuse
+# What one call may send back of what it wrote (characters); more is dropped, said once.
+MAX_OUTPUT_CHARS = 1 << 20
 
 _RESULT_TAG: int = _wire.Result.__struct_config__.tag  # type: ignore[assignment]
 
@@ -123,6 +127,7 @@ class Loaded:
     # Its arguments may hold a pickle (an opaque parameter type): this decodes them for a
     # call-only client, refusing any pickle unloaded. None: nothing to refuse.
     refusing: Callable[[Any], Any] | None = None
+    captures_output: bool = True  # @scatter(capture_output=False): what it writes is dropped
 
 
 class _Refused(Exception):
@@ -216,6 +221,12 @@ class Worker:
         self.decode_call = _wire.call_decoder.decode
         self.arm = signal.setitimer
         self.loop: asyncio.AbstractEventLoop | None = None  # for async def functions
+        # What the running call writes to sys.stdout/sys.stderr (CallOutput), for its
+        # caller; None: nothing is kept (idle, or the function's capture_output=False).
+        self.output: list[tuple[int, str]] | None = None
+        self.output_chars = 0
+        self.output_name = ""
+        self.origin = f"pid={os.getpid()}"  # the output's prefix names the process
 
     # -- interruption (the module docstring says why the worker keeps its own time) --
 
@@ -324,9 +335,10 @@ class Worker:
         refusing = (
             refusing_pickles(spec.arguments_type) if meets_pickles(spec.arguments_type) else None
         )
+        captures = getattr(function, CAPTURE_OUTPUT_ATTRIBUTE, True) is not False
         if inspect.iscoroutinefunction(function):
             function = self.awaiting(function)
-        loaded = Loaded(function, spec, record.timeout, refusing)
+        loaded = Loaded(function, spec, record.timeout, refusing, captures)
         self.loaded[(name, content_id)] = loaded
         if len(self.loaded) > MAX_LOADED_VERSIONS:
             self.loaded.popitem(last=False)
@@ -371,11 +383,37 @@ class Worker:
                     leftover.cancel()
                 loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
+    # -- what a call writes --
+
+    def capture(self, stream: int, text: str) -> None:
+        """A write to sys.stdout (1) or sys.stderr (2): kept for the running call's
+        caller, up to ``MAX_OUTPUT_CHARS``; dropped when no call keeps any, never logged."""
+        chunks = self.output
+        if chunks is None:
+            return
+        size = self.output_chars + len(text)
+        if size > MAX_OUTPUT_CHARS:
+            if self.output_chars <= MAX_OUTPUT_CHARS:
+                chunks.append((2, f"[scatter: output past {MAX_OUTPUT_CHARS:,} characters dropped]\n"))
+                self.output_chars = MAX_OUTPUT_CHARS + 1
+            return
+        self.output_chars = size
+        chunks.append((stream, text))
+
+    def take_output(self) -> _wire.Output | None:
+        """What the call wrote, line by line behind its prefix; capturing ends."""
+        chunks = self.output
+        self.output = None
+        if not chunks:
+            return None
+        return _prefixed(f"({self.output_name} {self.origin})", chunks)
+
     # -- one call --
 
     def handle(self, payload: bytes) -> bytes:
         """One frame in, one reply out. Nothing raised here ends the worker's loop."""
         call_id = 0
+        self.output = None
         try:
             if len(payload) > self.max_message_bytes:
                 return self.failure(
@@ -411,7 +449,10 @@ class Worker:
             )
 
     def failure(self, call_id: int, kind: _wire.FailureKind, message: str, **extra: Any) -> bytes:
-        """An encoded ``Failure``, whatever the strings in it."""
+        """An encoded ``Failure``, whatever the strings in it, with what the call wrote."""
+        output = self.take_output()
+        if output:
+            extra["output"] = output
         try:
             return self.encode(_wire.Failure(call_id, kind, message, **extra))
         except UnicodeEncodeError:  # lone surrogates, from an exception's message
@@ -488,6 +529,10 @@ class Worker:
         self.slots.begin_call(self.slot, self.call_number, deadline)
         self.running = self.call_number  # before arming: an alarm while idle is ignored
         # Not disarmed after the call: the next call re-arms (see the module docstring).
+        if loaded.captures_output:
+            self.output = []
+            self.output_chars = 0
+            self.output_name = call.name
         self.arm(_ITIMER_REAL, timeout if timeout < _MAX_ALARM else _MAX_ALARM)
         try:
             try:
@@ -504,7 +549,9 @@ class Worker:
         except BaseException as exc:  # the function's exception, reported, never fatal
             return self.remote_failure(call.id, exc)
         try:
-            return spec.encode_reply(_RESULT_TAG, call.id, number, value)
+            return spec.encode_reply(
+                _RESULT_TAG, call.id, number, value, self.take_output() if self.output else None
+            )
         except ValidationError as exc:
             # encode_result raises ValidationError from the encoder's TypeError for a
             # value that cannot be encoded, from None for one not matching the annotation.
@@ -544,6 +591,58 @@ class Worker:
             remote_attributes=attributes,
             remote_pickle=pickled,
         )
+
+
+class CallOutput(io.TextIOBase):
+    """A worker's ``sys.stdout`` / ``sys.stderr``: what a call prints (``print``,
+    ``logging``, ``warnings``, tracebacks) goes back to its caller (``Worker.capture``),
+    never to the node's log: a function may print its arguments (Ray's ``log_to_driver``).
+
+    The object stays in place for the process's life, so a logging handler made with
+    ``sys.stderr`` in any call writes to the call running when it emits. Writes to the
+    file descriptors themselves (C code, subprocesses) are not captured: fd 1 is
+    ``/dev/null``, fd 2 the node's log (the worker's own messages, and fatal errors).
+    """
+
+    encoding = "utf-8"
+    errors = "backslashreplace"
+
+    def __init__(self, worker: Worker, stream: int) -> None:
+        super().__init__()
+        self._capture = worker.capture
+        self._stream = stream
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._capture(self._stream, text)
+        return len(text)
+
+
+def _prefixed(label: str, chunks: list[tuple[int, str]]) -> _wire.Output:
+    """Consecutive writes to one stream joined, each line behind ``label``; a last line
+    without its newline gets one (the caller prints whole lines)."""
+    merged: list[tuple[int, list[str]]] = []
+    for stream, text in chunks:
+        if merged and merged[-1][0] == stream:
+            merged[-1][1].append(text)
+        else:
+            merged.append((stream, [text]))
+    output: _wire.Output = []
+    for stream, texts in merged:
+        lines = "".join(texts).splitlines(keepends=True)
+        text = "".join(
+            f"{label} {line}" if line.endswith("\n") else f"{label} {line}\n" for line in lines
+        )
+        if text:
+            output.append((stream, _encodable(text)))
+    return output
 
 
 def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
@@ -634,6 +733,11 @@ def worker_socket(
     return sock
 
 
+def _is_loopback_host(host: str) -> bool:
+    host = host.strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _role_of(frame: zmq.Frame | None) -> str:
     """The ZAP role of a call's sender: "deploy", "call", or "" (the Unix socket: only
     the node's own user can open it, who holds the cluster secret anyway)."""
@@ -720,9 +824,16 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
         worker.watch_parent(parent_fd)
     sys.stdout.write(f"READY {' '.join(endpoints)}\n")
     sys.stdout.flush()
-    # The node stops reading our stdout after READY: what a function prints goes to the
-    # node's log through stderr instead of filling a pipe nobody drains.
-    os.dup2(2, 1)
+    # The node stops reading our stdout after READY. What a call prints goes to its
+    # caller (CallOutput), never to the node's log; fd 1 goes nowhere rather than fill a
+    # pipe nobody drains.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    sys.stdout = CallOutput(worker, 1)
+    sys.stderr = CallOutput(worker, 2)
+    if not _is_loopback_host(host):
+        worker.origin += f" ip={host.strip('[]')}"
     recv = sock.recv
     send = sock.send
     more = sock.get
@@ -806,7 +917,11 @@ def main(argv: list[str] | None = None) -> None:
     # One path per process: a client never reconnects silently to another worker.
     ipc_path = run_dir / f"worker-{args.slot}-{os.getpid()}.sock"
     # Unix socket paths are limited to ~107 bytes; a deep data dir goes without.
-    serve(worker, args.host, ipc_path if len(str(ipc_path)) < 100 else None, args.parent_fd)
+    try:
+        serve(worker, args.host, ipc_path if len(str(ipc_path)) < 100 else None, args.parent_fd)
+    except BaseException as exc:  # sys.stderr is the calls' now: say it in the node's log
+        _log_exception("the worker's loop ended", exc)
+        raise
 
 
 if __name__ == "__main__":
