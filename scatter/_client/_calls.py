@@ -269,6 +269,8 @@ class _Version:
     # Result | Failure, with the result's value decoded (and so validated) in the same
     # pass as its envelope: one decode per reply instead of two.
     decode_reply: Callable[[bytes], Any]
+    # A generator function's: Yielded | Result | Failure, each item validated as its T.
+    decode_stream: Callable[[bytes], Any] | None = None
 
 
 def show_output(output: _wire.Output) -> None:
@@ -281,6 +283,21 @@ def show_output(output: _wire.Output) -> None:
         with contextlib.suppress(Exception):
             target.write(text)
             target.flush()
+
+
+def _stream_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
+    yielded = msgspec.defstruct(
+        "Yielded",
+        [
+            ("id", int),
+            ("value", spec.return_type),
+            ("output", _wire.Output, msgspec.field(default_factory=list)),
+        ],
+        tag=_wire.Yielded.__struct_config__.tag,
+        array_like=True,
+        frozen=True,
+    )
+    return decoding(yielded | _wire.Result | _wire.Failure, unpickle=True)
 
 
 def _reply_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
@@ -342,7 +359,11 @@ class RemoteFunction:
         self.__signature__ = signature
         self.__doc__ = description.doc
         return _Version(
-            description.version, spec, description.timeout, _reply_decoder(spec)
+            description.version,
+            spec,
+            description.timeout,
+            _reply_decoder(spec),
+            _stream_decoder(spec) if spec.streams else None,
         )
 
     @property
@@ -364,13 +385,29 @@ class RemoteFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self._version
+        if state.decode_stream is not None:
+            return self._stream(state, state.spec.encode_arguments(args, kwargs), 0.0)
         return self._send(state, state.spec.encode_arguments(args, kwargs), 0.0)
 
     def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call with a per-call ``timeout`` in seconds (``__call__`` takes none, so that a
-        function's own parameter named ``timeout`` keeps working)."""
+        function's own parameter named ``timeout`` keeps working). For a generator
+        function, the timeout is per item."""
         state = self._version
-        return self._send(state, state.spec.encode_arguments(args, kwargs), _per_call(timeout))
+        arguments = state.spec.encode_arguments(args, kwargs)
+        if state.decode_stream is not None:
+            return self._stream(state, arguments, _per_call(timeout))
+        return self._send(state, arguments, _per_call(timeout))
+
+    def _stream(self, state: _Version, arguments: bytes, timeout: float) -> RemoteStream:
+        return RemoteStream(self, state, self._frame_for(state, arguments, timeout), timeout or state.timeout)
+
+    def _refuse_streaming(self, what: str) -> None:
+        if self._version.decode_stream is not None:
+            raise ScatterError(
+                f"{self._name}() is a generator function: its items stream to a blocking "
+                f"iterator (for item in {self._name}(...)); {what} does not stream them"
+            )
 
     def map(
         self, *iterables: Iterable[Any], timeout: float | None = None, parallel: int | None = None
@@ -390,6 +427,7 @@ class RemoteFunction:
         """
         if not iterables:
             raise TypeError(f"{self._name}.map() needs at least one iterable of arguments")
+        self._refuse_streaming("map()")
         if parallel is None:
             parallel = os.cpu_count() or 1
         if not isinstance(parallel, int) or parallel < 1:
@@ -434,6 +472,7 @@ class RemoteFunction:
         library = sniffio.current_async_library()
         if library not in ("trio", "asyncio"):
             raise ScatterError(f"call_async runs under trio or asyncio, not {library}")
+        self._refuse_streaming("call_async()")
         state = self._version
         arguments = state.spec.encode_arguments(args, kwargs)
         frame = self._frame_for(state, arguments, _per_call(timeout))
@@ -506,3 +545,159 @@ class RemoteFunction:
                 self.refresh()
         return error
 
+
+
+class RemoteStream:
+    """What a call of a generator function returns: an iterator of its items, each one
+    as the worker produces it, validated as the ``T`` of its ``Iterator[T]`` annotation.
+
+    As Ray's streaming generators and gRPC server streaming: the call is sent at once;
+    the worker runs ahead of the consumer by at most ``_wire.STREAM_WINDOW`` items, and
+    waits for credit (``More``, sent as items are taken) beyond that. Each item has the
+    call's timeout (``fn.call(..., timeout=...)``), and so has the consumer: one that
+    takes no item for that long finds the stream ended with ``CallTimeout``. ``close()``
+    (also leaving a ``with`` block, or the iterator being garbage collected) stops the
+    remote generator: its ``finally`` runs on the worker. Used by one thread at a time;
+    it holds one worker connection until it ends.
+    """
+
+    def __init__(
+        self,
+        function: RemoteFunction,
+        state: _Version,
+        frame_for: Callable[[int], bytes],
+        timeout: float,
+    ) -> None:
+        self._done = True  # until the call is sent: __del__ has nothing to close
+        self._function = function
+        self._state = state
+        self._timeout = timeout
+        assert state.decode_stream is not None
+        self._decode = state.decode_stream
+        sender = function._sender
+        self._pool = sender._pool
+        for attempt in range(2):
+            connection = self._pool.checkout()
+            call_id = next(sender._ids)
+            try:
+                connection.sock.send(frame_for(call_id))  # SNDTIMEO bounds it
+            except zmq.Again:
+                connection.broken = True
+                sender._undelivered(connection, attempt)
+                continue
+            break
+        self._connection = connection
+        self._call_id = call_id
+        self._received = 0
+        self._granted = _wire.STREAM_WINDOW
+        self._done = False
+
+    def __iter__(self) -> RemoteStream:
+        return self
+
+    def __enter__(self) -> RemoteStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "ended" if self._done else f"{self._received} items taken"
+        return f"<RemoteStream of {self._function._name} v{self._state.number}, {state}>"
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        try:
+            frame = self._receive()
+            try:
+                reply = self._decode(frame)
+            except _wire.DECODE_ERRORS:
+                reply = self._decode_slowly(frame)
+            if reply.id != self._call_id:
+                raise ProtocolError(
+                    f"frame for call {reply.id} in the stream of call {self._call_id}: the "
+                    "worker is confused"
+                )
+        except BaseException:
+            self._abandon()
+            raise
+        if reply.output:
+            show_output(reply.output)
+        if type(reply) is not _wire.Result and type(reply) is not _wire.Failure:
+            self._received += 1
+            self._grant()
+            return reply.value
+        self._done = True
+        self._pool.checkin(self._connection)  # the stream ended: nothing more in flight
+        if isinstance(reply, _wire.Failure):
+            raise self._function._failure(reply, self._state)
+        function = self._function
+        if reply.version != self._state.number and not function._pinned:
+            function._version = dataclasses.replace(function._version, number=reply.version)
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the remote generator (its ``finally`` runs there) and free the connection.
+
+        Waits for the worker to confirm, up to the call's timeout; items already sent are
+        dropped. Does nothing on an iterator that has ended.
+        """
+        if self._done:
+            return
+        self._done = True
+        connection = self._connection
+        try:
+            connection.sock.send(_wire.encoder.encode(_wire.Cancel(self._call_id)))
+            while True:
+                reply = _wire.stream_reply_decoder.decode(self._receive())
+                if type(reply) is not _wire.Yielded and reply.id == self._call_id:
+                    break
+        except Exception:
+            self._pool.discard(connection)  # an end may still come: never reuse
+            return
+        if reply.output:
+            show_output(reply.output)
+        self._pool.checkin(connection)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _receive(self) -> bytes:
+        connection = self._connection
+        started = time.monotonic()
+        while True:
+            try:
+                return connection.sock.recv()  # RCVTIMEO: the crash-check interval
+            except zmq.Again:
+                connection.check_alive(started, self._timeout)
+
+    def _grant(self) -> None:
+        """Top the worker's credit back up to a window once half of it was taken."""
+        outstanding = self._granted - self._received
+        if outstanding > _wire.STREAM_WINDOW // 2:
+            return
+        credit = _wire.STREAM_WINDOW - outstanding
+        with contextlib.suppress(zmq.Again):  # a gone worker shows at the next receive
+            self._connection.sock.send(_wire.encoder.encode(_wire.More(self._call_id, credit)))
+            self._granted += credit
+
+    def _decode_slowly(self, frame: bytes) -> Any:
+        try:
+            reply = _wire.stream_reply_decoder.decode(frame)
+        except _wire.DECODE_ERRORS as exc:
+            raise ProtocolError(
+                f"malformed frame in the stream of {self._function._name}: {exc}"
+            ) from None
+        if isinstance(reply, _wire.Yielded):
+            # Raises the ValidationError that applies, or reads what only the slow path
+            # takes (an int beyond 64 bits).
+            value = self._state.spec.decode_result(reply.value)
+            return msgspec.structs.replace(reply, value=value)
+        return reply
+
+    def _abandon(self) -> None:
+        if not self._done:
+            self._done = True
+            self._pool.discard(self._connection)  # frames may still come: never reuse

@@ -99,6 +99,9 @@ MAX_LOADED_VERSIONS = 256  # loaded bodies a worker keeps for reuse
 MAX_OUTPUT_CHARS = 1 << 20
 
 _RESULT_TAG: int = _wire.Result.__struct_config__.tag  # type: ignore[assignment]
+_YIELDED_TAG: int = _wire.Yielded.__struct_config__.tag  # type: ignore[assignment]
+# Credit one stream may hold at once: a caller granting more gains nothing.
+_MAX_STREAM_CREDIT = 1 << 20
 
 _ITIMER_REAL = signal.ITIMER_REAL
 # The longest alarm armed at once: setitimer refuses ~1e12 s; a later deadline re-arms.
@@ -128,6 +131,55 @@ class Loaded:
     # call-only client, refusing any pickle unloaded. None: nothing to refuse.
     refusing: Callable[[Any], Any] | None = None
     captures_output: bool = True  # @scatter(capture_output=False): what it writes is dropped
+
+
+class Stream:
+    """A generator function's call in progress (``Worker.step`` makes its items).
+
+    ``credit``: items it may still produce before the caller grants more (``More``);
+    it starts at ``_wire.STREAM_WINDOW``. Each item gets the call's timeout, and so does
+    the caller: a stream whose credit stays at 0 that long is closed (``Worker.expire``).
+    """
+
+    __slots__ = (
+        "arguments",
+        "call_id",
+        "cancelled",
+        "credit",
+        "identity",
+        "iterator",
+        "loaded",
+        "name",
+        "number",
+        "produced",
+        "role",
+        "timeout",
+        "waiting_since",
+    )
+
+    def __init__(
+        self,
+        call: _wire.Call,
+        number: int,
+        loaded: Loaded,
+        arguments: Any,
+        timeout: float,
+        role: str,
+        identity: bytes,
+    ) -> None:
+        self.call_id = call.id
+        self.name = call.name
+        self.number = number
+        self.loaded = loaded
+        self.arguments = arguments
+        self.timeout = timeout
+        self.role = role  # the caller's, for what a failure may carry (remote_failure)
+        self.identity = identity
+        self.iterator: Any = None  # made by the first step, under its deadline
+        self.credit = _wire.STREAM_WINDOW
+        self.cancelled = False
+        self.produced = 0
+        self.waiting_since = 0.0  # when credit ran out
 
 
 class _Refused(Exception):
@@ -227,6 +279,9 @@ class Worker:
         self.output_chars = 0
         self.output_name = ""
         self.origin = f"pid={os.getpid()}"  # the output's prefix names the process
+        self.identity = b""  # the ROUTER identity of the frame's sender
+        # Generator calls in progress: {(sender's identity, call id): Stream}
+        self.streams: dict[tuple[bytes, int], Stream] = {}
 
     # -- interruption (the module docstring says why the worker keeps its own time) --
 
@@ -356,7 +411,7 @@ class Worker:
 
         return call
 
-    def run_coroutine(self, coroutine: Any) -> Any:
+    def run_coroutine(self, coroutine: Any, settle: bool = True) -> Any:
         """Await ``coroutine`` on the worker's asyncio loop: one per process, made on the
         first async call and reused (as uvicorn keeps one loop per worker).
 
@@ -377,11 +432,14 @@ class Worker:
         try:
             return loop.run_until_complete(task)
         finally:
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            if pending:
-                for leftover in pending:
-                    leftover.cancel()
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            # An async generator's item (settle=False) leaves its tasks to the next item,
+            # unless it was interrupted: then the stream ends, and everything goes.
+            if settle or not task.done():
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                if pending:
+                    for leftover in pending:
+                        leftover.cancel()
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
 
     # -- what a call writes --
 
@@ -408,10 +466,173 @@ class Worker:
             return None
         return _prefixed(f"({self.output_name} {self.origin})", chunks)
 
+    # -- streams: a generator function's items, as the caller grants credit --
+
+    def stream_control(self, payload: bytes) -> bool:
+        """Apply a ``More`` or ``Cancel`` from this frame's sender; False: not one."""
+        try:
+            control = _bounded(_wire.stream_control_decoder.decode, payload)
+        except _wire.DECODE_ERRORS:
+            return False
+        stream = self.streams.get((self.identity, control.id))
+        if stream is not None:
+            if type(control) is _wire.More:
+                stream.credit = min(stream.credit + control.credit, _MAX_STREAM_CREDIT)
+            else:
+                stream.cancelled = True
+        return True
+
+    def next_stream(self) -> Stream | None:
+        """The stream to step next: a cancelled one, else one with credit, in turn."""
+        ready = None
+        for stream in self.streams.values():
+            if stream.cancelled:
+                return stream
+            if ready is None and stream.credit > 0:
+                ready = stream
+        if ready is not None:  # round robin: it goes to the back of the line
+            key = (ready.identity, ready.call_id)
+            del self.streams[key]
+            self.streams[key] = ready
+        return ready
+
+    def step(self, stream: Stream) -> tuple[bytes, bool]:
+        """(the stream's next frame, whether it is the last): its next item, or its end
+        (the generator returned, raised, ran past its timeout, or was cancelled)."""
+        self.start_output(stream.loaded, stream.name)
+        if stream.cancelled:
+            self.close_stream(stream)
+            return self.stream_end(stream), True
+        self.begin_deadline(stream.timeout)
+        try:
+            try:
+                if stream.iterator is None:
+                    stream.iterator = self.start_stream(stream)
+                if stream.loaded.spec.streams == "async":
+                    value = self.run_coroutine(_anext(stream.iterator), settle=False)
+                else:
+                    value = next(stream.iterator)
+            finally:
+                self.running = 0
+                self.slots.end_call(self.slot)
+        except (StopIteration, StopAsyncIteration):
+            self.close_stream(stream)  # an async generator's leftover tasks
+            return self.stream_end(stream), True
+        except CallInterrupted:
+            self.close_stream(stream)
+            return self.failure(
+                stream.call_id,
+                "timeout",
+                f"{stream.name} (version {stream.number}) took over its timeout of "
+                f"{stream.timeout:g} s for item {stream.produced} and was interrupted; raise "
+                "the timeout with @scatter(timeout=...) or per call",
+            ), True
+        except BaseException as exc:  # the function's exception, reported, never fatal
+            self.close_stream(stream)
+            return self.remote_failure(stream.call_id, exc, stream.role), True
+        try:
+            payload = stream.loaded.spec.encode_result(value)
+        except ValidationError as exc:
+            self.close_stream(stream)
+            return self.failure(
+                stream.call_id,
+                "validation",
+                f"item {stream.produced} of {stream.name}: {exc}",
+                parameter="return",
+                path=exc.path,
+            ), True
+        except Exception as exc:  # e.g. the check's decoding failing to unpickle the value
+            _log_exception(f"checking an item of {stream.name}", exc)
+            self.close_stream(stream)
+            return self.failure(
+                stream.call_id,
+                "validation",
+                f"item {stream.produced} of {stream.name} cannot be sent: "
+                f"{type(exc).__name__}: {exc}",
+                parameter="return",
+            ), True
+        stream.produced += 1
+        stream.credit -= 1
+        if not stream.credit:
+            stream.waiting_since = time.monotonic()
+        output = self.take_output()
+        item = (_YIELDED_TAG, stream.call_id, msgspec.Raw(payload))
+        return self.encode((*item, output) if output else item), False
+
+    def start_stream(self, stream: Stream) -> Any:
+        """Call the generator function (under the first item's deadline): its iterator."""
+        produced = stream.loaded.spec.invoke(stream.loaded.function, stream.arguments)
+        if stream.loaded.spec.streams == "async":
+            return produced.__aiter__()
+        return iter(produced)
+
+    def close_stream(self, stream: Stream) -> None:
+        """Close the generator (its ``finally`` runs) under the call's timeout; what goes
+        wrong there is logged by type, and ends nothing but the generator."""
+        iterator, stream.iterator = stream.iterator, None
+        if iterator is None:
+            return
+        asynchronous = stream.loaded.spec.streams == "async"
+        close = getattr(iterator, "aclose" if asynchronous else "close", None)
+        if close is None:
+            return
+        self.begin_deadline(stream.timeout)
+        try:
+            try:
+                if asynchronous:
+                    self.run_coroutine(_awaited(close()))
+                else:
+                    close()
+            finally:
+                self.running = 0
+                self.slots.end_call(self.slot)
+        except CallInterrupted:
+            _log(f"closing the generator of {stream.name} ran past its timeout")
+        except BaseException as exc:
+            _log_exception(f"closing the generator of {stream.name}", exc)
+
+    def stream_end(self, stream: Stream) -> bytes:
+        """The ``Result`` that ends a stream (value None), with what its end wrote."""
+        output = self.take_output()
+        end = (_RESULT_TAG, stream.call_id, stream.number, None)
+        return self.encode((*end, output) if output else end)
+
+    def expire(self, stream: Stream) -> bytes:
+        """End a stream whose caller granted no credit within its timeout (gone, or stuck)."""
+        self.start_output(stream.loaded, stream.name)
+        self.close_stream(stream)
+        return self.failure(
+            stream.call_id,
+            "timeout",
+            f"{stream.name}: the caller asked for no item within the timeout of "
+            f"{stream.timeout:g} s, so the generator was closed",
+        )
+
+    def start_output(self, loaded: Loaded, name: str) -> None:
+        if loaded.captures_output:
+            self.output = []
+            self.output_chars = 0
+            self.output_name = name
+        else:
+            self.output = None
+
+    def begin_deadline(self, timeout: float) -> None:
+        """Arm the deadline of one step of work (a call, an item, closing a generator)."""
+        self.call_number += 1
+        self.deadline = time.monotonic() + timeout
+        self.slots.begin_call(self.slot, self.call_number, self.deadline)
+        self.running = self.call_number  # before arming: an alarm while idle is ignored
+        self.arm(_ITIMER_REAL, timeout if timeout < _MAX_ALARM else _MAX_ALARM)
+
     # -- one call --
 
-    def handle(self, payload: bytes) -> bytes:
-        """One frame in, one reply out. Nothing raised here ends the worker's loop."""
+    def handle(self, payload: bytes) -> bytes | Stream | None:
+        """One frame in, one reply out. Nothing raised here ends the worker's loop.
+
+        Two exceptions: a generator function's call returns its ``Stream`` (the serve
+        loop sends its items), and a stream's ``More`` or ``Cancel`` returns None (no
+        reply; one for a stream that has ended already is ignored).
+        """
         call_id = 0
         self.output = None
         try:
@@ -427,6 +648,8 @@ class Worker:
                 else:
                     call = self.decode_call(payload)
             except _wire.DECODE_ERRORS as exc:  # RecursionError: nested past any limit
+                if self.stream_control(payload):
+                    return None
                 return self.failure(0, "protocol", f"malformed call: {exc}")
             call_id = call.id
             try:
@@ -475,7 +698,7 @@ class Worker:
                 ) from None
             raise argument_error(call.name, exc) from None
 
-    def run(self, call: _wire.Call) -> bytes:
+    def run(self, call: _wire.Call) -> bytes | Stream:
         generation = self.slots.generation()
         if generation != self.generation:
             self.routes.clear()
@@ -524,6 +747,9 @@ class Worker:
             raise _Refused(
                 "protocol", f"{call.name}: a timeout must be a positive number of seconds"
             )
+        if spec.streams:
+            role = _role_of(self.frame)
+            return Stream(call, number, loaded, arguments, timeout, role, self.identity)
         self.call_number += 1
         self.deadline = deadline = time.monotonic() + timeout
         self.slots.begin_call(self.slot, self.call_number, deadline)
@@ -567,8 +793,10 @@ class Worker:
             parameter="return",
         )
 
-    def remote_failure(self, call_id: int, exc: BaseException) -> bytes:
-        """The function's exception as a ``remote`` failure, even if it will not print."""
+    def remote_failure(self, call_id: int, exc: BaseException, role: str | None = None) -> bytes:
+        """The function's exception as a ``remote`` failure, even if it will not print.
+
+        ``role``: the caller's (a stream's, kept from its call); default: this frame's."""
         try:
             message = str(exc)
         except Exception as inner:
@@ -580,7 +808,9 @@ class Worker:
         args, attributes = _exception_state(exc)
         # A pickle is code: never for a call-only caller (who must not load any), and
         # only the caller decides whether it loads one (_client/_remote_errors.py).
-        pickled = _pickled_exception(exc) if _role_of(self.frame) != "call" else b""
+        if role is None:
+            role = _role_of(self.frame)
+        pickled = _pickled_exception(exc) if role != "call" else b""
         return self.failure(
             call_id,
             "remote",
@@ -643,6 +873,14 @@ def _prefixed(label: str, chunks: list[tuple[int, str]]) -> _wire.Output:
         if text:
             output.append((stream, _encodable(text)))
     return output
+
+
+async def _anext(iterator: Any) -> Any:
+    return await iterator.__anext__()
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
@@ -838,7 +1076,10 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
     send = sock.send
     more = sock.get
     handle = worker.handle
+    streams = worker.streams
     while True:
+        if streams and _stream_turn(worker, sock):
+            continue
         try:
             identity = recv()  # a ROUTER always puts the sender's identity first
             # A frame, not bytes: it knows who sent it (the role ZAP gave its key).
@@ -856,11 +1097,19 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
                 return
             continue
         worker.busy = True
+        worker.identity = identity
         try:
             reply = handle(payload)
         except Exception as exc:  # handle answers everything itself; a last guard
             _log_exception("a call failed inside the worker", exc)
             reply = _INTERNAL_FAILURE
+        if type(reply) is not bytes:
+            if isinstance(reply, Stream):  # a generator's call: its items go out in turns
+                _open_stream(worker, sock, reply)
+            worker.busy = False
+            if worker.orphaned:
+                _leave(context, sock, worker)
+            continue
         try:
             send(identity, zmq.SNDMORE)
             send(reply)
@@ -872,6 +1121,69 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
         worker.busy = False
         if worker.orphaned:  # it died just now, and its watch saw us busy: see watch_parent
             _leave(context, sock, worker)
+
+
+def _stream_turn(worker: Worker, sock: zmq.Socket[bytes]) -> bool:
+    """While streams are open: step one that may go on, unless a frame is waiting (calls
+    and credit are read between items, so a plain call never waits for a stream to end).
+    True if it did something; False: go read the next frame.
+
+    With every stream out of credit, waits for a frame up to the first stream's expiry,
+    and expires those past it.
+    """
+    ready = worker.next_stream()
+    if ready is not None:
+        events: int = sock.get(zmq.EVENTS)  # type: ignore[assignment]
+        if events & zmq.POLLIN:
+            return False
+        worker.busy = True
+        try:
+            frame, ended = worker.step(ready)
+        except Exception as exc:  # step answers everything itself; a last guard
+            _log_exception("a stream failed inside the worker", exc)
+            frame, ended = _INTERNAL_FAILURE, True
+        if ended:
+            del worker.streams[(ready.identity, ready.call_id)]
+        if not _send_to(sock, ready.identity, frame) and not ended:
+            # The caller is gone: close its generator, nobody will read the end.
+            del worker.streams[(ready.identity, ready.call_id)]
+            worker.start_output(ready.loaded, ready.name)
+            worker.close_stream(ready)
+            worker.output = None
+        worker.busy = False
+        return True
+    now = time.monotonic()
+    first = min(s.waiting_since + s.timeout for s in worker.streams.values())
+    if first > now and sock.poll(max(1, math.ceil((first - now) * 1000))):
+        return False
+    now = time.monotonic()
+    for stream in list(worker.streams.values()):
+        if not stream.credit and stream.waiting_since + stream.timeout <= now:
+            del worker.streams[(stream.identity, stream.call_id)]
+            worker.busy = True
+            _send_to(sock, stream.identity, worker.expire(stream))
+            worker.busy = False
+    return True
+
+
+def _open_stream(worker: Worker, sock: zmq.Socket[bytes], stream: Stream) -> None:
+    key = (stream.identity, stream.call_id)
+    earlier = worker.streams.pop(key, None)
+    if earlier is not None:  # the same call id again from one caller: the first one ends
+        _send_to(sock, earlier.identity, worker.expire(earlier))
+    worker.streams[key] = stream
+
+
+def _send_to(sock: zmq.Socket[bytes], identity: bytes, frame: bytes) -> bool:
+    """Send one frame to the caller ``identity``; False if it is gone (or stalled)."""
+    try:
+        sock.send(identity, zmq.SNDMORE)
+        sock.send(frame)
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EHOSTUNREACH:
+            _log_exception("sending a stream's frame", exc)
+        return False
+    return True
 
 
 def _leave(
