@@ -87,7 +87,7 @@ def scatter(
             caller, each line behind ``(name pid=N)``; False drops it (never logged).
 
     Raises:
-        NotScatterable: the function lacks annotations, is a generator, ...
+        NotScatterable: the function lacks annotations, is a generator not annotated Iterator[T], ...
         ConfigError: ``name`` breaks the name rule (``""`` included); TypeError if it is
             not a str. Both before anything is sent.
 

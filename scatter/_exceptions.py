@@ -13,7 +13,7 @@ msgspec, diskcache, cloudpickle) are mapped at the boundary where they happen, w
     +-- FunctionNotFound (also LookupError)   no function (or set) by that name
     +-- VersionNotFound (also LookupError)    the function exists, the version does not
     +-- SignatureChanged (also TypeError)     the current version's signature differs from the caller's
-    +-- NotScatterable (also TypeError)       @scatter refused the function (no annotations, generator ...)
+    +-- NotScatterable (also TypeError)       @scatter refused the function (no annotations, a generator not annotated Iterator[T] ...)
     +-- Unreachable (also ConnectionError)    no node answered at the address
     +-- AuthenticationError (also PermissionError)  wrong or missing secret, or a call-only
     |                                         secret asking for a change
