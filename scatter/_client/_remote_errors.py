@@ -76,7 +76,7 @@ def _rebuilt(failure: _wire.Failure, *, may_unpickle: bool) -> RemoteError | Non
 
 def _class_by_name(qualified: str) -> type | None:
     """A class already loaded here under ``qualified`` (``module.qualname``, or a
-    builtin's bare name); never imports anything."""
+    builtin's bare name); never imports anything or runs a module's ``__getattr__``."""
     parts = qualified.split(".")
     if len(parts) == 1:
         parts = ["builtins", *parts]
@@ -86,7 +86,9 @@ def _class_by_name(qualified: str) -> type | None:
             continue
         found: Any = module
         for name in parts[split:]:
-            found = getattr(found, name, None)
+            # Namespaces only: a module's __getattr__ (PEP 562) would run its code.
+            namespace = getattr(found, "__dict__", None)
+            found = namespace.get(name) if namespace is not None else None
             if found is None:
                 break
         if isinstance(found, type):

@@ -130,7 +130,9 @@ class Loaded:
     # Its arguments may hold a pickle (an opaque parameter type): this decodes them for a
     # call-only client, refusing any pickle unloaded. None: nothing to refuse.
     refusing: Callable[[Any], Any] | None = None
-    captures_output: bool = True  # @scatter(capture_output=False): what it writes is dropped
+    # What a call's output is labelled with: its name, or "" to drop what it writes
+    # (@scatter(capture_output=False)).
+    output_name: str = ""
 
 
 class Stream:
@@ -274,10 +276,10 @@ class Worker:
         self.arm = signal.setitimer
         self.loop: asyncio.AbstractEventLoop | None = None  # for async def functions
         # What the running call writes to sys.stdout/sys.stderr (CallOutput), for its
-        # caller; None: nothing is kept (idle, or the function's capture_output=False).
+        # caller: made at the first write, dropped when the next frame comes in.
         self.output: list[tuple[int, str]] | None = None
         self.output_chars = 0
-        self.output_name = ""
+        self.output_name = ""  # the call's, or "": nothing is kept (capture_output=False)
         self.origin = f"pid={os.getpid()}"  # the output's prefix names the process
         self.identity = b""  # the ROUTER identity of the frame's sender
         # Generator calls in progress: {(sender's identity, call id): Stream}
@@ -393,7 +395,7 @@ class Worker:
         captures = getattr(function, CAPTURE_OUTPUT_ATTRIBUTE, True) is not False
         if inspect.iscoroutinefunction(function):
             function = self.awaiting(function)
-        loaded = Loaded(function, spec, record.timeout, refusing, captures)
+        loaded = Loaded(function, spec, record.timeout, refusing, name if captures else "")
         self.loaded[(name, content_id)] = loaded
         if len(self.loaded) > MAX_LOADED_VERSIONS:
             self.loaded.popitem(last=False)
@@ -446,9 +448,12 @@ class Worker:
     def capture(self, stream: int, text: str) -> None:
         """A write to sys.stdout (1) or sys.stderr (2): kept for the running call's
         caller, up to ``MAX_OUTPUT_CHARS``; dropped when no call keeps any, never logged."""
+        if not self.output_name:
+            return
         chunks = self.output
         if chunks is None:
-            return
+            chunks = self.output = []
+            self.output_chars = 0
         size = self.output_chars + len(text)
         if size > MAX_OUTPUT_CHARS:
             if self.output_chars <= MAX_OUTPUT_CHARS:
@@ -499,7 +504,7 @@ class Worker:
     def step(self, stream: Stream) -> tuple[bytes, bool]:
         """(the stream's next frame, whether it is the last): its next item, or its end
         (the generator returned, raised, ran past its timeout, or was cancelled)."""
-        self.start_output(stream.loaded, stream.name)
+        self.start_output(stream.loaded)
         if stream.cancelled:
             self.close_stream(stream)
             return self.stream_end(stream), True
@@ -599,7 +604,7 @@ class Worker:
 
     def expire(self, stream: Stream) -> bytes:
         """End a stream whose caller granted no credit within its timeout (gone, or stuck)."""
-        self.start_output(stream.loaded, stream.name)
+        self.start_output(stream.loaded)
         self.close_stream(stream)
         return self.failure(
             stream.call_id,
@@ -608,13 +613,9 @@ class Worker:
             f"{stream.timeout:g} s, so the generator was closed",
         )
 
-    def start_output(self, loaded: Loaded, name: str) -> None:
-        if loaded.captures_output:
-            self.output = []
-            self.output_chars = 0
-            self.output_name = name
-        else:
-            self.output = None
+    def start_output(self, loaded: Loaded) -> None:
+        self.output = None
+        self.output_name = loaded.output_name
 
     def begin_deadline(self, timeout: float) -> None:
         """Arm the deadline of one step of work (a call, an item, closing a generator)."""
@@ -755,10 +756,7 @@ class Worker:
         self.slots.begin_call(self.slot, self.call_number, deadline)
         self.running = self.call_number  # before arming: an alarm while idle is ignored
         # Not disarmed after the call: the next call re-arms (see the module docstring).
-        if loaded.captures_output:
-            self.output = []
-            self.output_chars = 0
-            self.output_name = call.name
+        self.output_name = loaded.output_name
         self.arm(_ITIMER_REAL, timeout if timeout < _MAX_ALARM else _MAX_ALARM)
         try:
             try:
@@ -776,7 +774,7 @@ class Worker:
             return self.remote_failure(call.id, exc)
         try:
             return spec.encode_reply(
-                _RESULT_TAG, call.id, number, value, self.take_output() if self.output else None
+                _RESULT_TAG, call.id, number, value, None if self.output is None else self.take_output()
             )
         except ValidationError as exc:
             # encode_result raises ValidationError from the encoder's TypeError for a
@@ -1147,7 +1145,7 @@ def _stream_turn(worker: Worker, sock: zmq.Socket[bytes]) -> bool:
         if not _send_to(sock, ready.identity, frame) and not ended:
             # The caller is gone: close its generator, nobody will read the end.
             del worker.streams[(ready.identity, ready.call_id)]
-            worker.start_output(ready.loaded, ready.name)
+            worker.start_output(ready.loaded)
             worker.close_stream(ready)
             worker.output = None
         worker.busy = False
