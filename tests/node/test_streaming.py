@@ -274,3 +274,17 @@ def test_a_generator_without_an_iterator_annotation_is_refused() -> None:
         prepare_publish(numbers)
     with pytest.raises(scatter.NotScatterable, match=r"AsyncIterator\[T\]"):
         prepare_publish(words)
+
+
+@pytest.mark.timeout(60)
+def test_scatter_call_prints_a_generators_items_one_line_each(
+    client: scatter.Client,
+) -> None:
+    from typer.testing import CliRunner
+
+    from scatter._cli import app
+
+    client.publish(squares)
+    result = CliRunner().invoke(app, ["--address", client.address, "call", "squares", "4"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "0\n1\n4\n9\n"
