@@ -261,6 +261,26 @@ def test_a_worker_serves_other_calls_while_a_stream_waits_and_expires_a_silent_c
         context.destroy(linger=0)
 
 
+@pytest.mark.timeout(60)
+def test_a_caller_that_vanishes_mid_stream_gets_its_generator_closed(
+    client: scatter.Client, tmp_path: Path
+) -> None:
+    client.publish(endless)
+    leased = client.request(lambda i: _wire.Lease(i))
+    context = zmq.Context()
+    try:
+        caller = dealer(context, leased.endpoint)
+        marker, progress = tmp_path / "closed", tmp_path / "progress"
+        caller.send(_call(1, "endless", {"marker": str(marker), "progress": str(progress)}, 1.0))
+        assert isinstance(_receive(caller), _wire.Yielded)
+        caller.close(linger=0)  # gone without a Cancel, as a killed process would be
+        wait_until(marker.exists, 20, "the worker closed the abandoned generator")
+    finally:
+        context.destroy(linger=0)
+    client.publish(add)
+    assert client.make_callable("add")(2, 3) == 5
+
+
 def test_a_generator_without_an_iterator_annotation_is_refused() -> None:
     def numbers(n: int) -> list[int]:
         yield from range(n)  # type: ignore[misc]
