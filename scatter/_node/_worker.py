@@ -15,6 +15,14 @@ a ``validation`` failure naming the function and version (an int beyond 64 bits 
 rule 7 of ``_core/_signature.py``). What is logged to stderr is an exception's type and
 where it was raised, never a value.
 
+What else runs here: an ``async def`` function runs to its end on the worker's one asyncio
+loop (``Worker.run_coroutine``); a generator function's call becomes a ``Stream`` whose
+items the serve loop sends as the caller grants credit, one step at a time, reading
+frames between steps (``_stream_turn``), so a plain call is never held up by a stream;
+what a call writes to ``sys.stdout``/``sys.stderr`` (``CallOutput``) goes back in its
+reply, never to the node's log; a function's exception carries what lets its caller
+rebuild its class (``remote_failure``).
+
 Timeouts are the worker's own, so that they hold when the node is gone too: each call
 arms ``ITIMER_REAL`` for its timeout and the SIGALRM handler raises ``CallInterrupted``
 inside the function (Python code and interruptible sleeps); if the function swallows it
