@@ -628,7 +628,7 @@ class _StreamCore:
                 reply = self._decode(frame)
             except _wire.DECODE_ERRORS:
                 reply = self._decode_slowly(frame)
-            if reply.id != self._call_id:
+            if reply.id != self._call_id and reply.id != 0:  # 0: the worker's own failure
                 raise ProtocolError(
                     f"frame for call {reply.id} in the stream of call {self._call_id}: the "
                     "worker is confused"

@@ -1085,6 +1085,8 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
     streams = worker.streams
     while True:
         if streams and _stream_turn(worker, sock):
+            if worker.orphaned:  # the node died during a step: its watch saw us busy
+                _leave(context, sock, worker)
             continue
         try:
             identity = recv()  # a ROUTER always puts the sender's identity first
