@@ -16,6 +16,7 @@ import msgspec
 from ._client import Client, RemoteFunction
 from ._core._registry import FunctionInfo, VersionInfo, check_name
 from ._exceptions import ConfigError
+from ._publish import without_output_capture
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,7 +58,11 @@ def _client(address: str | None = None) -> Client:
 def scatter(fn: F, /) -> F: ...
 @overload
 def scatter(
-    *, name: str | None = None, address: str | None = None, timeout: float | None = None
+    *,
+    name: str | None = None,
+    address: str | None = None,
+    timeout: float | None = None,
+    capture_output: bool = True,
 ) -> Callable[[F], F]: ...
 def scatter(
     fn: Any = None,
@@ -66,6 +71,7 @@ def scatter(
     name: str | None = None,
     address: str | None = None,
     timeout: float | None = None,
+    capture_output: bool = True,
 ) -> Any:
     """Ship a type-annotated function to a node: it becomes a new version there.
 
@@ -77,9 +83,11 @@ def scatter(
             set names are Python identifiers (not keywords) of 1 to 128 characters.
         address: the node to ship to (default: the default client's).
         timeout: this function's call timeout in seconds (default: the node's).
+        capture_output: what a call prints (stdout, stderr, logging) is printed on its
+            caller, each line behind ``(name pid=N)``; False drops it (never logged).
 
     Raises:
-        NotScatterable: the function lacks annotations, is a generator, ...
+        NotScatterable: the function lacks annotations, is a generator not annotated Iterator[T], ...
         ConfigError: ``name`` breaks the name rule (``""`` included); TypeError if it is
             not a str. Both before anything is sent.
 
@@ -91,7 +99,9 @@ def scatter(
     """
 
     def ship(function: F) -> F:
-        _client(address).publish(function, name=name, timeout=timeout)
+        _client(address).publish(
+            function, name=name, timeout=timeout, capture_output=capture_output
+        )
         return function
 
     if fn is None:
@@ -171,10 +181,21 @@ class FunctionSet:
     def function(self, fn: F, /) -> F: ...
     @overload
     def function(
-        self, /, *, name: str | None = None, timeout: float | None = None
+        self,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        capture_output: bool = True,
     ) -> Callable[[F], F]: ...
     def function(
-        self, fn: Any = None, /, *, name: str | None = None, timeout: float | None = None
+        self,
+        fn: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        capture_output: bool = True,
     ) -> Any:
         """Add a member (not shipped until :meth:`publish`). Returns the function unchanged.
 
@@ -188,7 +209,8 @@ class FunctionSet:
             # A default name that breaks the rule (a lambda's) is refused by publish(),
             # with the other reasons a function cannot be scattered.
             member = name if name is not None else str(getattr(member_function, "__name__", ""))
-            self._members[member] = (member_function, name, timeout)
+            shipped = member_function if capture_output else without_output_capture(member_function)
+            self._members[member] = (shipped, name, timeout)
             return member_function
 
         return add if fn is None else add(fn)

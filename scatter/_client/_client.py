@@ -72,11 +72,16 @@ class Client:
     # -- the public operations --
 
     def publish(
-        self, fn: Callable[..., Any], *, name: str | None = None, timeout: float | None = None
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        capture_output: bool = True,
     ) -> _wire.Published:
         from .._publish import prepare_publish, too_large_to_ship
 
-        fields = prepare_publish(fn, name=name, timeout=timeout)
+        fields = prepare_publish(fn, name=name, timeout=timeout, capture_output=capture_output)
         published: _wire.Published = self._control.request(
             lambda i: _wire.Publish(id=i, **fields),
             too_large=lambda size: too_large_to_ship([fields], size),
