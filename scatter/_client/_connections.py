@@ -32,6 +32,7 @@ from .. import _wire
 from .._config import is_loopback, parse_address
 from .._exceptions import CallTimeout, ScatterError, Unreachable, WorkerCrashed
 from .._security import ClientKeys, apply_client_keys
+from ._autostart import port_open
 from ._control import NodeControl
 from ._polling import ReplyPolling
 
@@ -449,6 +450,11 @@ class ConnectionPool:
         while True:
             left = give_up - time.monotonic()
             if left <= 0:
+                if not port_open(*parse_address(control.address)):
+                    raise Unreachable(
+                        f"no node listens at {control.address} any more (it stopped or was "
+                        "killed); start one with `scatter node start`"
+                    )
                 raise Unreachable(
                     f"the node at {control.address} gave no worker before the call's timeout"
                 )
