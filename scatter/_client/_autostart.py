@@ -40,6 +40,18 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def nothing_listens(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether a connection to ``host:port`` is refused: nothing listens there for sure.
+    A timeout proves nothing (a saturated backlog, a host that drops packets)."""
+    try:
+        with socket.create_connection((host, port), timeout=max(timeout, 0.01)):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
 def ensure_listening(config: ClientConfig, wait: float = 60.0) -> None:
     """Make sure something listens at ``config.address``: start a node if allowed, and
     wait up to ``wait`` seconds for it to listen.

@@ -32,7 +32,7 @@ from .. import _wire
 from .._config import is_loopback, parse_address
 from .._exceptions import CallTimeout, ScatterError, Unreachable, WorkerCrashed
 from .._security import ClientKeys, apply_client_keys
-from ._autostart import port_open
+from ._autostart import nothing_listens
 from ._control import NodeControl
 from ._polling import ReplyPolling
 
@@ -364,7 +364,9 @@ class ConnectionPool:
             wake, wait = _async_wakeup(library)
             waiter = self._reserve(wake)
             if waiter is None:
-                return await _in_thread(library, functools.partial(self._lease_reserved, give_up))
+                return await _in_thread(
+                    library, functools.partial(self._lease_reserved, give_up), self.checkin
+                )
             try:
                 while not await wait(min(_QUEUE_LOOK_INTERVAL, self._left(give_up))):
                     if self.idle or time.monotonic() >= give_up:
@@ -376,7 +378,9 @@ class ConnectionPool:
             if granted is not None:
                 return granted
             if waiter.granted:
-                return await _in_thread(library, functools.partial(self._lease_reserved, give_up))
+                return await _in_thread(
+                    library, functools.partial(self._lease_reserved, give_up), self.checkin
+                )
             if time.monotonic() >= give_up:
                 raise self._queue_timeout()
 
@@ -450,7 +454,7 @@ class ConnectionPool:
         while True:
             left = give_up - time.monotonic()
             if left <= 0:
-                if not port_open(*parse_address(control.address)):
+                if nothing_listens(*parse_address(control.address)):
                     raise Unreachable(
                         f"no node listens at {control.address} any more (it stopped or was "
                         "killed); start one with `scatter node start`"
@@ -640,11 +644,25 @@ def _async_wakeup(library: str) -> tuple[Callable[[], None], Callable[[float], A
     return wake_asyncio, wait_asyncio
 
 
-async def _in_thread(library: str, function: Callable[[], WorkerConnection]) -> WorkerConnection:
+async def _in_thread(
+    library: str, function: Callable[[], WorkerConnection], give_back: Callable[[WorkerConnection], None]
+) -> WorkerConnection:
+    """Lease in a worker thread; a lease that ends after its caller was cancelled is
+    handed to ``give_back`` (trio waits for the thread: nothing is left over)."""
     if library == "trio":
         import trio
 
         return await trio.to_thread.run_sync(function)
     import asyncio
 
-    return await asyncio.get_running_loop().run_in_executor(None, function)
+    leasing = asyncio.get_running_loop().run_in_executor(None, function)
+    try:
+        return await asyncio.shield(leasing)
+    except asyncio.CancelledError:
+
+        def hand_back(done: asyncio.Future[WorkerConnection]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                give_back(done.result())
+
+        leasing.add_done_callback(hand_back)
+        raise

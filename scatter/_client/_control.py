@@ -34,7 +34,7 @@ from .._exceptions import (
     VersionNotFound,
 )
 from .._security import ClientKeys, apply_client_keys, client_keys, read_user_secret
-from ._autostart import ensure_listening, port_open
+from ._autostart import ensure_listening, nothing_listens, port_open
 
 # Seconds of silence from the node after which a request looks whether anything still
 # listens at its address (a TCP connect): a stopped node is then said at once.
@@ -230,7 +230,7 @@ class NodeControl:
                 # killed); say so now rather than at the timeout.
                 look_for_the_node = now + _NODE_GONE_CHECK_AFTER
                 host, port = parse_address(self.address)
-                if not port_open(host, port, timeout=min(0.5, remaining / 1000)):
+                if nothing_listens(host, port, timeout=min(0.5, remaining / 1000)):
                     raise self._node_gone()
 
     def _node_gone(self) -> Unreachable:
