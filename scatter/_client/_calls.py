@@ -251,14 +251,22 @@ class CallSender:
                         self._undelivered(pipe.connection, attempt=int(retried))
                         retried = True
                         continue
+                    except zmq.ZMQError as exc:
+                        pipe.connection.broken = True
+                        raise ScatterError(f"cannot send a call of map: {exc}") from exc
                     sent += 1
                 while yielded in done:
                     yield done.pop(yielded)
                     yielded += 1
                 if yielded == len(frames):
                     break
-                for sock, _ in poller.poll(int(CRASH_CHECK_INTERVAL * 1000)):
-                    by_socket[sock].receive_ready(done)
+                try:
+                    for sock, _ in poller.poll(int(CRASH_CHECK_INTERVAL * 1000)):
+                        by_socket[sock].receive_ready(done)
+                except zmq.ZMQError as exc:  # not zmq.Again: the sockets are unusable
+                    for pipe in pipes:
+                        pipe.connection.broken = True
+                    raise ScatterError(f"cannot receive the replies of map: {exc}") from exc
                 for pipe in pipes:
                     if pipe.in_flight:
                         pipe.connection.check_alive(pipe.head_started, timeout)

@@ -143,8 +143,12 @@ class WorkerConnection:
         self.sock.setsockopt(zmq.IMMEDIATE, 1)
         self.sock.setsockopt(zmq.SNDTIMEO, int(_SEND_TIMEOUT * 1000))
         self.sock.setsockopt(zmq.RCVTIMEO, int(CRASH_CHECK_INTERVAL * 1000))
-        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.sock.connect(endpoint)
+        try:
+            self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self.sock.connect(endpoint)
+        except zmq.ZMQError:
+            self.sock.close(linger=0)
+            raise
         self.broken = False
         self.last_used = time.monotonic()
         self.generation = 0  # the pool's, when leased (see ConnectionPool.discard)

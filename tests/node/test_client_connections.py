@@ -4,6 +4,7 @@ a Unix socket the client cannot use, and a worker endpoint taken over by another
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import re
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ import zmq
 import scatter
 from cluster.launch import LocalNode, free_port, kill_if_alive, port_open, wait_until
 from scatter import _wire
-from scatter._client import _autostart
+from scatter._client import _autostart, _connections
 from scatter._client._connections import Undelivered
 
 
@@ -111,6 +112,34 @@ def test_four_hundred_concurrent_async_calls_queue_for_connections(client: scatt
 
         assert asyncio.run(on_asyncio()) == [i + 1 for i in range(60)]
         assert small.statistics().open_connections <= 3
+
+
+def test_threads_beyond_the_bound_wait_their_turn(client: scatter.Client) -> None:
+    client.publish(nap)
+    with scatter.Client(client.address, autostart=False, max_connections=2) as small:
+        remote = small.make_callable("nap")
+        with concurrent.futures.ThreadPoolExecutor(8) as threads:
+            results = list(threads.map(lambda i: remote.call(0.1, i, timeout=60), range(24)))
+        assert results == list(range(24))
+        statistics = small.statistics()
+        assert statistics.open_connections <= 2 and statistics.leases <= 2
+        assert statistics.queued_calls == 0
+
+
+def test_idle_connections_expire(client: scatter.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    client.publish(add)
+    monkeypatch.setattr(_connections, "_IDLE_EXPIRY", 0.3)
+    with scatter.Client(client.address, autostart=False) as short_lived:
+        remote = short_lived.make_callable("add")
+        assert list(remote.map(range(8), range(8), parallel=2)) == [2 * i for i in range(8)]
+        assert short_lived.statistics().idle_connections == 2
+        # Calls keep one connection busy; the other, unused, is closed and its lease released.
+        wait_until(
+            lambda: remote(1, 1) == 2 and short_lived.statistics().idle_connections == 1,
+            10,
+            "the unused connection expires",
+        )
+        assert short_lived.statistics().expired_connections == 1
 
 
 def test_max_connections_is_checked() -> None:
