@@ -364,7 +364,11 @@ class RemoteFunction:
         user's secret file), as any client does."""
         from .._api import remote_function_by_reference
 
-        content_id = self._version.content_id if self._pinned else ""
+        content_id = ""
+        if self._pinned:
+            # An unpickled callable not called yet pickles again without asking the node.
+            loaded = self.__dict__.get("_version")
+            content_id = loaded.content_id if loaded is not None else self._pinned_content_id
         return (
             remote_function_by_reference,
             (self._client.address, self._client.transport, self._name, self._pinned, content_id),

@@ -54,7 +54,7 @@ def test_a_call_to_a_stopped_node_is_unreachable_within_its_timeout(
     assert remote(1, 2) == 3  # a pooled connection to one of its workers
     node.stop()
     started = time.monotonic()
-    with pytest.raises(scatter.Unreachable, match="no node (listens|answered)"):
+    with pytest.raises(scatter.Unreachable, match=r"no node (listens|answered)"):
         remote.call(1, 2, timeout=2)
     # Generous (a loaded machine), yet far below the 30 s a lease waited before.
     assert time.monotonic() - started < 2 * 2 + 6
