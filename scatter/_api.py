@@ -15,6 +15,7 @@ from typing import Any, Literal, TypeVar, overload
 import msgspec
 
 from ._client import Client, RemoteFunction
+from ._client._calls import UnpickledRemoteFunction
 from ._core._registry import FunctionInfo, VersionInfo, check_name
 from ._exceptions import ConfigError
 
@@ -87,7 +88,7 @@ def remote_function_by_reference(
             client = clients.get(address)  # type: ignore[assignment]
             if client is None or client.closed:
                 client = clients[address] = Client(address, transport=transport)
-        remote = _unpickled[key] = RemoteFunction(
+        remote = _unpickled[key] = UnpickledRemoteFunction(
             client, name, version, content_id=content_id, lazy=True
         )
         return remote

@@ -348,15 +348,6 @@ class RemoteFunction:
         if not lazy:
             self._version = self._load(version)
 
-    def __getattr__(self, attribute: str) -> Any:
-        # Only a lazy callable (unpickled) lacks these: it describes its version at first
-        # use, so unpickling never talks to the node (a multiprocessing worker that fails
-        # to unpickle a task loses it).
-        if attribute in ("_version", "__signature__"):
-            self._version = self._load(self._pinned)
-            return self.__dict__[attribute]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
-
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle by reference: the node's address and transport, the name, the pinned
         version and its content id. Never the client, its sockets, or the secret: the
@@ -564,3 +555,20 @@ class RemoteFunction:
                 self.refresh()
         return error
 
+
+
+class UnpickledRemoteFunction(RemoteFunction):
+    """A ``RemoteFunction`` rebuilt from a pickle: it describes its version at first use,
+    so unpickling never talks to the node (a multiprocessing worker that fails to unpickle
+    a task loses it), then becomes a plain ``RemoteFunction``.
+
+    A class of its own, not a ``__getattr__`` on ``RemoteFunction``: a class with one
+    leaves every attribute read of the call path unspecialized by the interpreter.
+    """
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute in ("_version", "__signature__"):
+            self._version = self._load(self._pinned)
+            self.__class__ = RemoteFunction  # type: ignore[assignment]
+            return self.__dict__[attribute]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")

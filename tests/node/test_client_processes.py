@@ -93,6 +93,7 @@ def test_a_callable_pickles_by_reference_without_the_secret(
     assert again is not pinned and again._client is not client
     assert pickle.loads(pickle.dumps(again)) is again  # once per process, not once per task
     assert (again(2, 3), again.version, again.pinned) == (5, 1, True)
+    assert type(again) is scatter.RemoteFunction  # described now: the plain call path
     following = pickle.loads(pickle.dumps(client.make_callable("add")))
     assert (following(1, 1), following.pinned) == (2, False)
 
