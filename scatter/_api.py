@@ -7,13 +7,15 @@ talk to another node without changing the default.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 
 from ._client import Client, RemoteFunction
+from ._client._calls import UnpickledRemoteFunction
 from ._core._registry import FunctionInfo, VersionInfo, check_name
 from ._exceptions import ConfigError
 from ._publish import without_output_capture
@@ -23,6 +25,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 _lock = threading.Lock()
 _default: Client | None = None
 _by_address: dict[str, Client] = {}  # {address: client} for calls with address=
+_tcp_by_address: dict[str, Client] = {}  # for unpickled callables of transport="tcp" clients
+# {(address, transport, name, version, content id): callable} rebuilt from pickles:
+# multiprocessing unpickles the function once per task.
+_unpickled: dict[tuple[str, str, str, int | None, str], RemoteFunction] = {}
+
+
+def _new_lock_in_child() -> None:
+    # A thread of the parent may have held it at the fork: the child would wait forever.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def connect(address: str | None = None, *, autostart: bool | None = None) -> Client:
@@ -39,6 +54,45 @@ def connect(address: str | None = None, *, autostart: bool | None = None) -> Cli
     if previous is not None:
         previous.close()
     return client
+
+
+def remote_function_by_reference(
+    address: str,
+    transport: Literal["auto", "tcp"],
+    name: str,
+    version: int | None,
+    content_id: str,
+) -> RemoteFunction:
+    """A pickled ``RemoteFunction`` in this process (``RemoteFunction.__reduce__``).
+
+    It talks to the same node through this process's own client (the default one when
+    the address and transport are the same, else one per address), with this process's
+    secret. It describes its version at first use, not here, so unpickling never fails.
+    """
+    global _default
+    key = (address, transport, name, version, content_id)
+    with _lock:
+        found = _unpickled.get(key)
+        if found is not None and not found._client.closed:
+            return found
+        if _default is None and address == Client.default_address():
+            _default = Client()
+        if (
+            _default is not None
+            and not _default.closed
+            and _default.address == address
+            and _default.transport == transport
+        ):
+            client = _default
+        else:
+            clients = _by_address if transport == "auto" else _tcp_by_address
+            client = clients.get(address)  # type: ignore[assignment]
+            if client is None or client.closed:
+                client = clients[address] = Client(address, transport=transport)
+        remote = _unpickled[key] = UnpickledRemoteFunction(
+            client, name, version, content_id=content_id, lazy=True
+        )
+        return remote
 
 
 def _client(address: str | None = None) -> Client:

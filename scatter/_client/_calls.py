@@ -30,9 +30,15 @@ from .. import _wire
 from .._config import MAX_MESSAGE_BYTES
 from .._core import _typespec
 from .._core._signature import CallSpec, build_call_spec, decoding
-from .._exceptions import ProtocolError, ScatterError, SignatureChanged, Unreachable
+from .._exceptions import (
+    ProtocolError,
+    ScatterError,
+    SignatureChanged,
+    Unreachable,
+    VersionNotFound,
+)
 from ._connections import (
-    _SEND_TIMEOUT as SEND_TIMEOUT,
+    _SEND_TIMEOUT,
     CRASH_CHECK_INTERVAL,
     ConnectionPool,
     Undelivered,
@@ -146,13 +152,23 @@ class CallSender:
         if next(self._sync_calls_started) - self._sync_calls_finished > 1:
             polling = None
         pool = self._pool
+        # The call's timeout bounds the slow paths too (a lease, a node started again);
+        # the hot path, an idle connection, reads no clock for it.
+        give_up = None
         try:
             for attempt in range(2):
-                connection = pool.checkout()
+                connection = pool.take_idle()
+                if connection is None:
+                    if give_up is None:
+                        give_up = time.monotonic() + timeout
+                    connection = pool.checkout(give_up)
+                    assert connection is not None
                 call_id = next(self._ids)
                 try:
                     reply = connection.request(frame_for(call_id), timeout, polling)
                 except Undelivered:
+                    if give_up is None:  # the send waited _SEND_TIMEOUT for nobody
+                        give_up = time.monotonic() - _SEND_TIMEOUT + timeout
                     self._undelivered(connection, attempt)
                     continue
                 except BaseException:
@@ -173,8 +189,9 @@ class CallSender:
         thread, so the loop never blocks on the node.
         """
         pool = self._pool
+        give_up = time.monotonic() + timeout
         for attempt in range(2):
-            connection = await pool.checkout_async(library)
+            connection = await pool.checkout_async(library, give_up)
             call_id = next(self._ids)
             try:
                 reply = await connection.request_async(frame_for(call_id), timeout, library)
@@ -213,10 +230,11 @@ class CallSender:
         done: dict[int, tuple[int, bytes]] = {}
         sent = yielded = 0
         retried = False
+        give_up = time.monotonic() + timeout  # for taking connections: each call has its own
         try:
             while yielded < len(frames):
                 while sent < len(frames):
-                    pipe = self._pipe_with_room(pipes, parallel)
+                    pipe = self._pipe_with_room(pipes, parallel, give_up)
                     if pipe is None:
                         break
                     if pipe.connection.sock not in by_socket:
@@ -236,14 +254,22 @@ class CallSender:
                         self._undelivered(pipe.connection, attempt=int(retried))
                         retried = True
                         continue
+                    except zmq.ZMQError as exc:
+                        pipe.connection.broken = True
+                        raise ScatterError(f"cannot send a call of map: {exc}") from exc
                     sent += 1
                 while yielded in done:
                     yield done.pop(yielded)
                     yielded += 1
                 if yielded == len(frames):
                     break
-                for sock, _ in poller.poll(int(CRASH_CHECK_INTERVAL * 1000)):
-                    by_socket[sock].receive_ready(done)
+                try:
+                    for sock, _ in poller.poll(int(CRASH_CHECK_INTERVAL * 1000)):
+                        by_socket[sock].receive_ready(done)
+                except zmq.ZMQError as exc:  # not zmq.Again: the sockets are unusable
+                    for pipe in pipes:
+                        pipe.connection.broken = True
+                    raise ScatterError(f"cannot receive the replies of map: {exc}") from exc
                 for pipe in pipes:
                     if pipe.in_flight:
                         pipe.connection.check_alive(pipe.head_started, timeout)
@@ -254,13 +280,17 @@ class CallSender:
                 else:
                     self._pool.checkin(pipe.connection)
 
-    def _pipe_with_room(self, pipes: list[_Pipe], parallel: int) -> _Pipe | None:
+    def _pipe_with_room(self, pipes: list[_Pipe], parallel: int, give_up: float) -> _Pipe | None:
         """The connection to send the next call on: the least loaded, a new one while
-        every connection is busy and ``parallel`` allows more; None while all are full."""
+        every connection is busy and ``parallel`` allows more (and the pool's bound: the
+        first one waits for its turn, later ones are only taken if free); None while all
+        are full."""
         least = min(pipes, key=lambda pipe: len(pipe.in_flight), default=None)
         if (least is None or least.in_flight) and len(pipes) < parallel:
-            least = _Pipe(self._pool.checkout())
-            pipes.append(least)
+            connection = self._pool.checkout(give_up, wait=not pipes)
+            if connection is not None:
+                least = _Pipe(connection)
+                pipes.append(least)
         if least is None or least.full():
             return None
         return least
@@ -273,6 +303,7 @@ class _Version:
     number: int
     spec: CallSpec
     timeout: float  # effective: the function's own, else the node's default
+    content_id: str
     # Result | Failure, with the result's value decoded (and so validated) in the same
     # pass as its envelope: one decode per reply instead of two.
     decode_reply: Callable[[bytes], Any]
@@ -333,15 +364,43 @@ class RemoteFunction:
     it exists. Safe to share between threads.
     """
 
-    def __init__(self, client: Client, name: str, version: int | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        version: int | None = None,
+        *,
+        content_id: str = "",
+        lazy: bool = False,
+    ) -> None:
         self._client = client
         self._sender = client._sender  # the call path; the client keeps control requests
         self._name = name
         self._pinned = version
-        self._version = self._load(version)
+        # A pinned callable rebuilt from a pickle checks that the version is the same body.
+        self._pinned_content_id = content_id if version else ""
         self._polling = ReplyPolling()
         self.__name__ = name
         self.__qualname__ = name
+        if not lazy:
+            self._version = self._load(version)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by reference: the node's address and transport, the name, the pinned
+        version and its content id. Never the client, its sockets, or the secret: the
+        process that unpickles it reconnects with its own (``SCATTER_SECRET`` or the
+        user's secret file), as any client does."""
+        from .._api import remote_function_by_reference
+
+        content_id = ""
+        if self._pinned:
+            # An unpickled callable not called yet pickles again without asking the node.
+            loaded = self.__dict__.get("_version")
+            content_id = loaded.content_id if loaded is not None else self._pinned_content_id
+        return (
+            remote_function_by_reference,
+            (self._client.address, self._client.transport, self._name, self._pinned, content_id),
+        )
 
     def _load(self, version: int | None) -> _Version:
         # The signature is rebuilt from the publisher's type description: nothing of the
@@ -365,10 +424,17 @@ class RemoteFunction:
             ) from None
         self.__signature__ = signature
         self.__doc__ = description.doc
+        if self._pinned_content_id and description.content_id != self._pinned_content_id:
+            raise VersionNotFound(
+                f"{where} at {self._client.address} has content id {description.content_id}, "
+                f"not {self._pinned_content_id}: the version this callable was pinned to "
+                "(before it was pickled) is another body on this node"
+            )
         return _Version(
             description.version,
             spec,
             description.timeout,
+            description.content_id,
             _reply_decoder(spec),
             _stream_decoder(spec) if spec.streams else None,
         )
@@ -414,12 +480,13 @@ class RemoteFunction:
     ) -> AsyncRemoteStream:
         frame_for = self._frame_for(state, arguments, timeout)
         sender = self._sender
+        lease_by = time.monotonic() + (timeout or state.timeout)
         for attempt in range(2):
-            connection = await sender._pool.checkout_async(library)
+            connection = await sender._pool.checkout_async(library, lease_by)
             call_id = next(sender._ids)
             sock = connection.sock
             fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
-            give_up = time.monotonic() + SEND_TIMEOUT
+            give_up = time.monotonic() + _SEND_TIMEOUT
             try:
                 while True:
                     try:
@@ -718,8 +785,10 @@ class RemoteStream(_StreamCore):
     ) -> None:
         self._done = True  # until the call is sent: __del__ has nothing to close
         sender = function._sender
+        lease_by = time.monotonic() + timeout
         for attempt in range(2):
-            connection = sender._pool.checkout()
+            connection = sender._pool.checkout(lease_by)
+            assert connection is not None  # checkout waits for one (wait=True)
             call_id = next(sender._ids)
             try:
                 connection.sock.send(frame_for(call_id))  # SNDTIMEO bounds it
@@ -873,3 +942,18 @@ class AsyncRemoteStream(_StreamCore):
                     continue
                 connection.check_alive(started, self._timeout)
                 await wait_readable(fd, self._library, CRASH_CHECK_INTERVAL)
+class UnpickledRemoteFunction(RemoteFunction):
+    """A ``RemoteFunction`` rebuilt from a pickle: it describes its version at first use,
+    so unpickling never talks to the node (a multiprocessing worker that fails to unpickle
+    a task loses it), then becomes a plain ``RemoteFunction``.
+
+    A class of its own, not a ``__getattr__`` on ``RemoteFunction``: a class with one
+    leaves every attribute read of the call path unspecialized by the interpreter.
+    """
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute in ("_version", "__signature__"):
+            self._version = self._load(self._pinned)
+            self.__class__ = RemoteFunction  # type: ignore[assignment]
+            return self.__dict__[attribute]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")
