@@ -787,8 +787,9 @@ class RemoteStream(_StreamCore):
         sender = function._sender
         lease_by = time.monotonic() + timeout
         for attempt in range(2):
-            connection = sender._pool.checkout(lease_by)
-            assert connection is not None  # checkout waits for one (wait=True)
+            found = sender._pool.checkout(lease_by)
+            assert found is not None  # checkout waits for one (wait=True)
+            connection = found
             call_id = next(sender._ids)
             try:
                 connection.sock.send(frame_for(call_id))  # SNDTIMEO bounds it
