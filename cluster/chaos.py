@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -116,6 +117,9 @@ def fault_schedule(
         slot = interval * rng.uniform(0.7, 1.3)
         duration = round(slot * rng.uniform(0.4, 0.7), 2)
         if t + duration > seconds:
+            if schedule:  # the last one lasts until the final heal
+                last = schedule[-1]
+                schedule[-1] = dataclasses.replace(last, duration=round(seconds - last.at, 2))
             return schedule
         kind = rng.choice(kinds)
         members = list(range(nodes))
@@ -131,9 +135,6 @@ def fault_schedule(
         else:  # loss, between all nodes
             victims = tuple(members)
             loss = rng.choice((10, 30, 50))
-        if t + slot + duration > seconds:  # the last one lasts until the final heal
-            schedule.append(Fault(round(t, 2), kind, victims, round(seconds - t, 2), loss))
-            return schedule
         schedule.append(Fault(round(t, 2), kind, victims, duration, loss))
         t += slot
 
@@ -228,12 +229,20 @@ def pair_operations(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------
 
 
-def make_body(name: str, marker: str, executions: str) -> Callable[[str], str]:
-    """A version of ``name`` that records each run of it, and answers its marker."""
+def make_body(name: str, marker: str, executions: str, *, wide: bool = False) -> Callable[..., str]:
+    """A version of ``name`` that records each run of it, and answers its marker.
 
-    def body(token: str) -> str:
+    ``wide`` adds an optional parameter: another signature, so callers holding the old one
+    get ``SignatureChanged`` and refresh. A token ending in 7 makes the call last 0.3 s, so
+    some calls are running when their node is killed or frozen.
+    """
+
+    def record_run(token: str) -> str:
         import os
+        import time
 
+        if token.endswith("7"):
+            time.sleep(0.3)
         fd = os.open(executions, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.write(fd, f"{token} {name} {marker} {os.getpid()}\n".encode())
@@ -241,8 +250,15 @@ def make_body(name: str, marker: str, executions: str) -> Callable[[str], str]:
             os.close(fd)
         return marker
 
-    body.__name__ = body.__qualname__ = name
-    return body
+    def body(token: str) -> str:
+        return record_run(token)
+
+    def wide_body(token: str, extra: int = 0) -> str:
+        return record_run(token)
+
+    chosen = wide_body if wide else body
+    chosen.__name__ = chosen.__qualname__ = name
+    return chosen
 
 
 def classify(exc: BaseException) -> str:
@@ -322,13 +338,15 @@ def run_writer(process: str, run_dir: Path, addresses: list[str], seed: int, sto
             value: dict[str, Any] = {"name": name}
             if f == "publish":
                 value["marker"] = marker
+                value["wide"] = rng.random() < 0.2  # another signature
             elif f == "publish_set":
                 value["markers"] = {m: f"<{process}.{sequence}.{m}>" for m in SET_MEMBERS}
             history.log("invoke", f, value, node=node)
             try:
                 client = clients.get(node)
                 if f == "publish":
-                    published = client.publish(make_body(name, marker, executions), name=name)
+                    body = make_body(name, marker, executions, wide=value["wide"])
+                    published = client.publish(body, name=name)
                     result = {
                         "version": published.version,
                         "content_id": published.content_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 import scatter
 from cluster import chaos
-from cluster.launch import LocalNode
+from cluster.launch import LocalNode, child_pids, kill_if_alive, process_gone
 from scatter._core._registry import Registry, VersionRecord
 from tests.waiting import wait_until
 
@@ -150,3 +151,45 @@ def test_a_bounded_chaos_run_loses_nothing_runs_nothing_twice_and_converges(tmp_
     assert report.operations["call"].get("ok", 0) > 0, rendered
     assert report.checks["acknowledged changes"] > 0, rendered
     assert report.executions == report.checks["executions"] > 0, rendered
+
+
+def _echo(token: str) -> str:
+    return token
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by the chaos rig (seed 3, `python -m cluster.chaos --seconds 90 --seed 3 "
+    "--interval 5`): after its node is SIGKILLed and its workers exit, a call with "
+    "timeout=2 finds its pooled connection undelivered, then asks the dead node for a new "
+    "lease with _LEASE_TIMEOUT (30 s), not the call's timeout; it raises Unreachable "
+    "only after 30 s",
+)
+@pytest.mark.timeout(90)
+def test_a_call_to_a_killed_node_ends_within_its_timeout(tmp_path: Path) -> None:
+    node = LocalNode(tmp_path / "node", options=["--profile", "local"]).start()
+    workers: list[int] = []
+    try:
+        client = scatter.Client(node.address, autostart=False)
+        client.publish(_echo, name="echo")
+        remote = client.make_callable("echo")
+        assert remote.call("first", timeout=2.0) == "first"  # a pooled worker connection
+        workers = child_pids(node.pid)
+        node.kill()
+        wait_until(lambda: all(process_gone(w) for w in workers), 30, "the workers exit")
+        outcome: list[BaseException] = []
+
+        def call_the_dead_node() -> None:
+            try:
+                remote.call("second", timeout=2.0)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        threading.Thread(target=call_the_dead_node, daemon=True).start()
+        # 2 s of call timeout, the client's 3 s grace, and as much again for a slow machine.
+        wait_until(lambda: outcome, 10, "the call to the dead node raises")
+        assert isinstance(outcome[0], scatter.ScatterError), outcome
+    finally:
+        node.kill()
+        for worker in workers:
+            kill_if_alive(worker)
