@@ -766,8 +766,21 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
     finally:
         rig.stop()
         signal.signal(signal.SIGTERM, previous_handler)
+    # What the checker reads besides histories and logs, so that `--recheck` can rerun it.
+    (rig.run_dir / "final.json").write_text(
+        json.dumps({"report": asdict(report), "node_ids": node_ids, "reads": reads}, default=str)
+    )
     check(report, rig.run_dir, node_ids, reads, logs, schedule)
     (rig.run_dir / "report.json").write_text(json.dumps(asdict(report), indent=2, default=str))
+    return report
+
+
+def recheck(run_dir: Path) -> Report:
+    """The checker again over a finished run's directory (after changing the checker)."""
+    final = json.loads((run_dir / "final.json").read_text())
+    report = Report(**final["report"])
+    logs = [read_change_log(run_dir / f"node-{i}") for i in range(len(final["node_ids"]))]
+    check(report, run_dir, final["node_ids"], final["reads"], logs, [])
     return report
 
 
@@ -811,8 +824,9 @@ def check(
     4. No resurrection: every live version sorts after the last vaporize of its name.
     5. Calls: no token ran twice; a call that failed for certain did not run; every run
        is of a version published under that name (a marker some writer invoked), not
-       before that publish was invoked; a pinned call ran a version whose number was the
-       pin (its proposed or its final number).
+       before that publish was invoked, and not one whose publish failed for certain; a
+       pinned call ran a version whose number was the pin on some node (see
+       ``_number_ranges``).
     """
     from scatter._core._registry import PublishOp, PublishSetOp, RollbackOp, VaporizeOp, order_key
 
@@ -952,10 +966,10 @@ def check(
     markers: dict[str, dict[str, Any]] = {}  # marker -> {name, start, numbers}
     for op in operations:
         if op["f"] == "publish":
-            markers[op["value"]["marker"]] = {"name": op["value"]["name"], "start": op["start"]}
+            markers[op["value"]["marker"]] = {"name": op["value"]["name"], "op": op}
         elif op["f"] == "publish_set":
             for member, marker in op["value"]["markers"].items():
-                markers[marker] = {"name": member, "start": op["start"]}
+                markers[marker] = {"name": member, "op": op}
     number_range = _number_ranges(ordered)
     content_of_marker = {
         op["value"]["marker"]: op["value"]["content_id"]
@@ -981,8 +995,15 @@ def check(
         if known is None or known["name"] != name:
             violation("ran an unknown version", f"{token} ran {name} with marker {marker}, never published under {name}", [_brief(call)])
             continue
-        if call["end"] is not None and known["start"] > call["end"]:
+        published = known["op"]
+        if call["end"] is not None and published["start"] > call["end"]:
             violation("ran a version before it was published", f"{token} ran {marker}", [_brief(call)])
+        if published["type"] == "fail":
+            violation(
+                "a failed publish ran",
+                f"{token} ran {marker}, whose {published['f']} failed: {published['error']}",
+                [_brief(published), _brief(call)],
+            )
         pin = call["value"].get("pin")
         if pin and marker in content_of_marker:
             checked["pinned runs checked"] += 1
@@ -1141,6 +1162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", default="", help="comma-separated kinds (default: all available)")
     parser.add_argument("--no-network", action="store_true", help="only SIGKILL and SIGSTOP faults")
     parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--recheck", type=Path, metavar="RUN_DIR", help="rerun the checker only")
     # A writer or caller process (started by the rig itself):
     parser.add_argument("--role", choices=("writer", "caller"), help=argparse.SUPPRESS)
     parser.add_argument("--process", help=argparse.SUPPRESS)
@@ -1152,6 +1174,10 @@ def main(argv: list[str] | None = None) -> int:
         runner = run_writer if args.role == "writer" else run_caller
         runner(args.process, args.run_dir, args.addresses.split(","), seed, args.stop_at)
         return 0
+    if args.recheck:
+        report = recheck(args.recheck)
+        print(render(report), flush=True)
+        return 0 if report.ok() else 1
     seconds = args.seconds or (args.minutes or 1.0) * 60
     config = ChaosConfig(
         seconds=seconds,

@@ -130,7 +130,7 @@ def test_a_cut_off_node_loses_its_peers_but_not_its_clients_and_the_heal_undoes_
     assert not network.root.exists()
 
 
-@pytest.mark.timeout(170)
+@pytest.mark.timeout(150)
 def test_a_bounded_chaos_run_loses_nothing_runs_nothing_twice_and_converges(tmp_path: Path) -> None:
     kinds = [*chaos.PROCESS_FAULTS, *([] if NETWORK_UNAVAILABLE else chaos.NETWORK_FAULTS)]
     must = {"kill", "pause"} | (set() if NETWORK_UNAVAILABLE else {"partition-halves"})
