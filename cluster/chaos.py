@@ -269,15 +269,16 @@ def classify(exc: BaseException) -> str:
         scatter.FunctionNotFound,
         scatter.VersionNotFound,
         scatter.SignatureChanged,
-        scatter.ValidationError,
         scatter.AuthenticationError,
         scatter.ConfigError,
         scatter.NotScatterable,
     )
     if isinstance(exc, certain):
         return "fail"
-    if isinstance(exc, scatter.RemoteError) and not isinstance(exc, scatter.WorkerCrashed):
-        return "fail"  # the function itself raised: it ran, and said so (never ours)
+    if isinstance(exc, scatter.ValidationError) and exc.parameter != "return":
+        return "fail"  # an argument refused before the function ran (a result: after)
+    # Everything else may have run: a timeout, a crash, silence, or (never ours) the
+    # function raising, which means it ran.
     return "info"
 
 
