@@ -761,6 +761,9 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
         report.converged = convergence is not None
         report.replica_hashes = hashes
         reads = rig.final_reads() if report.converged else []
+        for node in rig.nodes:  # SIGTERM to all first: they wind down in parallel
+            if node.process is not None and node.process.poll() is None:
+                node.process.terminate()
         for node in rig.nodes:
             node.stop()
         logs = [read_change_log(node.data_dir) for node in rig.nodes]
@@ -892,6 +895,12 @@ def check(
     # 2 and 3: acknowledged changes
     checked = Counter[str]()
     taken: set[str] = set()
+    # marker -> content id, for the versions an acknowledgement names
+    content_of_marker = {
+        op["value"]["marker"]: op["value"]["content_id"]
+        for op in operations
+        if op["f"] == "publish" and op["type"] == "ok"
+    }
     for op in operations:
         if op["type"] != "ok" or op["f"] not in ("publish", "publish_set", "rollback", "vaporize"):
             continue
@@ -928,6 +937,11 @@ def check(
             )
             continue
         taken.add(found.change_id)
+        if op["f"] == "publish_set":
+            for change_op in found.ops:
+                if isinstance(change_op, PublishOp) and change_op.record.name in value["markers"]:
+                    marker = value["markers"][change_op.record.name]
+                    content_of_marker[marker] = change_op.record.content_id
         if op["f"] != "publish":
             continue
         superseded = last_vaporize((name,)) > position[found.change_id]
@@ -972,11 +986,6 @@ def check(
             for member, marker in op["value"]["markers"].items():
                 markers[marker] = {"name": member, "op": op}
     number_range = _number_ranges(ordered)
-    content_of_marker = {
-        op["value"]["marker"]: op["value"]["content_id"]
-        for op in operations
-        if op["f"] == "publish" and op["type"] == "ok"
-    }
     calls = {op["value"]["token"]: op for op in operations if op["f"] == "call"}
     runs = Counter(token for token, _, _ in executions)
     for token, times in runs.items():
@@ -1005,14 +1014,26 @@ def check(
                 f"{token} ran {marker}, whose {published['f']} failed: {published['error']}",
                 [_brief(published), _brief(call)],
             )
+        if marker not in content_of_marker or content_of_marker[marker] not in number_range:
+            continue
+        low, high = number_range[content_of_marker[marker]]
         pin = call["value"].get("pin")
-        if pin and marker in content_of_marker:
+        if pin:
             checked["pinned runs checked"] += 1
-            low, high = number_range.get(content_of_marker[marker], (pin, pin))
             if not low <= pin <= high:
                 violation(
                     "pinned call ran another version",
                     f"{token} pinned {name} v{pin} but ran {marker}, numbered {low} to {high}",
+                    around(name, call["start"]),
+                )
+        reported = call["value"].get("version")
+        if call["type"] == "ok" and reported is not None:
+            checked["reported versions checked"] += 1
+            if not low <= reported <= high:
+                violation(
+                    "a call reported another version than it ran",
+                    f"{token} ran {marker} of {name}, numbered {low} to {high}, "
+                    f"and its result said v{reported}",
                     around(name, call["start"]),
                 )
     for op in calls.values():
