@@ -27,7 +27,8 @@ Why it is built this way:
   (``socket cgroupv2``) and the peer's TCP port, so node-to-node traffic is cut or thinned
   while clients still reach every node (as in Jepsen, the clients are not partitioned).
   Shapes: one node cut off, a majority/minority split, a ring of overlapping majorities
-  (each node sees only its two ring neighbours); loss drops a share of node-to-node
+  (each node sees only its two ring neighbours), and a minority cut off with one of it
+  killed and restarted while still cut off (``kill-in-partition``); loss drops a share of node-to-node
   packets (``numgen random``; over TCP this is retransmission delay, never a lost
   message). Not here, and said in every report: delay and reordering (``tc netem`` is
   missing from this kernel, a proxy would sit in every peer's path), and clock jumps
@@ -80,7 +81,9 @@ CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")  # this machine's cgroup2 mount
 NFT_PATH_ROOT = Path("/sys/fs/cgroup")  # nft names a cgroup relative to this
 
 PROCESS_FAULTS = ("kill", "pause")
-NETWORK_FAULTS = ("partition-one", "partition-halves", "partition-ring", "loss")
+NETWORK_FAULTS = (
+    "partition-one", "partition-halves", "partition-ring", "loss", "kill-in-partition"
+)
 NOT_INJECTED = {
     "delay/reorder": "tc netem is missing from this kernel; a fault proxy is not built yet",
     "clock-jump": "libfaketime is not installed; nothing here can move one node's clock",
@@ -126,7 +129,7 @@ def fault_schedule(
         loss = 0
         if kind in ("kill", "pause", "partition-one"):
             victims: tuple[int, ...] = (rng.choice(members),)
-        elif kind == "partition-halves":
+        elif kind in ("partition-halves", "kill-in-partition"):
             rng.shuffle(members)
             victims = tuple(sorted(members[: (nodes - 1) // 2]))  # the minority
         elif kind == "partition-ring":
@@ -142,7 +145,7 @@ def fault_schedule(
 def cut_pairs(fault: Fault, nodes: int) -> set[tuple[int, int]]:
     """The (from, to) node pairs a partition cuts: both directions of each cut link."""
     everyone = range(nodes)
-    if fault.kind in ("partition-one", "partition-halves"):
+    if fault.kind in ("partition-one", "partition-halves", "kill-in-partition"):
         inside = set(fault.nodes)
         return {(a, b) for a in everyone for b in everyone if (a in inside) != (b in inside)}
     if fault.kind == "partition-ring":
@@ -621,6 +624,11 @@ class Rig:
         elif fault.kind == "loss":
             assert self.network is not None
             self.network.lose(fault.loss_percent, ports)
+        elif fault.kind == "kill-in-partition":
+            assert self.network is not None
+            self.network.cut(cut_pairs(fault, len(self.nodes)), ports)
+            self.nodes[fault.nodes[0]].kill()
+            self.dead.add(fault.nodes[0])
         else:
             assert self.network is not None
             self.network.cut(cut_pairs(fault, len(self.nodes)), ports)
@@ -628,6 +636,10 @@ class Rig:
     def end(self, fault: Fault) -> None:
         if fault.kind == "kill":
             self.restart(fault.nodes[0])
+        elif fault.kind == "kill-in-partition":
+            self.restart(fault.nodes[0])  # still cut off: it restarts alone with its side
+            assert self.network is not None
+            self.network.heal()
         elif fault.kind == "pause":
             self.resume_all()
         elif self.network is not None:
