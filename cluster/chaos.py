@@ -518,6 +518,8 @@ class Report:
     convergence_seconds: float | None = None
     converged: bool = False
     replica_hashes: list[str] = field(default_factory=list)
+    membership_seconds: float | None = None  # after convergence, until all see all alive
+    alive_seen: list[int] = field(default_factory=list)  # members each node sees alive
     calls: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, int] = field(default_factory=dict)
     violations: list[dict[str, Any]] = field(default_factory=list)
@@ -696,6 +698,26 @@ class Rig:
             time.sleep(0.05)
         return None, hashes
 
+    def wait_for_membership(self, timeout: float) -> tuple[float | None, list[int]]:
+        """Seconds from now until every node lists every node alive; else the counts seen."""
+        import scatter
+
+        started = time.monotonic()
+        counts: list[int] = []
+        while time.monotonic() - started < timeout:
+            counts = []
+            for node in self.nodes:
+                try:
+                    with scatter.Client(node.address, autostart=False) as client:
+                        members = client.members()
+                    counts.append(sum(1 for m in members if m["state"] == "alive"))
+                except scatter.ScatterError:
+                    counts.append(-1)
+            if all(count == len(self.nodes) for count in counts):
+                return time.monotonic() - started, counts
+            time.sleep(0.1)
+        return None, counts
+
     def final_reads(self) -> list[dict[str, list[dict[str, Any]]]]:
         import scatter
 
@@ -772,6 +794,9 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
         report.convergence_seconds = convergence
         report.converged = convergence is not None
         report.replica_hashes = hashes
+        membership, alive_counts = rig.wait_for_membership(timeout=30)
+        report.membership_seconds = membership
+        report.alive_seen = alive_counts
         reads = rig.final_reads() if report.converged else []
         for node in rig.nodes:  # SIGTERM to all first: they wind down in parallel
             if node.process is not None and node.process.poll() is None:
@@ -876,6 +901,12 @@ def check(
             "slow convergence",
             f"{report.convergence_seconds:.2f} s from the final heal to one replica hash "
             f"(bound: 2 anti-entropy intervals, {CONVERGENCE_BOUND:g} s)",
+        )
+    if report.membership_seconds is None:
+        violation(
+            "membership did not heal",
+            f"30 s after convergence, the nodes see {report.alive_seen} members alive "
+            f"(of {len(node_ids)})",
         )
     id_sets = [frozenset(c.change_id for c in log) for log in logs]
     if len(set(id_sets)) > 1:
@@ -1164,7 +1195,13 @@ def render(report: Report) -> str:
         "not injected: " + "; ".join(f"{k} ({v})" for k, v in report.not_injected.items()),
         f"executions recorded: {report.executions}",
         "convergence after the final heal: "
-        + (f"{report.convergence_seconds:.2f} s" if report.converged else "NONE within 60 s"),
+        + (f"{report.convergence_seconds:.2f} s" if report.converged else "NONE within 60 s")
+        + "; every member alive everywhere "
+        + (
+            f"{report.membership_seconds:.2f} s later"
+            if report.membership_seconds is not None
+            else f"NOT within 30 s ({report.alive_seen})"
+        ),
         "checked: " + ", ".join(f"{k} {n}" for k, n in report.checks.items()),
     ]
     for label, figures in report.calls.items():

@@ -85,7 +85,7 @@ def test_the_checker_finds_a_lost_acknowledged_publish_and_a_call_run_twice(tmp_
         final = {"f0": [{"kind": "function", "content_id": "c1", "version": 1}], "": []}
         report = chaos.Report(
             seed=0, seconds=1, run_dir=str(run_dir), schedule=[], kinds_injected=[],
-            not_injected={}, convergence_seconds=0.1, converged=True,
+            not_injected={}, convergence_seconds=0.1, converged=True, membership_seconds=0.1,
         )
         chaos.check(report, run_dir, ["n0"], [final], [[change]], [])
         return sorted(v["kind"] for v in report.violations)
