@@ -80,7 +80,7 @@ def test_the_checker_finds_a_lost_acknowledged_publish_and_a_call_run_twice(tmp_
         caller.log("invoke", "call", {"name": "f0", "pin": None, "token": "c0.1"}, node=0)
         caller.log("ok", "call", {"marker": "<m1>", "version": 1})
         caller.close()
-        runs = "c0.1 f0 <m1> 10\n" * (2 if run_twice else 1)
+        runs = f"c0.1 f0 <m1> 10 {time.monotonic():.6f}\n" * (2 if run_twice else 1)
         (run_dir / "executions.log").write_text(runs)
         final = {"f0": [{"kind": "function", "content_id": "c1", "version": 1}], "": []}
         report = chaos.Report(
