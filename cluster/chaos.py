@@ -987,19 +987,29 @@ def check(
                 if isinstance(change_op, PublishOp) and change_op.record.name in value["markers"]:
                     marker = value["markers"][change_op.record.name]
                     content_of_marker[marker] = change_op.record.content_id
-        if op["f"] != "publish":
+        if op["f"] == "publish":
+            made = [(name, value["content_id"])]
+        elif op["f"] == "publish_set":
+            made = [
+                (change_op.record.name, change_op.record.content_id)
+                for change_op in found.ops
+                if isinstance(change_op, PublishOp)
+            ]
+        else:
             continue
-        superseded = last_vaporize((name,)) > position[found.change_id]
-        present = value["content_id"] in live_content.get(name, set())
-        checked["acknowledged publishes, present or superseded"] += 1
-        if present == superseded and reads:
-            what = "present although a later vaporize superseded it" if present else "missing"
-            violation(
-                "acknowledged version " + ("resurrected" if present else "lost"),
-                f"{name} content {value['content_id']} (acknowledged as v{value['version']} "
-                f"by node {op['node']}) is {what} in the final registry",
-                around(name, op["start"]),
-            )
+        for made_name, content_id in made:
+            owners = (made_name, SET_NAME) if made_name in SET_MEMBERS else (made_name,)
+            superseded = last_vaporize(owners) > position[found.change_id]
+            present = content_id in live_content.get(made_name, set())
+            checked["acknowledged versions, present or superseded"] += 1
+            if present == superseded and reads:
+                what = "present although a later vaporize superseded it" if present else "missing"
+                violation(
+                    "acknowledged version " + ("resurrected" if present else "lost"),
+                    f"{made_name} content {content_id} (acknowledged as {name} "
+                    f"v{value['version']} by node {op['node']}) is {what} in the final registry",
+                    around(made_name, op["start"]),
+                )
 
     # 4: no resurrection
     publishes_by_content: dict[str, tuple[int, str]] = {}
