@@ -1140,8 +1140,9 @@ def _read_executions(path: Path) -> list[tuple[str, str, str, float]]:
     found = []
     for line in path.read_text().splitlines():
         parts = line.split()
-        if len(parts) == 5:
-            found.append((parts[0], parts[1], parts[2], float(parts[4])))
+        if len(parts) in (4, 5):  # runs before the time was recorded have 4 fields
+            ran_at = float(parts[4]) if len(parts) == 5 else math.nan
+            found.append((parts[0], parts[1], parts[2], ran_at))
     return found
 
 
