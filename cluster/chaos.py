@@ -28,9 +28,9 @@ Why it is built this way:
   while clients still reach every node (as in Jepsen, the clients are not partitioned).
   Shapes: one node cut off, a majority/minority split, a ring of overlapping majorities
   (each node sees only its two ring neighbours), and a minority cut off with one of it
-  killed and restarted while still cut off (``kill-in-partition``); loss drops a share of node-to-node
-  packets (``numgen random``; over TCP this is retransmission delay, never a lost
-  message). Not here, and said in every report: delay and reordering (``tc netem`` is
+  killed and restarted while still cut off (``kill-in-partition``); loss drops a share
+  of node-to-node packets (``numgen random``; over TCP this is retransmission delay,
+  never a lost message). Not here, and said in every report: delay and reordering (``tc netem`` is
   missing from this kernel, a proxy would sit in every peer's path), and clock jumps
   (libfaketime is not installed; the registry orders by vector clocks and never reads
   the wall clock to order, which the simulator and property tests cover).
@@ -82,7 +82,11 @@ NFT_PATH_ROOT = Path("/sys/fs/cgroup")  # nft names a cgroup relative to this
 
 PROCESS_FAULTS = ("kill", "pause")
 NETWORK_FAULTS = (
-    "partition-one", "partition-halves", "partition-ring", "loss", "kill-in-partition"
+    "partition-one",
+    "partition-halves",
+    "partition-ring",
+    "loss",
+    "kill-in-partition",
 )
 NOT_INJECTED = {
     "delay/reorder": "tc netem is missing from this kernel; a fault proxy is not built yet",
@@ -105,7 +109,8 @@ class Fault:
 
     def describe(self) -> str:
         extra = f" {self.loss_percent}%" if self.kind == "loss" else ""
-        return f"t={self.at:6.1f}s {self.kind}{extra} nodes={list(self.nodes)} for {self.duration:.1f}s"
+        nodes = list(self.nodes)
+        return f"t={self.at:6.1f}s {self.kind}{extra} nodes={nodes} for {self.duration:.1f}s"
 
 
 def fault_schedule(
@@ -320,7 +325,9 @@ class Clients:
             self.drop(node)
 
 
-def run_writer(process: str, run_dir: Path, addresses: list[str], seed: int, stop_at: float) -> None:
+def run_writer(
+    process: str, run_dir: Path, addresses: list[str], seed: int, stop_at: float
+) -> None:
     rng = random.Random(f"{process}-{seed}")
     history = History(run_dir / "history" / f"{process}.jsonl", process)
     executions = str(run_dir / "executions.log")
@@ -380,7 +387,9 @@ def run_writer(process: str, run_dir: Path, addresses: list[str], seed: int, sto
         history.close()
 
 
-def run_caller(process: str, run_dir: Path, addresses: list[str], seed: int, stop_at: float) -> None:
+def run_caller(
+    process: str, run_dir: Path, addresses: list[str], seed: int, stop_at: float
+) -> None:
     rng = random.Random(f"{process}-{seed}")
     history = History(run_dir / "history" / f"{process}.jsonl", process)
     clients = Clients(addresses)
@@ -392,7 +401,11 @@ def run_caller(process: str, run_dir: Path, addresses: list[str], seed: int, sto
             node = rng.randrange(len(addresses))
             name = rng.choice(CALLABLE)
             # Pins near the newest version seen: older ones are mostly vaporized.
-            pin = rng.randint(max(1, highest[name] - 3), highest[name]) if rng.random() < 0.25 else None
+            pin = (
+                rng.randint(max(1, highest[name] - 3), highest[name])
+                if rng.random() < 0.25
+                else None
+            )
             token = f"{process}.{sequence}"
             history.log("invoke", "call", {"name": name, "pin": pin, "token": token}, node=node)
             try:
@@ -444,7 +457,8 @@ class Network:
         atexit.register(self.close)
         self._nft(
             f"add table inet {self.name}\n"
-            f"add chain inet {self.name} out {{ type filter hook output priority 0; policy accept; }}\n"
+            f"add chain inet {self.name} out "
+            "{ type filter hook output priority 0; policy accept; }\n"
         )
 
     def _nft(self, script: str) -> None:
@@ -568,7 +582,9 @@ class Rig:
 
     def restart(self, i: int) -> None:
         old = self.nodes[i]
-        self.nodes[i] = LocalNode(old.data_dir, port=old.port, options=old.options, cgroup=old.cgroup)
+        self.nodes[i] = LocalNode(
+            old.data_dir, port=old.port, options=old.options, cgroup=old.cgroup
+        )
         self.nodes[i].start(timeout=60)
         self.dead.discard(i)
 
@@ -591,15 +607,30 @@ class Rig:
         root = Path(__file__).resolve().parents[1]
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
         for role, name in roles:
-            log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed by the child's exit
+            log = open(self.run_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it
             self.clients.append(
                 subprocess.Popen(
                     [
-                        sys.executable, "-m", "cluster.chaos", "--role", role, "--process", name,
-                        "--run-dir", str(self.run_dir), "--addresses", addresses,
-                        "--seed", str(self.config.seed), "--stop-at", repr(stop_at),
+                        sys.executable,
+                        "-m",
+                        "cluster.chaos",
+                        "--role",
+                        role,
+                        "--process",
+                        name,
+                        "--run-dir",
+                        str(self.run_dir),
+                        "--addresses",
+                        addresses,
+                        "--seed",
+                        str(self.config.seed),
+                        "--stop-at",
+                        repr(stop_at),
                     ],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
                 )
             )
             log.close()
@@ -913,12 +944,16 @@ def check(
     id_sets = [frozenset(c.change_id for c in log) for log in logs]
     if len(set(id_sets)) > 1:
         union = frozenset().union(*id_sets)
-        missing = {node_ids[i]: sorted(union - ids)[:10] for i, ids in enumerate(id_sets) if union - ids}
+        missing = {
+            node_ids[i]: sorted(union - ids)[:10] for i, ids in enumerate(id_sets) if union - ids
+        }
         violation("logs differ", f"changes missing from persisted logs: {missing}")
     for i, read in enumerate(reads[1:], 1):
         if read != reads[0]:
             names = [n for n in read if read[n] != reads[0].get(n)]
-            violation("reads differ", f"node {i} answers versions()/functions() of {names} unlike node 0")
+            violation(
+                "reads differ", f"node {i} answers versions()/functions() of {names} unlike node 0"
+            )
 
     changes = {c.change_id: c for log in logs for c in log}
     ordered = sorted(changes.values(), key=order_key)
@@ -1045,27 +1080,50 @@ def check(
     runs = Counter(token for token, _, _, _ in executions)
     for token, times in runs.items():
         if times > 1:
-            violation("call ran twice", f"token {token} ran {times} times", [_brief(calls[token])] if token in calls else [])
+            violation(
+                "call ran twice",
+                f"token {token} ran {times} times",
+                [_brief(calls[token])] if token in calls else [],
+            )
     checked["executions"] = len(executions)
     for token, name, marker, ran_at in executions:
         call = calls.get(token)
         if call is None:
-            violation("unknown call ran", f"token {token} ran {name} {marker}: no caller invoked it")
+            violation(
+                "unknown call ran", f"token {token} ran {name} {marker}: no caller invoked it"
+            )
             continue
         if call["type"] == "info" and call["end"] is not None and ran_at > call["end"]:
             # Not yet promised (issue 10: a call its caller gave up on never starts).
-            report.observations.append(f"{token} ran {ran_at - call['end']:.2f} s after its caller gave up ({call['error']})")
+            report.observations.append(
+                f"{token} ran {ran_at - call['end']:.2f} s after its caller gave up "
+                f"({call['error']})"
+            )
         if call["value"]["name"] != name:
-            violation("ran another function", f"{token} asked for {call['value']['name']}, ran {name}", [_brief(call)])
+            violation(
+                "ran another function",
+                f"{token} asked for {call['value']['name']}, ran {name}",
+                [_brief(call)],
+            )
         if call["type"] == "fail":
-            violation("failed call ran", f"{token} failed with {call['error']!r} but ran {name} {marker}", [_brief(call)])
+            violation(
+                "failed call ran",
+                f"{token} failed with {call['error']!r} but ran {name} {marker}",
+                [_brief(call)],
+            )
         known = markers.get(marker)
         if known is None or known["name"] != name:
-            violation("ran an unknown version", f"{token} ran {name} with marker {marker}, never published under {name}", [_brief(call)])
+            violation(
+                "ran an unknown version",
+                f"{token} ran {name} with marker {marker}, never published under {name}",
+                [_brief(call)],
+            )
             continue
         published = known["op"]
         if call["end"] is not None and published["start"] > call["end"]:
-            violation("ran a version before it was published", f"{token} ran {marker}", [_brief(call)])
+            violation(
+                "ran a version before it was published", f"{token} ran {marker}", [_brief(call)]
+            )
         if published["type"] == "fail":
             violation(
                 "a failed publish ran",
@@ -1096,7 +1154,11 @@ def check(
                 )
     for op in calls.values():
         if op["type"] == "ok" and op["value"]["token"] not in runs:
-            violation("acknowledged call never ran", f"{op['value']['token']} returned {op['value'].get('marker')}", [_brief(op)])
+            violation(
+                "acknowledged call never ran",
+                f"{op['value']['token']} returned {op['value'].get('marker')}",
+                [_brief(op)],
+            )
     report.checks = dict(checked)
     report.calls = call_figures(list(calls.values()), events)
 
@@ -1184,12 +1246,18 @@ def call_figures(calls: list[dict[str, Any]], events: list[dict[str, Any]]) -> d
         ("without faults", [c for c in calls if not faulty(c)]),
     ):
         latencies = sorted(c["end"] - c["start"] for c in chosen if c["end"] is not None)
-        failed = Counter(c["error"].split(":")[0] or "no completion (client stopped)" for c in chosen if c["type"] != "ok")
+        failed = Counter(
+            c["error"].split(":")[0] or "no completion (client stopped)"
+            for c in chosen
+            if c["type"] != "ok"
+        )
         figures[label] = {
             "calls": len(chosen),
             "p50_ms": _percentile(latencies, 50),
             "p99_ms": _percentile(latencies, 99),
-            "failed_share": {k: round(v / len(chosen), 4) for k, v in failed.most_common()} if chosen else {},
+            "failed_share": {k: round(v / len(chosen), 4) for k, v in failed.most_common()}
+            if chosen
+            else {},
         }
     return figures
 
@@ -1204,7 +1272,8 @@ def _percentile(values: list[float], p: float) -> float | None:
 def render(report: Report) -> str:
     lines = [
         f"chaos report: seed {report.seed}, {report.seconds:g} s, {report.run_dir}",
-        "operations: " + "; ".join(
+        "operations: "
+        + "; ".join(
             f"{f} " + " ".join(f"{t}={n}" for t, n in sorted(c.items()))
             for f, c in report.operations.items()
         ),
@@ -1236,12 +1305,16 @@ def render(report: Report) -> str:
         for entry in v["history"][:8]:
             lines.append(f"      {json.dumps(entry)}")
     if report.violations:
-        lines.append(f"replay: python -m cluster.chaos --seed {report.seed} --seconds {report.seconds:g}")
+        lines.append(
+            f"replay: python -m cluster.chaos --seed {report.seed} --seconds {report.seconds:g}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.chaos", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.chaos", description=__doc__.split("\n")[0]
+    )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--minutes", type=float)
     length.add_argument("--seconds", type=float)
@@ -1249,8 +1322,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--writers", type=int, default=3)
     parser.add_argument("--callers", type=int, default=3)
-    parser.add_argument("--interval", type=float, default=6.0, help="seconds per fault (Jepsen: 10)")
-    parser.add_argument("--faults", default="", help="comma-separated kinds (default: all available)")
+    parser.add_argument(
+        "--interval", type=float, default=6.0, help="seconds per fault (Jepsen: 10)"
+    )
+    parser.add_argument(
+        "--faults", default="", help="comma-separated kinds (default: all available)"
+    )
     parser.add_argument("--no-network", action="store_true", help="only SIGKILL and SIGSTOP faults")
     parser.add_argument("--run-dir", type=Path, default=None)
     parser.add_argument("--recheck", type=Path, metavar="RUN_DIR", help="rerun the checker only")

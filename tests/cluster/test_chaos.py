@@ -51,14 +51,23 @@ def test_partition_shapes_cut_the_links_they_name() -> None:
     ring = chaos.cut_pairs(chaos.Fault(0, "partition-ring", (0, 1, 2, 3, 4), 1), 5)
     # each node keeps its two ring neighbours: 3 of 5 (itself included), a majority each
     for node in range(5):
-        assert {b for a, b in ring if a == node} == set(range(5)) - {node, (node + 1) % 5, (node - 1) % 5}
+        assert {b for a, b in ring if a == node} == set(range(5)) - {
+            node,
+            (node + 1) % 5,
+            (node - 1) % 5,
+        }
     assert all((b, a) in ring for a, b in ring)
 
 
 def _record(name: str, content_id: str) -> VersionRecord:
     return VersionRecord(
-        content_id=content_id, name=name, signature_text="(token: str) -> str",
-        signature_id="s", origin="n0", python="3.11.7", created_at=1.0,
+        content_id=content_id,
+        name=name,
+        signature_text="(token: str) -> str",
+        signature_id="s",
+        origin="n0",
+        python="3.11.7",
+        created_at=1.0,
     )
 
 
@@ -84,8 +93,15 @@ def test_the_checker_finds_a_lost_acknowledged_publish_and_a_call_run_twice(tmp_
         (run_dir / "executions.log").write_text(runs)
         final = {"f0": [{"kind": "function", "content_id": "c1", "version": 1}], "": []}
         report = chaos.Report(
-            seed=0, seconds=1, run_dir=str(run_dir), schedule=[], kinds_injected=[],
-            not_injected={}, convergence_seconds=0.1, converged=True, membership_seconds=0.1,
+            seed=0,
+            seconds=1,
+            run_dir=str(run_dir),
+            schedule=[],
+            kinds_injected=[],
+            not_injected={},
+            convergence_seconds=0.1,
+            converged=True,
+            membership_seconds=0.1,
         )
         chaos.check(report, run_dir, ["n0"], [final], [[change]], [])
         return sorted(v["kind"] for v in report.violations)
@@ -116,7 +132,9 @@ def test_a_cut_off_node_loses_its_peers_but_not_its_clients_and_the_heal_undoes_
                 return sum(1 for m in client.members() if m["state"] == "alive")
 
         wait_until(lambda: all(alive_seen_by(n) == 3 for n in nodes), 30, "all 3 join")
-        network.cut(chaos.cut_pairs(chaos.Fault(0, "partition-one", (2,), 1), 3), [n.port for n in nodes])
+        network.cut(
+            chaos.cut_pairs(chaos.Fault(0, "partition-one", (2,), 1), 3), [n.port for n in nodes]
+        )
         wait_until(lambda: alive_seen_by(nodes[0]) == 2, 30, "node 0 no longer sees node 2 alive")
         wait_until(lambda: alive_seen_by(nodes[2]) == 1, 30, "node 2 sees only itself alive")
         network.heal()
@@ -137,7 +155,9 @@ def test_a_bounded_chaos_run_loses_nothing_runs_nothing_twice_and_converges(tmp_
     seed = int(os.environ.get("SCATTER_CHAOS_SEED", _seed_exercising(kinds, must)))
     lines: list[str] = []
     report = chaos.run(
-        chaos.ChaosConfig(seconds=CHAOS_SECONDS, seed=seed, interval=5.0, run_dir=tmp_path / "chaos"),
+        chaos.ChaosConfig(
+            seconds=CHAOS_SECONDS, seed=seed, interval=5.0, run_dir=tmp_path / "chaos"
+        ),
         out=lines.append,
     )
     rendered = chaos.render(report)
