@@ -892,7 +892,8 @@ def check(
        heal; the same change ids persisted on every node; the same versions() everywhere.
     2. No acknowledged change lost: each ok publish, set publish, rollback and vaporize is
        a change in every node's log (found by content id, or by origin, name, number and
-       the wall-time window of the operation).
+       the wall-time window of the operation). A rollback or vaporize that failed for
+       certain is not (where no ok or info one of the same node and name overlaps it).
     3. Present or superseded: an ok publish's version is in the final versions() exactly
        when no vaporize of its name (or its set) sorts after it in the total order.
     4. No resurrection: every live version sorts after the last vaporize of its name.
@@ -1045,6 +1046,43 @@ def check(
                     f"v{value['version']} by node {op['node']}) is {what} in the final registry",
                     around(made_name, op["start"]),
                 )
+
+    # 2b: a rollback or vaporize that failed for certain made no change. Only where no
+    # other operation of that kind, name and node whose outcome allows a change (ok or
+    # info) overlaps it in time: then the change can only be the failed one's.
+    for op in operations:
+        if op["type"] != "fail" or op["f"] not in ("rollback", "vaporize"):
+            continue
+        name, origin = op["value"]["name"], node_ids[op["node"]]
+        overlapping = [
+            other
+            for other in operations
+            if other is not op
+            and other["type"] in ("ok", "info")
+            and (other["f"], other["value"].get("name"), other["node"])
+            == (op["f"], name, op["node"])
+            and other["start_wall"] <= (op["end_wall"] or math.inf) + 1.0
+            and op["start_wall"] <= (other["end_wall"] or math.inf) + 1.0
+        ]
+        if overlapping:
+            continue
+        checked["failed changes checked"] += 1
+        for change in ordered:
+            if change.change_id in taken or not change.origin.startswith(origin + "."):
+                continue
+            if any(
+                isinstance(change_op, RollbackOp | VaporizeOp)
+                and _tag(change_op) == op["f"]
+                and change_op.name == name
+                for change_op in change.ops
+            ) and _within(change.at, op):
+                violation(
+                    "a failed change applied",
+                    f"{op['process']} {op['f']} {name} failed at node {op['node']} "
+                    f"({op['error']}), yet change {change.change_id} is that {op['f']}",
+                    around(name, op["start"]),
+                )
+                break
 
     # 4: no resurrection
     publishes_by_content: dict[str, tuple[int, str]] = {}

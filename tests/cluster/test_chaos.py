@@ -71,9 +71,11 @@ def _record(name: str, content_id: str) -> VersionRecord:
     )
 
 
-def test_the_checker_finds_a_lost_acknowledged_publish_and_a_call_run_twice(tmp_path: Path) -> None:
-    def run_checker(lose_a_publish: bool, run_twice: bool) -> list[str]:
-        run_dir = tmp_path / f"run-{lose_a_publish}-{run_twice}"
+def test_the_checker_finds_a_lost_publish_a_call_run_twice_and_a_failed_change_applied(
+    tmp_path: Path,
+) -> None:
+    def run_checker(lose_a_publish: bool, run_twice: bool, apply_a_failure: bool) -> list[str]:
+        run_dir = tmp_path / f"run-{lose_a_publish}-{run_twice}-{apply_a_failure}"
         (run_dir / "history").mkdir(parents=True)
         registry = Registry("n0.1.abc")  # a node start's writer id: "<node id>.<start>.<random>"
         writer = chaos.History(run_dir / "history" / "w0.jsonl", "w0")
@@ -84,6 +86,14 @@ def test_the_checker_finds_a_lost_acknowledged_publish_and_a_call_run_twice(tmp_
         if lose_a_publish:  # acknowledged, yet no node holds it
             writer.log("invoke", "publish", {"name": "f0", "marker": "<m2>"}, node=0)
             writer.log("ok", "publish", {"version": 2, "content_id": "c2", "noop": False})
+        log = [change]
+        if apply_a_failure:  # the node said no, yet the change is there
+            other = registry.publish([_record("f1", "c9")], now=time.time())
+            writer.log("invoke", "vaporize", {"name": "f1"}, node=0)
+            gone = registry.vaporize("f1", now=time.time())
+            writer.log("fail", "vaporize", {}, error="FunctionNotFound: no function named 'f1'")
+            assert other is not None
+            log += [other, gone]
         writer.close()
         caller = chaos.History(run_dir / "history" / "c0.jsonl", "c0")
         caller.log("invoke", "call", {"name": "f0", "pin": None, "token": "c0.1"}, node=0)
@@ -103,11 +113,12 @@ def test_the_checker_finds_a_lost_acknowledged_publish_and_a_call_run_twice(tmp_
             converged=True,
             membership_seconds=0.1,
         )
-        chaos.check(report, run_dir, ["n0"], [final], [[change]], [])
+        chaos.check(report, run_dir, ["n0"], [final], [log], [])
         return sorted(v["kind"] for v in report.violations)
 
-    assert run_checker(lose_a_publish=False, run_twice=False) == []
-    assert run_checker(lose_a_publish=True, run_twice=True) == [
+    assert run_checker(lose_a_publish=False, run_twice=False, apply_a_failure=False) == []
+    assert run_checker(lose_a_publish=True, run_twice=True, apply_a_failure=True) == [
+        "a failed change applied",
         "acknowledged change lost",
         "call ran twice",
     ]
