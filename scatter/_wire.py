@@ -394,6 +394,8 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     # this node included; changes_behind: -1 until the member sent its clock
     members: list[dict[str, Any]] = []
     changes: int = 0  # registry changes applied here
+    replica_hash: str = ""  # Registry.replica_hash(): equal on replicas holding the same changes
+    pending_changes: int = 0  # changes held, waiting for their causal past
 
 
 ControlReply = (

@@ -734,6 +734,8 @@ class NodeCore:
             worker_start_error=pool.last_start_error,
             members=[self._member_row(m) for m in self.membership.members()],
             changes=stats.changes,
+            replica_hash=self.registry.replica_hash(),
+            pending_changes=stats.pending,
         )
 
     def _member_row(self, member: MemberInfo) -> dict[str, Any]:
