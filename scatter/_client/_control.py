@@ -217,7 +217,16 @@ class NodeControl:
             # timeout.
             if remaining and sock.poll(min(remaining, 100), zmq.POLLIN):
                 return sock.recv()
-            if self._handshake_failed():
+            failed = self._handshake_failed()
+            if failed:
+                host, port = parse_address(self.address)
+                # No detail: the connection dropped mid-handshake. A wrong key reads the
+                # same, but only a node that still listens can have refused it (the chaos
+                # rig's seed 10: a node killed during a handshake looked like a wrong secret).
+                if failed == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and nothing_listens(
+                    host, port, timeout=min(0.5, max(remaining, 1) / 1000)
+                ):
+                    raise self._node_gone()
                 raise self._authentication_failed()
             if not remaining:
                 # A late answer must not reach the next request: start a fresh socket.
@@ -309,13 +318,13 @@ class NodeControl:
                 self.sockets.remove(sock)
                 self.sockets.remove(monitor)
 
-    def _handshake_failed(self) -> bool:
-        """Whether this thread's CURVE handshake failed since the last look."""
+    def _handshake_failed(self) -> int:
+        """The event of this thread's CURVE handshake if it failed since the last look, else 0."""
         monitor: zmq.Socket[bytes] = self._local.handshake
-        failed = False
+        failed = 0
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
-            failed = event != zmq.EVENT_HANDSHAKE_SUCCEEDED
+            failed = 0 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else event
         return failed
 
     def _authentication_failed(self) -> AuthenticationError:

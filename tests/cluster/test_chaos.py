@@ -188,14 +188,9 @@ def _echo(token: str) -> str:
     return token
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the chaos rig (seed 3, `python -m cluster.chaos --seconds 90 --seed 3 "
-    "--interval 5`): after its node is SIGKILLed and its workers exit, a call with "
-    "timeout=2 finds its pooled connection undelivered, then asks the dead node for a new "
-    "lease with _LEASE_TIMEOUT (30 s), not the call's timeout; it raises Unreachable "
-    "only after 30 s",
-)
+# Found by the chaos rig (seed 3, `python -m cluster.chaos --seconds 90 --seed 3
+# --interval 5`): after its node was SIGKILLed, a call with timeout=2 asked the dead node
+# for a new lease with the 30 s lease timeout, and raised Unreachable only after 30 s.
 @pytest.mark.timeout(90)
 def test_a_call_to_a_killed_node_ends_within_its_timeout(tmp_path: Path) -> None:
     node = LocalNode(tmp_path / "node", options=["--profile", "local"]).start()
@@ -237,14 +232,10 @@ def _established_connections_to(port: int) -> int:
     return count
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the chaos rig (seed 10, `python -m cluster.chaos --minutes 10 --seed 10`, "
-    "node 4 killed at t=74.7 s): a client whose node dies during the CURVE handshake gets "
-    "HANDSHAKE_FAILED_NO_DETAIL (ECONNRESET) on its monitor, and NodeControl._handshake_failed "
-    "takes every failed handshake for a refused secret: AuthenticationError ('the node "
-    "refused this client's secret') instead of Unreachable",
-)
+# Found by the chaos rig (seed 10, `python -m cluster.chaos --minutes 10 --seed 10`, node
+# 4 killed at t=74.7 s): a node that died during a client's CURVE handshake showed up as
+# HANDSHAKE_FAILED_NO_DETAIL, which the client took for a refused secret
+# (AuthenticationError) instead of Unreachable.
 @pytest.mark.timeout(60)
 def test_a_node_killed_during_the_handshake_is_unreachable_not_a_wrong_secret(
     tmp_path: Path,
