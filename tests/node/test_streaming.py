@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import os
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
@@ -59,7 +60,9 @@ def endless(marker: str, progress: str) -> Iterator[int]:
     try:
         i = 0
         while True:
-            Path(progress).write_text(str(i))
+            # Written whole, then renamed: a reader never sees the file half written.
+            Path(progress + ".new").write_text(str(i))
+            os.replace(progress + ".new", progress)
             yield i
             i += 1
     finally:
