@@ -16,7 +16,15 @@ import trio
 import zmq
 
 import scatter
-from cluster.launch import LocalNode, free_port, kill_if_alive, port_open, wait_until
+from cluster.launch import (
+    LocalNode,
+    child_pids,
+    free_port,
+    kill_if_alive,
+    port_open,
+    process_gone,
+    wait_until,
+)
 from scatter import _wire
 from scatter._client import _autostart, _connections
 from scatter._client._connections import Undelivered
@@ -73,7 +81,10 @@ def test_an_auto_started_node_killed_is_started_again_by_the_next_call(
         background_nodes.append(first)
         remote = client.make_callable("add")
         assert remote(1, 2) == 3
+        workers = child_pids(first)
         kill_if_alive(first)  # SIGKILL: its workers see their pipe close and exit
+        # Until they have, an idle one may still answer a call (the suite saw it once).
+        wait_until(lambda: all(process_gone(pid) for pid in workers), 15, "the workers exit")
         assert remote(2, 3) == 5  # this very call starts it again
         second = client.status().pid
         background_nodes.append(second)
