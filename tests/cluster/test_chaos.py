@@ -17,14 +17,13 @@ from pathlib import Path
 import pytest
 
 import scatter
-from cluster import chaos
-from cluster.faketime import faketime_unavailable
+from cluster import chaos, faketime
 from cluster.launch import LocalNode, child_pids, kill_if_alive, process_gone
 from scatter._core._registry import Registry, VersionRecord
 from tests.waiting import wait_until
 
 NETWORK_UNAVAILABLE = chaos.network_faults_unavailable()
-CLOCK_UNAVAILABLE = faketime_unavailable()
+CLOCK_UNAVAILABLE = faketime.faketime_unavailable()
 CHAOS_SECONDS = 45.0
 
 
@@ -188,6 +187,25 @@ def test_the_checker_reads_at_through_a_jumped_clock_and_finds_a_current_version
     ]
     # Without the offset, the rollback stamped 3 h back matches no acknowledged operation.
     assert run_checker(log_the_offset=False, current="c1")[0] == ["acknowledged change lost"]
+
+
+def test_without_libfaketime_the_rig_skips_clock_jumps_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(faketime, "library_path", lambda: None)
+    faketime.faketime_unavailable.cache_clear()
+    try:
+        why = faketime.faketime_unavailable()
+    finally:
+        faketime.faketime_unavailable.cache_clear()
+    assert "libfaketime is not installed" in why or "Linux" in why
+    monkeypatch.setattr(chaos, "faketime_unavailable", lambda: why)
+    rig = chaos.Rig(chaos.ChaosConfig(run_dir=tmp_path / "run", network=False))
+    try:
+        assert "clock-jump" not in rig.kinds
+        assert rig.clock_unavailable == why
+    finally:
+        rig.stop()
 
 
 @pytest.mark.skipif(bool(NETWORK_UNAVAILABLE), reason=f"nftables faults: {NETWORK_UNAVAILABLE}")
