@@ -30,10 +30,18 @@ Why it is built this way:
   (each node sees only its two ring neighbours), and a minority cut off with one of it
   killed and restarted while still cut off (``kill-in-partition``); loss drops a share
   of node-to-node packets (``numgen random``; over TCP this is retransmission delay,
-  never a lost message). Not here, and said in every report: delay and reordering (``tc netem`` is
-  missing from this kernel, a proxy would sit in every peer's path), and clock jumps
-  (libfaketime is not installed; the registry orders by vector clocks and never reads
-  the wall clock to order, which the simulator and property tests cover).
+  never a lost message). Clock jumps (``clock-jump``): every node starts with
+  libfaketime preloaded (``cluster/faketime.py``) and its own offset file, so the
+  nemesis moves one node's wall clock (``time.time()``; its monotonic clock stays real)
+  forward by hours for half the fault, back by hours for the other half, then heals it
+  to +0; the node stamps its changes' ``at`` with it. The checker reads ``at`` through
+  the offsets it logged, and checks that every function's current version is the one
+  its last change in the total order made, counting those made with a jumped clock (a
+  registry ordering by wall clock would let a change made hours ahead win, and one made
+  hours behind lose). Where libfaketime cannot load (not Linux, not installed) the
+  fault is skipped and the report says why. Not here, and said in every report: delay
+  and reordering (``tc netem`` is missing from this kernel, a proxy would sit in every
+  peer's path).
 - **Replayable.** The schedule (what, whom, when, for how long) is drawn from
   ``Random(seed)`` before the run and printed; the clients draw their operations from
   the seed too (their outcomes, of course, depend on timing).
@@ -68,6 +76,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.faketime import faketime_env, faketime_unavailable, set_offset
 from cluster.launch import LocalCluster, LocalNode, free_port, kill_if_alive
 
 FUNCTIONS = ("f0", "f1", "f2", "f3")  # plain functions the writers share
@@ -88,9 +97,12 @@ NETWORK_FAULTS = (
     "loss",
     "kill-in-partition",
 )
+CLOCK_FAULTS = ("clock-jump",)
+# A clock jump moves one node's wall clock forward by one of these, then back by one.
+CLOCK_FORWARD = (3600, 3 * 3600, 86400)
+CLOCK_BACK = (-3600, -3 * 3600, -86400)
 NOT_INJECTED = {
     "delay/reorder": "tc netem is missing from this kernel; a fault proxy is not built yet",
-    "clock-jump": "libfaketime is not installed; nothing here can move one node's clock",
 }
 
 
@@ -106,9 +118,12 @@ class Fault:
     nodes: tuple[int, ...]  # the victims; for partitions, the side cut off (or the ring)
     duration: float
     loss_percent: int = 0
+    offsets: tuple[int, ...] = ()  # clock-jump: seconds forward, then back (then +0)
 
     def describe(self) -> str:
         extra = f" {self.loss_percent}%" if self.kind == "loss" else ""
+        if self.kind == "clock-jump":
+            extra = " " + " then ".join(f"{o / 3600:+g}h" for o in self.offsets)
         nodes = list(self.nodes)
         return f"t={self.at:6.1f}s {self.kind}{extra} nodes={nodes} for {self.duration:.1f}s"
 
@@ -132,8 +147,12 @@ def fault_schedule(
         kind = rng.choice(kinds)
         members = list(range(nodes))
         loss = 0
+        offsets: tuple[int, ...] = ()
         if kind in ("kill", "pause", "partition-one"):
             victims: tuple[int, ...] = (rng.choice(members),)
+        elif kind == "clock-jump":
+            victims = (rng.choice(members),)
+            offsets = (rng.choice(CLOCK_FORWARD), rng.choice(CLOCK_BACK))
         elif kind in ("partition-halves", "kill-in-partition"):
             rng.shuffle(members)
             victims = tuple(sorted(members[: (nodes - 1) // 2]))  # the minority
@@ -143,7 +162,7 @@ def fault_schedule(
         else:  # loss, between all nodes
             victims = tuple(members)
             loss = rng.choice((10, 30, 50))
-        schedule.append(Fault(round(t, 2), kind, victims, duration, loss))
+        schedule.append(Fault(round(t, 2), kind, victims, duration, loss, offsets))
         t += slot
 
 
@@ -516,6 +535,7 @@ class ChaosConfig:
     interval: float = 6.0  # seconds per fault slot (Jepsen: 10 s)
     run_dir: Path | None = None
     network: bool = True  # nftables faults, when this machine allows them
+    clock: bool = True  # clock jumps, when libfaketime loads here
     kinds: tuple[str, ...] = ()  # () = every kind available
 
 
@@ -554,10 +574,15 @@ class Rig:
         self.nodes: list[LocalNode] = []
         self.paused: set[int] = set()
         self.dead: set[int] = set()
+        self.skewed: set[int] = set()  # nodes whose clock is off
         self.clients: list[subprocess.Popen[bytes]] = []
         why = network_faults_unavailable() if config.network else "turned off (--no-network)"
         self.network_unavailable = why
+        self.clock_unavailable = (
+            faketime_unavailable() if config.clock else "turned off (--no-clock)"
+        )
         available = list(PROCESS_FAULTS) + ([] if why else list(NETWORK_FAULTS))
+        available += [] if self.clock_unavailable else list(CLOCK_FAULTS)
         self.kinds = [k for k in available if not config.kinds or k in config.kinds]
 
     # -- nodes --
@@ -570,10 +595,15 @@ class Rig:
             options = ["--profile", "local"]
             if i:
                 options += ["--join", f"tcp://127.0.0.1:{ports[i - 1]}"]
+            env: dict[str, str] = {}
+            if not self.clock_unavailable:
+                set_offset(self.offset_file(i), 0)
+                env = faketime_env(self.offset_file(i))
             node = LocalNode(
                 self.run_dir / f"node-{i}",
                 port=port,
                 options=options,
+                env=env,
                 cgroup=self.network.cgroups[i] if self.network else None,
             )
             self.nodes.append(node)
@@ -583,10 +613,22 @@ class Rig:
     def restart(self, i: int) -> None:
         old = self.nodes[i]
         self.nodes[i] = LocalNode(
-            old.data_dir, port=old.port, options=old.options, cgroup=old.cgroup
+            old.data_dir, port=old.port, options=old.options, env=old.env, cgroup=old.cgroup
         )
         self.nodes[i].start(timeout=60)
         self.dead.discard(i)
+
+    def offset_file(self, i: int) -> Path:
+        return self.run_dir / f"clock-{i}"
+
+    def set_clock(self, i: int, seconds: int) -> None:
+        """Move node ``i``'s wall clock (and its workers') to real + ``seconds``, and log it:
+        the checker reads ``at`` through these offsets."""
+        set_offset(self.offset_file(i), seconds)
+        self.skewed.discard(i)
+        if seconds:
+            self.skewed.add(i)
+        self.nemesis.log("info", "clock-set", {"node": i, "offset": seconds})
 
     def node_ids(self) -> list[str]:
         import scatter
@@ -659,6 +701,8 @@ class Rig:
         elif fault.kind == "loss":
             assert self.network is not None
             self.network.lose(fault.loss_percent, ports)
+        elif fault.kind == "clock-jump":
+            self.set_clock(fault.nodes[0], fault.offsets[0])
         elif fault.kind == "kill-in-partition":
             assert self.network is not None
             self.network.cut(cut_pairs(fault, len(self.nodes)), ports)
@@ -677,6 +721,8 @@ class Rig:
             self.network.heal()
         elif fault.kind == "pause":
             self.resume_all()
+        elif fault.kind == "clock-jump":
+            self.set_clock(fault.nodes[0], 0)
         elif self.network is not None:
             self.network.heal()
 
@@ -691,6 +737,8 @@ class Rig:
         if self.network is not None:
             self.network.heal()
         self.resume_all()
+        for i in sorted(self.skewed):
+            self.set_clock(i, 0)
         for i in sorted(self.dead):
             self.restart(i)
 
@@ -702,6 +750,9 @@ class Rig:
             self.begin(fault)
             counts[fault.kind] += 1
             print(f"chaos: {fault.describe()}", flush=True)
+            if fault.kind == "clock-jump":  # forward for its first half, then back
+                _sleep_until(started + fault.at + fault.duration / 2)
+                self.set_clock(fault.nodes[0], fault.offsets[1])
             if fault is schedule[-1]:
                 break  # the final heal ends it, after the clients stopped
             _sleep_until(started + fault.at + fault.duration)
@@ -795,6 +846,8 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
     out(f"chaos: seed {config.seed}, {config.seconds:g} s, run directory {rig.run_dir}")
     if rig.network_unavailable:
         out(f"chaos: no network faults: {rig.network_unavailable}")
+    if rig.clock_unavailable:
+        out(f"chaos: no clock jumps: {rig.clock_unavailable}")
     out("chaos: schedule (replay with --seed " + str(config.seed) + "):")
     for fault in schedule:
         out(f"  {fault.describe()}")
@@ -805,7 +858,8 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
         schedule=[f.describe() for f in schedule],
         kinds_injected=rig.kinds,
         not_injected=dict(NOT_INJECTED)
-        | ({"network": rig.network_unavailable} if rig.network_unavailable else {}),
+        | ({"network": rig.network_unavailable} if rig.network_unavailable else {})
+        | ({"clock-jump": rig.clock_unavailable} if rig.clock_unavailable else {}),
     )
     previous_handler = signal.getsignal(signal.SIGTERM)
     if previous_handler is signal.SIG_DFL:
@@ -902,12 +956,33 @@ def check(
        before that publish was invoked, and not one whose publish failed for certain; a
        pinned call ran a version whose number was the pin on some node (see
        ``_number_ranges``).
+    6. Ordered by vector clock, not by wall clock: each plain function's current version
+       is the one the total order makes current (replayed: publish, rollback to a version
+       still there, vaporize), whatever clock its origin had; changes whose ``at`` lies hours outside
+       the run (made while their node's clock was jumped) are counted. Where 2 and 2b
+       match a change by its ``at``, they read it through the offsets the nemesis gave
+       the node's clock during the operation.
     """
     from scatter._core._registry import PublishOp, PublishSetOp, RollbackOp, VaporizeOp, order_key
 
     events = read_histories(run_dir)
     operations = pair_operations(events)
     violations = report.violations
+    clock_sets: dict[int, list[tuple[float, int]]] = defaultdict(list)  # node -> (time, offset)
+    for event in events:
+        if event["process"] == "nemesis" and event["f"] == "clock-set":
+            clock_sets[event["value"]["node"]].append((event["time"], event["value"]["offset"]))
+
+    def offsets(op: dict[str, Any], slack: float = 1.0) -> set[int]:
+        """Every offset the clock of the op's node had while the op ran."""
+        start, end = op["start"] - slack, (op["end"] or math.inf) + slack
+        found = {0}
+        for at, offset in clock_sets.get(op["node"], []):
+            if at <= start:
+                found = {offset}
+            elif at <= end:
+                found.add(offset)
+        return found
 
     def violation(kind: str, detail: str, near: Iterable[dict[str, Any]] = ()) -> None:
         violations.append(
@@ -1000,7 +1075,7 @@ def check(
                 elif op["f"] == "publish_set" and isinstance(change_op, PublishSetOp):
                     hit = change_op.name == name and change_op.proposed_version == value["version"]
                 elif isinstance(change_op, RollbackOp | VaporizeOp) and op["f"] == _tag(change_op):
-                    hit = change_op.name == name and _within(change.at, op)
+                    hit = change_op.name == name and _within(change.at, op, offsets(op))
                 else:
                     hit = False
                 if hit:
@@ -1075,7 +1150,7 @@ def check(
                 and _tag(change_op) == op["f"]
                 and change_op.name == name
                 for change_op in change.ops
-            ) and _within(change.at, op):
+            ) and _within(change.at, op, offsets(op)):
                 violation(
                     "a failed change applied",
                     f"{op['process']} {op['f']} {name} failed at node {op['node']} "
@@ -1197,6 +1272,48 @@ def check(
                 f"{op['value']['token']} returned {op['value'].get('marker')}",
                 [_brief(op)],
             )
+
+    # 6: ordered by vector clock, whatever the origin's wall clock said
+    walls = [event["wall"] for event in events]
+    run_walls = (min(walls) - 600, max(walls) + 600) if walls else (-math.inf, math.inf)
+
+    def jumped(change: Any) -> bool:
+        return not run_walls[0] <= change.at <= run_walls[1]
+
+    checked["changes made with a jumped clock"] = sum(1 for c in ordered if jumped(c))
+    for name in FUNCTIONS if reads else ():
+        # Replayed here from the rule, not with the registry's code: a publish makes its
+        # version current; a rollback makes its target current if that version still
+        # exists; a vaporize leaves nothing.
+        versions: dict[str, str] = {}  # change id -> content id, since the last vaporize
+        current_id: str | None = None
+        decided_by = None
+        for change in ordered:
+            for change_op in change.ops:
+                if isinstance(change_op, PublishOp) and change_op.record.name == name:
+                    versions[change.change_id] = change_op.record.content_id
+                    current_id, decided_by = change_op.record.content_id, change
+                elif isinstance(change_op, RollbackOp) and change_op.name == name:
+                    if change_op.target in versions:
+                        current_id, decided_by = versions[change_op.target], change
+                elif isinstance(change_op, VaporizeOp) and change_op.name == name:
+                    versions, current_id, decided_by = {}, None, change
+        checked["current versions as the total order says"] += 1
+        if decided_by is not None and jumped(decided_by):
+            checked["of them decided by a change made with a jumped clock"] += 1
+        current = [row["content_id"] for row in final.get(name, []) if row.get("current")]
+        if current != ([current_id] if current_id else []):
+            violation(
+                "current version not the one the total order makes current",
+                f"{name}: the total order makes {current_id} current (last decided by "
+                + (
+                    f"{decided_by.change_id}, made at {decided_by.at:.0f} by "
+                    f"{'a jumped' if jumped(decided_by) else 'a true'} clock"
+                    if decided_by is not None
+                    else "nothing"
+                )
+                + f"); the current version is {current}",
+            )
     report.checks = dict(checked)
     report.calls = call_figures(list(calls.values()), events)
 
@@ -1205,9 +1322,12 @@ def _tag(op: Any) -> str:
     return str(type(op).__struct_config__.tag)
 
 
-def _within(at: float, op: dict[str, Any], slack: float = 1.0) -> bool:
+def _within(
+    at: float, op: dict[str, Any], offsets: Iterable[float] = (0,), slack: float = 1.0
+) -> bool:
+    """Whether a change stamped ``at`` by a clock ``offset`` off was made during ``op``."""
     end = op["end_wall"] if op["end_wall"] is not None else math.inf
-    return op["start_wall"] - slack <= at <= end + slack
+    return any(op["start_wall"] - slack <= at - offset <= end + slack for offset in offsets)
 
 
 def _number_ranges(ordered: list[Any]) -> dict[str, tuple[int, int]]:
@@ -1366,7 +1486,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--faults", default="", help="comma-separated kinds (default: all available)"
     )
-    parser.add_argument("--no-network", action="store_true", help="only SIGKILL and SIGSTOP faults")
+    parser.add_argument("--no-network", action="store_true", help="no nftables faults")
+    parser.add_argument("--no-clock", action="store_true", help="no clock jumps (libfaketime)")
     parser.add_argument("--run-dir", type=Path, default=None)
     parser.add_argument("--recheck", type=Path, metavar="RUN_DIR", help="rerun the checker only")
     # A writer or caller process (started by the rig itself):
@@ -1394,6 +1515,7 @@ def main(argv: list[str] | None = None) -> int:
         interval=args.interval,
         run_dir=args.run_dir,
         network=not args.no_network,
+        clock=not args.no_clock,
         kinds=tuple(k for k in args.faults.split(",") if k),
     )
     report = run(config)

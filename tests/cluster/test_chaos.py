@@ -1,7 +1,8 @@
 """The chaos rig (cluster/chaos.py): a bounded run in the suite, its nemesis and its checker.
 
 The run uses every fault this machine allows: SIGKILL and SIGSTOP always; nftables
-partitions and loss only as root with nft and cgroup v2 (else skipped, saying why).
+partitions and loss only as root with nft and cgroup v2; clock jumps only where
+libfaketime loads (else skipped, saying why).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 import pytest
 
 import scatter
-from cluster import chaos
+from cluster import chaos, faketime
 from cluster.launch import LocalNode, child_pids, kill_if_alive, process_gone
 from scatter._core._registry import Registry, VersionRecord
 from tests.waiting import wait_until
 
 NETWORK_UNAVAILABLE = chaos.network_faults_unavailable()
+CLOCK_UNAVAILABLE = faketime.faketime_unavailable()
 CHAOS_SECONDS = 45.0
 
 
@@ -35,7 +37,7 @@ def _seed_exercising(kinds: list[str], must: set[str]) -> int:
 
 
 def test_the_same_seed_replays_the_same_schedule() -> None:
-    kinds = [*chaos.PROCESS_FAULTS, *chaos.NETWORK_FAULTS]
+    kinds = [*chaos.PROCESS_FAULTS, *chaos.NETWORK_FAULTS, *chaos.CLOCK_FAULTS]
     first = chaos.fault_schedule(7, 600, 5, kinds, 10)
     assert first == chaos.fault_schedule(7, 600, 5, list(reversed(kinds)), 10)
     assert first != chaos.fault_schedule(8, 600, 5, kinds, 10)
@@ -101,7 +103,10 @@ def test_the_checker_finds_a_lost_publish_a_call_run_twice_and_a_failed_change_a
         caller.close()
         runs = f"c0.1 f0 <m1> 10 {time.monotonic():.6f}\n" * (2 if run_twice else 1)
         (run_dir / "executions.log").write_text(runs)
-        final = {"f0": [{"kind": "function", "content_id": "c1", "version": 1}], "": []}
+        final = {
+            "f0": [{"kind": "function", "content_id": "c1", "version": 1, "current": True}],
+            "": [],
+        }
         report = chaos.Report(
             seed=0,
             seconds=1,
@@ -122,6 +127,85 @@ def test_the_checker_finds_a_lost_publish_a_call_run_twice_and_a_failed_change_a
         "acknowledged change lost",
         "call ran twice",
     ]
+
+
+def test_the_checker_reads_at_through_a_jumped_clock_and_finds_a_current_version_out_of_order(
+    tmp_path: Path,
+) -> None:
+    """Node 0's clock is 3 h behind while it publishes and rolls back: the rollback is
+    found by its ``at`` read through the logged offset, and a final read whose current
+    version is not the one the total order makes current is a violation."""
+
+    def run_checker(log_the_offset: bool, current: str) -> tuple[list[str], dict[str, int]]:
+        run_dir = tmp_path / f"run-{log_the_offset}-{current}"
+        (run_dir / "history").mkdir(parents=True)
+        registry = Registry("n0.1.abc")
+        nemesis = chaos.History(run_dir / "history" / "nemesis.jsonl", "nemesis")
+        writer = chaos.History(run_dir / "history" / "w0.jsonl", "w0")
+        writer.log("invoke", "publish", {"name": "f0", "marker": "<m1>"}, node=0)
+        first = registry.publish([_record("f0", "c1")], now=time.time())
+        writer.log("ok", "publish", {"version": 1, "content_id": "c1", "noop": False})
+        if log_the_offset:
+            nemesis.log("info", "clock-set", {"node": 0, "offset": -3 * 3600})
+        behind = time.time() - 3 * 3600  # the node's clock, as libfaketime would show it
+        writer.log("invoke", "publish", {"name": "f0", "marker": "<m2>"}, node=0)
+        second = registry.publish([_record("f0", "c2")], now=behind)
+        writer.log("ok", "publish", {"version": 2, "content_id": "c2", "noop": False})
+        writer.log("invoke", "rollback", {"name": "f0"}, node=0)
+        back = registry.rollback("f0", now=behind)
+        writer.log("ok", "rollback", {"version": 1})
+        writer.close()
+        nemesis.close()
+        final = {
+            "f0": [
+                {"kind": "function", "content_id": c, "version": v, "current": c == current}
+                for v, c in ((1, "c1"), (2, "c2"))
+            ],
+            "": [],
+        }
+        report = chaos.Report(
+            seed=0,
+            seconds=1,
+            run_dir=str(run_dir),
+            schedule=[],
+            kinds_injected=[],
+            not_injected={},
+            convergence_seconds=0.1,
+            converged=True,
+            membership_seconds=0.1,
+        )
+        assert first is not None and second is not None
+        chaos.check(report, run_dir, ["n0"], [final], [[first, second, back]], [])
+        return sorted(v["kind"] for v in report.violations), report.checks
+
+    found, checks = run_checker(log_the_offset=True, current="c1")
+    assert found == []
+    assert checks["changes made with a jumped clock"] == 2
+    assert checks["of them decided by a change made with a jumped clock"] == 1
+    assert run_checker(log_the_offset=True, current="c2")[0] == [
+        "current version not the one the total order makes current"
+    ]
+    # Without the offset, the rollback stamped 3 h back matches no acknowledged operation.
+    assert run_checker(log_the_offset=False, current="c1")[0] == ["acknowledged change lost"]
+
+
+def test_without_libfaketime_the_rig_skips_clock_jumps_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(faketime, "library_path", lambda: None)
+    faketime.faketime_unavailable.cache_clear()
+    try:
+        why = faketime.faketime_unavailable()
+    finally:
+        faketime.faketime_unavailable.cache_clear()
+    assert "libfaketime is not installed" in why or "Linux" in why
+    monkeypatch.setattr(chaos, "faketime_unavailable", lambda: why)
+    rig = chaos.Rig(chaos.ChaosConfig(run_dir=tmp_path / "run", network=False))
+    try:
+        assert "clock-jump" not in rig.kinds
+        assert rig.clock_unavailable == why
+    finally:
+        rig.stop()
 
 
 @pytest.mark.skipif(bool(NETWORK_UNAVAILABLE), reason=f"nftables faults: {NETWORK_UNAVAILABLE}")
@@ -162,7 +246,9 @@ def test_a_cut_off_node_loses_its_peers_but_not_its_clients_and_the_heal_undoes_
 @pytest.mark.timeout(150)
 def test_a_bounded_chaos_run_loses_nothing_runs_nothing_twice_and_converges(tmp_path: Path) -> None:
     kinds = [*chaos.PROCESS_FAULTS, *([] if NETWORK_UNAVAILABLE else chaos.NETWORK_FAULTS)]
+    kinds += [] if CLOCK_UNAVAILABLE else chaos.CLOCK_FAULTS
     must = {"kill", "pause"} | (set() if NETWORK_UNAVAILABLE else {"partition-halves"})
+    must |= set() if CLOCK_UNAVAILABLE else {"clock-jump"}
     seed = int(os.environ.get("SCATTER_CHAOS_SEED", _seed_exercising(kinds, must)))
     lines: list[str] = []
     report = chaos.run(
