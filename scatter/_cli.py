@@ -455,7 +455,7 @@ def node_status(
         ("node id", f"{status.node_id} (start {status.incarnation})"),
         ("address", status.address),
         ("data dir", status.data_dir),
-        ("uptime", _duration(time.time() - status.started_at)),
+        ("uptime", _duration(status.uptime)),
         ("functions", f"{status.functions} ({status.changes} changes applied)"),
         ("versions", str(status.versions)),
         ("workers", f"{status.workers} ({status.busy_workers} busy)"),

@@ -396,6 +396,9 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     changes: int = 0  # registry changes applied here
     replica_hash: str = ""  # Registry.replica_hash(): equal on replicas holding the same changes
     pending_changes: int = 0  # changes held, waiting for their causal past
+    # Seconds since the node started, on its monotonic clock: started_at is its wall
+    # clock's, and a wall clock stepped since (NTP) would make their difference lie.
+    uptime: float = 0.0
 
 
 ControlReply = (

@@ -258,6 +258,7 @@ class NodeCore:
         # (peer, request or _FromPeer, wall): what waits behind the write in flight
         self._waiting: deque[tuple[bytes, Any, float]] = deque()
         self._stopping = False
+        self._started_now = self._now = 0.0  # monotonic: at start(), at the last request
         self.membership = Membership(
             facts.node_id,
             facts.address,
@@ -303,6 +304,7 @@ class NodeCore:
             join: addresses of members to join through (given, or remembered).
             remembered: the member table the node stored before it stopped.
         """
+        self._started_now = self._now = now
         fresh = {name: self.registry.entry(name) for name in self.registry.names()}
         views: dict[str, FunctionView | None] = {
             name: view for name, view in fresh.items() if self._views.get(name) != view
@@ -369,6 +371,7 @@ class NodeCore:
                 return self._internal(b"", 0, exc)[:1]  # a peer gets no reply, we a log
         if self._stopping:
             return [self._send(peer, _stopping_failure(request.id))]
+        self._now = now
         if isinstance(request, _wire.Lease):
             self.pool.observe(now, readings())
             return self._pool_effects(self.pool.lease((peer, request.id), now))
@@ -736,6 +739,7 @@ class NodeCore:
             changes=stats.changes,
             replica_hash=self.registry.replica_hash(),
             pending_changes=stats.pending,
+            uptime=self._now - self._started_now,
         )
 
     def _member_row(self, member: MemberInfo) -> dict[str, Any]:
