@@ -312,6 +312,9 @@ class Leased(msgspec.Struct, array_like=True, tag=35, frozen=True):
     lease: int
     endpoint: str  # tcp://, reachable wherever the node is
     local_endpoint: str = ""  # ipc://, for clients on the node's machine
+    # The worker's slot in the shared slots file, which lies next to local_endpoint's
+    # socket: a client on the node's machine reads there whether the worker is busy.
+    slot: int = -1
 
 
 class Done(msgspec.Struct, array_like=True, tag=36, frozen=True):
@@ -339,6 +342,10 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     # this node included; changes_behind: -1 until the member sent its clock
     members: list[dict[str, Any]] = []
     changes: int = 0  # registry changes applied here
+    max_workers: int = 0
+    # Every worker busy and no more may start: new calls wait for one to finish.
+    saturated: bool = False
+    queued: int = 0  # leases that waited or were given a busy worker while saturated
 
 
 ControlReply = (

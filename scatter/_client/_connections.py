@@ -4,6 +4,16 @@ A call goes straight to a worker over its own DEALER: the first connection per p
 is leased from the node (``Lease``, which may start a worker process), later calls reuse
 it. A connection is checked out by one caller at a time and discarded after any failure,
 so a pooled one never has a reply in flight.
+
+More connections than workers (many clients, or past ``--max-workers``) share workers, and
+a worker runs one call at a time. So a client on the node's machine looks, before each
+call, at its worker's slot in the node's shared slots file (read-only, ~1 us): a worker
+busy with another connection's call is let go and another leased (an idle one, or a new
+process), so a call never waits behind someone else's slow or hung call while another
+worker could take it. Only when every worker is busy and no more may start (the node says
+``saturated``) does a call wait. A look, not a reservation: two clients that look in the
+same microsecond may both send to one worker. A client on another machine cannot look;
+its leases stay its own until the node is past max_workers.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import functools
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import zmq
@@ -21,6 +32,7 @@ import zmq
 from .. import _wire
 from .._config import is_loopback, parse_address
 from .._exceptions import CallTimeout, ScatterError, WorkerCrashed
+from .._node._slots import SharedSlots
 from .._security import ClientKeys, apply_client_keys
 from ._control import NodeControl
 from ._polling import ReplyPolling
@@ -93,6 +105,15 @@ class WorkerConnection:
         self.sock.connect(endpoint)
         self.broken = False
         self.last_used = time.monotonic()
+        # The node's slots file and this worker's slot in it, when this machine's.
+        self.slots: SharedSlots | None = None
+        self.slot = -1
+
+    def worker_busy(self) -> bool:
+        """Whether the worker runs a call now: another connection's, since a pooled
+        connection has none in flight (a worker marks itself idle before it replies)."""
+        slots = self.slots
+        return slots is not None and slots.read(self.slot)[1] != 0.0
 
     def dropped(self) -> bool:
         # EVENTS, not a non-blocking recv: raising zmq.Again costs ~25 us, on every call.
@@ -195,6 +216,8 @@ class ClientStatistics:
     idle_connections: int  # pooled connections ready for the next call
     stale_connections_dropped: int  # pooled connections whose worker had gone
     undelivered_retries: int  # calls re-sent to a new worker because nobody took them
+    # pooled connections let go because their worker ran another connection's call
+    busy_workers_avoided: int = 0
 
 
 class ConnectionPool:
@@ -221,6 +244,8 @@ class ConnectionPool:
         # leases, stale_connections_dropped, undelivered_retries (see ClientStatistics)
         self.counts: collections.Counter[str] = collections.Counter()
         self._pid = os.getpid()
+        # {the node's slots file: its read-only view, or None where it cannot be read}
+        self._slot_files: dict[str, SharedSlots | None] = {}
 
     def checkout(self) -> WorkerConnection:
         return self.take_idle() or self.lease()
@@ -248,10 +273,17 @@ class ConnectionPool:
                 break
             # A connection idle for a while may have lost its worker (retired, replaced):
             # look (~2 us) rather than stall on a send to nobody. Busy loops skip the look.
-            if time.monotonic() - connection.last_used < _IDLE_CHECK_AFTER or not connection.dropped():
-                return connection
-            self.counts["stale_connections_dropped"] += 1
-            self.discard(connection)
+            if time.monotonic() - connection.last_used >= _IDLE_CHECK_AFTER and connection.dropped():
+                self.counts["stale_connections_dropped"] += 1
+                self.discard(connection)
+                continue
+            if connection.worker_busy():
+                # Another connection's call runs there, maybe for long: a new lease gets
+                # an idle worker (or a new one) unless the node is saturated.
+                self.counts["busy_workers_avoided"] += 1
+                self.discard(connection)
+                continue
+            return connection
         return None
 
     def lease(self) -> WorkerConnection:
@@ -267,13 +299,28 @@ class ConnectionPool:
         )
         self.counts["leases"] += 1
         endpoint = leased.endpoint
-        if (
-            leased.local_endpoint
-            and self._transport == "auto"
-            and is_loopback(parse_address(self.control.address)[0])
-        ):
+        on_this_machine = bool(leased.local_endpoint) and is_loopback(
+            parse_address(self.control.address)[0]
+        )
+        if on_this_machine and self._transport == "auto":
             endpoint = leased.local_endpoint
-        return WorkerConnection(self._context, leased.lease, endpoint, self.control.keys())
+        connection = WorkerConnection(self._context, leased.lease, endpoint, self.control.keys())
+        if on_this_machine and leased.slot >= 0:
+            connection.slots = self._slots_next_to(leased.local_endpoint)
+            connection.slot = leased.slot
+        return connection
+
+    def _slots_next_to(self, local_endpoint: str) -> SharedSlots | None:
+        """The node's slots file, read-only: it lies next to its workers' Unix sockets."""
+        path = os.path.join(os.path.dirname(local_endpoint.removeprefix("ipc://")), "slots")
+        if path not in self._slot_files:
+            try:
+                view: SharedSlots | None = SharedSlots(Path(path), read_only=True)
+            except (OSError, ValueError, RuntimeError):  # another user's node, a container
+                view = None
+            if self._slot_files.setdefault(path, view) is not view and view is not None:
+                view.close()  # another thread opened it first
+        return self._slot_files[path]
 
     def checkin(self, connection: WorkerConnection) -> None:
         if connection.broken or self.control.closed:
@@ -295,6 +342,7 @@ class ConnectionPool:
             idle_connections=len(self.idle),
             stale_connections_dropped=self.counts["stale_connections_dropped"],
             undelivered_retries=self.counts["undelivered_retries"],
+            busy_workers_avoided=self.counts["busy_workers_avoided"],
         )
 
     def release_leases(self) -> None:
@@ -309,3 +357,7 @@ class ConnectionPool:
         for connection in self.idle:
             connection.close()
         self.idle.clear()
+        for view in self._slot_files.values():
+            if view is not None:
+                view.close()
+        self._slot_files.clear()

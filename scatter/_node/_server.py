@@ -141,6 +141,9 @@ class NodeDriver:
         # Workers watch the read end: it reaches EOF when this process is gone, however
         # it went (SIGKILL included). The write end is never written, only held.
         self._parent_read, self._parent_write = os.pipe()
+        # {fd: (peer, its TCP address)} of control connections that sent a frame: the
+        # monitor's EVENT_DISCONNECTED names only the fd, which the next connection reuses.
+        self._connections: dict[int, tuple[bytes, str]] = {}
 
     # -- effects ------------------------------------------------------------------
 
@@ -231,10 +234,11 @@ class NodeDriver:
         """
         task_status.started()
         while True:
-            frames, role = await self.control.recv_multipart_with_user()
+            frames, role, fd = await self.control.recv_multipart_with_source()
             if len(frames) != 2:
                 continue
             peer, payload = frames
+            self._note_connection(fd, peer)
             self.feed(
                 self.core.receive,
                 peer,
@@ -244,6 +248,27 @@ class NodeDriver:
                 wall=time.time(),
                 readings=self.readings,
             )
+
+    def _note_connection(self, fd: int, peer: bytes) -> None:
+        """Remember which peer speaks on ``fd``, so that its close ends its leases."""
+        known = self._connections.get(fd)
+        if fd < 0 or (known is not None and known[0] == peer):
+            return
+        if known is not None:
+            # The fd was reused before its old connection's close event was read: that
+            # connection is gone (its late event is told apart by address, below).
+            self.feed(self.core.connection_closed, known[0])
+        self._connections[fd] = (peer, _peer_endpoint(fd))
+
+    def _connection_closed(self, fd: int) -> None:
+        known = self._connections.get(fd)
+        if known is None:
+            return
+        peer, address = known
+        if address and _peer_endpoint(fd) == address:
+            return  # the event of an earlier connection on this fd; this one is open
+        del self._connections[fd]
+        self.feed(self.core.connection_closed, peer)
 
     async def persist(self) -> None:
         """Write what the core asks for, one write at a time, in a thread."""
@@ -383,7 +408,7 @@ class NodeDriver:
     async def watch_handshakes(self, monitor: TrioSocket) -> None:
         """Log clients whose CURVE handshake failed (another secret): once per address a
         minute, never a flood. Their frames never reach the node, so this is the only
-        place that sees them."""
+        place that sees them. A closed connection also ends the leases it took."""
         peers: dict[int, str] = {}  # {fd of an accepted connection: peer address}
         failed = 0  # handshakes failed whose connection has not closed yet
         logged: dict[str, float] = {}
@@ -397,6 +422,7 @@ class NodeDriver:
             elif kind & _HANDSHAKE_FAILURES:
                 failed += 1
             elif kind == zmq.EVENT_DISCONNECTED:
+                self._connection_closed(value)
                 address = peers.pop(value, "") or last_peer
                 if failed:
                     failed -= 1
@@ -456,6 +482,16 @@ def _peer_address(fd: int) -> str:
         with socket.socket(fileno=os.dup(fd)) as sock:
             return str(sock.getpeername()[0])
     except OSError:  # closed already: a failed handshake can be that quick
+        return ""
+
+
+def _peer_endpoint(fd: int) -> str:
+    """The (address, port) at the far end of ``fd``, "" if it is closed: unique among
+    open connections, so it tells a reused fd's new connection from the old one."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            return str(sock.getpeername())
+    except OSError:
         return ""
 
 

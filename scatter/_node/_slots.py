@@ -8,7 +8,9 @@ and no results, only what lets the node supervise without a message per call:
   8 bytes costs far less than a control message, so calls pay nothing for freshness.
 * one slot per worker: the number of the call it runs and that call's deadline
   (``time.monotonic()``, shared by all processes of a machine; 0.0 when idle). The
-  supervisor interrupts or replaces a worker whose deadline passed.
+  supervisor interrupts or replaces a worker whose deadline passed, and a client on
+  this machine (read-only) takes another worker rather than queue a call behind a
+  busy one.
 
 Writes are single aligned 8-byte stores, which x86-64 and AArch64 perform atomically;
 a reader may see a slot one call behind, never a torn value.
@@ -42,13 +44,20 @@ SIZE = _SLOTS_OFFSET + MAX_SLOTS * _SLOT_SIZE
 class SharedSlots:
     """The node's and its workers' view of the mapped file."""
 
-    def __init__(self, path: Path, *, create: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, read_only: bool = False) -> None:
+        """Map the file at ``path`` (a new one with ``create``); ``read_only`` for a
+        client, which only looks whether its worker is busy."""
         self.path = path
         if create:
             self._fd = self._create(path)
         else:
-            self._fd = os.open(path, os.O_RDWR)
-        self._map = mmap.mmap(self._fd, SIZE)
+            self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        try:
+            access = mmap.ACCESS_READ if read_only else mmap.ACCESS_WRITE
+            self._map = mmap.mmap(self._fd, SIZE, access=access)
+        except BaseException:
+            os.close(self._fd)
+            raise
         magic, _layout, _gen = _HEADER.unpack_from(self._map, 0)
         if magic != MAGIC:
             raise RuntimeError(f"{path} is not a Scatter runtime file")
