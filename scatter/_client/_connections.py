@@ -6,14 +6,15 @@ it. A connection is checked out by one caller at a time and discarded after any 
 so a pooled one never has a reply in flight.
 
 More connections than workers (many clients, or past ``--max-workers``) share workers, and
-a worker runs one call at a time. So a client on the node's machine looks, before each
-call, at its worker's slot in the node's shared slots file (read-only, ~1 us): a worker
-busy with another connection's call is let go and another leased (an idle one, or a new
-process), so a call never waits behind someone else's slow or hung call while another
-worker could take it. Only when every worker is busy and no more may start (the node says
-``saturated``) does a call wait. A look, not a reservation: two clients that look in the
-same microsecond may both send to one worker. A client on another machine cannot look;
-its leases stay its own until the node is past max_workers.
+a worker runs one call at a time. So a client on the node's machine claims its worker
+before each call (``_node/_slots.WorkerClaims``: an OFD lock on the worker's slot in the
+node's slots file, atomic across processes, ~2.5 us) and drops the claim with the reply.
+A worker claimed by another connection, or running a call, is let go and another leased
+(an idle one, or a new process), so a call never waits behind someone else's slow or
+hung call while another worker could take it. Only when every worker is busy and no more
+may start (the node says ``saturated``) does a call wait. A client on another machine
+cannot claim: its leases stay its own until the node is past max_workers, and its calls
+are seen as busy only once they run.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import zmq
 from .. import _wire
 from .._config import is_loopback, parse_address
 from .._exceptions import CallTimeout, ScatterError, WorkerCrashed
-from .._node._slots import SharedSlots
+from .._node._slots import WorkerClaims
 from .._security import ClientKeys, apply_client_keys
 from ._control import NodeControl
 from ._polling import ReplyPolling
@@ -45,6 +46,11 @@ _REPLY_MARGIN = 3.0
 _SEND_TIMEOUT = 2.0
 # Seconds a lease may take: starting a worker process on a loaded machine is slow.
 _LEASE_TIMEOUT = 30.0
+# Workers leased at once while every one is claimed by others (see ConnectionPool.lease),
+# and the pauses between looks at them (seconds): short, as most calls are.
+_CLAIM_CANDIDATES = 4
+_CLAIM_PAUSE = 0.0002
+_CLAIM_PAUSE_MAX = 0.005
 # A pooled connection idle longer than this (seconds) is checked for a dropped worker.
 _IDLE_CHECK_AFTER = 1.0
 # How often a waiting call checks whether its worker's connection dropped (seconds):
@@ -105,15 +111,19 @@ class WorkerConnection:
         self.sock.connect(endpoint)
         self.broken = False
         self.last_used = time.monotonic()
-        # The node's slots file and this worker's slot in it, when this machine's.
-        self.slots: SharedSlots | None = None
+        # The claims on the node's workers and this worker's slot, when this machine's.
+        self.claims: WorkerClaims | None = None
         self.slot = -1
 
-    def worker_busy(self) -> bool:
-        """Whether the worker runs a call now: another connection's, since a pooled
-        connection has none in flight (a worker marks itself idle before it replies)."""
-        slots = self.slots
-        return slots is not None and slots.read(self.slot)[1] != 0.0
+    def claim(self) -> bool:
+        """Claim the worker for a call (see the module docstring); False if it is busy.
+        True also where nothing can be claimed (a node on another machine)."""
+        claims = self.claims
+        return claims is None or claims.claim(self.slot, self)
+
+    def unclaim(self) -> None:
+        if self.claims is not None:
+            self.claims.release(self.slot, self)
 
     def dropped(self) -> bool:
         # EVENTS, not a non-blocking recv: raising zmq.Again costs ~25 us, on every call.
@@ -204,6 +214,7 @@ class WorkerConnection:
         return events
 
     def close(self) -> None:
+        self.unclaim()
         with contextlib.suppress(zmq.ZMQError):
             self.sock.disable_monitor()
         self.monitor.close(linger=0)
@@ -216,7 +227,7 @@ class ClientStatistics:
     idle_connections: int  # pooled connections ready for the next call
     stale_connections_dropped: int  # pooled connections whose worker had gone
     undelivered_retries: int  # calls re-sent to a new worker because nobody took them
-    # pooled connections let go because their worker ran another connection's call
+    # connections let go because their worker had another connection's call
     busy_workers_avoided: int = 0
 
 
@@ -244,27 +255,33 @@ class ConnectionPool:
         # leases, stale_connections_dropped, undelivered_retries (see ClientStatistics)
         self.counts: collections.Counter[str] = collections.Counter()
         self._pid = os.getpid()
-        # {the node's slots file: its read-only view, or None where it cannot be read}
-        self._slot_files: dict[str, SharedSlots | None] = {}
+        # {the node's slots file: the claims on its workers, None where it cannot be opened}
+        self._claims: dict[str, WorkerClaims | None] = {}
 
     def checkout(self) -> WorkerConnection:
-        return self.take_idle() or self.lease()
+        busy: list[WorkerConnection] = []
+        return self.take_idle(busy) or self.lease(busy)
 
     async def checkout_async(self, library: str) -> WorkerConnection:
         """:meth:`checkout` for trio or asyncio: a lease (a round trip to the node) runs in
         a worker thread, so the loop never blocks on the node."""
-        connection = self.take_idle()
+        busy: list[WorkerConnection] = []
+        connection = self.take_idle(busy)
         if connection is not None:
             return connection
         if library == "trio":
             import trio
 
-            return await trio.to_thread.run_sync(self.lease)
+            return await trio.to_thread.run_sync(self.lease, busy)
         import asyncio
 
-        return await asyncio.get_running_loop().run_in_executor(None, self.lease)
+        return await asyncio.get_running_loop().run_in_executor(None, self.lease, busy)
 
-    def take_idle(self) -> WorkerConnection | None:
+    def take_idle(self, busy: list[WorkerConnection] | None = None) -> WorkerConnection | None:
+        """A pooled connection whose worker this caller could claim. Those whose worker
+        another connection had go back to the pool if one could be claimed, else to
+        ``busy`` (for :meth:`lease`), or are let go without ``busy``."""
+        taken: list[WorkerConnection] = []
         while self.idle:
             try:
                 # list.pop is atomic under the GIL: no lock on the hot path.
@@ -277,17 +294,70 @@ class ConnectionPool:
                 self.counts["stale_connections_dropped"] += 1
                 self.discard(connection)
                 continue
-            if connection.worker_busy():
-                # Another connection's call runs there, maybe for long: a new lease gets
-                # an idle worker (or a new one) unless the node is saturated.
+            if not connection.claim():
+                # Another connection's call is there, maybe a long one: lease() waits
+                # for it or for another worker, whichever is free first.
                 self.counts["busy_workers_avoided"] += 1
-                self.discard(connection)
+                taken.append(connection)
                 continue
+            if taken:
+                self.idle[:0] = taken  # atomic under the GIL; tried last next time
             return connection
+        if busy is not None:
+            busy += taken
+        else:
+            for connection in taken:
+                self.discard(connection)
         return None
 
-    def lease(self) -> WorkerConnection:
-        """A connection to a worker newly leased from the node."""
+    def lease(self, busy: list[WorkerConnection] | None = None) -> WorkerConnection:
+        """A claimed connection: to one of the ``busy`` ones (pooled, whose worker
+        another connection had) once it is free, or to a worker newly leased.
+
+        The node leases an idle worker, but another client may claim it first (its
+        call got there between). So the call waits for whichever of up to
+        ``_CLAIM_CANDIDATES`` workers frees first, looking again after pauses that
+        double, and leasing one more (letting the oldest go when there are enough)
+        whenever a pause of ``_CLAIM_PAUSE_MAX`` passed in vain: never behind one
+        worker, nor a few, that may be running hung calls. Past ``_LEASE_TIMEOUT`` it
+        waits on one. The others stay pooled (a few): :meth:`take_idle` tries them
+        all, so a client with more connections than it has callers spreads its calls
+        over their workers. Without claims (a node on another machine) the first lease
+        is taken.
+        """
+        candidates = busy if busy is not None else []
+        give_up = time.monotonic() + _LEASE_TIMEOUT
+        pause = _CLAIM_PAUSE
+        try:
+            while True:
+                for connection in candidates:
+                    if connection.claim():
+                        candidates.remove(connection)
+                        return connection
+                if not candidates or pause >= _CLAIM_PAUSE_MAX:
+                    if len(candidates) >= _CLAIM_CANDIDATES:
+                        self.discard(candidates.pop(0))
+                    connection = self._lease_one()
+                    if connection.claim():
+                        return connection
+                    self.counts["busy_workers_avoided"] += 1
+                    candidates.append(connection)
+                    pause = _CLAIM_PAUSE
+                    continue
+                if time.monotonic() > give_up:
+                    return candidates.pop(0)
+                time.sleep(pause)
+                pause = min(pause * 2, _CLAIM_PAUSE_MAX)
+        finally:
+            # A few stay pooled: with more clients than workers, the next call finds one
+            # of several workers free without asking the node.
+            for connection in candidates:
+                if len(self.idle) < _CLAIM_CANDIDATES:
+                    self.checkin(connection)
+                else:
+                    self.discard(connection)
+
+    def _lease_one(self) -> WorkerConnection:
         if os.getpid() != self._pid:
             raise ScatterError(
                 "this client was created in another process (before a fork); "
@@ -306,26 +376,27 @@ class ConnectionPool:
             endpoint = leased.local_endpoint
         connection = WorkerConnection(self._context, leased.lease, endpoint, self.control.keys())
         if on_this_machine and leased.slot >= 0:
-            connection.slots = self._slots_next_to(leased.local_endpoint)
+            connection.claims = self._claims_next_to(leased.local_endpoint)
             connection.slot = leased.slot
         return connection
 
-    def _slots_next_to(self, local_endpoint: str) -> SharedSlots | None:
-        """The node's slots file, read-only: it lies next to its workers' Unix sockets."""
+    def _claims_next_to(self, local_endpoint: str) -> WorkerClaims | None:
+        """Claims on the node's slots file, which lies next to its workers' sockets."""
         path = os.path.join(os.path.dirname(local_endpoint.removeprefix("ipc://")), "slots")
-        if path not in self._slot_files:
+        if path not in self._claims:
             try:
-                view: SharedSlots | None = SharedSlots(Path(path), read_only=True)
+                claims: WorkerClaims | None = WorkerClaims(Path(path))
             except (OSError, ValueError, RuntimeError):  # another user's node, a container
-                view = None
-            if self._slot_files.setdefault(path, view) is not view and view is not None:
-                view.close()  # another thread opened it first
-        return self._slot_files[path]
+                claims = None
+            if self._claims.setdefault(path, claims) is not claims and claims is not None:
+                claims.close()  # another thread opened it first
+        return self._claims[path]
 
     def checkin(self, connection: WorkerConnection) -> None:
         if connection.broken or self.control.closed:
             self.discard(connection)
             return
+        connection.unclaim()
         connection.last_used = time.monotonic()
         self.idle.append(connection)
 
@@ -357,7 +428,7 @@ class ConnectionPool:
         for connection in self.idle:
             connection.close()
         self.idle.clear()
-        for view in self._slot_files.values():
-            if view is not None:
-                view.close()
-        self._slot_files.clear()
+        for claims in self._claims.values():
+            if claims is not None:
+                claims.close()
+        self._claims.clear()

@@ -18,6 +18,7 @@ deadlines and (next) membership timers never wait behind a commit.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import os
@@ -141,9 +142,11 @@ class NodeDriver:
         # Workers watch the read end: it reaches EOF when this process is gone, however
         # it went (SIGKILL included). The write end is never written, only held.
         self._parent_read, self._parent_write = os.pipe()
-        # {fd: (peer, its TCP address)} of control connections that sent a frame: the
-        # monitor's EVENT_DISCONNECTED names only the fd, which the next connection reuses.
-        self._connections: dict[int, tuple[bytes, str]] = {}
+        # {fd: peer} of control connections that sent a frame: the monitor's
+        # EVENT_DISCONNECTED names only the fd, which the next connection reuses.
+        self._connections: dict[int, bytes] = {}
+        # {fd: close events still to come for connections already known gone}
+        self._late_closes: collections.Counter[int] = collections.Counter()
 
     # -- effects ------------------------------------------------------------------
 
@@ -250,25 +253,31 @@ class NodeDriver:
             )
 
     def _note_connection(self, fd: int, peer: bytes) -> None:
-        """Remember which peer speaks on ``fd``, so that its close ends its leases."""
+        """Remember which peer speaks on ``fd``, so that its close ends its leases.
+
+        libzmq queues a connection's close event before it closes the fd, but this
+        task may read the next connection's frame on that fd first: then the old one
+        is gone, and its close event, when read, is not the new one's. (A connection
+        that closed without sending anything leaves no trace here: if its event comes
+        after the next one's first frame, that one's leases end early, which only
+        lets its worker be shared; a claim still keeps calls apart.)
+        """
         known = self._connections.get(fd)
-        if fd < 0 or (known is not None and known[0] == peer):
+        if fd < 0 or known == peer:
             return
         if known is not None:
-            # The fd was reused before its old connection's close event was read: that
-            # connection is gone (its late event is told apart by address, below).
-            self.feed(self.core.connection_closed, known[0])
-        self._connections[fd] = (peer, _peer_endpoint(fd))
+            self._late_closes[fd] += 1
+            self.feed(self.core.connection_closed, known)
+        self._connections[fd] = peer
 
     def _connection_closed(self, fd: int) -> None:
-        known = self._connections.get(fd)
-        if known is None:
+        if self._late_closes[fd]:
+            self._late_closes[fd] -= 1
             return
-        peer, address = known
-        if address and _peer_endpoint(fd) == address:
-            return  # the event of an earlier connection on this fd; this one is open
-        del self._connections[fd]
-        self.feed(self.core.connection_closed, peer)
+        self._late_closes.pop(fd, None)
+        peer = self._connections.pop(fd, None)
+        if peer is not None:
+            self.feed(self.core.connection_closed, peer)
 
     async def persist(self) -> None:
         """Write what the core asks for, one write at a time, in a thread."""
@@ -482,16 +491,6 @@ def _peer_address(fd: int) -> str:
         with socket.socket(fileno=os.dup(fd)) as sock:
             return str(sock.getpeername()[0])
     except OSError:  # closed already: a failed handshake can be that quick
-        return ""
-
-
-def _peer_endpoint(fd: int) -> str:
-    """The (address, port) at the far end of ``fd``, "" if it is closed: unique among
-    open connections, so it tells a reused fd's new connection from the old one."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            return str(sock.getpeername())
-    except OSError:
         return ""
 
 

@@ -24,6 +24,7 @@ the old, unlinked file, so it can never write into the slot of a new start's wor
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import struct
@@ -111,3 +112,64 @@ class SharedSlots:
 
     def clear(self, slot: int) -> None:
         _SLOT.pack_into(self._map, _SLOTS_OFFSET + slot * _SLOT_SIZE, 0, 0.0)
+
+
+class WorkerClaims:
+    """A client process's claims on workers: "I have a call in flight there".
+
+    Clients on the node's machine claim a worker before sending it a call and drop the
+    claim once the reply is in; a worker claimed by another connection (or running a
+    call, whoever sent it) is busy, and the client takes another. A claim is an OFD
+    lock (``F_OFD_SETLK``) on the worker's slot byte of the slots file, so the kernel
+    makes the test-and-set atomic across processes and drops the claims of a process
+    that dies; ``claimed`` makes it so between the threads of this process (OFD locks
+    are per open file, which they share). About 2.5 us a call. Only clients of this
+    machine take part: a call from another machine shows as busy only once it runs.
+
+    After a fork the child must not unlock the parent's claims (they share the open
+    file): it makes its own ``WorkerClaims`` (``pid`` tells).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.pid = os.getpid()
+        self.view = SharedSlots(path, read_only=True)
+        try:
+            # Write access only for the write lock; nothing writes through this fd.
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            self.view.close()
+            raise
+        self.claimed: dict[int, object] = {}  # {slot: the connection holding it}
+
+    def _lock(self, slot: int, kind: int) -> None:
+        offset = _SLOTS_OFFSET + slot * _SLOT_SIZE
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", kind, 0, offset, 1, 0))
+
+    def claim(self, slot: int, holder: object) -> bool:
+        """Claim ``slot`` for ``holder`` unless another connection has a call there or
+        the worker runs one; True if claimed."""
+        # dict.setdefault is atomic under the GIL: one thread wins a slot.
+        if self.claimed.setdefault(slot, holder) is not holder:
+            return False
+        try:
+            self._lock(slot, fcntl.F_WRLCK)
+        except OSError:  # another process's claim (EAGAIN / EACCES)
+            del self.claimed[slot]
+            return False
+        if self.view.read(slot)[1] != 0.0:  # running a call of a client that did not claim
+            self.release(slot, holder)
+            return False
+        return True
+
+    def release(self, slot: int, holder: object) -> None:
+        if self.claimed.get(slot) is not holder or os.getpid() != self.pid:
+            return
+        with contextlib.suppress(OSError):
+            self._lock(slot, fcntl.F_UNLCK)
+        del self.claimed[slot]
+
+    def close(self) -> None:
+        """Close the file: the claims go with it (in a forked child, the parent's stay:
+        an open file's locks end with its last descriptor)."""
+        os.close(self._fd)
+        self.view.close()

@@ -182,3 +182,48 @@ def test_status_says_when_the_node_is_saturated_and_max_workers_1_is_honoured(
         wait_until(lambda: "saturated" not in status(), 30, "saturation ends with the call")
     finally:
         node.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_claim_excludes_other_processes_and_threads_and_dies_with_its_process(
+    tmp_path: Path,
+) -> None:
+    # The claim is what keeps two clients of one machine from sending calls to one
+    # worker at once (the race a look at the slot alone left open).
+    from scatter._node._slots import SharedSlots, WorkerClaims
+
+    path = tmp_path / "slots"
+    SharedSlots(path, create=True).close()
+    claims = WorkerClaims(path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, threading\n"
+            "from pathlib import Path\n"
+            "from scatter._node._slots import WorkerClaims\n"
+            "claims = WorkerClaims(Path(sys.argv[1]))\n"
+            "print(claims.claim(3, 'other'), flush=True)\n"
+            "threading.Event().wait()\n",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "True"
+        assert not claims.claim(3, "me")  # the other process has it
+        assert claims.claim(4, "me")
+        assert not claims.claim(4, "my other thread")  # one holder per slot in a process
+        claims.release(4, "me")
+        assert claims.claim(4, "my other thread")
+        kill_if_alive(holder.pid)
+        assert claims.claim(3, "me")  # the kernel dropped the dead process's claim
+    finally:
+        kill_if_alive(holder.pid)
+        holder.wait(10)
+        assert holder.stdout is not None
+        holder.stdout.close()
+        claims.close()
