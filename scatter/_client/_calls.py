@@ -198,6 +198,7 @@ class CallSender:
         iteration early (an error, or a consumer that stops) discards the connections
         that still have calls in flight, as a single call does.
         """
+        limit = [parallel]  # lowered when no more workers are free
         pipes: list[_Pipe] = []
         poller = zmq.Poller()
         by_socket: dict[zmq.Socket[bytes], _Pipe] = {}
@@ -207,7 +208,7 @@ class CallSender:
         try:
             while yielded < len(frames):
                 while sent < len(frames):
-                    pipe = self._pipe_with_room(pipes, parallel)
+                    pipe = self._pipe_with_room(pipes, limit)
                     if pipe is None:
                         break
                     if pipe.connection.sock not in by_socket:
@@ -245,13 +246,20 @@ class CallSender:
                 else:
                     self._pool.checkin(pipe.connection)
 
-    def _pipe_with_room(self, pipes: list[_Pipe], parallel: int) -> _Pipe | None:
+    def _pipe_with_room(self, pipes: list[_Pipe], limit: list[int]) -> _Pipe | None:
         """The connection to send the next call on: the least loaded, a new one while
-        every connection is busy and ``parallel`` allows more; None while all are full."""
+        every connection is busy and ``limit[0]`` allows more; None while all are full."""
         least = min(pipes, key=lambda pipe: len(pipe.in_flight), default=None)
-        if (least is None or least.in_flight) and len(pipes) < parallel:
-            least = _Pipe(self._pool.checkout())
-            pipes.append(least)
+        if (least is None or least.in_flight) and len(pipes) < limit[0]:
+            # Past the first, a pipe only to a worker free now: waiting for one would
+            # wait for this map's own pipes (more `parallel` than workers); none free,
+            # this map makes do with the pipes it has.
+            connection = self._pool.try_checkout() if pipes else self._pool.checkout()
+            if connection is None:
+                limit[0] = len(pipes)
+            else:
+                least = _Pipe(connection)
+                pipes.append(least)
         if least is None or least.full():
             return None
         return least

@@ -262,6 +262,22 @@ class ConnectionPool:
         busy: list[WorkerConnection] = []
         return self.take_idle(busy) or self.lease(busy)
 
+    def try_checkout(self) -> WorkerConnection | None:
+        """A connection to a worker claimed now (one lease at most), or None."""
+        busy: list[WorkerConnection] = []
+        connection = self.take_idle(busy)
+        if connection is None:
+            connection = self._lease_one()
+            if not connection.claim():
+                busy.append(connection)
+                connection = None
+        for spare in busy:
+            if len(self.idle) < _CLAIM_CANDIDATES:
+                self.checkin(spare)
+            else:
+                self.discard(spare)
+        return connection
+
     async def checkout_async(self, library: str) -> WorkerConnection:
         """:meth:`checkout` for trio or asyncio: a lease (a round trip to the node) runs in
         a worker thread, so the loop never blocks on the node."""

@@ -227,3 +227,16 @@ def test_a_worker_claim_excludes_other_processes_and_threads_and_dies_with_its_p
         assert holder.stdout is not None
         holder.stdout.close()
         claims.close()
+
+
+@pytest.mark.timeout(30)  # a map waiting for a worker its own pipes claimed hung 30 s per pipe
+def test_map_with_more_parallel_than_workers_makes_do_with_the_free_ones(tmp_path: Path) -> None:
+    node = started_node(tmp_path, "--max-workers", "2")
+    try:
+        with scatter.Client(node.address, autostart=False) as client:
+            client.publish(add)
+            results = list(client.make_callable("add").map(range(100), range(100), parallel=6))
+            assert results == [2 * i for i in range(100)]
+            assert client.statistics().idle_connections <= 4  # spares pooled, not piled up
+    finally:
+        node.stop()
