@@ -47,10 +47,13 @@ _SEND_TIMEOUT = 2.0
 # Seconds a lease may take: starting a worker process on a loaded machine is slow.
 _LEASE_TIMEOUT = 30.0
 # Workers leased at once while every one is claimed by others (see ConnectionPool.lease),
-# and the pauses between looks at them (seconds): short, as most calls are.
+# the pauses between looks at them (seconds: short at first, as most calls are; longer
+# while none frees), and how often one more is leased while none frees.
 _CLAIM_CANDIDATES = 4
 _CLAIM_PAUSE = 0.0002
-_CLAIM_PAUSE_MAX = 0.005
+_CLAIM_PAUSE_MAX = 0.02
+_CLAIM_NEW_LEASE_EVERY = 0.1
+_CLAIM_FIRST_LEASE_AFTER = 0.002
 # A pooled connection idle longer than this (seconds) is checked for a dropped worker.
 _IDLE_CHECK_AFTER = 1.0
 # How often a waiting call checks whether its worker's connection dropped (seconds):
@@ -334,7 +337,7 @@ class ConnectionPool:
         call got there between). So the call waits for whichever of up to
         ``_CLAIM_CANDIDATES`` workers frees first, looking again after pauses that
         double, and leasing one more (letting the oldest go when there are enough)
-        whenever a pause of ``_CLAIM_PAUSE_MAX`` passed in vain: never behind one
+        every ``_CLAIM_NEW_LEASE_EVERY`` while none frees: never behind one
         worker, nor a few, that may be running hung calls. Past ``_LEASE_TIMEOUT`` it
         waits on one. The others stay pooled (a few): :meth:`take_idle` tries them
         all, so a client with more connections than it has callers spreads its calls
@@ -344,13 +347,18 @@ class ConnectionPool:
         candidates = busy if busy is not None else []
         give_up = time.monotonic() + _LEASE_TIMEOUT
         pause = _CLAIM_PAUSE
+        # Pooled workers a call found busy are most often busy with a short call: look
+        # at them a little before asking the node for more.
+        next_lease = time.monotonic() + _CLAIM_FIRST_LEASE_AFTER if candidates else 0.0
         try:
             while True:
                 for connection in candidates:
                     if connection.claim():
                         candidates.remove(connection)
                         return connection
-                if not candidates or pause >= _CLAIM_PAUSE_MAX:
+                now = time.monotonic()
+                if not candidates or now >= next_lease:
+                    next_lease = now + _CLAIM_NEW_LEASE_EVERY
                     if len(candidates) >= _CLAIM_CANDIDATES:
                         self.discard(candidates.pop(0))
                     connection = self._lease_one()
@@ -358,9 +366,8 @@ class ConnectionPool:
                         return connection
                     self.counts["busy_workers_avoided"] += 1
                     candidates.append(connection)
-                    pause = _CLAIM_PAUSE
                     continue
-                if time.monotonic() > give_up:
+                if now > give_up:
                     return candidates.pop(0)
                 time.sleep(pause)
                 pause = min(pause * 2, _CLAIM_PAUSE_MAX)
