@@ -313,7 +313,7 @@ class Leased(msgspec.Struct, array_like=True, tag=35, frozen=True):
     endpoint: str  # tcp://, reachable wherever the node is
     local_endpoint: str = ""  # ipc://, for clients on the node's machine
     # The worker's slot in the shared slots file, which lies next to local_endpoint's
-    # socket: a client on the node's machine reads there whether the worker is busy.
+    # socket: a client on the node's machine claims the worker there for each call.
     slot: int = -1
 
 

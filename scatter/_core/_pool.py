@@ -81,7 +81,7 @@ class LeaseGranted:
     waiter: object  # what the caller of lease() passed: the driver's reply address
     lease: int
     endpoints: tuple[str, ...]
-    slot: int = -1  # the worker's slot: a client on this machine reads whether it is busy
+    slot: int = -1  # the worker's slot: a client on this machine claims it there per call
 
 
 @dataclass(frozen=True)

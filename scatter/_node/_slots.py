@@ -11,6 +11,8 @@ and no results, only what lets the node supervise without a message per call:
   supervisor interrupts or replaces a worker whose deadline passed, and a client on
   this machine (read-only) takes another worker rather than queue a call behind a
   busy one.
+* clients' claims (``WorkerClaims``): a lock on a slot's first byte while a client has
+  a call in flight at that worker; the mapping never sees them.
 
 Writes are single aligned 8-byte stores, which x86-64 and AArch64 perform atomically;
 a reader may see a slot one call behind, never a torn value.
@@ -29,6 +31,7 @@ import mmap
 import os
 import struct
 import tempfile
+import weakref
 from pathlib import Path
 
 MAGIC = 0x53434154  # "SCAT"
@@ -114,6 +117,10 @@ class SharedSlots:
         _SLOT.pack_into(self._map, _SLOTS_OFFSET + slot * _SLOT_SIZE, 0, 0.0)
 
 
+_fcntl = fcntl.fcntl
+_F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux 3.15+
+
+
 class WorkerClaims:
     """A client process's claims on workers: "I have a call in flight there".
 
@@ -127,11 +134,10 @@ class WorkerClaims:
     machine take part: a call from another machine shows as busy only once it runs.
 
     After a fork the child must not unlock the parent's claims (they share the open
-    file): it makes its own ``WorkerClaims`` (``pid`` tells).
+    file): ``forked`` makes its releases do nothing; it makes claims of its own.
     """
 
     def __init__(self, path: Path) -> None:
-        self.pid = os.getpid()
         self.view = SharedSlots(path, read_only=True)
         try:
             # Write access only for the write lock; nothing writes through this fd.
@@ -140,10 +146,20 @@ class WorkerClaims:
             self.view.close()
             raise
         self.claimed: dict[int, object] = {}  # {slot: the connection holding it}
+        # {slot: (lock request, unlock request)}: packed once, used on every call.
+        self._requests: dict[int, tuple[bytes, bytes]] = {}
+        self.forked = False  # in a child forked while this was open: release nothing
+        _ALL_CLAIMS.add(self)
 
-    def _lock(self, slot: int, kind: int) -> None:
-        offset = _SLOTS_OFFSET + slot * _SLOT_SIZE
-        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi", kind, 0, offset, 1, 0))
+    def _requests_for(self, slot: int) -> tuple[bytes, bytes]:
+        requests = self._requests.get(slot)
+        if requests is None:
+            offset = _SLOTS_OFFSET + slot * _SLOT_SIZE
+            requests = self._requests[slot] = (
+                struct.pack("hhqqi", fcntl.F_WRLCK, 0, offset, 1, 0),
+                struct.pack("hhqqi", fcntl.F_UNLCK, 0, offset, 1, 0),
+            )
+        return requests
 
     def claim(self, slot: int, holder: object) -> bool:
         """Claim ``slot`` for ``holder`` unless another connection has a call there or
@@ -151,21 +167,23 @@ class WorkerClaims:
         # dict.setdefault is atomic under the GIL: one thread wins a slot.
         if self.claimed.setdefault(slot, holder) is not holder:
             return False
+        lock, _unlock = self._requests_for(slot)
         try:
-            self._lock(slot, fcntl.F_WRLCK)
+            _fcntl(self._fd, _F_OFD_SETLK, lock)
         except OSError:  # another process's claim (EAGAIN / EACCES)
             del self.claimed[slot]
             return False
-        if self.view.read(slot)[1] != 0.0:  # running a call of a client that did not claim
-            self.release(slot, holder)
+        offset = _SLOTS_OFFSET + slot * _SLOT_SIZE + 8
+        if _DEADLINE.unpack_from(self.view._map, offset)[0] != 0.0:
+            self.release(slot, holder)  # it runs a call of a client that did not claim
             return False
         return True
 
     def release(self, slot: int, holder: object) -> None:
-        if self.claimed.get(slot) is not holder or os.getpid() != self.pid:
+        if self.claimed.get(slot) is not holder or self.forked:
             return
         with contextlib.suppress(OSError):
-            self._lock(slot, fcntl.F_UNLCK)
+            _fcntl(self._fd, _F_OFD_SETLK, self._requests_for(slot)[1])
         del self.claimed[slot]
 
     def close(self) -> None:
@@ -173,3 +191,14 @@ class WorkerClaims:
         an open file's locks end with its last descriptor)."""
         os.close(self._fd)
         self.view.close()
+
+
+_ALL_CLAIMS: weakref.WeakSet[WorkerClaims] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for claims in list(_ALL_CLAIMS):
+        claims.forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
