@@ -26,6 +26,7 @@ the old, unlinked file, so it can never write into the slot of a new start's wor
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import mmap
 import os
@@ -148,6 +149,13 @@ class WorkerClaims:
         self.claimed: dict[int, object] = {}  # {slot: the connection holding it}
         # {slot: (lock request, unlock request)}: packed once, used on every call.
         self._requests: dict[int, tuple[bytes, bytes]] = {}
+        try:  # a filesystem without OFD locks refuses here, not at every call
+            _fcntl(self._fd, _F_OFD_SETLK, self._requests_for(-1)[0])
+            _fcntl(self._fd, _F_OFD_SETLK, self._requests_for(-1)[1])
+        except BaseException:
+            os.close(self._fd)
+            self.view.close()
+            raise
         self.forked = False  # in a child forked while this was open: release nothing
         _ALL_CLAIMS.add(self)
 
@@ -170,8 +178,10 @@ class WorkerClaims:
         lock, _unlock = self._requests_for(slot)
         try:
             _fcntl(self._fd, _F_OFD_SETLK, lock)
-        except OSError:  # another process's claim (EAGAIN / EACCES)
-            del self.claimed[slot]
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                return True  # no locks here (a filesystem without them): as unclaimed
+            del self.claimed[slot]  # another process's claim
             return False
         offset = _SLOTS_OFFSET + slot * _SLOT_SIZE + 8
         if _DEADLINE.unpack_from(self.view._map, offset)[0] != 0.0:
