@@ -2,7 +2,8 @@
 
 ``nox -s tests`` and ``nox -s lint`` run by default; ``nox -s bench -- --quick`` is a short
 benchmark run (the full one takes minutes); ``nox -s fuzz -- --seconds 600`` fuzzes;
-``nox -s bench-cluster`` measures a 5-node cluster; ``nox -s sim`` runs the simulators.
+``nox -s bench-cluster`` measures a 5-node cluster; ``nox -s sim`` runs the simulators;
+``nox -s chaos -- --minutes 10`` breaks a 5-node cluster on purpose and checks it.
 """
 
 import nox
@@ -85,3 +86,15 @@ def bench_cluster(session: nox.Session) -> None:
     """
     session.install(".")
     session.run("python", "cluster/bench_cluster.py", *session.posargs)
+
+
+@nox.session(default=False)
+def chaos(session: nox.Session) -> None:
+    """A 5-node cluster under faults, 3 writers and 3 callers, then a heal and a checker.
+
+    ``-- --minutes M --seed S`` (see ``python -m cluster.chaos --help``). Network faults
+    need root, nft and cgroup v2; without them only SIGKILL and SIGSTOP run. Not a default
+    session: it runs for M minutes. Exits 1 on a violation; writes report.json.
+    """
+    session.install("-e", ".")
+    session.run("python", "-m", "cluster.chaos", *session.posargs)

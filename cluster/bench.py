@@ -4,7 +4,7 @@
     nox -s bench -- --quick       # 1 short round, well under 90 s with the install
     python cluster/bench.py --systems pyzmq-reqrep,zeroapi --workloads add --rounds 5
     python cluster/bench.py --workloads add --rounds 3 \
-        --systems pyzmq-reqrep,pyzmq-reqrep-curve,scatter-local,scatter-tcp  # CURVE's cost
+        --systems pyzmq-reqrep,pyzmq-reqrep-curve,scatter-tcp,scatter-tcp-plain  # CURVE
     python cluster/bench.py --only-registry-scaling   # just @scatter at 10 vs 5,000 functions
 
 Systems (each a server on a free loopback port, in processes of its own):
@@ -13,11 +13,15 @@ Systems (each a server on a free loopback port, in processes of its own):
   work itself (``_bench_servers.py``);
 - ``pyzmq-reqrep-curve``: the same server and client with CurveZMQ keys (a CURVE server
   without ZAP, as Scatter's workers are), so that CURVE's raw cost is measured in the run;
+- ``tcp-msgspec``: a plain TCP server, a thread per connection, length-prefixed msgspec
+  frames, the work done in-process: the fastest Python RPC measured here, the limit Scatter
+  aims at (``scatter-local`` against it is reported after the table);
 - ``zeroapi``: zeroapi 1.0.1 in its default layout, a broker and one worker process per core;
 - ``scatter-local``: a Scatter node, the calls run by the node the client talks to; the
   client is a same-user local one, so it reaches its workers over their Unix socket;
 - ``scatter-tcp``: a Scatter node of its own, its clients made with ``transport="tcp"``:
-  the workers' TCP endpoint, with CURVE, as every client off the node's machine uses.
+  the workers' TCP endpoint, with CURVE, as every client off the node's machine uses;
+- ``scatter-tcp-plain``: the same, with CURVE off on the workers' TCP endpoint (only here).
 
 Workloads (``_bench_workloads.py``): ``add(a, b)``, ``total(xs)`` of 1,000 floats, and
 ``cpu(n)``, pure Python for about 5 ms (``n`` calibrated once here, the same for all).
@@ -30,13 +34,12 @@ ratio to the baseline is taken within its round, and the report gives medians ac
 rounds. The issue's targets are checked at the end as PASS/FAIL lines: reported, never
 asserted (a failed target still exits 0; a system that could not run exits 1).
 
-What CURVE costs Scatter (add p50, one client): no Scatter without CURVE can run next to
-it, and scatter-local differs from scatter-tcp in transport too (a Unix socket is faster
-than loopback TCP), so scatter-tcp over scatter-local is reported only as an upper bound.
-The target is judged on that upper bound: if CURVE and TCP together cost at most 15% over
-the Unix socket, CURVE alone costs no more. An estimate that subtracts what CURVE adds to
-the pyzmq round trip is reported beside it, not judged: that delta moved from 8 to 45 us
-between rounds here, as much as a whole Scatter call.
+What CURVE costs Scatter (add p50, one client): ``scatter-tcp`` over ``scatter-tcp-plain``,
+a node whose workers were given no key (``_bench_servers.py --plain-workers``; Scatter has
+no such option itself) and clients that offer none, in the same round: the same code over
+the same TCP endpoint, CURVE on and off. Without ``scatter-tcp-plain`` in the run, the
+target is judged on scatter-tcp over scatter-local (CURVE and TCP against a Unix socket, an
+upper bound). pyzmq with CURVE over pyzmq without is reported beside them.
 
 After the rounds, for Scatter alone: how long ``@scatter`` takes to return, and the
 pipelined variant, ``RemoteFunction.map``, against sequential calls from the same
@@ -88,18 +91,29 @@ from rich.markup import escape
 from rich.table import Table
 
 if __package__:
-    from . import _bench_workloads as workloads
+    from . import _bench_servers as servers, _bench_workloads as workloads
 else:  # run as a script: this file's folder is sys.path[0]
+    import _bench_servers as servers
     import _bench_workloads as workloads
 
 HERE = Path(__file__).resolve().parent
 SERVERS_SCRIPT = HERE / "_bench_servers.py"
-CURVE_SECRET_VARIABLE = "BENCH_CURVE_SECRET_KEY"  # as _bench_servers.py reads it
+CURVE_SECRET_VARIABLE = servers.CURVE_SECRET_VARIABLE
 BASELINE = "pyzmq-reqrep"
 CURVE_BASELINE = "pyzmq-reqrep-curve"  # the baseline with CURVE keys
 SCATTER_TCP = "scatter-tcp"  # Scatter through its workers' TCP endpoint: CURVE
-SYSTEMS = (BASELINE, CURVE_BASELINE, "zeroapi", "scatter-local", SCATTER_TCP)
-SCATTER_SYSTEMS = ("scatter-local", SCATTER_TCP)
+SCATTER_TCP_PLAIN = "scatter-tcp-plain"  # the same endpoint without CURVE: its cost
+TCP_MSGSPEC = "tcp-msgspec"  # the fastest Python RPC here: the limit Scatter aims at
+SYSTEMS = (
+    BASELINE,
+    CURVE_BASELINE,
+    TCP_MSGSPEC,
+    "zeroapi",
+    "scatter-local",
+    SCATTER_TCP,
+    SCATTER_TCP_PLAIN,
+)
+SCATTER_SYSTEMS = ("scatter-local", SCATTER_TCP, SCATTER_TCP_PLAIN)
 
 # Bounds on waiting, so that a stuck system fails the run instead of hanging it.
 SERVER_START_TIMEOUT = 60.0
@@ -162,6 +176,36 @@ def _pyzmq_callers(address: str, server_key: bytes | None) -> dict[str, Callable
     return {workload: caller(workload) for workload in workloads.WORKLOADS}
 
 
+def _tcp_msgspec_callers(address: str, server_key: bytes | None) -> dict[str, Callable[..., Any]]:
+    import socket
+
+    import msgspec
+
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=CALL_TIMEOUT_MS / 1000)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    encode = msgspec.msgpack.Encoder().encode
+
+    def caller(workload: str) -> Callable[..., Any]:
+        result = float if workload == "total" else int
+        decode = msgspec.msgpack.Decoder(tuple[str, result | str]).decode  # type: ignore[valid-type]
+        pack_all = workload == "add"  # add's two arguments travel as one pair
+
+        def call(*args: Any) -> Any:
+            payload = encode((workload, args if pack_all else args[0]))
+            sock.sendall(servers.FRAME_HEADER.pack(len(payload)) + payload)
+            header = servers.recv_exactly(sock, servers.FRAME_HEADER.size)
+            (size,) = servers.FRAME_HEADER.unpack(header)
+            status, value = decode(servers.recv_exactly(sock, size))
+            if status != "ok":
+                raise RuntimeError(f"{workload}: the server said {value}")
+            return value
+
+        return call
+
+    return {workload: caller(workload) for workload in workloads.WORKLOADS}
+
+
 def _zeroapi_callers(address: str, server_key: bytes | None) -> dict[str, Callable[..., Any]]:
     import logging
 
@@ -184,9 +228,17 @@ def _zeroapi_callers(address: str, server_key: bytes | None) -> dict[str, Callab
 
 
 def _scatter_callers(
-    address: str, server_key: bytes | None, transport: Literal["auto", "tcp"] = "auto"
+    address: str,
+    server_key: bytes | None,
+    transport: Literal["auto", "tcp"] = "auto",
+    plain: bool = False,
 ) -> dict[str, Callable[..., Any]]:
     import scatter
+
+    if plain:  # scatter-tcp-plain: worker sockets without CURVE keys, as its workers
+        import scatter._client._connections as connections
+
+        connections.apply_client_keys = lambda sock, keys: None
 
     # Each client process connects itself; its keys come from this user's secret.
     client = scatter.Client(address, autostart=False, transport=transport)
@@ -196,9 +248,11 @@ def _scatter_callers(
 CALLERS: dict[str, Callable[[str, bytes | None], dict[str, Callable[..., Any]]]] = {
     BASELINE: _pyzmq_callers,
     CURVE_BASELINE: _pyzmq_callers,  # given the server's key
+    TCP_MSGSPEC: _tcp_msgspec_callers,
     "zeroapi": _zeroapi_callers,
     "scatter-local": _scatter_callers,
     SCATTER_TCP: functools.partial(_scatter_callers, transport="tcp"),
+    SCATTER_TCP_PLAIN: functools.partial(_scatter_callers, transport="tcp", plain=True),
 }
 
 
@@ -353,6 +407,8 @@ def server(system: str, workdir: Path, curve_secret: bytes | None = None) -> Ite
         command.append("--curve")
     if kind == "scatter-node":
         command += ["--data-dir", str(workdir / "data")]
+        if system == SCATTER_TCP_PLAIN:
+            command.append("--plain-workers")
         # The node must run the same scatter this process imports, installed or not.
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [_scatter_root(), env.get("PYTHONPATH")]))
     log_path = workdir / "server.log"
@@ -720,7 +776,7 @@ class Run:
                     )
                     if system == "scatter-local":
                         scatter_module = publish_workloads(address)
-                    elif system == SCATTER_TCP:
+                    elif system in (SCATTER_TCP, SCATTER_TCP_PLAIN):
                         publish_workloads(address, default=False)
                     addresses[system] = address
                 except Exception as exc:
@@ -914,6 +970,7 @@ def build_report(bench: Run, machine: dict[str, Any]) -> dict[str, Any]:
         "publish": publish,
         "map": bench.map_rates,
         "registry_scaling": bench.registry_scaling,
+        "limit": against_limit(rows),
         "curve": (curve := curve_cost(rows)),
         "targets": [*check_targets(rows), curve["target"]],
         "errors": bench.errors,
@@ -989,20 +1046,30 @@ def check_targets(rows: dict[tuple[str, str, int], Row]) -> list[dict[str, Any]]
     return results
 
 
+def against_limit(rows: dict[tuple[str, str, int], Row]) -> list[dict[str, Any]]:
+    """scatter-local over tcp-msgspec, the limit Scatter aims at: same-round medians."""
+    found = []
+    for (system, workload, clients), row in sorted(rows.items()):
+        if system != _S or (TCP_MSGSPEC, workload, clients) not in rows:
+            continue
+        p50 = _median(per_round_ratios(rows, row, TCP_MSGSPEC, "p50_us").values())
+        rate = _median(per_round_ratios(rows, row, TCP_MSGSPEC, "calls_per_s").values())
+        found.append({"workload": workload, "clients": clients, "p50": p50, "calls_per_s": rate})
+    return found
+
+
 CURVE_BOUND = 1.15
-CURVE_TARGET = (
-    "scatter over TCP with CURVE: add p50 at most 1.15x Scatter without CURVE "
-    "(bounded by scatter-tcp over scatter-local)"
-)
+CURVE_TARGET = "scatter over TCP with CURVE: add p50 at most 1.15x Scatter over TCP without CURVE"
 
 
 def curve_cost(rows: dict[tuple[str, str, int], Row]) -> dict[str, Any]:
     """What CURVE costs, on add p50 with one client, from same-round figures.
 
-    Measured: scatter-tcp over scatter-local (CURVE and TCP against a Unix socket: an
-    upper bound of CURVE's cost to Scatter), and pyzmq with CURVE over pyzmq without.
-    The target's ratio: scatter-tcp over scatter-tcp less the time CURVE adds to the
-    pyzmq round trip (see the module docstring).
+    The target: scatter-tcp over scatter-tcp-plain, the same node and client code over
+    the same TCP endpoint with and without CURVE. When scatter-tcp-plain did not run,
+    the target is judged on scatter-tcp over scatter-local instead (CURVE and TCP
+    against a Unix socket: an upper bound). pyzmq with CURVE over pyzmq without is
+    reported beside them, CURVE's raw cost on a bare round trip.
     """
 
     def row(system: str) -> Row | None:
@@ -1018,36 +1085,27 @@ def curve_cost(rows: dict[tuple[str, str, int], Row]) -> dict[str, Any]:
             "per_round": [per_round[n] for n in sorted(per_round)],
         }
 
-    added_us: dict[int, float] = {}  # what CURVE adds to one pyzmq round trip
-    without: dict[int, float] = {}  # scatter-tcp over its estimate without CURVE
-    plain, curve, tcp = row(BASELINE), row(CURVE_BASELINE), row(SCATTER_TCP)
-    if plain and curve and tcp:
-        for number, measured in tcp.rounds.items():
-            if number in plain.rounds and number in curve.rounds:
-                added = curve.rounds[number].p50_us - plain.rounds[number].p50_us
-                added_us[number] = added
-                if measured.p50_us - added > 0:
-                    without[number] = measured.p50_us / (measured.p50_us - added)
-    # The target is judged on the upper bound, scatter-tcp over scatter-local: CURVE and
-    # TCP together against the Unix socket, measured in the same round. The estimate
-    # from pyzmq's CURVE delta is reported too, but it is no verdict: that delta moved
-    # between 8 and 45 us from round to round here, as much as a whole Scatter call.
+    direct = ratios(SCATTER_TCP, SCATTER_TCP_PLAIN)
     bound = ratios(SCATTER_TCP, "scatter-local")
-    value = _median(bound.values())
+    judged, how = (
+        (direct, "scatter-tcp p50 / scatter-tcp-plain p50 (the same TCP path, CURVE on and off)")
+        if direct
+        else (bound, "scatter-tcp p50 / scatter-local p50 (an upper bound: CURVE and TCP)")
+    )
+    value = _median(judged.values())
     status = "SKIP" if value is None else "PASS" if value <= CURVE_BOUND else "FAIL"
     return {
         "what": "add p50, 1 client, same-round ratios (median across rounds)",
-        "scatter_tcp_vs_local": summary(ratios(SCATTER_TCP, "scatter-local")),
+        "scatter_tcp_vs_plain": summary(direct),
+        "scatter_tcp_vs_local": summary(bound),
         "pyzmq_curve_vs_plain": summary(ratios(CURVE_BASELINE, BASELINE)),
-        "pyzmq_curve_added_us": _median(added_us.values()),
         "target": {
             "target": CURVE_TARGET,
             "status": status,
             "ratio": value,
             "bound": CURVE_BOUND,
-            "per_round": [bound[n] for n in sorted(bound)],
-            "how": "scatter-tcp p50 / scatter-local p50 (CURVE and TCP vs a Unix socket)",
-            "estimate_without_curve": _median(without.values()),
+            "per_round": [judged[n] for n in sorted(judged)],
+            "how": how,
         },
     }
 
@@ -1132,19 +1190,26 @@ def print_report(report: dict[str, Any]) -> None:
         for system in report["errors"]:
             console.print(f"[bold red]ERROR[/] {system} could not be measured (see above)")
         return
+    if report["limit"]:
+        console.print("\nscatter-local against tcp-msgspec, the limit (same-round medians):")
+        for line in report["limit"]:
+            console.print(
+                f"  {line['workload']} x{line['clients']}: p50 {_times(line['p50'])}, "
+                f"calls/s {_times(line['calls_per_s'])}"
+            )
     curve = report["curve"]
-    if curve["scatter_tcp_vs_local"]["ratio"] or curve["pyzmq_curve_vs_plain"]["ratio"]:
+    measured = (curve[key]["ratio"] for key in curve if key.endswith(("_plain", "_local")))
+    if any(ratio is not None for ratio in measured):
         console.print("\nCURVE's cost (add p50, 1 client, same-round ratios):")
         for text, figures in (
-            ("scatter-tcp (CURVE) add p50 vs scatter-local (ipc)", curve["scatter_tcp_vs_local"]),
-            ("pyzmq CURVE vs plain add p50", curve["pyzmq_curve_vs_plain"]),
+            ("scatter-tcp (CURVE) vs scatter-tcp-plain (none)", curve["scatter_tcp_vs_plain"]),
+            ("scatter-tcp (CURVE) vs scatter-local (ipc)", curve["scatter_tcp_vs_local"]),
+            ("pyzmq CURVE vs plain", curve["pyzmq_curve_vs_plain"]),
         ):
             ratio, per_round = figures["ratio"], figures["per_round"]
             detail = "not measured in this run" if ratio is None else f"{ratio:.2f}x"
             if len(per_round) > 1:
                 detail += f" (per round: {', '.join(f'{r:.2f}' for r in per_round)})"
-            if text.startswith("pyzmq") and curve["pyzmq_curve_added_us"] is not None:
-                detail += f", +{curve['pyzmq_curve_added_us']:.1f} us a round trip"
             console.print(f"  {text}: {detail}")
     console.print("\ntargets (the issue's, from same-round ratios):")
     colours = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}

@@ -1,8 +1,9 @@
-"""A Scatter cluster, measured: propagation, failure detection and idle anti-entropy bytes.
+"""A Scatter cluster, measured: propagation, failure detection, idle anti-entropy bytes, restart.
 
     python cluster/bench_cluster.py                 # about 3 minutes, most of it detection
     nox -s bench-cluster                            # the same, in a fresh virtualenv
     python cluster/bench_cluster.py --trials 3 --updates 20     # a short look
+    python cluster/bench_cluster.py --only-restart              # restart time, ~40 s
 
 Every node is a real ``python -m scatter._node`` process on a free 127.0.0.1 port
 (``cluster.launch.LocalCluster``: node i joins through node i - 1), stopped by its PID
@@ -39,7 +40,15 @@ nodes and clients share is made there), never the user's own.
    node 5 is started again. Reported: the frame's bytes (the payload; zmq and CURVE
    framing not included), per member, against the target of 40 bytes x members.
 
-The run goes 1, 3 (both on one ``local`` cluster), then 2 (a ``lan`` cluster of its own).
+4. Restart. One node's history is built through its client: 1,000 functions published
+   twice, then rollbacks alternating each between its two versions, up to
+   ``--restart-changes`` changes (default 10,000). The node is then started from its data
+   directory three times, each time timed to its ready line and to its first answered
+   call, alternating with an empty node (one function) as the same minute's baseline;
+   medians, and the node's RSS after the call. ``--only-restart`` runs this alone.
+
+The run goes 4, then 1, 3 (both on one ``local`` cluster), then 2 (a ``lan`` cluster of
+its own).
 Percentiles are nearest-rank: p50 of 100 samples is the 50th smallest, p99 the 99th;
 with 20 samples p99 is the largest. Targets are reported as PASS/FAIL lines, never
 asserted: a missed target still exits 0; a measurement that could not run exits 1.
@@ -59,6 +68,7 @@ import platform
 import queue
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -96,6 +106,10 @@ DETECTION_P99_S = 6.0
 SMALL_REGISTRY = 10
 DIGEST_BYTES_PER_MEMBER = 40
 CONVERGE_TIMEOUT_S = 180.0  # every node applying a large set of changes
+
+RESTART_FUNCTIONS = 1000
+RESTART_SERVING_S = 2.0
+RESTART_TRIALS = 3
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
 
@@ -488,6 +502,78 @@ def measure_detection(bench: Bench, trials: int, budget_s: float) -> dict[str, A
 # -- the run -----------------------------------------------------------------------------
 
 
+def _rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
+def _time_to_serve(node: LocalNode, name: str) -> tuple[float, float, int]:
+    """Start ``node``; (s until its ready line, s until a call answers, node RSS KiB)."""
+    started = time.monotonic()
+    node.start()
+    ready = time.monotonic() - started
+    with client_of(node) as client:
+        client.make_callable(name)()
+        serving = time.monotonic() - started
+    return ready, serving, _rss_kib(node.pid)
+
+
+def measure_restart(bench: Bench, changes: int) -> dict[str, Any]:
+    """A node with 1,000 functions and ``changes`` changes in its history, restarted.
+
+    The history: each function published twice (2,000 changes, 2,000 bodies), then
+    rollbacks alternating each function between its two versions up to ``changes``.
+    Each trial starts the node from its data directory and times its ready line and its
+    first answered call; an empty node (one function, one change) is timed the same
+    way, alternating with it, as the baseline of the same minute.
+    """
+    functions = min(RESTART_FUNCTIONS, changes // 2)
+    full = LocalNode(bench.workdir / "restart-full")
+    empty = LocalNode(bench.workdir / "restart-empty")
+    built = time.monotonic()
+    try:
+        for node, count in ((empty, 1), (full, functions)):
+            node.start()
+            with client_of(node) as client:
+                made = 0
+                for version in (1, 2) if count > 1 else (1,):
+                    for i in range(count):
+                        client.publish(fresh_function(f"f{i}", i * 10 + version))
+                        made += 1
+                target = changes if count > 1 else made
+                while made < target:
+                    i = made % count
+                    client.rollback(f"f{i}", 1 if (made // count) % 2 == 0 else 2)
+                    made += 1
+            node.stop()
+        bench.say(
+            f"restart: history of {changes:,} changes built in {time.monotonic() - built:.0f} s"
+        )
+        trials: dict[str, list[tuple[float, float, int]]] = {"full": [], "empty": []}
+        for _ in range(RESTART_TRIALS):
+            for what, node in (("empty", empty), ("full", full)):
+                trials[what].append(_time_to_serve(node, "f0"))
+                node.stop()
+    finally:
+        full.stop()
+        empty.stop()
+
+    def median(what: str, index: int) -> float:
+        return statistics.median(trial[index] for trial in trials[what])
+
+    return {
+        "functions": functions,
+        "changes": changes,
+        "trials": RESTART_TRIALS,
+        "ready_s": median("full", 0),
+        "serving_s": median("full", 1),
+        "rss_mib": median("full", 2) / 1024,
+        "empty_serving_s": median("empty", 1),
+        "empty_rss_mib": median("empty", 2) / 1024,
+        "samples": trials,
+    }
+
+
 def machine_info() -> dict[str, Any]:
     model = platform.processor() or platform.machine()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
@@ -530,6 +616,15 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             DETECTION_P99_S,
         ),
     ]
+    restart = report.get("restart") or {}
+    targets.append(
+        line(
+            f"restart with {RESTART_FUNCTIONS:,} functions and {restart.get('changes', 0):,} "
+            f"changes: serving in <= {RESTART_SERVING_S:g} s",
+            restart.get("serving_s"),
+            RESTART_SERVING_S,
+        )
+    )
     for size, found in digest.items():
         targets.append(
             line(
@@ -632,6 +727,14 @@ def print_report(report: dict[str, Any]) -> None:
                     f"unanswered for 5 s (a node busy applying): "
                     f"{', '.join(sorted(set(found['status_unanswered_in_5s'])))}"
                 )
+    restart = report.get("restart")
+    if restart:
+        console.print(
+            f"restart, {restart['functions']:,} functions and {restart['changes']:,} changes "
+            f"(median of {restart['trials']}): ready line {restart['ready_s']:.2f} s, first "
+            f"call answered {restart['serving_s']:.2f} s, node RSS {restart['rss_mib']:.0f} MiB; "
+            f"an empty node: {restart['empty_serving_s']:.2f} s, {restart['empty_rss_mib']:.0f} MiB"
+        )
     if prop:
         per_node = ", ".join(f"{v:.1f}" for v in prop["per_node_p50_ms"])
         console.print(
@@ -655,6 +758,10 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"[bold red]ERROR[/] {what} could not be measured (see above)")
 
 
+class _Done(Exception):
+    """What remains of the run is skipped (``--only-restart``)."""
+
+
 def main(
     updates: Annotated[int, typer.Option(min=2, max=10_000, help="Versions published.")] = 100,
     trials: Annotated[int, typer.Option(min=1, max=1000, help="Detection trials.")] = 20,
@@ -664,6 +771,10 @@ def main(
     large_registry: Annotated[
         int, typer.Option(min=SMALL_REGISTRY + 1, max=100_000, help="Functions, second digest.")
     ] = 10_000,
+    restart_changes: Annotated[
+        int, typer.Option(min=2, max=1_000_000, help="Changes in the restarted node's history.")
+    ] = 10_000,
+    only_restart: Annotated[bool, typer.Option(help="Measure the restart alone.")] = False,
     output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
         "bench-results-cluster.json"
     ),
@@ -686,12 +797,20 @@ def main(
             "trials": trials,
             "detection_budget_s": detection_budget,
             "large_registry": large_registry,
+            "restart_changes": restart_changes,
         },
         "propagation": None,
         "detection": None,
         "digest": None,
+        "restart": None,
     }
     try:
+        try:
+            report["restart"] = measure_restart(bench, restart_changes)
+        except Exception:
+            bench.fail("restart")
+        if only_restart:
+            raise _Done
         try:
             with LocalCluster(workdir / "local", NODES, profile="local") as cluster:
                 bench.say(f"{NODES}-node local cluster up")
@@ -709,6 +828,8 @@ def main(
             report["detection"] = measure_detection(bench, trials, detection_budget)
         except Exception:
             bench.fail("detection")
+    except _Done:
+        pass
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report["machine"]["load_average_at_end"] = os.getloadavg()

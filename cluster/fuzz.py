@@ -13,9 +13,12 @@ Coverage-guided with atheris (libFuzzer) over Scatter's own code, seeded with re
   effects are performed as the driver does (``fuzz_corpus.Disk``). Every reply decodes,
   every request is answered once, no ``internal`` failure, the workers' views and the
   stored bodies match the registry after every frame, a restart changes nothing.
-* ``worker``: a flags byte and Call frames, to ``Worker.handle`` on an in-process worker
-  whose store holds the same history. Nothing escapes, every reply decodes, answers the
-  call's id, and is never ``internal`` (an unexpected exception caught).
+* ``worker``: a flags byte and Call frames (and a stream's More and Cancel), to
+  ``Worker.handle`` on an in-process worker whose store holds the same history. Nothing
+  escapes, every reply decodes, answers the call's id, and is never ``internal`` (an
+  unexpected exception caught); only More and Cancel go unanswered; a generator's stream
+  is stepped as the serve loop would, each frame decodes and carries its call's id, and
+  it ends once cancelled.
 * ``registry``: a flags byte and frames decoded as changes (one or a batch) and applied
   with ``Registry.apply_many``. Only ``ProtocolError`` may escape, and then nothing
   changed; the names ``apply`` reports cover every name whose lookup moved; the same set
@@ -74,9 +77,13 @@ from scatter._core._registry import (
 from scatter._core._vclock import VectorClock
 from scatter._exceptions import FunctionNotFound, ProtocolError, VersionNotFound
 from scatter._node._store import NodeIdentity
+from scatter._node._worker import Stream, Worker
 
 TARGETS = corpus.TARGETS
-SECONDS_PER_INPUT = 5.0  # a slower input is a finding (libFuzzer's -timeout kills at 20 s)
+# A slower input is a finding: CPU seconds of this process, so that a fuzzer starved by a
+# busy machine (nice 19 under a load of 9 took 5.1 s of wall time on an input that needs
+# 0.3) reports no false hang; one that blocks is libFuzzer's -timeout's (20 s of wall time).
+SECONDS_PER_INPUT = 5.0
 RSS_PER_INPUT = 256 << 20  # one input may not raise the process's peak RSS by more
 TRACED_PER_INPUT = 64 << 20  # nor, when traced, allocate more Python memory at once
 ADDRESS_SPACE = 6 << 30  # RLIMIT_AS of the fuzzing process: allocation past it fails
@@ -123,6 +130,27 @@ DECODERS: list[tuple[str, msgspec.msgpack.Decoder[Any]]] = [
     ("clock", msgspec.msgpack.Decoder(VectorClock)),
     ("identity", msgspec.msgpack.Decoder(NodeIdentity)),
 ]
+
+
+def _step_streams(worker: Worker) -> None:
+    """Send the open streams' items as the serve loop would, while they have credit."""
+    for _ in range(4 * _wire.STREAM_WINDOW):
+        stream = worker.next_stream()
+        if stream is None:
+            return
+        frame, ended = worker.step(stream)
+        try:
+            reply = _wire.stream_reply_decoder.decode(frame)
+        except _wire.DECODE_ERRORS as exc:
+            raise Finding(f"the worker sent a stream frame that does not decode: {exc}") from exc
+        if reply.id != stream.call_id:
+            raise Finding(f"a frame of stream {stream.call_id} says {reply.id}")
+        if isinstance(reply, _wire.Failure) and reply.kind == "internal":
+            raise Finding(f"internal failure in a stream: {reply.message}")
+        if isinstance(reply, _wire.Yielded) == ended:
+            raise Finding(f"stream {stream.call_id}: an item that ends it, or an end that does not")
+        if ended:
+            del worker.streams[(stream.identity, stream.call_id)]
 
 
 class Harness:
@@ -174,16 +202,16 @@ class Harness:
             tracemalloc.start()
         else:
             peak = _peak_rss()
-        started = time.perf_counter()
+        started = time.process_time()
         try:
             self.targets[name](body)
         except BaseException:
             if self.traced:
                 tracemalloc.stop()
             raise
-        elapsed = time.perf_counter() - started
+        elapsed = time.process_time() - started
         if elapsed > SECONDS_PER_INPUT:
-            raise Finding(f"{name}: one input took {elapsed:.1f} s")
+            raise Finding(f"{name}: one input took {elapsed:.1f} s of CPU")
         if self.traced:
             grown = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
@@ -226,7 +254,9 @@ class Harness:
             role = ROLES[(flags + (index if flags & 32 else 0)) & 3]
             peer = bytes([65 + index % 3])
             now += 0.25
-            effects = core.receive(peer, payload, role=role, now=now, wall=1000 + now, readings=dict)
+            effects = core.receive(
+                peer, payload, role=role, now=now, wall=1000 + now, readings=dict
+            )
             sent = disk.run(core, effects, now)
             for reply_bytes in sent:
                 try:
@@ -258,6 +288,17 @@ class Harness:
             if flags & 1:
                 worker.slots.bump_generation()
             reply_bytes = worker.handle(payload)
+            if reply_bytes is None:  # only a stream's More or Cancel goes unanswered
+                try:
+                    _wire.stream_control_decoder.decode(payload)
+                except _wire.DECODE_ERRORS as exc:
+                    raise Finding("the worker did not answer a frame") from exc
+                _step_streams(worker)
+                continue
+            if isinstance(reply_bytes, Stream):
+                worker.streams[(worker.identity, reply_bytes.call_id)] = reply_bytes
+                _step_streams(worker)
+                continue
             try:
                 reply = _wire.worker_reply_decoder.decode(reply_bytes)
             except _wire.DECODE_ERRORS as exc:
@@ -270,6 +311,11 @@ class Harness:
                 call_id = 0
             if reply.id != call_id:
                 raise Finding(f"the reply to call {call_id} says {reply.id}")
+        for stream in worker.streams.values():  # the caller went away: cancelled
+            stream.cancelled = True
+        _step_streams(worker)
+        if worker.streams:
+            raise Finding("a cancelled stream did not end")
 
     # -- registry --
 
@@ -569,7 +615,14 @@ def child_main(args: argparse.Namespace, libfuzzer: list[str]) -> None:
     target = args.target
 
     def one_input(data: bytes) -> None:
-        harness.check(data, target)
+        try:
+            harness.check(data, target)
+        except SystemExit as exc:
+            # atheris hands an escaping SystemExit to Python, which exits: libFuzzer then
+            # says only "fuzz target exited", with no traceback and maybe another input.
+            raise Finding(
+                f"SystemExit({exc.code!r}) escaped the {target or 'chosen'} target"
+            ) from exc
 
     atheris.Setup([sys.argv[0], *libfuzzer], one_input)
     atheris.Fuzz()

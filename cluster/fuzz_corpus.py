@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,14 @@ def m2(s: str, n: int = 1) -> list[str]:
 
 def gone() -> None:
     return None
+
+
+def counting(n: int) -> Iterator[int]:
+    """A generator: its calls stream (Yielded, More, Cancel); 13 raises, 7 a wrong item."""
+    for i in range(min(n, 20)):
+        if n == 13 and i == 3:
+            raise ValueError("thirteen")
+        yield "seven" if n == 7 and i == 2 else i  # type: ignore[misc]
 
 
 def publish(fn: Callable[..., Any], request_id: int = 1, **overrides: Any) -> _wire.Publish:
@@ -195,6 +203,7 @@ def history() -> list[Any]:
         publish(gone, 4),
         _wire.Vaporize(5, "gone"),
         _wire.Rollback(6, "sample", 1),
+        publish(counting, 7),
     ]
 
 
@@ -298,6 +307,27 @@ def calls() -> list[bytes]:
     return frames
 
 
+def stream_frames() -> list[bytes]:
+    """A generator's calls (ended, raising, a wrong item, endless past the window) and
+    the credit and cancellations a caller sends."""
+    spec = _spec(counting)
+
+    def call(call_id: int, n: int) -> bytes:
+        args = msgspec.Raw(spec.encode_arguments((n,), {}))
+        return encode(_wire.Call(call_id, "counting", 0, 1, spec.signature_id, 0.0, args))
+
+    return [
+        call(30, 3),
+        call(31, 13),
+        call(32, 7),
+        call(33, 50),
+        encode(_wire.More(33, 4)),
+        encode(_wire.More(33, 1 << 20)),
+        encode(_wire.Cancel(33)),
+        encode(_wire.Cancel(99)),  # no such stream: ignored, no reply
+    ]
+
+
 def control_requests() -> list[bytes]:
     return [
         encode(m)
@@ -336,6 +366,9 @@ def replies() -> list[bytes]:
             _wire.NodeStatus(8, "n1", "tcp://x:1", 1, "/d", 0.0, 1, 2, 3, 0, 1, "3.11", "0"),
             _wire.Failure(9, "validation", "bad", parameter="a", path="$.a"),
             _wire.Result(10, 1, msgspec.Raw(msgspec.msgpack.encode({"a": 1.0}))),
+            _wire.Result(11, 1, msgspec.Raw(b"\x01"), [(1, "(f pid=1) hi\n")]),
+            _wire.Yielded(12, msgspec.Raw(b"\x02"), [(2, "(f pid=1) oops\n")]),
+            _wire.Failure(13, "remote", "x", "ValueError", "tb", remote_args=b"\x91\xa1x"),
         ]
     ]
 
@@ -400,7 +433,15 @@ def seeds() -> list[bytes]:
         *(encode(view) for view in base_disk().views.values()),
         *(encode(r) for r in itertools.islice(base_disk().records.values(), 2)),
     ]
-    everything = control_requests() + calls() + replies() + change_frames + batches + structs
+    everything = (
+        control_requests()
+        + calls()
+        + stream_frames()
+        + replies()
+        + change_frames
+        + batches
+        + structs
+    )
     out = [seed("decode", 0, [p]) for p in everything]
     requests = control_requests()
     for flags in range(4):  # the role lives in the flags byte's low bits
@@ -413,6 +454,10 @@ def seeds() -> list[bytes]:
     ]
     out += [seed("worker", 0, [c]) for c in calls()]
     out += [seed("worker", 1, calls()[:4])]  # the generation moves between frames
+    streams = stream_frames()
+    out += [seed("worker", 0, [frame]) for frame in streams[:4]]
+    out += [seed("worker", 0, streams[3:])]  # credit, then cancelled
+    out += [seed("worker", 0, [streams[3], calls()[0], streams[4], streams[0]])]
     out += [seed("registry", 0, [b]) for b in batches]
     out += [seed("registry", 1, [encode(c) for c in other])]
     out += [bytes([TARGETS.index("pool")]) + s for s in pool_scripts()]

@@ -92,6 +92,9 @@ class LocalNode:
     log_path: Path | None = None
     options: list[str] = field(default_factory=list)  # more `python -m scatter._node` flags
     env: dict[str, str] = field(default_factory=dict)  # more environment for the node
+    # A cgroup v2 directory the node (and so its workers) starts in: the chaos rig's
+    # nftables rules match a node's sockets by it (cluster/chaos.py).
+    cgroup: Path | None = None
 
     @property
     def address(self) -> str:
@@ -125,6 +128,7 @@ class LocalNode:
                 stdout=log,
                 stderr=log,
                 env=env,
+                preexec_fn=None if self.cgroup is None else self._enter_cgroup,
             )
         # The node prints its ready line once its workers and control socket are up; an
         # open port alone could be another process, or a node about to be refused.
@@ -137,6 +141,11 @@ class LocalNode:
                 raise TimeoutError(f"node at {self.address} did not listen in {timeout} s")
             time.sleep(0.02)
         return self
+
+    def _enter_cgroup(self) -> None:
+        # In the child, before exec: every socket the node ever opens is then the cgroup's.
+        assert self.cgroup is not None
+        (self.cgroup / "cgroup.procs").write_text("0")
 
     def _printed_ready_line(self, log_offset: int) -> bool:
         assert self.log_path is not None

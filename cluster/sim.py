@@ -17,6 +17,8 @@ other (join), until every live member declares a killed one dead, and false dead
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import heapq
 import itertools
 import math
@@ -24,7 +26,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -236,9 +238,7 @@ class ClusterSimulation(_VirtualTime):
         self.loss = loss
         self.delay = delay
         self.now = 0.0
-        self.config = NodeConfig(
-            min_workers=0, membership=membership or MembershipConfig.local()
-        )
+        self.config = NodeConfig(min_workers=0, membership=membership or MembershipConfig.local())
         self.addresses = [f"tcp://sim-{i}:1" for i in range(nodes)]
         self.disks = {address: SimDisk() for address in self.addresses}
         self.cores: dict[str, NodeCore] = {}
@@ -433,7 +433,9 @@ class ClusterSimulation(_VirtualTime):
             histories = []
             for name in names:
                 try:
-                    histories.append((name, [msgspec.to_builtins(v) for v in registry.versions(name)]))
+                    histories.append(
+                        (name, [msgspec.to_builtins(v) for v in registry.versions(name)])
+                    )
                 except FunctionNotFound:
                     histories.append((name, None))
             out[address] = (registry.clock, msgspec.to_builtins(registry.functions()), histories)
@@ -450,44 +452,69 @@ class ClusterSimulation(_VirtualTime):
         return all(v == values[0] for v in values[1:])
 
 
+@contextlib.contextmanager
+def _collected_between_runs() -> Iterator[None]:
+    """The cyclic collector off during a run, run between runs.
+
+    A 1,000-node run holds a million member entries, all live until the run ends; with
+    the collector on, its full passes over them took two thirds of the setup's time.
+    """
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.collect()
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _registry_rounds(
-    nodes: int, seeds: list[int], loss: float, config: MembershipConfig
-) -> int:
+def _registry_rounds(nodes: int, seeds: list[int], loss: float, config: MembershipConfig) -> int:
     """Rounds (gossip intervals) until every node holds a version published at one."""
     rounds: list[int] = []
     started = time.monotonic()
     for seed in seeds:
-        sim = ClusterSimulation(nodes, seed=seed, loss=loss, membership=config)
-        origin = sim.addresses[0]
-        sim.request(origin, wire.Publish(1, "add", b"body", b"", "(a: int) -> int", "s", "c"))
-        (change_id,) = list(sim.cores[origin].registry._changes)
-        published = sim.now
-        missing = set(sim.cores)
-
-        def everyone(
-            sim: ClusterSimulation = sim, missing: set[str] = missing, change_id: str = change_id
-        ) -> bool:
-            for address in list(missing):
-                if sim.cores[address].registry.has_change(change_id):
-                    missing.discard(address)
-            return not missing
-
-        reached = sim.run_until(everyone, limit=published + 120.0)
+        with _collected_between_runs():
+            reached, missing = _one_registry_run(nodes, seed, loss, config)
         if reached is None:
-            print(f"seed {seed}: {len(missing)} nodes never got the version (--seed {seed})")
+            print(f"seed {seed}: {missing} nodes never got the version (--seed {seed})")
             return 1
-        rounds.append(max(1, math.ceil((reached - published) / config.gossip_interval)))
+        rounds.append(reached)
     print(
         f"{nodes} nodes, {len(seeds)} seeds, loss {loss:.0%}: a new version reached every "
         f"node in median {statistics.median(rounds):g} rounds, p99 {_percentile(rounds, 0.99):g} "
         f"(rounds of {config.gossip_interval:g} s); {time.monotonic() - started:.1f} s of wall time"
     )
     return 0
+
+
+def _one_registry_run(
+    nodes: int, seed: int, loss: float, config: MembershipConfig
+) -> tuple[int | None, int]:
+    """(rounds until every node holds a new version, or None; how many never got it)."""
+    sim = ClusterSimulation(nodes, seed=seed, loss=loss, membership=config)
+    origin = sim.addresses[0]
+    sim.request(origin, wire.Publish(1, "add", b"body", b"", "(a: int) -> int", "s", "c"))
+    (change_id,) = list(sim.cores[origin].registry._changes)
+    published = sim.now
+    missing = set(sim.cores)
+
+    def everyone() -> bool:  # checked after every step: stop at the first node without it
+        while missing:
+            address = next(iter(missing))
+            if not sim.cores[address].registry.has_change(change_id):
+                return False
+            missing.discard(address)
+        return True
+
+    reached = sim.run_until(everyone, limit=published + 120.0)
+    if reached is None:
+        return None, len(missing)
+    return max(1, math.ceil((reached - published) / config.gossip_interval)), 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,29 +541,15 @@ def main(argv: list[str] | None = None) -> int:
     false_dead = 0
     started = time.monotonic()
     for seed in seeds:
-        sim = Simulation(args.nodes, config, seed=seed, loss=args.loss)
-        sim.join_all()
-        joined = sim.run_until(sim.everyone_knows_everyone, limit=600.0)
-        if joined is None:
-            print(f"seed {seed}: the cluster never converged (replay with --seed {seed})")
+        with _collected_between_runs():
+            outcome = _one_membership_run(args, config, seed)
+        if isinstance(outcome, str):
+            print(outcome)
             return 1
+        joined, detected, false = outcome
         joins.append(joined)
-        victims = sim.rng.sample(sorted(sim.members)[1:], args.kill)
-        killed_at = sim.now
-        for victim in victims:
-            sim.kill(victim)
-        done = sim.run_until(
-            lambda sim=sim, victims=victims: all(sim.declared_dead_by_all(v) for v in victims),
-            limit=killed_at + 600.0,
-        )
-        if done is None:
-            print(
-                f"seed {seed}: a killed member was never declared dead (replay with --seed {seed})"
-            )
-            return 1
-        detections.append(done - killed_at)
-        sim.run_for(args.observe)
-        false_dead += sim.false_dead_verdicts()
+        detections.append(detected)
+        false_dead += false
     print(
         f"{args.nodes} members, {len(seeds)} seeds, loss {args.loss:.0%}, profile {args.profile}: "
         f"join median {statistics.median(joins):.2f} s p99 {_percentile(joins, 0.99):.2f} s; "
@@ -545,6 +558,28 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.monotonic() - started:.1f} s of wall time"
     )
     return 0
+
+
+def _one_membership_run(
+    args: argparse.Namespace, config: MembershipConfig, seed: int
+) -> tuple[float, float, int] | str:
+    """(join time, detection time, false dead verdicts), or why the run failed."""
+    sim = Simulation(args.nodes, config, seed=seed, loss=args.loss)
+    sim.join_all()
+    joined = sim.run_until(sim.everyone_knows_everyone, limit=600.0)
+    if joined is None:
+        return f"seed {seed}: the cluster never converged (replay with --seed {seed})"
+    victims = sim.rng.sample(sorted(sim.members)[1:], args.kill)
+    killed_at = sim.now
+    for victim in victims:
+        sim.kill(victim)
+    done = sim.run_until(
+        lambda: all(sim.declared_dead_by_all(v) for v in victims), limit=killed_at + 600.0
+    )
+    if done is None:
+        return f"seed {seed}: a killed member was never declared dead (replay with --seed {seed})"
+    sim.run_for(args.observe)
+    return joined, done - killed_at, sim.false_dead_verdicts()
 
 
 if __name__ == "__main__":

@@ -23,9 +23,11 @@ from ._api import (
     versions as versions,
 )
 from ._client import (
+    AsyncRemoteStream as AsyncRemoteStream,
     Client as Client,
     ClientStatistics as ClientStatistics,
     RemoteFunction as RemoteFunction,
+    RemoteStream as RemoteStream,
 )
 from ._core._registry import FunctionInfo as FunctionInfo, VersionInfo as VersionInfo
 from ._exceptions import (
@@ -47,6 +49,7 @@ from ._exceptions import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncRemoteStream",
     "AuthenticationError",
     "CallTimeout",
     "Client",
@@ -59,6 +62,7 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemoteFunction",
+    "RemoteStream",
     "ScatterError",
     "SignatureChanged",
     "Unreachable",

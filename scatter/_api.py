@@ -7,21 +7,37 @@ talk to another node without changing the default.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 
 from ._client import Client, RemoteFunction
+from ._client._calls import UnpickledRemoteFunction
 from ._core._registry import FunctionInfo, VersionInfo, check_name
 from ._exceptions import ConfigError
+from ._publish import without_output_capture
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 _lock = threading.Lock()
 _default: Client | None = None
 _by_address: dict[str, Client] = {}  # {address: client} for calls with address=
+_tcp_by_address: dict[str, Client] = {}  # for unpickled callables of transport="tcp" clients
+# {(address, transport, name, version, content id): callable} rebuilt from pickles:
+# multiprocessing unpickles the function once per task.
+_unpickled: dict[tuple[str, str, str, int | None, str], RemoteFunction] = {}
+
+
+def _new_lock_in_child() -> None:
+    # A thread of the parent may have held it at the fork: the child would wait forever.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
 def connect(address: str | None = None, *, autostart: bool | None = None) -> Client:
@@ -38,6 +54,45 @@ def connect(address: str | None = None, *, autostart: bool | None = None) -> Cli
     if previous is not None:
         previous.close()
     return client
+
+
+def remote_function_by_reference(
+    address: str,
+    transport: Literal["auto", "tcp"],
+    name: str,
+    version: int | None,
+    content_id: str,
+) -> RemoteFunction:
+    """A pickled ``RemoteFunction`` in this process (``RemoteFunction.__reduce__``).
+
+    It talks to the same node through this process's own client (the default one when
+    the address and transport are the same, else one per address), with this process's
+    secret. It describes its version at first use, not here, so unpickling never fails.
+    """
+    global _default
+    key = (address, transport, name, version, content_id)
+    with _lock:
+        found = _unpickled.get(key)
+        if found is not None and not found._client.closed:
+            return found
+        if _default is None and address == Client.default_address():
+            _default = Client()
+        if (
+            _default is not None
+            and not _default.closed
+            and _default.address == address
+            and _default.transport == transport
+        ):
+            client = _default
+        else:
+            clients = _by_address if transport == "auto" else _tcp_by_address
+            client = clients.get(address)  # type: ignore[assignment]
+            if client is None or client.closed:
+                client = clients[address] = Client(address, transport=transport)
+        remote = _unpickled[key] = UnpickledRemoteFunction(
+            client, name, version, content_id=content_id, lazy=True
+        )
+        return remote
 
 
 def _client(address: str | None = None) -> Client:
@@ -57,7 +112,11 @@ def _client(address: str | None = None) -> Client:
 def scatter(fn: F, /) -> F: ...
 @overload
 def scatter(
-    *, name: str | None = None, address: str | None = None, timeout: float | None = None
+    *,
+    name: str | None = None,
+    address: str | None = None,
+    timeout: float | None = None,
+    capture_output: bool = True,
 ) -> Callable[[F], F]: ...
 def scatter(
     fn: Any = None,
@@ -66,6 +125,7 @@ def scatter(
     name: str | None = None,
     address: str | None = None,
     timeout: float | None = None,
+    capture_output: bool = True,
 ) -> Any:
     """Ship a type-annotated function to a node: it becomes a new version there.
 
@@ -77,9 +137,11 @@ def scatter(
             set names are Python identifiers (not keywords) of 1 to 128 characters.
         address: the node to ship to (default: the default client's).
         timeout: this function's call timeout in seconds (default: the node's).
+        capture_output: what a call prints (stdout, stderr, logging) is printed on its
+            caller, each line behind ``(name pid=N)``; False drops it (never logged).
 
     Raises:
-        NotScatterable: the function lacks annotations, is a generator, ...
+        NotScatterable: the function lacks annotations, is a generator not annotated Iterator[T], ...
         ConfigError: ``name`` breaks the name rule (``""`` included); TypeError if it is
             not a str. Both before anything is sent.
 
@@ -91,7 +153,9 @@ def scatter(
     """
 
     def ship(function: F) -> F:
-        _client(address).publish(function, name=name, timeout=timeout)
+        _client(address).publish(
+            function, name=name, timeout=timeout, capture_output=capture_output
+        )
         return function
 
     if fn is None:
@@ -171,10 +235,21 @@ class FunctionSet:
     def function(self, fn: F, /) -> F: ...
     @overload
     def function(
-        self, /, *, name: str | None = None, timeout: float | None = None
+        self,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        capture_output: bool = True,
     ) -> Callable[[F], F]: ...
     def function(
-        self, fn: Any = None, /, *, name: str | None = None, timeout: float | None = None
+        self,
+        fn: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        capture_output: bool = True,
     ) -> Any:
         """Add a member (not shipped until :meth:`publish`). Returns the function unchanged.
 
@@ -188,7 +263,8 @@ class FunctionSet:
             # A default name that breaks the rule (a lambda's) is refused by publish(),
             # with the other reasons a function cannot be scattered.
             member = name if name is not None else str(getattr(member_function, "__name__", ""))
-            self._members[member] = (member_function, name, timeout)
+            shipped = member_function if capture_output else without_output_capture(member_function)
+            self._members[member] = (shipped, name, timeout)
             return member_function
 
         return add if fn is None else add(fn)

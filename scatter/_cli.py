@@ -43,7 +43,7 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from . import __version__, _wire
-from ._client import Client, start_background_node
+from ._client import Client, RemoteStream, start_background_node
 from ._client._autostart import port_open
 from ._config import (
     DEFAULT_CALL_TIMEOUT,
@@ -889,7 +889,8 @@ def call(
         typer.Option("--version", "-v", help="Run this version. Default: the current one."),
     ] = None,
 ) -> None:
-    """Call NAME with ARGs, validated against its signature; print the result as JSON.
+    """Call NAME with ARGs, validated against its signature; print the result as JSON
+    (a generator function's items: one line each, as they come).
 
     Non-finite floats print as NaN and Infinity (as Python's json writes them); a result
     with no JSON form is printed as its repr.
@@ -906,6 +907,10 @@ def call(
             # Python's own arity error from the binder: as much the user's mistake as a
             # ValidationError, so it gets the same one line.
             _fail(exc)
+        if isinstance(result, RemoteStream):  # a generator: one JSON line per item, as made
+            for item in result:
+                typer.echo(_result_text(item))
+            return
     typer.echo(_result_text(result))
 
 

@@ -7,11 +7,13 @@ msgspec, diskcache, cloudpickle) are mapped at the boundary where they happen, w
     ScatterError
     +-- ValidationError (also TypeError)      an argument or result does not match its annotation
     +-- RemoteError                           the function raised; carries type, message, traceback
+    |   |                                     (and is an instance of the remote class too, where
+    |   |                                     the caller can rebuild it: _client/_remote_errors.py)
     |   +-- WorkerCrashed                     the process running the call died (os._exit, segfault)
     +-- FunctionNotFound (also LookupError)   no function (or set) by that name
     +-- VersionNotFound (also LookupError)    the function exists, the version does not
     +-- SignatureChanged (also TypeError)     the current version's signature differs from the caller's
-    +-- NotScatterable (also TypeError)       @scatter refused the function (no annotations, generator ...)
+    +-- NotScatterable (also TypeError)       @scatter refused the function (no annotations, a generator not annotated Iterator[T] ...)
     +-- Unreachable (also ConnectionError)    no node answered at the address
     +-- AuthenticationError (also PermissionError)  wrong or missing secret, or a call-only
     |                                         secret asking for a change
@@ -64,6 +66,13 @@ class ValidationError(ScatterError, TypeError):
 class RemoteError(ScatterError):
     """The scattered function raised on the node.
 
+    Where the caller can rebuild the remote exception's class (it has imported the class's
+    module, or may load it by value), the error raised is an instance of that class
+    too: ``except ValueError`` catches a remote ``ValueError``, its attributes are there,
+    ``str()`` is the remote exception's own, and the remote traceback is its
+    ``__cause__`` (a ``RemoteTraceback``). Otherwise it is a plain ``RemoteError``, whose
+    ``str()`` holds the remote traceback.
+
     Attributes:
         remote_type: the qualified name of the remote exception's class (``"builtins.ValueError"``).
         remote_message: ``str()`` of the remote exception.
@@ -84,6 +93,20 @@ class RemoteError(ScatterError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.remote_type, self.remote_message, self.remote_traceback))
+
+
+class RemoteTraceback(Exception):
+    """The ``__cause__`` of a rebuilt remote exception: its traceback, as text.
+
+    Python prints it above the error, as ``concurrent.futures`` does for a process pool's.
+    """
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return "\n\n" + self.traceback.rstrip()
 
 
 class WorkerCrashed(RemoteError):

@@ -115,8 +115,40 @@ def _pickle_by_value(fn: Callable[..., Any], *objects: object) -> list[bytes]:
             cloudpickle.unregister_pickle_by_value(module)
 
 
+# Read by the node's workers off the loaded body (scatter/_node/_worker.py).
+CAPTURE_OUTPUT_ATTRIBUTE = "__scatter_capture_output__"
+
+
+def without_output_capture(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A copy of ``fn`` whose calls' output a worker drops (``capture_output=False``).
+
+    The setting travels in the body, as a function attribute, so it is part of the
+    version (its content id) as the timeout is; ``fn`` itself is left untouched.
+    """
+    if not isinstance(fn, types.FunctionType):
+        raise NotScatterable(
+            f"capture_output=False takes a plain function (def or async def), not "
+            f"{type(fn).__qualname__}"
+        )
+    copy = types.FunctionType(
+        fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__qualname__ = fn.__qualname__
+    copy.__module__ = fn.__module__
+    copy.__doc__ = fn.__doc__
+    copy.__annotations__ = fn.__annotations__
+    copy.__dict__.update(fn.__dict__)
+    setattr(copy, CAPTURE_OUTPUT_ATTRIBUTE, False)
+    return copy
+
+
 def prepare_publish(
-    fn: Callable[..., Any], *, name: str | None = None, timeout: float | None = None
+    fn: Callable[..., Any],
+    *,
+    name: str | None = None,
+    timeout: float | None = None,
+    capture_output: bool = True,
 ) -> dict[str, Any]:
     """The fields of a ``Publish`` request for ``fn``, checked before anything is sent.
 
@@ -126,6 +158,10 @@ def prepare_publish(
         ConfigError: ``name`` breaks the name rule (``check_name``), or a bad timeout.
         TypeError: ``name`` is not a str.
     """
+    if not isinstance(capture_output, bool):
+        raise ConfigError(f"capture_output must be True or False, got {capture_output!r}")
+    if not capture_output:
+        fn = without_output_capture(fn)
     if name is not None:
         # An explicit name (also "") is judged as given, never replaced by __name__.
         check_name(name)

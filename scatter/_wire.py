@@ -35,8 +35,13 @@ Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
 #      PeerGossip (SWIM), PeerChanges, PeerDigest (anti-entropy), role "peer".
 #   3: signatures travel to callers as msgspec type descriptions (Publish and
 #      Description ``signature_spec``); Description.signature is no longer filled in.
-PROTOCOL_VERSION_MIN = 3
-PROTOCOL_VERSION_MAX = 3
+#   4: a function's exception carries what rebuilds its class on the caller (Failure
+#      ``remote_args``, ``remote_attributes``, ``remote_pickle``); what a call writes
+#      to stdout and stderr comes back with its reply (Result and Failure ``output``);
+#      generator functions stream (Yielded, More, Cancel); a type description says
+#      whether the function streams (``SignatureSpec.streams``).
+PROTOCOL_VERSION_MIN = 4
+PROTOCOL_VERSION_MAX = 4
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
 
 # ----- limits: in _limits.py (the registry's records use them too); re-exported here -----
@@ -76,10 +81,51 @@ class Call(msgspec.Struct, array_like=True, tag=1, frozen=True):
     args: msgspec.Raw
 
 
+# What a call wrote to sys.stdout (1) and sys.stderr (2), in order, each line already
+# prefixed on the worker with the function and the process: "(add pid=1234) hello\n".
+Output = list[tuple[int, str]]
+
+
 class Result(msgspec.Struct, array_like=True, tag=2, frozen=True):
     id: int
     version: int  # the version that ran: a body-only update moves callers along
     value: msgspec.Raw
+    # Since protocol 4. Left out (a 4-element array) when the call wrote nothing: the
+    # worker's one-pass encoding (CallSpec.encode_reply) writes this Struct as a tuple.
+    output: Output = []
+
+
+class Yielded(msgspec.Struct, array_like=True, tag=4, frozen=True):
+    """One item of a generator function's stream (worker -> client), since protocol 4.
+
+    A call of a generator function is answered by ``Yielded`` frames, one per item as it
+    is produced, then one ``Result`` (value None: the generator returned) or ``Failure``.
+    Credit-based back-pressure: the worker produces at most ``STREAM_WINDOW`` items
+    beyond those the caller granted with ``More``; ``Cancel`` closes the generator (its
+    ``finally`` runs) and is answered by the stream's end as well.
+    """
+
+    id: int
+    value: msgspec.Raw
+    output: Output = []
+
+
+class More(msgspec.Struct, array_like=True, tag=5, frozen=True):
+    """Client -> worker: the stream of call ``id`` may produce ``credit`` more items."""
+
+    id: int
+    credit: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
+
+
+class Cancel(msgspec.Struct, array_like=True, tag=6, frozen=True):
+    """Client -> worker: close the stream of call ``id`` (the iterator was closed)."""
+
+    id: int
+
+
+# Items a worker may produce ahead of its caller before the first ``More``: enough to
+# hide a round trip, few enough that an abandoned stream wastes little work.
+STREAM_WINDOW = 8
 
 
 FailureKind = Literal[
@@ -112,6 +158,15 @@ class Failure(msgspec.Struct, array_like=True, tag=3, frozen=True, omit_defaults
     name: str = ""
     old_version: int = 0
     new_version: int = 0
+    # Since protocol 4, kind "remote": what lets a caller rebuild the exception as an
+    # instance of its own class (scatter/_client/_remote_errors.py). ``remote_args`` and
+    # ``remote_attributes`` are plain msgpack (``exc.args``, the ``__dict__`` entries
+    # msgpack carries), read without unpickling; ``remote_pickle`` is the exception by
+    # cloudpickle, sent only to callers whose role may unpickle (never call-only).
+    remote_args: bytes = b""
+    remote_attributes: bytes = b""
+    remote_pickle: bytes = b""
+    output: Output = []  # since protocol 4: what the call wrote before it failed
 
 
 # ----- control requests (client -> node) -----
@@ -342,6 +397,8 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     # this node included; changes_behind: -1 until the member sent its clock
     members: list[dict[str, Any]] = []
     changes: int = 0  # registry changes applied here
+    replica_hash: str = ""  # Registry.replica_hash(): equal on replicas holding the same changes
+    pending_changes: int = 0  # changes held, waiting for their causal past
     max_workers: int = 0
     # Every worker busy and no more may start: new calls wait for one to finish.
     saturated: bool = False
@@ -353,9 +410,13 @@ ControlReply = (
 )
 
 WorkerReply = Result | Failure
+StreamReply = Yielded | Result | Failure
+StreamControl = More | Cancel
 
 control_request_decoder = msgspec.msgpack.Decoder(ControlRequest)
 control_reply_decoder = msgspec.msgpack.Decoder(ControlReply)
 call_decoder = msgspec.msgpack.Decoder(Call)
 worker_reply_decoder = msgspec.msgpack.Decoder(WorkerReply)
+stream_reply_decoder = msgspec.msgpack.Decoder(StreamReply)
+stream_control_decoder = msgspec.msgpack.Decoder(StreamControl)
 encoder = msgspec.msgpack.Encoder()

@@ -11,17 +11,24 @@ One job per module, as httpx keeps its client, transports and pool apart:
 - ``_client.py``: ``Client``, the node's operations; it composes the three below.
 - ``_control.py``: control requests to the node (one socket per thread, a wrong secret
   told apart from silence) and ``error_from_failure``.
-- ``_connections.py``: ``WorkerConnection`` to a leased worker, and the pool of them.
-- ``_calls.py``: the call path: ``RemoteFunction`` and ``CallSender`` (sync, async, map).
+- ``_connections.py``: ``WorkerConnection`` to a leased worker, and the bounded pool of them.
+- ``_calls.py``: the call path: ``RemoteFunction`` and ``CallSender`` (sync, async, map),
+  and a generator function's ``RemoteStream`` / ``AsyncRemoteStream``.
+- ``_remote_errors.py``: a function's exception, as an instance of its own class.
 - ``_polling.py``: ``ReplyPolling``, whether a sync caller polls before it sleeps.
 - ``_autostart.py``: a detached node for a client that finds none on loopback.
+- ``_fork.py``: a forked child drops its parent's connections (an at-fork hook).
 
 Sockets are never shared between threads at the same time: control requests use one
 DEALER per thread; calls check a worker connection out of the pool and put it back.
 """
 
 from ._autostart import start_background_node as start_background_node
-from ._calls import RemoteFunction as RemoteFunction
+from ._calls import (
+    AsyncRemoteStream as AsyncRemoteStream,
+    RemoteFunction as RemoteFunction,
+    RemoteStream as RemoteStream,
+)
 from ._client import Client as Client
 from ._connections import (
     _IDLE_CHECK_AFTER as _IDLE_CHECK_AFTER,

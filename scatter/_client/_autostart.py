@@ -18,24 +18,47 @@ from .._config import ENV_AUTOSTART, ClientConfig, data_dir_for, parse_address
 from .._exceptions import ScatterError, Unreachable
 
 _autostart_lock = threading.Lock()
+
+
+def _new_lock_in_child() -> None:
+    # A thread of the parent may have held it at the fork: the child would wait forever.
+    global _autostart_lock
+    _autostart_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 # Detached nodes started by this process: kept referenced so that Popen's destructor does
 # not warn about a child still running (it is meant to outlive us).
 _background_nodes: list[subprocess.Popen[bytes]] = []
 
 
-def port_open(host: str, port: int) -> bool:
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=max(timeout, 0.01)):
             return True
     except OSError:
         return False
 
 
-def ensure_listening(config: ClientConfig) -> None:
-    """Make sure something listens at ``config.address``: start a node if allowed.
+def nothing_listens(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether a connection to ``host:port`` is refused: nothing listens there for sure.
+    A timeout proves nothing (a saturated backlog, a host that drops packets)."""
+    try:
+        with socket.create_connection((host, port), timeout=max(timeout, 0.01)):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+def ensure_listening(config: ClientConfig, wait: float = 60.0) -> None:
+    """Make sure something listens at ``config.address``: start a node if allowed, and
+    wait up to ``wait`` seconds for it to listen.
 
     Raises:
-        Unreachable: nothing listens, and auto-start is off.
+        Unreachable: nothing listens, and auto-start is off (or the node started did not
+            listen within ``wait``).
     """
     host, port = parse_address(config.address)
     if port_open(host, port):
@@ -51,7 +74,7 @@ def ensure_listening(config: ClientConfig) -> None:
     # One start per process, however many threads found the port closed at once.
     with _autostart_lock:
         if not port_open(host, port):
-            start_background_node(config.address, config.data_dir, announce=True)
+            start_background_node(config.address, config.data_dir, announce=True, wait=wait)
 
 
 def start_background_node(

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import sys
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,10 +30,24 @@ from .. import _wire
 from .._config import MAX_MESSAGE_BYTES
 from .._core import _typespec
 from .._core._signature import CallSpec, build_call_spec, decoding
-from .._exceptions import ProtocolError, ScatterError, SignatureChanged, Unreachable
-from ._connections import CRASH_CHECK_INTERVAL, ConnectionPool, Undelivered, WorkerConnection
+from .._exceptions import (
+    ProtocolError,
+    ScatterError,
+    SignatureChanged,
+    Unreachable,
+    VersionNotFound,
+)
+from ._connections import (
+    _SEND_TIMEOUT,
+    CRASH_CHECK_INTERVAL,
+    ConnectionPool,
+    Undelivered,
+    WorkerConnection,
+    _wait_readable as wait_readable,
+)
 from ._control import error_from_failure
 from ._polling import ReplyPolling
+from ._remote_errors import remote_error
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -137,13 +152,23 @@ class CallSender:
         if next(self._sync_calls_started) - self._sync_calls_finished > 1:
             polling = None
         pool = self._pool
+        # The call's timeout bounds the slow paths too (a lease, a node started again);
+        # the hot path, an idle connection, reads no clock for it.
+        give_up = None
         try:
             for attempt in range(2):
-                connection = pool.checkout()
+                connection = pool.take_idle()
+                if connection is None:
+                    if give_up is None:
+                        give_up = time.monotonic() + timeout
+                    connection = pool.checkout(give_up)
+                    assert connection is not None
                 call_id = next(self._ids)
                 try:
                     reply = connection.request(frame_for(call_id), timeout, polling)
                 except Undelivered:
+                    if give_up is None:  # the send waited _SEND_TIMEOUT for nobody
+                        give_up = time.monotonic() - _SEND_TIMEOUT + timeout
                     self._undelivered(connection, attempt)
                     continue
                 except BaseException:
@@ -164,8 +189,9 @@ class CallSender:
         thread, so the loop never blocks on the node.
         """
         pool = self._pool
+        give_up = time.monotonic() + timeout
         for attempt in range(2):
-            connection = await pool.checkout_async(library)
+            connection = await pool.checkout_async(library, give_up)
             call_id = next(self._ids)
             try:
                 reply = await connection.request_async(frame_for(call_id), timeout, library)
@@ -205,10 +231,11 @@ class CallSender:
         done: dict[int, tuple[int, bytes]] = {}
         sent = yielded = 0
         retried = False
+        give_up = time.monotonic() + timeout  # for taking connections: each call has its own
         try:
             while yielded < len(frames):
                 while sent < len(frames):
-                    pipe = self._pipe_with_room(pipes, limit)
+                    pipe = self._pipe_with_room(pipes, limit, give_up)
                     if pipe is None:
                         break
                     if pipe.connection.sock not in by_socket:
@@ -228,14 +255,22 @@ class CallSender:
                         self._undelivered(pipe.connection, attempt=int(retried))
                         retried = True
                         continue
+                    except zmq.ZMQError as exc:
+                        pipe.connection.broken = True
+                        raise ScatterError(f"cannot send a call of map: {exc}") from exc
                     sent += 1
                 while yielded in done:
                     yield done.pop(yielded)
                     yielded += 1
                 if yielded == len(frames):
                     break
-                for sock, _ in poller.poll(int(CRASH_CHECK_INTERVAL * 1000)):
-                    by_socket[sock].receive_ready(done)
+                try:
+                    for sock, _ in poller.poll(int(CRASH_CHECK_INTERVAL * 1000)):
+                        by_socket[sock].receive_ready(done)
+                except zmq.ZMQError as exc:  # not zmq.Again: the sockets are unusable
+                    for pipe in pipes:
+                        pipe.connection.broken = True
+                    raise ScatterError(f"cannot receive the replies of map: {exc}") from exc
                 for pipe in pipes:
                     if pipe.in_flight:
                         pipe.connection.check_alive(pipe.head_started, timeout)
@@ -246,15 +281,16 @@ class CallSender:
                 else:
                     self._pool.checkin(pipe.connection)
 
-    def _pipe_with_room(self, pipes: list[_Pipe], limit: list[int]) -> _Pipe | None:
+    def _pipe_with_room(self, pipes: list[_Pipe], limit: list[int], give_up: float) -> _Pipe | None:
         """The connection to send the next call on: the least loaded, a new one while
         every connection is busy and ``limit[0]`` allows more; None while all are full."""
         least = min(pipes, key=lambda pipe: len(pipe.in_flight), default=None)
         if (least is None or least.in_flight) and len(pipes) < limit[0]:
-            # Past the first, a pipe only to a worker free now: waiting for one would
-            # wait for this map's own pipes (more `parallel` than workers); none free,
-            # this map makes do with the pipes it has.
-            connection = self._pool.try_checkout() if pipes else self._pool.checkout()
+            # Past the first, a pipe only to a worker free now (claimed, within the
+            # pool's bound): waiting for one would wait for this map's own pipes (more
+            # `parallel` than workers) or for connections only this map holds; none
+            # free, this map makes do with the pipes it has.
+            connection = self._pool.checkout(give_up, wait=not pipes)
             if connection is None:
                 limit[0] = len(pipes)
             else:
@@ -272,15 +308,50 @@ class _Version:
     number: int
     spec: CallSpec
     timeout: float  # effective: the function's own, else the node's default
+    content_id: str
     # Result | Failure, with the result's value decoded (and so validated) in the same
     # pass as its envelope: one decode per reply instead of two.
     decode_reply: Callable[[bytes], Any]
+    # A generator function's: Yielded | Result | Failure, each item validated as its T.
+    decode_stream: Callable[[bytes], Any] | None = None
+
+
+def show_output(output: _wire.Output) -> None:
+    """Print what a call wrote, each line already behind its "(name pid=N)" prefix, to
+    this process's sys.stdout / sys.stderr as they are now (a notebook's, under Jupyter)."""
+    for stream, text in output:
+        target = sys.stderr if stream == 2 else sys.stdout
+        if target is None:  # pythonw, or a closed stream: nowhere to print
+            continue
+        with contextlib.suppress(Exception):
+            target.write(text)
+            target.flush()
+
+
+def _stream_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
+    yielded = msgspec.defstruct(
+        "Yielded",
+        [
+            ("id", int),
+            ("value", spec.return_type),
+            ("output", _wire.Output, msgspec.field(default_factory=list)),
+        ],
+        tag=_wire.Yielded.__struct_config__.tag,
+        array_like=True,
+        frozen=True,
+    )
+    return decoding(yielded | _wire.Result | _wire.Failure, unpickle=True)
 
 
 def _reply_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
     result = msgspec.defstruct(
         "Result",
-        [("id", int), ("version", int), ("value", spec.return_type)],
+        [
+            ("id", int),
+            ("version", int),
+            ("value", spec.return_type),
+            ("output", _wire.Output, msgspec.field(default_factory=list)),
+        ],
         tag=_wire.Result.__struct_config__.tag,
         array_like=True,
         frozen=True,
@@ -298,15 +369,43 @@ class RemoteFunction:
     it exists. Safe to share between threads.
     """
 
-    def __init__(self, client: Client, name: str, version: int | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        version: int | None = None,
+        *,
+        content_id: str = "",
+        lazy: bool = False,
+    ) -> None:
         self._client = client
         self._sender = client._sender  # the call path; the client keeps control requests
         self._name = name
         self._pinned = version
-        self._version = self._load(version)
+        # A pinned callable rebuilt from a pickle checks that the version is the same body.
+        self._pinned_content_id = content_id if version else ""
         self._polling = ReplyPolling()
         self.__name__ = name
         self.__qualname__ = name
+        if not lazy:
+            self._version = self._load(version)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by reference: the node's address and transport, the name, the pinned
+        version and its content id. Never the client, its sockets, or the secret: the
+        process that unpickles it reconnects with its own (``SCATTER_SECRET`` or the
+        user's secret file), as any client does."""
+        from .._api import remote_function_by_reference
+
+        content_id = ""
+        if self._pinned:
+            # An unpickled callable not called yet pickles again without asking the node.
+            loaded = self.__dict__.get("_version")
+            content_id = loaded.content_id if loaded is not None else self._pinned_content_id
+        return (
+            remote_function_by_reference,
+            (self._client.address, self._client.transport, self._name, self._pinned, content_id),
+        )
 
     def _load(self, version: int | None) -> _Version:
         # The signature is rebuilt from the publisher's type description: nothing of the
@@ -330,8 +429,19 @@ class RemoteFunction:
             ) from None
         self.__signature__ = signature
         self.__doc__ = description.doc
+        if self._pinned_content_id and description.content_id != self._pinned_content_id:
+            raise VersionNotFound(
+                f"{where} at {self._client.address} has content id {description.content_id}, "
+                f"not {self._pinned_content_id}: the version this callable was pinned to "
+                "(before it was pickled) is another body on this node"
+            )
         return _Version(
-            description.version, spec, description.timeout, _reply_decoder(spec)
+            description.version,
+            spec,
+            description.timeout,
+            description.content_id,
+            _reply_decoder(spec),
+            _stream_decoder(spec) if spec.streams else None,
         )
 
     @property
@@ -353,13 +463,65 @@ class RemoteFunction:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self._version
+        if state.decode_stream is not None:
+            return self._stream(state, state.spec.encode_arguments(args, kwargs), 0.0)
         return self._send(state, state.spec.encode_arguments(args, kwargs), 0.0)
 
     def call(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Call with a per-call ``timeout`` in seconds (``__call__`` takes none, so that a
-        function's own parameter named ``timeout`` keeps working)."""
+        function's own parameter named ``timeout`` keeps working). For a generator
+        function, the timeout is per item."""
         state = self._version
-        return self._send(state, state.spec.encode_arguments(args, kwargs), _per_call(timeout))
+        arguments = state.spec.encode_arguments(args, kwargs)
+        if state.decode_stream is not None:
+            return self._stream(state, arguments, _per_call(timeout))
+        return self._send(state, arguments, _per_call(timeout))
+
+    def _stream(self, state: _Version, arguments: bytes, timeout: float) -> RemoteStream:
+        return RemoteStream(self, state, self._frame_for(state, arguments, timeout), timeout or state.timeout)
+
+    async def _stream_async(
+        self, state: _Version, arguments: bytes, timeout: float, library: str
+    ) -> AsyncRemoteStream:
+        frame_for = self._frame_for(state, arguments, timeout)
+        sender = self._sender
+        lease_by = time.monotonic() + (timeout or state.timeout)
+        for attempt in range(2):
+            connection = await sender._pool.checkout_async(library, lease_by)
+            call_id = next(sender._ids)
+            sock = connection.sock
+            fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+            give_up = time.monotonic() + _SEND_TIMEOUT
+            try:
+                while True:
+                    try:
+                        sock.send(frame_for(call_id), zmq.NOBLOCK)
+                        break
+                    except zmq.Again:
+                        if connection.events() & zmq.POLLOUT:
+                            continue
+                        if time.monotonic() > give_up:
+                            raise
+                        await wait_readable(fd, library, CRASH_CHECK_INTERVAL)
+            except zmq.Again:
+                connection.broken = True
+                sender._undelivered(connection, attempt)
+                continue
+            except BaseException:
+                sender._pool.discard(connection)
+                raise
+            return AsyncRemoteStream(
+                self, state, connection, call_id, timeout or state.timeout, library
+            )
+        raise AssertionError("unreachable")
+
+    def _refuse_streaming(self, what: str) -> None:
+        if self._version.decode_stream is not None:
+            raise ScatterError(
+                f"{self._name}() is a generator function: its items stream to an iterator "
+                f"(for item in {self._name}(...), or async for item in await "
+                f"{self._name}.call_async(...)); {what} does not stream them"
+            )
 
     def map(
         self, *iterables: Iterable[Any], timeout: float | None = None, parallel: int | None = None
@@ -379,6 +541,7 @@ class RemoteFunction:
         """
         if not iterables:
             raise TypeError(f"{self._name}.map() needs at least one iterable of arguments")
+        self._refuse_streaming("map()")
         if parallel is None:
             parallel = os.cpu_count() or 1
         if not isinstance(parallel, int) or parallel < 1:
@@ -412,7 +575,9 @@ class RemoteFunction:
     async def call_async(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Await a call from trio or asyncio code, with an optional per-call ``timeout``.
 
-        The event loop waits on the worker connection's socket: no thread per call.
+        The event loop waits on the worker connection's socket: no thread per call. For a
+        generator function, it returns an :class:`AsyncRemoteStream` once the call is
+        sent: ``async for item in await fn.call_async(...)``.
 
         Example::
 
@@ -425,6 +590,8 @@ class RemoteFunction:
             raise ScatterError(f"call_async runs under trio or asyncio, not {library}")
         state = self._version
         arguments = state.spec.encode_arguments(args, kwargs)
+        if state.decode_stream is not None:
+            return await self._stream_async(state, arguments, _per_call(timeout), library)
         frame = self._frame_for(state, arguments, _per_call(timeout))
         call_id, reply = await self._sender.call_async(
             frame, timeout or state.timeout, library
@@ -462,6 +629,8 @@ class RemoteFunction:
             reply = self._decode_reply_slowly(frame_bytes, state)
         if reply.id != call_id and reply.id != 0:
             raise ProtocolError(f"reply {reply.id} to call {call_id}: the worker is confused")
+        if reply.output:
+            show_output(reply.output)
         if type(reply) is _wire.Failure:
             raise self._failure(reply, state)
         if reply.version != state.number and not pinned:
@@ -482,9 +651,315 @@ class RemoteFunction:
         return reply
 
     def _failure(self, failure: _wire.Failure, state: _Version) -> ScatterError:
+        if failure.kind == "remote":
+            # Only a client that may deploy loads an exception's pickle (the publisher's
+            # code); a call-only one rebuilds a class only from modules it has imported.
+            may_unpickle = self._sender._pool.control.keys().role == "deploy"
+            return remote_error(failure, may_unpickle=may_unpickle)
         error = error_from_failure(failure)
         if isinstance(error, SignatureChanged):
             with contextlib.suppress(ScatterError):
                 self.refresh()
         return error
 
+
+
+class _StreamCore:
+    """What the sync and the async stream share: one call of a generator function on one
+    worker connection, its credit and the decoding of its frames."""
+
+    def __init__(
+        self,
+        function: RemoteFunction,
+        state: _Version,
+        connection: WorkerConnection,
+        call_id: int,
+        timeout: float,
+    ) -> None:
+        assert state.decode_stream is not None
+        self._function = function
+        self._state = state
+        self._decode = state.decode_stream
+        self._pool = function._sender._pool
+        self._connection = connection
+        self._call_id = call_id
+        self._timeout = timeout
+        self._received = 0
+        self._granted = _wire.STREAM_WINDOW
+        self._done = False
+
+    def __repr__(self) -> str:
+        state = "ended" if self._done else f"{self._received} items taken"
+        name = type(self).__name__
+        return f"<{name} of {self._function._name} v{self._state.number}, {state}>"
+
+    def _take(self, frame: bytes) -> Any:
+        """The item ``frame`` carries, or ``_END``; raises the stream's error."""
+        try:
+            try:
+                reply = self._decode(frame)
+            except _wire.DECODE_ERRORS:
+                reply = self._decode_slowly(frame)
+            if reply.id != self._call_id and reply.id != 0:  # 0: the worker's own failure
+                raise ProtocolError(
+                    f"frame for call {reply.id} in the stream of call {self._call_id}: the "
+                    "worker is confused"
+                )
+        except BaseException:
+            self._abandon()
+            raise
+        if reply.output:
+            show_output(reply.output)
+        if type(reply) is not _wire.Result and type(reply) is not _wire.Failure:
+            self._received += 1
+            self._grant()
+            return reply.value
+        self._done = True
+        self._pool.checkin(self._connection)  # the stream ended: nothing more in flight
+        if isinstance(reply, _wire.Failure):
+            raise self._function._failure(reply, self._state)
+        function = self._function
+        if reply.version != self._state.number and not function._pinned:
+            function._version = dataclasses.replace(function._version, number=reply.version)
+        return _END
+
+    def _ended(self, frame: bytes) -> bool:
+        """While closing: True once ``frame`` is the stream's end (items are dropped)."""
+        reply = _wire.stream_reply_decoder.decode(frame)
+        if type(reply) is _wire.Yielded or reply.id != self._call_id:
+            return False
+        if reply.output:
+            show_output(reply.output)
+        return True
+
+    def _grant(self) -> None:
+        """Top the worker's credit back up to a window once half of it was taken."""
+        outstanding = self._granted - self._received
+        if outstanding > _wire.STREAM_WINDOW // 2:
+            return
+        credit = _wire.STREAM_WINDOW - outstanding
+        with contextlib.suppress(zmq.Again):  # a gone worker shows at the next receive
+            self._connection.sock.send(
+                _wire.encoder.encode(_wire.More(self._call_id, credit)), zmq.NOBLOCK
+            )
+            self._granted += credit
+
+    def _decode_slowly(self, frame: bytes) -> Any:
+        try:
+            reply = _wire.stream_reply_decoder.decode(frame)
+        except _wire.DECODE_ERRORS as exc:
+            raise ProtocolError(
+                f"malformed frame in the stream of {self._function._name}: {exc}"
+            ) from None
+        if isinstance(reply, _wire.Yielded):
+            # Raises the ValidationError that applies, or reads what only the slow path
+            # takes (an int beyond 64 bits).
+            value = self._state.spec.decode_result(reply.value)
+            return msgspec.structs.replace(reply, value=value)
+        return reply
+
+    def _abandon(self) -> None:
+        if not self._done:
+            self._done = True
+            self._pool.discard(self._connection)  # frames may still come: never reuse
+
+
+_END: Any = object()
+
+
+class RemoteStream(_StreamCore):
+    """What a call of a generator function returns: an iterator of its items, each one
+    as the worker produces it, validated as the ``T`` of its ``Iterator[T]`` annotation.
+
+    As Ray's streaming generators and gRPC server streaming: the call is sent at once;
+    the worker runs ahead of the consumer by at most ``_wire.STREAM_WINDOW`` items, and
+    waits for credit (``More``, sent as items are taken) beyond that. Each item has the
+    call's timeout (``fn.call(..., timeout=...)``), and so has the consumer: one that
+    takes no item for that long finds the stream ended with ``CallTimeout``. ``close()``
+    (also leaving a ``with`` block, or the iterator being garbage collected) stops the
+    remote generator: its ``finally`` runs on the worker. Used by one thread at a time;
+    it holds one worker connection until it ends.
+    """
+
+    def __init__(
+        self,
+        function: RemoteFunction,
+        state: _Version,
+        frame_for: Callable[[int], bytes],
+        timeout: float,
+    ) -> None:
+        self._done = True  # until the call is sent: __del__ has nothing to close
+        sender = function._sender
+        lease_by = time.monotonic() + timeout
+        for attempt in range(2):
+            found = sender._pool.checkout(lease_by)
+            assert found is not None  # checkout waits for one (wait=True)
+            connection = found
+            call_id = next(sender._ids)
+            try:
+                connection.sock.send(frame_for(call_id))  # SNDTIMEO bounds it
+            except zmq.Again:
+                connection.broken = True
+                sender._undelivered(connection, attempt)
+                continue
+            break
+        super().__init__(function, state, connection, call_id, timeout)
+
+    def __iter__(self) -> RemoteStream:
+        return self
+
+    def __enter__(self) -> RemoteStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        try:
+            frame = self._receive()
+        except BaseException:
+            self._abandon()
+            raise
+        value = self._take(frame)
+        if value is _END:
+            raise StopIteration
+        return value
+
+    def close(self) -> None:
+        """Stop the remote generator (its ``finally`` runs there) and free the connection.
+
+        Waits for the worker to confirm, up to the call's timeout; items already sent are
+        dropped. Does nothing on an iterator that has ended.
+        """
+        if self._done:
+            return
+        self._done = True
+        connection = self._connection
+        try:
+            connection.sock.send(_wire.encoder.encode(_wire.Cancel(self._call_id)))
+            while not self._ended(self._receive()):
+                pass
+        except Exception:
+            self._pool.discard(connection)  # an end may still come: never reuse
+            return
+        self._pool.checkin(connection)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _receive(self) -> bytes:
+        connection = self._connection
+        started = time.monotonic()
+        while True:
+            try:
+                return connection.sock.recv()  # RCVTIMEO: the crash-check interval
+            except zmq.Again:
+                connection.check_alive(started, self._timeout)
+
+
+class AsyncRemoteStream(_StreamCore):
+    """What ``await fn.call_async(...)`` returns for a generator function: an async
+    iterator of its items, as :class:`RemoteStream`, that waits on the event loop (trio or
+    asyncio), never blocking it::
+
+        async with await remote.call_async(10) as items:
+            async for item in items:
+                ...
+
+    ``aclose()`` (also leaving ``async with``) stops the remote generator and waits for
+    its ``finally``. Garbage collection cannot wait: it asks the worker to stop and drops
+    the connection, and the worker closes the generator once it reads that (or once the
+    timeout passes with no credit).
+    """
+
+    def __init__(
+        self,
+        function: RemoteFunction,
+        state: _Version,
+        connection: WorkerConnection,
+        call_id: int,
+        timeout: float,
+        library: str,
+    ) -> None:
+        super().__init__(function, state, connection, call_id, timeout)
+        self._library = library
+
+    def __aiter__(self) -> AsyncRemoteStream:
+        return self
+
+    async def __aenter__(self) -> AsyncRemoteStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            frame = await self._receive()
+        except BaseException:
+            self._abandon()
+            raise
+        value = self._take(frame)
+        if value is _END:
+            raise StopAsyncIteration
+        return value
+
+    async def aclose(self) -> None:
+        """As :meth:`RemoteStream.close`, waiting on the event loop."""
+        if self._done:
+            return
+        self._done = True
+        connection = self._connection
+        try:
+            connection.sock.send(_wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK)
+            while not self._ended(await self._receive()):
+                pass
+        except BaseException:
+            self._pool.discard(connection)
+            raise
+        self._pool.checkin(connection)
+
+    def __del__(self) -> None:
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(Exception):
+                self._connection.sock.send(
+                    _wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK
+                )
+                # Closed with a linger: the Cancel leaves before the socket goes.
+                self._connection.sock.close(linger=100)
+                self._pool.discard(self._connection)
+
+    async def _receive(self) -> bytes:
+        connection = self._connection
+        sock = connection.sock
+        fd: int = sock.getsockopt(zmq.FD)  # type: ignore[assignment]
+        started = time.monotonic()
+        while True:
+            try:
+                return sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                if connection.events() & zmq.POLLIN:
+                    continue
+                connection.check_alive(started, self._timeout)
+                await wait_readable(fd, self._library, CRASH_CHECK_INTERVAL)
+class UnpickledRemoteFunction(RemoteFunction):
+    """A ``RemoteFunction`` rebuilt from a pickle: it describes its version at first use,
+    so unpickling never talks to the node (a multiprocessing worker that fails to unpickle
+    a task loses it), then becomes a plain ``RemoteFunction``.
+
+    A class of its own, not a ``__getattr__`` on ``RemoteFunction``: a class with one
+    leaves every attribute read of the call path unspecialized by the interpreter.
+    """
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute in ("_version", "__signature__"):
+            self._version = self._load(self._pinned)
+            self.__class__ = RemoteFunction  # type: ignore[assignment]
+            return self.__dict__[attribute]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {attribute!r}")

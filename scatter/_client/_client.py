@@ -14,8 +14,9 @@ from .. import _wire
 from .._config import resolve_client_config
 from .._core._registry import check_name
 from .._exceptions import ConfigError
+from . import _fork
 from ._calls import CallSender, RemoteFunction
-from ._connections import ClientStatistics, ConnectionPool
+from ._connections import DEFAULT_MAX_CONNECTIONS, ClientStatistics, ConnectionPool
 from ._control import NodeControl
 
 
@@ -33,7 +34,14 @@ class Client:
         transport: ``"auto"`` (default) reaches a worker on the node's machine through
             its Unix socket, else its TCP endpoint (CURVE); ``"tcp"`` always takes TCP,
             for a client that shares the node's loopback but not its files (a
-            container), or to measure what CURVE costs.
+            container), or to measure what CURVE costs. A Unix socket this process
+            cannot use (another container, another uid) falls back to TCP by itself.
+        max_connections: worker connections this client keeps open at most (each holds
+            a worker lease and three zmq sockets); calls beyond wait for one to come back.
+
+    Forking is safe: a forked child drops the parent's connections and opens its own.
+    A callable made by a client pickles by reference (name, pinned version, address,
+    transport; never the secret), so ``multiprocessing`` can send it to other processes.
 
     Example::
 
@@ -49,9 +57,14 @@ class Client:
         autostart: bool | None = None,
         secret: str | None = None,
         transport: Literal["auto", "tcp"] = "auto",
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if transport not in ("auto", "tcp"):
             raise ConfigError(f"transport must be 'auto' or 'tcp', not {transport!r}")
+        if not isinstance(max_connections, int) or isinstance(max_connections, bool) or max_connections < 1:
+            raise ConfigError(
+                f"max_connections must be a positive number of connections, not {max_connections!r}"
+            )
         config = resolve_client_config(address, secret=secret)
         if autostart is not None:
             config = dataclasses.replace(config, autostart=autostart)
@@ -61,9 +74,10 @@ class Client:
         self._context: zmq.Context[Any] = zmq.Context()
         ids = itertools.count(1)
         self._control = NodeControl(config, self._context, ids)
-        self._pool = ConnectionPool(self._control, self._context, transport)
+        self._pool = ConnectionPool(self._control, self._context, transport, max_connections)
         self._sender = CallSender(self._pool, ids)
-        weakref.finalize(self, _release_all, self._pool, self._control, self._context)
+        weakref.finalize(self, _release_all, self._pool, self._control)
+        _fork.track(self)
 
     def request(self, make: Callable[[int], Any], timeout: float | None = None) -> Any:
         """Send one control request (built by ``make(request_id)``) and return its reply."""
@@ -72,11 +86,16 @@ class Client:
     # -- the public operations --
 
     def publish(
-        self, fn: Callable[..., Any], *, name: str | None = None, timeout: float | None = None
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        capture_output: bool = True,
     ) -> _wire.Published:
         from .._publish import prepare_publish, too_large_to_ship
 
-        fields = prepare_publish(fn, name=name, timeout=timeout)
+        fields = prepare_publish(fn, name=name, timeout=timeout, capture_output=capture_output)
         published: _wire.Published = self._control.request(
             lambda i: _wire.Publish(id=i, **fields),
             too_large=lambda size: too_large_to_ship([fields], size),
@@ -149,14 +168,31 @@ class Client:
         """Counters of this client's worker connections."""
         return self._pool.statistics()
 
+    @staticmethod
+    def default_address() -> str:
+        """The address a ``Client()`` given none talks to (``SCATTER_ADDRESS``, else this
+        user's own)."""
+        return resolve_client_config().address
+
     # -- lifecycle --
 
+    @property
+    def closed(self) -> bool:
+        return self._control.closed
+
     def close(self) -> None:
-        """Release leases and sockets. Callables made by this client stop working."""
+        """Release leases and sockets (never starting a node to tell it). Callables made
+        by this client stop working."""
         if self._control.closed:
             return
         self._pool.release_leases()
-        _release_all(self._pool, self._control, self._context)
+        _release_all(self._pool, self._control)
+
+    def forget_parent_connections(self) -> None:
+        """In a forked child (``_fork.py`` calls it): a context and sockets of its own."""
+        self._context = zmq.Context()
+        self._control.forget_parent_connections(self._context)
+        self._pool.forget_parent_connections(self._context)
 
     def __enter__(self) -> Client:
         return self
@@ -165,8 +201,10 @@ class Client:
         self.close()
 
 
-def _release_all(pool: ConnectionPool, control: NodeControl, context: zmq.Context[Any]) -> None:
+def _release_all(pool: ConnectionPool, control: NodeControl) -> None:
     # Also the finalizer of a client nobody closed: it must not hold the client itself.
+    # The context is the control's own (a forked child has made itself a new one).
+    context = control.context
     control.close()  # first: a connection checked in from now on is closed, not kept
     pool.close()
     context.destroy(linger=0)

@@ -34,7 +34,11 @@ from .._exceptions import (
     VersionNotFound,
 )
 from .._security import ClientKeys, apply_client_keys, client_keys, read_user_secret
-from ._autostart import ensure_listening, port_open
+from ._autostart import ensure_listening, nothing_listens, port_open
+
+# Seconds of silence from the node after which a request looks whether anything still
+# listens at its address (a TCP connect): a stopped node is then said at once.
+_NODE_GONE_CHECK_AFTER = 0.5
 
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -110,6 +114,15 @@ class NodeControl:
         self.node_ready = False
         self.closed = False
         self._client_keys: ClientKeys | None = None
+        # Moves when the leases held so far stop being ours: the node was found gone, this
+        # process is a forked child, or the client closed. Connections remember theirs.
+        self.epoch = 0
+        # Called when the node was found gone (the pool drops its idle connections).
+        self.on_node_gone: list[Callable[[], None]] = []
+
+    @property
+    def context(self) -> zmq.Context[Any]:
+        return self._context
 
     def keys(self) -> ClientKeys:
         """The CURVE keys this client's secret gives (read once the node may have made it)."""
@@ -132,6 +145,8 @@ class NodeControl:
         timeout: float | None = None,
         *,
         too_large: Callable[[int], ScatterError] = _request_too_large,
+        deadline: float | None = None,
+        start_node: bool = True,
     ) -> Any:
         """Send one control request (built by ``make(request_id)``) and return its reply.
 
@@ -139,6 +154,10 @@ class NodeControl:
             make: builds the request from its id.
             timeout: seconds to wait for the reply (default: ``config.connect_timeout``).
             too_large: the error for a request over the frame limit, given its size.
+            deadline: a ``time.monotonic()`` bounding all of it, also starting a node and
+                checking its protocol (a call's timeout); None: only the reply is bounded.
+            start_node: False never starts a node (nor checks one): a request to a node
+                not known to answer raises Unreachable at once (releases, on close).
 
         Raises:
             Unreachable: the node did not answer in time.
@@ -154,13 +173,21 @@ class NodeControl:
             # Refused here, before anything is sent: a node drops a frame far past the
             # limit with its connection, unread, and the caller would only see silence.
             raise too_large(len(frame))
-        self._ensure_node()
+        if not self.node_ready:
+            if not start_node:
+                raise Unreachable(f"the node at {self.address} is not known to answer")
+            self._ensure_node(deadline)
         sock = self._socket()
-        sock.send(frame)
+        try:
+            sock.send(frame)
+        except zmq.ZMQError as exc:
+            raise ScatterError(f"cannot send a request to {self.address}: {exc}") from exc
         seconds = timeout or self.config.connect_timeout
-        deadline = time.monotonic() + seconds
+        if deadline is not None:
+            seconds = min(seconds, max(0.0, deadline - time.monotonic()))
+        give_up = time.monotonic() + seconds
         while True:
-            received = self._receive(sock, deadline, seconds)
+            received = self._receive(sock, give_up, seconds)
             try:
                 reply = _wire.control_reply_decoder.decode(received)
             except _wire.DECODE_ERRORS as exc:
@@ -183,19 +210,48 @@ class NodeControl:
 
     def _receive(self, sock: zmq.Socket[bytes], deadline: float, seconds: float) -> bytes:
         """The next frame on ``sock`` before ``deadline``, or the error its silence means."""
+        look_for_the_node = time.monotonic() + _NODE_GONE_CHECK_AFTER
         while True:
             remaining = max(0, int((deadline - time.monotonic()) * 1000))
             # Look at the handshake every 100 ms: a wrong secret fails at once, not at the
             # timeout.
             if remaining and sock.poll(min(remaining, 100), zmq.POLLIN):
                 return sock.recv()
-            if self._handshake_failed():
+            failed = self._handshake_failed()
+            if failed:
+                host, port = parse_address(self.address)
+                # No detail: the connection dropped mid-handshake. A wrong key reads the
+                # same, but only a node that still listens can have refused it (the chaos
+                # rig's seed 10: a node killed during a handshake looked like a wrong secret).
+                if failed == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and nothing_listens(
+                    host, port, timeout=min(0.5, max(remaining, 1) / 1000)
+                ):
+                    raise self._node_gone()
                 raise self._authentication_failed()
             if not remaining:
                 # A late answer must not reach the next request: start a fresh socket.
                 self._reset_socket()
                 self.node_ready = False
                 raise self._no_answer(seconds)
+            now = time.monotonic()
+            if now >= look_for_the_node:
+                # Silence so far: if nothing listens any more, the node is gone (stopped,
+                # killed); say so now rather than at the timeout.
+                look_for_the_node = now + _NODE_GONE_CHECK_AFTER
+                host, port = parse_address(self.address)
+                if nothing_listens(host, port, timeout=min(0.5, remaining / 1000)):
+                    raise self._node_gone()
+
+    def _node_gone(self) -> Unreachable:
+        self._reset_socket()
+        self.node_ready = False
+        self.epoch += 1  # its leases went with it
+        for callback in self.on_node_gone:
+            callback()
+        return Unreachable(
+            f"no node listens at {self.address} any more (it stopped or was killed); "
+            "start one with `scatter node start`"
+        )
 
     def _no_answer(self, seconds: float) -> Unreachable:
         if port_open(*parse_address(self.address)):
@@ -208,15 +264,18 @@ class NodeControl:
             "start one with `scatter node start` or set SCATTER_ADDRESS"
         )
 
-    def _ensure_node(self) -> None:
+    def _ensure_node(self, deadline: float | None = None) -> None:
         if self.node_ready:
             return
-        ensure_listening(self.config)
+        if deadline is None:
+            ensure_listening(self.config)
+        else:
+            ensure_listening(self.config, wait=max(0.0, deadline - time.monotonic()))
         self.node_ready = True
-        self._check_protocol()
+        self._check_protocol(deadline)
 
-    def _check_protocol(self) -> None:
-        welcome: _wire.Welcome = self.request(lambda i: _wire.Hello(i))
+    def _check_protocol(self, deadline: float | None = None) -> None:
+        welcome: _wire.Welcome = self.request(lambda i: _wire.Hello(i), deadline=deadline)
         if not _wire.PROTOCOL_VERSION_MIN <= welcome.protocol <= _wire.PROTOCOL_VERSION_MAX:
             self.node_ready = False
             raise ProtocolError(
@@ -229,11 +288,18 @@ class NodeControl:
         sock: zmq.Socket[bytes] | None = getattr(self._local, "sock", None)
         if sock is None:
             keys = self.keys()
-            sock = self._context.socket(zmq.DEALER)
+            try:
+                sock = self._context.socket(zmq.DEALER)
+            except zmq.ZMQError as exc:
+                raise ScatterError(f"cannot open a socket to {self.address}: {exc}") from exc
             sock.setsockopt(zmq.LINGER, 0)
             apply_client_keys(sock, keys)
             # Where a wrong secret shows: the handshake fails, and no frame ever comes.
-            monitor = self._local.handshake = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            try:
+                monitor = self._local.handshake = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                raise ScatterError(f"cannot open a socket to {self.address}: {exc}") from exc
             sock.connect(self.address)
             self._local.sock = sock
             with self._lock:
@@ -252,13 +318,13 @@ class NodeControl:
                 self.sockets.remove(sock)
                 self.sockets.remove(monitor)
 
-    def _handshake_failed(self) -> bool:
-        """Whether this thread's CURVE handshake failed since the last look."""
+    def _handshake_failed(self) -> int:
+        """The event of this thread's CURVE handshake if it failed since the last look, else 0."""
         monitor: zmq.Socket[bytes] = self._local.handshake
-        failed = False
+        failed = 0
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
-            failed = event != zmq.EVENT_HANDSHAKE_SUCCEEDED
+            failed = 0 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else event
         return failed
 
     def _authentication_failed(self) -> AuthenticationError:
@@ -270,9 +336,18 @@ class NodeControl:
             "the cluster's secret, or a call-only secret made from it"
         )
 
+    def forget_parent_connections(self, context: zmq.Context[Any]) -> None:
+        """In a forked child: the parent's sockets are the parent's (see _fork.py)."""
+        self._context = context
+        self._local = threading.local()
+        self.sockets = []
+        self._lock = threading.Lock()
+        self.epoch += 1  # the parent's leases are the parent's
+
     def close(self) -> None:
         """Refuse further requests and close every thread's socket."""
         self.closed = True
+        self.epoch += 1
         for sock in self.sockets:
             sock.close(linger=0)
         self.sockets.clear()

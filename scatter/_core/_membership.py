@@ -352,12 +352,15 @@ class Membership:
     def remember(self, members: Iterable[MemberInfo], now: float) -> None:
         """Members known before a restart, as they were: the dead among them too, so
         that reconnects can find them (rule 8). Our own entry keeps this run's."""
+        known = self._members  # holds our own entry: the check below skips it too
+        added = 0
         for info in members:
-            if info.node != self.node and info.node not in self._members:
-                self._members[info.node] = _Member(
+            if info.node not in known:
+                known[info.node] = _Member(
                     info.node, info.address, info.incarnation, info.state, now
                 )
-                self.version += 1
+                added += 1
+        self.version += added
 
     def join(self, addresses: Iterable[str], now: float) -> list[Packet]:
         """Ask each known address for its table, sending ours (push/pull).

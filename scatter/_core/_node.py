@@ -744,6 +744,8 @@ class NodeCore:
             queued=pool.queued,
             members=[self._member_row(m) for m in self.membership.members()],
             changes=stats.changes,
+            replica_hash=self.registry.replica_hash(),
+            pending_changes=stats.pending,
         )
 
     def _member_row(self, member: MemberInfo) -> dict[str, Any]:

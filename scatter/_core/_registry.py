@@ -984,6 +984,19 @@ class Registry:
             rebuilds=self._rebuilds,
         )
 
+    def replica_hash(self) -> str:
+        """A digest of the applied changes: equal on two replicas iff they hold the same set.
+
+        By rule 3 the state is a function of that set, so equal digests mean equal
+        registries; chaos checks compare them across nodes. Held (pending) changes are
+        left out: they have no effect yet. O(changes): for status reads, not hot paths.
+        """
+        digest = hashlib.sha256()
+        for change in self._log:  # sorted by order_key: the same order on every replica
+            digest.update(change.change_id.encode())
+            digest.update(b"\n")
+        return digest.hexdigest()[:32]
+
     # -- internals: the log ---------------------------------------------------
 
     def _next_change_id(self) -> str:

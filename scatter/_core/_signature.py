@@ -64,7 +64,7 @@ import msgspec.inspect as mi
 from .. import _pickling
 from .._exceptions import ConfigError, NotScatterable, ValidationError
 from ._registry import check_name
-from ._typespec import OpaqueValue
+from ._typespec import OpaqueValue, StreamKind, stream_of
 
 PICKLE_EXT_CODE = 1
 BIG_INT_EXT_CODE = 2  # an int beyond msgpack's 64 bits (rule 7); never a pickle
@@ -398,17 +398,18 @@ def check_scatterable(fn: object, name: object) -> inspect.Signature:
         raise NotScatterable(
             f"not a usable function name: {exc}; give it one with name='a_name'"
         ) from None
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        raise NotScatterable(
-            f"{name}() is a generator: its results cannot be streamed back; "
-            "return a list (or another container) instead"
-        )
-    if inspect.iscoroutinefunction(fn):
-        raise NotScatterable(
-            f"{name}() is a coroutine function; scatter a plain def function "
-            "(callers can still await it with .call_async)"
-        )
     sig = signature_of(fn)
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        streams, _ = stream_of(sig.return_annotation)
+        wanted = "async" if inspect.isasyncgenfunction(fn) else "sync"
+        if streams != wanted:
+            shape = "AsyncIterator[T]" if wanted == "async" else "Iterator[T]"
+            raise NotScatterable(
+                f"{name}() is a{'n async' if wanted == 'async' else ''} generator: annotate "
+                f"its return as {shape} (from collections.abc or typing) and callers get "
+                f"each item as it is produced, validated as T; got "
+                f"{_type_name(sig.return_annotation)}"
+            )
     missing = [
         p.name for p in sig.parameters.values() if p.annotation is inspect.Parameter.empty
     ]
@@ -509,9 +510,11 @@ def _param_type(p: inspect.Parameter) -> Any:
 
 
 def _return_type(sig: inspect.Signature) -> Any:
+    """The type a result is validated as: of one item for a function that streams."""
     annotation = sig.return_annotation
     if annotation is inspect.Signature.empty:
         return Any
+    annotation = stream_of(annotation)[1]
     return type(None) if annotation is None else annotation
 
 
@@ -631,6 +634,9 @@ class CallSpec:
     converts: bool
     parameter_types: dict[str, Any] = field(default_factory=dict)  # {name: decoded type}
     unpickles_arguments: bool = True  # a node's spec; a caller's only validates (rule 6)
+    # "" for a plain function; "sync" / "async": a generator, whose calls stream items
+    # of return_type (the item type T of its Iterator[T] / AsyncIterator[T] annotation).
+    streams: StreamKind = ""
 
     def encode_arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         """Bind (Python's TypeError on bad arity), validate and encode (rule 4)."""
@@ -753,21 +759,28 @@ class CallSpec:
                 ) from None
         return payload
 
-    def encode_reply(self, tag: int, call_id: int, version: int, value: Any) -> bytes:
+    def encode_reply(
+        self, tag: int, call_id: int, version: int, value: Any, output: Any = None
+    ) -> bytes:
         """A whole ``Result`` message in one encoding pass, the result checked first.
 
         ``_wire.Result`` is an array-like tagged Struct, so ``(tag, id, version, value)``
-        encodes to the same bytes; ``test_one_pass_reply_is_a_result_on_the_wire`` holds
-        the two together. Results of plain builtin types are checked with a type test;
-        anything else takes the encode-and-decode path of :meth:`encode_result`.
+        (with ``output`` after, if the call wrote any) decodes as one;
+        ``test_one_pass_reply_is_a_result_on_the_wire`` holds the two together. Results of
+        plain builtin types are checked with a type test; anything else takes the
+        encode-and-decode path of :meth:`encode_result`.
         """
         expected = _PLAIN_RESULT_TYPES.get(self.return_type)
         if expected is not None and type(value) in expected:
             try:
+                if output:
+                    return ENCODER.encode((tag, call_id, version, value, output))
                 return ENCODER.encode((tag, call_id, version, value))
             except OverflowError:  # an int beyond 64 bits: encoded and checked below
                 pass
         payload = self.encode_result(value)
+        if output:
+            return ENCODER.encode((tag, call_id, version, msgspec.Raw(payload), output))
         return ENCODER.encode((tag, call_id, version, msgspec.Raw(payload)))
 
     def decode_result(self, payload: bytes | memoryview) -> Any:
@@ -864,6 +877,7 @@ def build_call_spec(
         and all(_convert_validates(t, set()) for t in fields.values()),
         parameter_types=parameter_types,
         unpickles_arguments=not caller,
+        streams=stream_of(sig.return_annotation)[0],
     )
 
 

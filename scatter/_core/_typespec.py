@@ -47,6 +47,7 @@ What a caller gets for each kind of annotation:
 
 from __future__ import annotations
 
+import collections.abc
 import enum
 import inspect
 import keyword
@@ -254,7 +255,41 @@ class SignatureSpec(msgspec.Struct, frozen=True, omit_defaults=True):
     format: int
     types: list[TypeNode]
     parameters: list[ParameterSpec]
-    returns: int
+    returns: int  # of one item, for a function that streams
+    streams: StreamKind = ""  # "sync": returns Iterator[returns]; "async": AsyncIterator
+
+
+# A generator function streams its items (scatter/_node/_worker.py): "" for a plain
+# function, "sync" for one annotated Iterator[T] (Iterable, Generator), "async" for one
+# annotated AsyncIterator[T] (AsyncIterable, AsyncGenerator).
+StreamKind = Literal["", "sync", "async"]
+_SYNC_STREAMS = (
+    collections.abc.Iterator,
+    collections.abc.Iterable,
+    collections.abc.Generator,
+)
+_ASYNC_STREAMS = (
+    collections.abc.AsyncIterator,
+    collections.abc.AsyncIterable,
+    collections.abc.AsyncGenerator,
+)
+
+
+def stream_of(annotation: Any) -> tuple[StreamKind, Any]:
+    """(how a function with this return annotation streams, the type of one item).
+
+    ``("", annotation)`` for anything that is not an iterator type. A bare ``Iterator``
+    (no item type) streams items of ``Any``.
+    """
+    origin = typing.get_origin(annotation) or annotation
+    if origin in _SYNC_STREAMS:
+        kind: StreamKind = "sync"
+    elif origin in _ASYNC_STREAMS:
+        kind = "async"
+    else:
+        return "", annotation
+    args = typing.get_args(annotation)
+    return kind, args[0] if args else Any
 
 
 _spec_encoder = msgspec.msgpack.Encoder()
@@ -476,7 +511,8 @@ def _annotation_or_any(annotation: Any) -> Any:
 def describe(sig: inspect.Signature) -> bytes:
     """The type description of ``sig``, for callers; NotScatterable if msgspec cannot view it."""
     annotations = [_annotation_or_any(p.annotation) for p in sig.parameters.values()]
-    annotations.append(_annotation_or_any(sig.return_annotation))
+    streams, returns_annotation = stream_of(_annotation_or_any(sig.return_annotation))
+    annotations.append(returns_annotation)
     try:
         infos = mi.multi_type_info(annotations)
     except (TypeError, ValueError, NameError) as exc:
@@ -500,7 +536,9 @@ def describe(sig: inspect.Signature) -> bytes:
                 )
             )
     returns = describer.add(infos[-1])
-    return _spec_encoder.encode(SignatureSpec(FORMAT, describer.types, parameters, returns))
+    return _spec_encoder.encode(
+        SignatureSpec(FORMAT, describer.types, parameters, returns, streams)
+    )
 
 
 # -- rebuilding (the caller) -----------------------------------------------------------
@@ -950,6 +988,11 @@ def rebuild(data: bytes, *, local_classes: bool = True) -> inspect.Signature:
     try:
         annotations = [builder.build(p.type) for p in spec.parameters]
         returns = builder.build(spec.returns)
+        if spec.streams:
+            iterator: Any = (
+                collections.abc.Iterator if spec.streams == "sync" else collections.abc.AsyncIterator
+            )
+            returns = iterator[returns]
         builder.finish()
         parameters = []
         for p, annotation in zip(spec.parameters, annotations, strict=True):

@@ -632,7 +632,7 @@ async def serve_node(
         remembered = [
             m.address for m in members if m.node != identity.node_id and m.state <= State.SUSPECT
         ]
-        core = NodeCore(config, facts, store.changes(), store.views(), store.body_ids())
+        core = NodeCore(config, facts, *store.load())
         driver = NodeDriver(config, core, store, slots, sock, run_dir, keys)
         await _run(driver, zap, [*config.join, *remembered], members, task_status)
     finally:

@@ -15,6 +15,14 @@ a ``validation`` failure naming the function and version (an int beyond 64 bits 
 rule 7 of ``_core/_signature.py``). What is logged to stderr is an exception's type and
 where it was raised, never a value.
 
+What else runs here: an ``async def`` function runs to its end on the worker's one asyncio
+loop (``Worker.run_coroutine``); a generator function's call becomes a ``Stream`` whose
+items the serve loop sends as the caller grants credit, one step at a time, reading
+frames between steps (``_stream_turn``), so a plain call is never held up by a stream;
+what a call writes to ``sys.stdout``/``sys.stderr`` (``CallOutput``) goes back in its
+reply, never to the node's log; a function's exception carries what lets its caller
+rebuild its class (``remote_failure``).
+
 Timeouts are the worker's own, so that they hold when the node is gone too: each call
 arms ``ITIMER_REAL`` for its timeout and the SIGALRM handler raises ``CallInterrupted``
 inside the function (Python code and interruptible sleeps); if the function swallows it
@@ -44,8 +52,11 @@ reconnects silently to another process that took over a path.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
+import inspect
+import io
 import linecache
 import math
 import os
@@ -61,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import msgspec
 import zmq
 from msgspec import DecodeError, ValidationError as MsgspecValidationError
 
@@ -77,16 +89,27 @@ from .._core._signature import (
     signature_of,
 )
 from .._exceptions import FunctionNotFound, NotScatterable, ValidationError, VersionNotFound
+from .._publish import CAPTURE_OUTPUT_ATTRIBUTE
 from .._security import WORKER_CLIENTS_VARIABLE, WORKER_KEY_VARIABLE, apply_server_keys
 from ._slots import SharedSlots
 from ._store import RegistryStore
 
 _SCATTER_DIR = str(Path(__file__).resolve().parent.parent)
+_NOT_THE_FUNCTIONS = (
+    _SCATTER_DIR,
+    os.path.dirname(asyncio.__file__),
+    str(Path(asyncio.__file__).resolve().parent),
+)
 
 
 MAX_LOADED_VERSIONS = 256  # loaded bodies a worker keeps for reuse
+# What one call may send back of what it wrote (characters); more is dropped, said once.
+MAX_OUTPUT_CHARS = 1 << 20
 
 _RESULT_TAG: int = _wire.Result.__struct_config__.tag  # type: ignore[assignment]
+_YIELDED_TAG: int = _wire.Yielded.__struct_config__.tag  # type: ignore[assignment]
+# Credit one stream may hold at once: a caller granting more gains nothing.
+_MAX_STREAM_CREDIT = 1 << 20
 
 _ITIMER_REAL = signal.ITIMER_REAL
 # The longest alarm armed at once: setitimer refuses ~1e12 s; a later deadline re-arms.
@@ -115,6 +138,58 @@ class Loaded:
     # Its arguments may hold a pickle (an opaque parameter type): this decodes them for a
     # call-only client, refusing any pickle unloaded. None: nothing to refuse.
     refusing: Callable[[Any], Any] | None = None
+    # What a call's output is labelled with: its name, or "" to drop what it writes
+    # (@scatter(capture_output=False)).
+    output_name: str = ""
+
+
+class Stream:
+    """A generator function's call in progress (``Worker.step`` makes its items).
+
+    ``credit``: items it may still produce before the caller grants more (``More``);
+    it starts at ``_wire.STREAM_WINDOW``. Each item gets the call's timeout, and so does
+    the caller: a stream whose credit stays at 0 that long is closed (``Worker.expire``).
+    """
+
+    __slots__ = (
+        "arguments",
+        "call_id",
+        "cancelled",
+        "credit",
+        "identity",
+        "iterator",
+        "loaded",
+        "name",
+        "number",
+        "produced",
+        "role",
+        "timeout",
+        "waiting_since",
+    )
+
+    def __init__(
+        self,
+        call: _wire.Call,
+        number: int,
+        loaded: Loaded,
+        arguments: Any,
+        timeout: float,
+        role: str,
+        identity: bytes,
+    ) -> None:
+        self.call_id = call.id
+        self.name = call.name
+        self.number = number
+        self.loaded = loaded
+        self.arguments = arguments
+        self.timeout = timeout
+        self.role = role  # the caller's, for what a failure may carry (remote_failure)
+        self.identity = identity
+        self.iterator: Any = None  # made by the first step, under its deadline
+        self.credit = _wire.STREAM_WINDOW
+        self.cancelled = False
+        self.produced = 0
+        self.waiting_since = 0.0  # when credit ran out
 
 
 class _Refused(Exception):
@@ -207,6 +282,16 @@ class Worker:
         self.encode = _wire.encoder.encode
         self.decode_call = _wire.call_decoder.decode
         self.arm = signal.setitimer
+        self.loop: asyncio.AbstractEventLoop | None = None  # for async def functions
+        # What the running call writes to sys.stdout/sys.stderr (CallOutput), for its
+        # caller: made at the first write, dropped when the next frame comes in.
+        self.output: list[tuple[int, str]] | None = None
+        self.output_chars = 0
+        self.output_name = ""  # the call's, or "": nothing is kept (capture_output=False)
+        self.origin = f"pid={os.getpid()}"  # the output's prefix names the process
+        self.identity = b""  # the ROUTER identity of the frame's sender
+        # Generator calls in progress: {(sender's identity, call id): Stream}
+        self.streams: dict[tuple[bytes, int], Stream] = {}
 
     # -- interruption (the module docstring says why the worker keeps its own time) --
 
@@ -315,17 +400,250 @@ class Worker:
         refusing = (
             refusing_pickles(spec.arguments_type) if meets_pickles(spec.arguments_type) else None
         )
-        loaded = Loaded(function, spec, record.timeout, refusing)
+        captures = getattr(function, CAPTURE_OUTPUT_ATTRIBUTE, True) is not False
+        if inspect.iscoroutinefunction(function):
+            function = self.awaiting(function)
+        loaded = Loaded(function, spec, record.timeout, refusing, name if captures else "")
         self.loaded[(name, content_id)] = loaded
         if len(self.loaded) > MAX_LOADED_VERSIONS:
             self.loaded.popitem(last=False)
         return loaded
 
+    # -- async def functions --
+
+    def awaiting(self, coroutine_function: Callable[..., Any]) -> Callable[..., Any]:
+        """A plain function that runs ``coroutine_function`` to its end on this worker's
+        event loop: the call path (deadline, alarm, failures) stays the sync one."""
+        run = self.run_coroutine
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return run(coroutine_function(*args, **kwargs))
+
+        return call
+
+    def run_coroutine(self, coroutine: Any, settle: bool = True) -> Any:
+        """Await ``coroutine`` on the worker's asyncio loop: one per process, made on the
+        first async call and reused (as uvicorn keeps one loop per worker).
+
+        The deadline is the sync one: the SIGALRM handler raises ``CallInterrupted`` in
+        whatever runs, the coroutine's own code (the task ends with it) or the loop
+        waiting in ``select`` (the task is left pending). Either way, and after a normal
+        return too, the call's tasks still pending are cancelled and run to their end, so
+        their ``finally`` blocks run and nothing of this call runs during the next one. A
+        task that ignores its cancellation holds the call; past ``kill_grace`` after the
+        deadline the alarm ends the process, as for a sync function that swallows
+        ``CallInterrupted``.
+        """
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+        task = loop.create_task(coroutine)
+        try:
+            return loop.run_until_complete(task)
+        finally:
+            # An async generator's item (settle=False) leaves its tasks to the next item,
+            # unless it was interrupted: then the stream ends, and everything goes.
+            if settle or not task.done():
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                if pending:
+                    for leftover in pending:
+                        leftover.cancel()
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+    # -- what a call writes --
+
+    def capture(self, stream: int, text: str) -> None:
+        """A write to sys.stdout (1) or sys.stderr (2): kept for the running call's
+        caller, up to ``MAX_OUTPUT_CHARS``; dropped when no call keeps any, never logged."""
+        if not self.output_name:
+            return
+        chunks = self.output
+        if chunks is None:
+            chunks = self.output = []
+            self.output_chars = 0
+        size = self.output_chars + len(text)
+        if size > MAX_OUTPUT_CHARS:
+            if self.output_chars <= MAX_OUTPUT_CHARS:
+                chunks.append((2, f"[scatter: output past {MAX_OUTPUT_CHARS:,} characters dropped]\n"))
+                self.output_chars = MAX_OUTPUT_CHARS + 1
+            return
+        self.output_chars = size
+        chunks.append((stream, text))
+
+    def take_output(self) -> _wire.Output | None:
+        """What the call wrote, line by line behind its prefix; capturing ends."""
+        chunks = self.output
+        self.output = None
+        if not chunks:
+            return None
+        return _prefixed(f"({self.output_name} {self.origin})", chunks)
+
+    # -- streams: a generator function's items, as the caller grants credit --
+
+    def stream_control(self, payload: bytes) -> bool:
+        """Apply a ``More`` or ``Cancel`` from this frame's sender; False: not one."""
+        try:
+            control = _bounded(_wire.stream_control_decoder.decode, payload)
+        except _wire.DECODE_ERRORS:
+            return False
+        stream = self.streams.get((self.identity, control.id))
+        if stream is not None:
+            if type(control) is _wire.More:
+                stream.credit = min(stream.credit + control.credit, _MAX_STREAM_CREDIT)
+            else:
+                stream.cancelled = True
+        return True
+
+    def next_stream(self) -> Stream | None:
+        """The stream to step next: a cancelled one, else one with credit, in turn."""
+        ready = None
+        for stream in self.streams.values():
+            if stream.cancelled:
+                return stream
+            if ready is None and stream.credit > 0:
+                ready = stream
+        if ready is not None:  # round robin: it goes to the back of the line
+            key = (ready.identity, ready.call_id)
+            del self.streams[key]
+            self.streams[key] = ready
+        return ready
+
+    def step(self, stream: Stream) -> tuple[bytes, bool]:
+        """(the stream's next frame, whether it is the last): its next item, or its end
+        (the generator returned, raised, ran past its timeout, or was cancelled)."""
+        self.start_output(stream.loaded)
+        if stream.cancelled:
+            self.close_stream(stream)
+            return self.stream_end(stream), True
+        self.begin_deadline(stream.timeout)
+        try:
+            try:
+                if stream.iterator is None:
+                    stream.iterator = self.start_stream(stream)
+                if stream.loaded.spec.streams == "async":
+                    value = self.run_coroutine(_anext(stream.iterator), settle=False)
+                else:
+                    value = next(stream.iterator)
+            finally:
+                self.running = 0
+                self.slots.end_call(self.slot)
+        except (StopIteration, StopAsyncIteration):
+            self.close_stream(stream)  # an async generator's leftover tasks
+            return self.stream_end(stream), True
+        except CallInterrupted:
+            self.close_stream(stream)
+            return self.failure(
+                stream.call_id,
+                "timeout",
+                f"{stream.name} (version {stream.number}) took over its timeout of "
+                f"{stream.timeout:g} s for item {stream.produced} and was interrupted; raise "
+                "the timeout with @scatter(timeout=...) or per call",
+            ), True
+        except BaseException as exc:  # the function's exception, reported, never fatal
+            self.close_stream(stream)
+            return self.remote_failure(stream.call_id, exc, stream.role), True
+        try:
+            payload = stream.loaded.spec.encode_result(value)
+        except ValidationError as exc:
+            self.close_stream(stream)
+            return self.failure(
+                stream.call_id,
+                "validation",
+                f"item {stream.produced} of {stream.name}: {exc}",
+                parameter="return",
+                path=exc.path,
+            ), True
+        except Exception as exc:  # e.g. the check's decoding failing to unpickle the value
+            _log_exception(f"checking an item of {stream.name}", exc)
+            self.close_stream(stream)
+            return self.failure(
+                stream.call_id,
+                "validation",
+                f"item {stream.produced} of {stream.name} cannot be sent: "
+                f"{type(exc).__name__}: {exc}",
+                parameter="return",
+            ), True
+        stream.produced += 1
+        stream.credit -= 1
+        if not stream.credit:
+            stream.waiting_since = time.monotonic()
+        output = self.take_output()
+        item = (_YIELDED_TAG, stream.call_id, msgspec.Raw(payload))
+        return self.encode((*item, output) if output else item), False
+
+    def start_stream(self, stream: Stream) -> Any:
+        """Call the generator function (under the first item's deadline): its iterator."""
+        produced = stream.loaded.spec.invoke(stream.loaded.function, stream.arguments)
+        if stream.loaded.spec.streams == "async":
+            return produced.__aiter__()
+        return iter(produced)
+
+    def close_stream(self, stream: Stream) -> None:
+        """Close the generator (its ``finally`` runs) under the call's timeout; what goes
+        wrong there is logged by type, and ends nothing but the generator."""
+        iterator, stream.iterator = stream.iterator, None
+        if iterator is None:
+            return
+        asynchronous = stream.loaded.spec.streams == "async"
+        close = getattr(iterator, "aclose" if asynchronous else "close", None)
+        if close is None:
+            return
+        self.begin_deadline(stream.timeout)
+        try:
+            try:
+                if asynchronous:
+                    self.run_coroutine(_awaited(close()))
+                else:
+                    close()
+            finally:
+                self.running = 0
+                self.slots.end_call(self.slot)
+        except CallInterrupted:
+            _log(f"closing the generator of {stream.name} ran past its timeout")
+        except BaseException as exc:
+            _log_exception(f"closing the generator of {stream.name}", exc)
+
+    def stream_end(self, stream: Stream) -> bytes:
+        """The ``Result`` that ends a stream (value None), with what its end wrote."""
+        output = self.take_output()
+        end = (_RESULT_TAG, stream.call_id, stream.number, None)
+        return self.encode((*end, output) if output else end)
+
+    def expire(self, stream: Stream) -> bytes:
+        """End a stream whose caller granted no credit within its timeout (gone, or stuck)."""
+        self.start_output(stream.loaded)
+        self.close_stream(stream)
+        return self.failure(
+            stream.call_id,
+            "timeout",
+            f"{stream.name}: the caller asked for no item within the timeout of "
+            f"{stream.timeout:g} s, so the generator was closed",
+        )
+
+    def start_output(self, loaded: Loaded) -> None:
+        self.output = None
+        self.output_name = loaded.output_name
+
+    def begin_deadline(self, timeout: float) -> None:
+        """Arm the deadline of one step of work (a call, an item, closing a generator)."""
+        self.call_number += 1
+        self.deadline = time.monotonic() + timeout
+        self.slots.begin_call(self.slot, self.call_number, self.deadline)
+        self.running = self.call_number  # before arming: an alarm while idle is ignored
+        self.arm(_ITIMER_REAL, timeout if timeout < _MAX_ALARM else _MAX_ALARM)
+
     # -- one call --
 
-    def handle(self, payload: bytes) -> bytes:
-        """One frame in, one reply out. Nothing raised here ends the worker's loop."""
+    def handle(self, payload: bytes) -> bytes | Stream | None:
+        """One frame in, one reply out. Nothing raised here ends the worker's loop.
+
+        Two exceptions: a generator function's call returns its ``Stream`` (the serve
+        loop sends its items), and a stream's ``More`` or ``Cancel`` returns None (no
+        reply; one for a stream that has ended already is ignored).
+        """
         call_id = 0
+        self.output = None
         try:
             if len(payload) > self.max_message_bytes:
                 return self.failure(
@@ -339,6 +657,8 @@ class Worker:
                 else:
                     call = self.decode_call(payload)
             except _wire.DECODE_ERRORS as exc:  # RecursionError: nested past any limit
+                if self.stream_control(payload):
+                    return None
                 return self.failure(0, "protocol", f"malformed call: {exc}")
             call_id = call.id
             try:
@@ -361,7 +681,10 @@ class Worker:
             )
 
     def failure(self, call_id: int, kind: _wire.FailureKind, message: str, **extra: Any) -> bytes:
-        """An encoded ``Failure``, whatever the strings in it."""
+        """An encoded ``Failure``, whatever the strings in it, with what the call wrote."""
+        output = self.take_output()
+        if output:
+            extra["output"] = output
         try:
             return self.encode(_wire.Failure(call_id, kind, message, **extra))
         except UnicodeEncodeError:  # lone surrogates, from an exception's message
@@ -384,7 +707,7 @@ class Worker:
                 ) from None
             raise argument_error(call.name, exc) from None
 
-    def run(self, call: _wire.Call) -> bytes:
+    def run(self, call: _wire.Call) -> bytes | Stream:
         generation = self.slots.generation()
         if generation != self.generation:
             self.routes.clear()
@@ -433,11 +756,15 @@ class Worker:
             raise _Refused(
                 "protocol", f"{call.name}: a timeout must be a positive number of seconds"
             )
+        if spec.streams:
+            role = _role_of(self.frame)
+            return Stream(call, number, loaded, arguments, timeout, role, self.identity)
         self.call_number += 1
         self.deadline = deadline = time.monotonic() + timeout
         self.slots.begin_call(self.slot, self.call_number, deadline)
         self.running = self.call_number  # before arming: an alarm while idle is ignored
         # Not disarmed after the call: the next call re-arms (see the module docstring).
+        self.output_name = loaded.output_name
         self.arm(_ITIMER_REAL, timeout if timeout < _MAX_ALARM else _MAX_ALARM)
         try:
             try:
@@ -454,7 +781,9 @@ class Worker:
         except BaseException as exc:  # the function's exception, reported, never fatal
             return self.remote_failure(call.id, exc)
         try:
-            return spec.encode_reply(_RESULT_TAG, call.id, number, value)
+            return spec.encode_reply(
+                _RESULT_TAG, call.id, number, value, None if self.output is None else self.take_output()
+            )
         except ValidationError as exc:
             # encode_result raises ValidationError from the encoder's TypeError for a
             # value that cannot be encoded, from None for one not matching the annotation.
@@ -470,8 +799,10 @@ class Worker:
             parameter="return",
         )
 
-    def remote_failure(self, call_id: int, exc: BaseException) -> bytes:
-        """The function's exception as a ``remote`` failure, even if it will not print."""
+    def remote_failure(self, call_id: int, exc: BaseException, role: str | None = None) -> bytes:
+        """The function's exception as a ``remote`` failure, even if it will not print.
+
+        ``role``: the caller's (a stream's, kept from its call); default: this frame's."""
         try:
             message = str(exc)
         except Exception as inner:
@@ -480,13 +811,82 @@ class Worker:
             trace = _user_traceback(exc)
         except Exception as inner:
             trace = f"<the traceback could not be formatted: {type(inner).__name__}>"
+        args, attributes = _exception_state(exc)
+        # A pickle is code: never for a call-only caller (who must not load any), and
+        # only the caller decides whether it loads one (_client/_remote_errors.py).
+        if role is None:
+            role = _role_of(self.frame)
+        pickled = _pickled_exception(exc) if role != "call" else b""
         return self.failure(
             call_id,
             "remote",
             message,
             remote_type=_qualified_name(type(exc)),
             remote_traceback=trace,
+            remote_args=args,
+            remote_attributes=attributes,
+            remote_pickle=pickled,
         )
+
+
+class CallOutput(io.TextIOBase):
+    """A worker's ``sys.stdout`` / ``sys.stderr``: what a call prints (``print``,
+    ``logging``, ``warnings``, tracebacks) goes back to its caller (``Worker.capture``),
+    never to the node's log: a function may print its arguments (Ray's ``log_to_driver``).
+
+    The object stays in place for the process's life, so a logging handler made with
+    ``sys.stderr`` in any call writes to the call running when it emits. Writes to the
+    file descriptors themselves (C code, subprocesses) are not captured: fd 1 is
+    ``/dev/null``, fd 2 the node's log (the worker's own messages, and fatal errors).
+    """
+
+    encoding = "utf-8"
+    errors = "backslashreplace"
+
+    def __init__(self, worker: Worker, stream: int) -> None:
+        super().__init__()
+        self._capture = worker.capture
+        self._stream = stream
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self._capture(self._stream, text)
+        return len(text)
+
+
+def _prefixed(label: str, chunks: list[tuple[int, str]]) -> _wire.Output:
+    """Consecutive writes to one stream joined, each line behind ``label``; a last line
+    without its newline gets one (the caller prints whole lines)."""
+    merged: list[tuple[int, list[str]]] = []
+    for stream, text in chunks:
+        if merged and merged[-1][0] == stream:
+            merged[-1][1].append(text)
+        else:
+            merged.append((stream, [text]))
+    output: _wire.Output = []
+    for stream, texts in merged:
+        lines = "".join(texts).splitlines(keepends=True)
+        text = "".join(
+            f"{label} {line}" if line.endswith("\n") else f"{label} {line}\n" for line in lines
+        )
+        if text:
+            output.append((stream, _encodable(text)))
+    return output
+
+
+async def _anext(iterator: Any) -> Any:
+    return await iterator.__anext__()
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
 
 
 def _renamed(code: types.CodeType, filename: str) -> types.CodeType:
@@ -509,10 +909,54 @@ def _qualified_name(cls: type) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
+_plain_encode = msgspec.msgpack.Encoder().encode  # msgpack's own types only: no pickles
+MAX_EXCEPTION_STATE_BYTES = 256 * 1024  # args, attributes, pickle: each; beyond, not sent
+
+
+def _exception_state(exc: BaseException) -> tuple[bytes, bytes]:
+    """``exc.args`` and the ``__dict__`` entries plain msgpack carries, each encoded.
+
+    ``b""`` for args that do not encode: the caller then cannot rebuild the exception by
+    its class's name. Attributes that do not encode are left out one by one.
+    """
+    try:
+        args = _plain_encode(list(exc.args))
+    except Exception:
+        args = b""
+    kept: dict[str, Any] = {}
+    for name, value in getattr(exc, "__dict__", {}).items():
+        if isinstance(name, str) and not name.startswith("__"):
+            try:
+                _plain_encode(value)
+            except Exception:
+                continue
+            kept[name] = value
+    try:
+        attributes = _plain_encode(kept) if kept else b""
+    except Exception:
+        attributes = b""
+    if len(args) > MAX_EXCEPTION_STATE_BYTES or len(attributes) > MAX_EXCEPTION_STATE_BYTES:
+        return b"", b""
+    return args, attributes
+
+
+def _pickled_exception(exc: BaseException) -> bytes:
+    """``exc`` by cloudpickle (its class by value where this process cannot import it),
+    or ``b""``: not an ``Exception``, does not pickle, or too large."""
+    if not isinstance(exc, Exception):
+        return b""
+    try:
+        pickled = cloudpickle.dumps(exc)
+    except Exception:
+        return b""
+    return pickled if len(pickled) <= MAX_EXCEPTION_STATE_BYTES else b""
+
+
 def _user_traceback(exc: BaseException) -> str:
-    # Skip the worker's own frames: the caller wants the function's.
+    # Skip the worker's own frames (and asyncio's, that ran an async def): the caller
+    # wants the function's.
     tb = exc.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_SCATTER_DIR):
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_NOT_THE_FUNCTIONS):
         tb = tb.tb_next
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
@@ -531,6 +975,11 @@ def worker_socket(
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.SNDTIMEO, _wire.REPLY_SEND_TIMEOUT_MS)
     return sock
+
+
+def _is_loopback_host(host: str) -> bool:
+    host = host.strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _role_of(frame: zmq.Frame | None) -> str:
@@ -619,14 +1068,26 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
         worker.watch_parent(parent_fd)
     sys.stdout.write(f"READY {' '.join(endpoints)}\n")
     sys.stdout.flush()
-    # The node stops reading our stdout after READY: what a function prints goes to the
-    # node's log through stderr instead of filling a pipe nobody drains.
-    os.dup2(2, 1)
+    # The node stops reading our stdout after READY. What a call prints goes to its
+    # caller (CallOutput), never to the node's log; fd 1 goes nowhere rather than fill a
+    # pipe nobody drains.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    sys.stdout = CallOutput(worker, 1)
+    sys.stderr = CallOutput(worker, 2)
+    if not _is_loopback_host(host):
+        worker.origin += f" ip={host.strip('[]')}"
     recv = sock.recv
     send = sock.send
     more = sock.get
     handle = worker.handle
+    streams = worker.streams
     while True:
+        if streams and _stream_turn(worker, sock):
+            if worker.orphaned:  # the node died during a step: its watch saw us busy
+                _leave(context, sock, worker)
+            continue
         try:
             identity = recv()  # a ROUTER always puts the sender's identity first
             # A frame, not bytes: it knows who sent it (the role ZAP gave its key).
@@ -644,11 +1105,19 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
                 return
             continue
         worker.busy = True
+        worker.identity = identity
         try:
             reply = handle(payload)
         except Exception as exc:  # handle answers everything itself; a last guard
             _log_exception("a call failed inside the worker", exc)
             reply = _INTERNAL_FAILURE
+        if type(reply) is not bytes:
+            if isinstance(reply, Stream):  # a generator's call: its items go out in turns
+                _open_stream(worker, sock, reply)
+            worker.busy = False
+            if worker.orphaned:
+                _leave(context, sock, worker)
+            continue
         try:
             send(identity, zmq.SNDMORE)
             send(reply)
@@ -660,6 +1129,69 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
         worker.busy = False
         if worker.orphaned:  # it died just now, and its watch saw us busy: see watch_parent
             _leave(context, sock, worker)
+
+
+def _stream_turn(worker: Worker, sock: zmq.Socket[bytes]) -> bool:
+    """While streams are open: step one that may go on, unless a frame is waiting (calls
+    and credit are read between items, so a plain call never waits for a stream to end).
+    True if it did something; False: go read the next frame.
+
+    With every stream out of credit, waits for a frame up to the first stream's expiry,
+    and expires those past it.
+    """
+    ready = worker.next_stream()
+    if ready is not None:
+        events: int = sock.get(zmq.EVENTS)  # type: ignore[assignment]
+        if events & zmq.POLLIN:
+            return False
+        worker.busy = True
+        try:
+            frame, ended = worker.step(ready)
+        except Exception as exc:  # step answers everything itself; a last guard
+            _log_exception("a stream failed inside the worker", exc)
+            frame, ended = _INTERNAL_FAILURE, True
+        if ended:
+            del worker.streams[(ready.identity, ready.call_id)]
+        if not _send_to(sock, ready.identity, frame) and not ended:
+            # The caller is gone: close its generator, nobody will read the end.
+            del worker.streams[(ready.identity, ready.call_id)]
+            worker.start_output(ready.loaded)
+            worker.close_stream(ready)
+            worker.output = None
+        worker.busy = False
+        return True
+    now = time.monotonic()
+    first = min(s.waiting_since + s.timeout for s in worker.streams.values())
+    if first > now and sock.poll(max(1, math.ceil((first - now) * 1000))):
+        return False
+    now = time.monotonic()
+    for stream in list(worker.streams.values()):
+        if not stream.credit and stream.waiting_since + stream.timeout <= now:
+            del worker.streams[(stream.identity, stream.call_id)]
+            worker.busy = True
+            _send_to(sock, stream.identity, worker.expire(stream))
+            worker.busy = False
+    return True
+
+
+def _open_stream(worker: Worker, sock: zmq.Socket[bytes], stream: Stream) -> None:
+    key = (stream.identity, stream.call_id)
+    earlier = worker.streams.pop(key, None)
+    if earlier is not None:  # the same call id again from one caller: the first one ends
+        _send_to(sock, earlier.identity, worker.expire(earlier))
+    worker.streams[key] = stream
+
+
+def _send_to(sock: zmq.Socket[bytes], identity: bytes, frame: bytes) -> bool:
+    """Send one frame to the caller ``identity``; False if it is gone (or stalled)."""
+    try:
+        sock.send(identity, zmq.SNDMORE)
+        sock.send(frame)
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EHOSTUNREACH:
+            _log_exception("sending a stream's frame", exc)
+        return False
+    return True
 
 
 def _leave(
@@ -705,7 +1237,11 @@ def main(argv: list[str] | None = None) -> None:
     # One path per process: a client never reconnects silently to another worker.
     ipc_path = run_dir / f"worker-{args.slot}-{os.getpid()}.sock"
     # Unix socket paths are limited to ~107 bytes; a deep data dir goes without.
-    serve(worker, args.host, ipc_path if len(str(ipc_path)) < 100 else None, args.parent_fd)
+    try:
+        serve(worker, args.host, ipc_path if len(str(ipc_path)) < 100 else None, args.parent_fd)
+    except BaseException as exc:  # sys.stderr is the calls' now: say it in the node's log
+        _log_exception("the worker's loop ended", exc)
+        raise
 
 
 if __name__ == "__main__":

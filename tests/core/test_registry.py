@@ -284,6 +284,22 @@ def test_state_does_not_depend_on_delivery_order() -> None:
     assert [i.content_id.split("|")[0] for i in forward.versions("f")] == ["f:a1", "f:b1", "f:c1"]
 
 
+def test_replica_hash_is_equal_exactly_when_replicas_hold_the_same_changes() -> None:
+    a, b = Registry("a"), Registry("b")
+    a.publish([record("f", "a1")], now=1.0)
+    b.publish([record("f", "b1")], now=1.0)
+    assert a.replica_hash() != b.replica_hash()
+    exchange(a, b)  # each got the other's change in another order
+    assert a.replica_hash() == b.replica_hash()
+    assert Registry("c").replica_hash() != a.replica_hash()
+    held_back = Registry("d")
+    later = a.publish([record("f", "a2")], now=2.0)
+    assert later is not None
+    held_back.apply(later)  # its causal past is missing: held, not applied
+    assert held_back.statistics().pending == 1
+    assert held_back.replica_hash() == Registry("e").replica_hash()
+
+
 def test_rollback_targets_a_body_even_after_its_number_moved() -> None:
     a, b = Registry("a"), Registry("b")
     a.publish([record("f", "base")], now=1.0)

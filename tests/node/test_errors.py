@@ -213,11 +213,6 @@ def test_functions_that_cannot_be_remote_are_refused_at_scatter_time(connected: 
     with pytest.raises(scatter.NotScatterable, match="generator"):
         scatter.scatter(numbers)
 
-    async def later(n: int) -> int:
-        return n
-
-    with pytest.raises(scatter.NotScatterable, match="coroutine"):
-        scatter.scatter(later)
     with pytest.raises(scatter.NotScatterable, match="not a usable function name"):
         scatter.scatter(lambda x: x)
     assert scatter.functions() == []

@@ -81,8 +81,9 @@ def test_a_failing_call_raises_where_the_iteration_reaches_it(client: scatter.Cl
     results = remote.map([1, 2, 0, 4, 5, 6, 7, 8], parallel=2)
     assert next(results) == 1.0
     assert next(results) == 0.5
-    with pytest.raises(scatter.RemoteError, match="ZeroDivisionError"):
+    with pytest.raises(ZeroDivisionError) as caught:  # the remote class, and RemoteError
         next(results)
+    assert isinstance(caught.value, scatter.RemoteError)
     # The connections that still had calls in flight were dropped, not reused.
     assert [remote(x) for x in (1, 2, 4)] == [1.0, 0.5, 0.25]
     assert list(remote.map([4, 5])) == [0.25, 0.2]

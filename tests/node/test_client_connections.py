@@ -1,0 +1,210 @@
+"""The client's connections: a stopped or killed node, many calls at once, closing,
+a Unix socket the client cannot use, and a worker endpoint taken over by another process."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import trio
+import zmq
+
+import scatter
+from cluster.launch import LocalNode, free_port, kill_if_alive, port_open, wait_until
+from scatter import _wire
+from scatter._client import _autostart, _connections
+from scatter._client._connections import Undelivered
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def nap(seconds: float, tag: int) -> int:
+    time.sleep(seconds)
+    return tag
+
+
+@pytest.fixture
+def background_nodes() -> Iterator[list[int]]:
+    """Pids of nodes auto-started during the test, all killed at its end (by pid)."""
+    before = len(_autostart._background_nodes)
+    pids: list[int] = []
+    yield pids
+    for process in _autostart._background_nodes[before:]:
+        pids.append(process.pid)
+    for pid in pids:
+        kill_if_alive(pid)
+    for process in _autostart._background_nodes[before:]:
+        process.wait(10)
+    del _autostart._background_nodes[before:]
+
+
+def test_a_call_to_a_stopped_node_is_unreachable_within_its_timeout(
+    client: scatter.Client, node: LocalNode
+) -> None:
+    client.publish(add)
+    remote = client.make_callable("add")
+    assert remote(1, 2) == 3  # a pooled connection to one of its workers
+    node.stop()
+    started = time.monotonic()
+    with pytest.raises(scatter.Unreachable, match=r"no node (listens|answered)"):
+        remote.call(1, 2, timeout=2)
+    # Generous (a loaded machine), yet far below the 30 s a lease waited before.
+    assert time.monotonic() - started < 2 * 2 + 6
+    with pytest.raises(scatter.Unreachable):  # and again, from a client that knows it is gone
+        remote.call(1, 2, timeout=2)
+
+
+def test_an_auto_started_node_killed_is_started_again_by_the_next_call(
+    monkeypatch: pytest.MonkeyPatch, background_nodes: list[int]
+) -> None:
+    monkeypatch.setenv("SCATTER_AUTOSTART", "1")
+    with scatter.Client(f"tcp://127.0.0.1:{free_port()}") as client:
+        assert client.config.autostart
+        client.publish(add)  # starts the node
+        first = client.status().pid
+        background_nodes.append(first)
+        remote = client.make_callable("add")
+        assert remote(1, 2) == 3
+        kill_if_alive(first)  # SIGKILL: its workers see their pipe close and exit
+        assert remote(2, 3) == 5  # this very call starts it again
+        second = client.status().pid
+        background_nodes.append(second)
+        assert second != first
+
+
+def test_four_hundred_concurrent_async_calls_queue_for_connections(client: scatter.Client) -> None:
+    client.publish(add)
+    client.publish(nap)
+    remote = client.make_callable("nap")
+    results: dict[int, int] = {}
+
+    async def one(i: int) -> None:
+        # Each call holds its connection a while: all 400 want one at once.
+        results[i] = await remote.call_async(0.2, i, timeout=120)
+
+    async def on_trio() -> None:
+        with trio.fail_after(240):
+            async with trio.open_nursery() as nursery:
+                for i in range(400):
+                    nursery.start_soon(one, i)
+
+    trio.run(on_trio)
+    assert results == {i: i for i in range(400)}
+    statistics = client.statistics()
+    assert statistics.open_connections <= client._pool.limit
+    assert statistics.queued_calls == 0
+
+    # asyncio, with a small bound: most calls wait for a connection to come back.
+    with scatter.Client(client.address, autostart=False, max_connections=3) as small:
+        small_remote = small.make_callable("add")
+
+        async def on_asyncio() -> list[int]:
+            calls = [small_remote.call_async(i, 1, timeout=60) for i in range(60)]
+            return await asyncio.wait_for(asyncio.gather(*calls), 180)
+
+        assert asyncio.run(on_asyncio()) == [i + 1 for i in range(60)]
+        assert small.statistics().open_connections <= 3
+
+
+def test_threads_beyond_the_bound_wait_their_turn(client: scatter.Client) -> None:
+    client.publish(nap)
+    with scatter.Client(client.address, autostart=False, max_connections=2) as small:
+        remote = small.make_callable("nap")
+        with concurrent.futures.ThreadPoolExecutor(8) as threads:
+            results = list(threads.map(lambda i: remote.call(0.1, i, timeout=60), range(24)))
+        assert results == list(range(24))
+        statistics = small.statistics()
+        assert statistics.open_connections <= 2 and statistics.leases <= 2
+        assert statistics.queued_calls == 0
+
+
+def test_idle_connections_expire(client: scatter.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    client.publish(add)
+    monkeypatch.setattr(_connections, "_IDLE_EXPIRY", 0.3)
+    with scatter.Client(client.address, autostart=False) as short_lived:
+        remote = short_lived.make_callable("add")
+        assert list(remote.map(range(8), range(8), parallel=2)) == [2 * i for i in range(8)]
+        assert short_lived.statistics().idle_connections == 2
+        # Calls keep one connection busy; the other, unused, is closed and its lease released.
+        wait_until(
+            lambda: remote(1, 1) == 2 and short_lived.statistics().idle_connections == 1,
+            10,
+            "the unused connection expires",
+        )
+        assert short_lived.statistics().expired_connections == 1
+
+
+def test_max_connections_is_checked() -> None:
+    with pytest.raises(scatter.ConfigError, match="max_connections"):
+        scatter.Client(f"tcp://127.0.0.1:{free_port()}", autostart=False, max_connections=0)
+
+
+def test_closing_a_client_whose_node_stopped_starts_no_node(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background_nodes: list[int]
+) -> None:
+    monkeypatch.setenv("SCATTER_AUTOSTART", "1")
+    node = LocalNode(tmp_path / "node").start()
+    try:
+        client = scatter.Client(node.address)
+        assert client.config.autostart
+        client.publish(add)
+        remote = client.make_callable("add")
+        assert list(remote.map(range(8), range(8), parallel=2)) == [2 * i for i in range(8)]
+        assert client.statistics().idle_connections == 2  # two leases to release
+    finally:
+        node.stop()
+    nodes_started = len(_autostart._background_nodes)
+    client.close()
+    assert len(_autostart._background_nodes) == nodes_started, "closing the client started a node"
+    assert not port_open(node.host, node.port)
+
+
+def test_a_client_that_cannot_use_the_unix_socket_falls_back_to_tcp(
+    client: scatter.Client, node: LocalNode
+) -> None:
+    client.publish(add)
+    sockets = list(node.data_dir.glob("run/*/*.sock"))
+    assert sockets, "the node's workers listen on Unix sockets"
+    # As a client in another container sees it: the socket files are not there.
+    for path in sockets:
+        path.unlink()
+    remote = client.make_callable("add")
+    assert remote(1, 2) == 3
+    assert [c.endpoint[:6] for c in client._pool.idle] == ["tcp://"]
+    assert client.statistics().undelivered_retries == 0
+
+
+def test_a_connection_never_reaches_a_process_that_took_over_its_worker_endpoint(
+    client: scatter.Client,
+) -> None:
+    client.publish(add)
+    remote = client.make_callable("add")
+    assert remote(1, 2) == 3
+    (connection,) = client._pool.idle
+    found = re.search(r"worker-\d+-(\d+)\.sock$", connection.endpoint)
+    assert found, connection.endpoint
+    kill_if_alive(int(found[1]))
+    wait_until(connection.dropped, 10, "the client sees its worker's connection drop")
+    context: zmq.Context[bytes] = zmq.Context()
+    impostor = context.socket(zmq.ROUTER)
+    impostor.setsockopt(zmq.LINGER, 0)
+    try:
+        impostor.bind(connection.endpoint)  # another process, on the dead worker's path
+        frame = _wire.encoder.encode(
+            _wire.Call(1, "add", 0, 1, "", 0.0, msgspec.Raw(b"\x82\xa1a\x01\xa1b\x02"))
+        )
+        with pytest.raises(Undelivered):
+            connection.request(frame, timeout=5)
+        assert impostor.poll(0) == 0, "the call went to the process that took over the path"
+    finally:
+        impostor.close(linger=0)
+        context.term()
+        client._pool.discard(connection)
