@@ -464,8 +464,9 @@ class ConnectionPool:
             try:
                 owner.pop()
             except IndexError:
-                raise  # the thread began: it frees what it held
-            self._abandon(busy, reserved)
+                pass  # the thread began: it freed what it held
+            else:
+                self._abandon(busy, reserved)
             raise
 
     @staticmethod
