@@ -394,9 +394,16 @@ class Harness:
             elif op == 6:
                 model.asked.add(model.next_waiter)
                 model.next_waiter += 1
-                model.take(pool.lease(model.next_waiter - 1, now))
+                holder = model.next_waiter % 3  # three client connections
+                model.take(pool.lease(model.next_waiter - 1, now, holder=holder))
+            elif op == 7 and arg & 1:
+                holder = arg // 2 % 3  # that connection closed
+                model.dropped.update(w for w, h in pool._waiting if h == holder)
+                pool.holder_gone(holder)
+                if holder in pool._holders.values():
+                    raise Finding(f"a lease of closed connection {holder} lives on")
             elif op == 7:
-                pool.release(arg)
+                pool.release(arg // 2)
             model.check()
 
 
@@ -410,6 +417,7 @@ class _PoolModel:
         self.running: dict[int, bool] = {}  # {slot: killed}
         self.asked: set[int] = set()
         self.answered: set[int] = set()
+        self.dropped: set[object] = set()  # waiting when their connection closed
         self.next_waiter = 0
 
     def take(self, effects: list[Any]) -> None:
@@ -424,8 +432,8 @@ class _PoolModel:
                 self.running[effect.slot] = True
             elif isinstance(effect, LeaseGranted | LeaseRefused):
                 waiter = effect.waiter
-                if waiter not in self.asked or waiter in self.answered:
-                    raise Finding(f"lease {waiter} answered twice, or never asked")
+                if waiter not in self.asked or waiter in self.answered | self.dropped:
+                    raise Finding(f"lease {waiter} answered twice, never asked, or after its connection closed")
                 self.answered.add(waiter)  # type: ignore[arg-type]
                 if isinstance(effect, LeaseGranted):
                     slot = int(effect.endpoints[0].removeprefix("tcp://w"))
@@ -439,8 +447,11 @@ class _PoolModel:
     def check(self) -> None:
         pool = self.pool
         # take() saw each answer go to an asked, unanswered waiter: counting is enough.
-        if len(pool._waiting) + len(self.answered) != len(self.asked):
+        if len(pool._waiting) + len(self.answered) + len(self.dropped) != len(self.asked):
             raise Finding("a lease was lost: neither answered nor waiting")
+        leased = {lease for worker in pool._workers.values() for lease in worker.leases}
+        if not set(pool._holders) <= leased:
+            raise Finding("a holder is recorded for a lease no worker has")
         # A start serves one waiter; the others share the first worker up (started()), so
         # more may wait than starts are under way only while no worker is live.
         if pool._waiting and not pool._starting:

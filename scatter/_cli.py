@@ -42,7 +42,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from . import __version__
+from . import __version__, _wire
 from ._client import Client, RemoteStream, start_background_node
 from ._client._autostart import port_open
 from ._config import (
@@ -259,7 +259,8 @@ MaxWorkersOption = Annotated[
         min=1,
         max=256,
         help="Worker processes the pool may grow to (each connection leases one; past "
-        "this, connections share them).",
+        "this, connections share them, and a call waits while every worker is busy). "
+        "1 is allowed: then a hung call holds up every other until its timeout.",
     ),
 ]
 SecretFileOption = Annotated[
@@ -347,7 +348,7 @@ def _start_node(
         data_dir,
         secret_file=secret_file,
         call_timeout=call_timeout,
-        max_workers=max(max_workers, NodeConfig.min_workers),
+        max_workers=max_workers,
         membership=membership_profile(profile),
         join=tuple(join),
     )
@@ -458,8 +459,9 @@ def node_status(
         ("uptime", _duration(status.uptime)),
         ("functions", f"{status.functions} ({status.changes} changes applied)"),
         ("versions", str(status.versions)),
-        ("workers", f"{status.workers} ({status.busy_workers} busy)"),
+        ("workers", f"{status.workers} ({status.busy_workers} busy) of at most {status.max_workers}"),
         ("leases", str(status.leases)),
+        *([("saturated", _saturation(status))] if status.saturated else []),
         *(
             [("worker starts", f"{status.worker_start_failures} failed in a row: "
               f"{status.worker_start_error}")]
@@ -495,6 +497,14 @@ def node_status(
         _out.print()
         _print_table(columns, cells)
         _out.print("* this node", style="dim", highlight=False)
+
+
+def _saturation(status: _wire.NodeStatus) -> str:
+    return (
+        f"yes: all {status.workers} workers busy and no more may start (--max-workers "
+        f"{status.max_workers}); new calls wait for one to finish ({status.queued} queued "
+        "so far)"
+    )
 
 
 def _duration(seconds: float) -> str:

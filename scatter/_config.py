@@ -169,6 +169,11 @@ class NodeConfig:
         # The shared-memory file has this many worker slots (see _node/_slots.py).
         if not 1 <= self.max_workers <= 256:
             raise ConfigError(f"max_workers must be between 1 and 256, got {self.max_workers}")
+        # `--max-workers 1` is honoured, not raised to the floor: a user who asks for one
+        # process (a small machine) gets one, and `scatter node status` says when it is
+        # saturated. The floor never exceeds the ceiling.
+        if self.min_workers > self.max_workers:
+            object.__setattr__(self, "min_workers", self.max_workers)
 
     @classmethod
     def local(cls, **overrides: object) -> NodeConfig:

@@ -2,7 +2,12 @@
 
 The body is pickled BY VALUE, also when the function lives in an importable module:
 the node and its workers need not have that module (the notebook that defined it may
-be gone). Modules it imports (numpy, ...) stay references and must exist on the node.
+be gone). So is every module of the caller's own code it uses (a ``mymod.py`` next to
+the notebook, a package of the project): a module loaded from a file outside the
+standard library and the installed packages goes by value
+(``cloudpickle.register_pickle_by_value``), so a call never depends on the node's
+working directory or on the file still being there. Installed modules (numpy, ...) stay
+references and must exist on the node.
 
 The signature goes twice: pickled by value for the node's workers, which load the
 body (and so run the publisher's code) anyway, and as a msgspec type description
@@ -13,8 +18,11 @@ refused at ``@scatter`` time.
 
 from __future__ import annotations
 
+import os
 import platform
+import site
 import sys
+import sysconfig
 import types
 from collections.abc import Callable
 from typing import Any
@@ -37,25 +45,73 @@ from ._exceptions import ConfigError, NotScatterable
 from ._pickling import dumps, stable_pickle_identity
 
 
+def _installed_roots() -> tuple[str, ...]:
+    """Directories whose modules a node is expected to have: the standard library and
+    the installed packages (of this interpreter, its base and the user's site)."""
+    roots = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    roots.update(sysconfig.get_paths().values())
+    roots.update(site.getsitepackages() if hasattr(site, "getsitepackages") else ())
+    roots.add(site.getusersitepackages())
+    return tuple(os.path.join(os.path.realpath(root), "") for root in roots if root)
+
+
+_INSTALLED_ROOTS = _installed_roots()
+# The caller's own modules, found when sys.modules last had this many entries: a scan
+# costs ~1 us a module, and sys.modules rarely changes once a program runs.
+_callers_own: tuple[int, list[str]] = (-1, [])
+
+
+def _is_callers_own(name: str, module: object) -> bool:
+    """Whether ``module`` is the caller's own code, which a node may lack: loaded from a
+    file outside the standard library and the installed packages (and not Scatter)."""
+    file = getattr(module, "__file__", None)
+    if not isinstance(file, str) or name == "__main__" or name.partition(".")[0] == "scatter":
+        return False  # built in, namespace package, or already by value (__main__)
+    return not os.path.realpath(file).startswith(_INSTALLED_ROOTS)
+
+
+def _callers_own_modules() -> list[str]:
+    global _callers_own
+    count, names = _callers_own
+    if count != len(sys.modules):
+        modules = list(sys.modules.items())
+        names = [name for name, module in modules if _is_callers_own(name, module)]
+        _callers_own = (len(modules), names)
+    return names
+
+
 def _pickle_by_value(fn: Callable[..., Any], *objects: object) -> list[bytes]:
-    """cloudpickle ``objects`` with ``fn``'s defining module pickled by value."""
+    """cloudpickle ``objects`` with ``fn``'s defining module, and every module of the
+    caller's own code, pickled by value (see the module docstring)."""
     module_name = getattr(fn, "__module__", None) or ""
-    module = sys.modules.get(module_name)
-    registered = False
-    if module is not None and module_name != "__main__" and not module_name.startswith("scatter"):
+    names = set(_callers_own_modules())
+    if module_name != "__main__" and module_name.partition(".")[0] != "scatter":
+        names.add(module_name)
+    registered: list[types.ModuleType] = []
+    for name in names:
+        module = sys.modules.get(name)
+        if not isinstance(module, types.ModuleType):
+            continue
         try:
             cloudpickle.register_pickle_by_value(module)
-            registered = True
-        except ValueError:
-            pass
+        except ValueError:  # not in sys.modules under its own name
+            continue
+        registered.append(module)
     try:
         return [dumps(obj) for obj in objects]
     except Exception as exc:
+        own = sorted(m.__name__ for m in registered if m.__name__ != module_name)
+        shipped = (
+            f" (modules of your own code go by value with it: {', '.join(own)}; one of "
+            "them may hold an object that does not pickle, such as a lock or a connection)"
+            if own
+            else ""
+        )
         raise NotScatterable(
-            f"cannot ship {getattr(fn, '__name__', fn)!r}: {type(exc).__name__}: {exc}"
+            f"cannot ship {getattr(fn, '__name__', fn)!r}: {type(exc).__name__}: {exc}{shipped}"
         ) from exc
     finally:
-        if registered and module is not None:
+        for module in registered:
             cloudpickle.unregister_pickle_by_value(module)
 
 

@@ -367,6 +367,9 @@ class Leased(msgspec.Struct, array_like=True, tag=35, frozen=True):
     lease: int
     endpoint: str  # tcp://, reachable wherever the node is
     local_endpoint: str = ""  # ipc://, for clients on the node's machine
+    # The worker's slot in the shared slots file, which lies next to local_endpoint's
+    # socket: a client on the node's machine claims the worker there for each call.
+    slot: int = -1
 
 
 class Done(msgspec.Struct, array_like=True, tag=36, frozen=True):
@@ -399,6 +402,10 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     # Seconds since the node started, on its monotonic clock: started_at is its wall
     # clock's, and a wall clock stepped since (NTP) would make their difference lie.
     uptime: float = 0.0
+    max_workers: int = 0
+    # Every worker busy and no more may start: new calls wait for one to finish.
+    saturated: bool = False
+    queued: int = 0  # leases that waited or were given a busy worker while saturated
 
 
 ControlReply = (

@@ -224,6 +224,7 @@ class CallSender:
         iteration early (an error, or a consumer that stops) discards the connections
         that still have calls in flight, as a single call does.
         """
+        limit = [parallel]  # lowered when no more workers are free
         pipes: list[_Pipe] = []
         poller = zmq.Poller()
         by_socket: dict[zmq.Socket[bytes], _Pipe] = {}
@@ -234,7 +235,7 @@ class CallSender:
         try:
             while yielded < len(frames):
                 while sent < len(frames):
-                    pipe = self._pipe_with_room(pipes, parallel, give_up)
+                    pipe = self._pipe_with_room(pipes, limit, give_up)
                     if pipe is None:
                         break
                     if pipe.connection.sock not in by_socket:
@@ -280,15 +281,19 @@ class CallSender:
                 else:
                     self._pool.checkin(pipe.connection)
 
-    def _pipe_with_room(self, pipes: list[_Pipe], parallel: int, give_up: float) -> _Pipe | None:
+    def _pipe_with_room(self, pipes: list[_Pipe], limit: list[int], give_up: float) -> _Pipe | None:
         """The connection to send the next call on: the least loaded, a new one while
-        every connection is busy and ``parallel`` allows more (and the pool's bound: the
-        first one waits for its turn, later ones are only taken if free); None while all
-        are full."""
+        every connection is busy and ``limit[0]`` allows more; None while all are full."""
         least = min(pipes, key=lambda pipe: len(pipe.in_flight), default=None)
-        if (least is None or least.in_flight) and len(pipes) < parallel:
+        if (least is None or least.in_flight) and len(pipes) < limit[0]:
+            # Past the first, a pipe only to a worker free now (claimed, within the
+            # pool's bound): waiting for one would wait for this map's own pipes (more
+            # `parallel` than workers) or for connections only this map holds; none
+            # free, this map makes do with the pipes it has.
             connection = self._pool.checkout(give_up, wait=not pipes)
-            if connection is not None:
+            if connection is None:
+                limit[0] = len(pipes)
+            else:
                 least = _Pipe(connection)
                 pipes.append(least)
         if least is None or least.full():

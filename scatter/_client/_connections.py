@@ -10,6 +10,18 @@ connection holds three zmq sockets and a worker lease, and a context allows 1,02
 sockets, so 400 concurrent calls would otherwise fail with ``Too many open files``.
 Calls beyond the bound wait, in order, for a connection to come back. Connections idle
 longer than ``_IDLE_EXPIRY`` are closed and their leases released.
+
+More connections than workers (many clients, or past ``--max-workers``) share workers, and
+a worker runs one call at a time. So a client on the node's machine claims its worker
+before each call (``_node/_slots.WorkerClaims``: an OFD lock on the worker's slot in the
+node's slots file, atomic across processes, ~2.5 us) and drops the claim with the reply.
+A worker claimed by another connection, or running a call, is let go and another leased
+(an idle one, or a new process), so a call never waits behind someone else's slow or
+hung call while another worker could take it. Only when every worker is busy and no more
+may start (the node says ``saturated``) does a call wait, until its timeout. A client on
+another machine cannot claim: its leases stay its own until the node is past max_workers,
+and its calls are seen as busy only once they run. The connections a call holds while it
+waits for a claim count against the bound like any other.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import zmq
@@ -31,6 +44,7 @@ import zmq
 from .. import _wire
 from .._config import is_loopback, parse_address
 from .._exceptions import CallTimeout, ScatterError, Unreachable, WorkerCrashed
+from .._node._slots import WorkerClaims
 from .._security import ClientKeys, apply_client_keys
 from ._autostart import nothing_listens
 from ._control import NodeControl
@@ -44,6 +58,14 @@ _REPLY_MARGIN = 3.0
 _SEND_TIMEOUT = 2.0
 # Seconds a lease may take: starting a worker process on a loaded machine is slow.
 _LEASE_TIMEOUT = 30.0
+# Workers leased at once while every one is claimed by others (see ConnectionPool.lease),
+# the pauses between looks at them (seconds: short at first, as most calls are; longer
+# while none frees), and how often one more is leased while none frees.
+_CLAIM_CANDIDATES = 4
+_CLAIM_PAUSE = 0.0002
+_CLAIM_PAUSE_MAX = 0.02
+_CLAIM_NEW_LEASE_EVERY = 0.1
+_CLAIM_FIRST_LEASE_AFTER = 0.002
 # A pooled connection idle longer than this (seconds) is checked for a dropped worker.
 _IDLE_CHECK_AFTER = 1.0
 # How often a waiting call checks whether its worker's connection dropped (seconds):
@@ -152,6 +174,19 @@ class WorkerConnection:
         self.broken = False
         self.last_used = time.monotonic()
         self.generation = 0  # the pool's, when leased (see ConnectionPool.discard)
+        # The claims on the node's workers and this worker's slot, when this machine's.
+        self.claims: WorkerClaims | None = None
+        self.slot = -1
+
+    def claim(self) -> bool:
+        """Claim the worker for a call (see the module docstring); False if it is busy.
+        True also where nothing can be claimed (a node on another machine)."""
+        claims = self.claims
+        return claims is None or claims.claim(self.slot, self)
+
+    def unclaim(self) -> None:
+        if self.claims is not None:
+            self.claims.release(self.slot, self)
 
     def dropped(self) -> bool:
         # EVENTS, not a non-blocking recv: raising zmq.Again costs ~25 us, on every call.
@@ -258,6 +293,7 @@ class WorkerConnection:
         return events
 
     def close(self) -> None:
+        self.unclaim()
         with contextlib.suppress(zmq.ZMQError):
             self.sock.disable_monitor()
         self.monitor.close(linger=0)
@@ -273,6 +309,8 @@ class ClientStatistics:
     open_connections: int = 0  # connections open now, idle or in use (at most the bound)
     queued_calls: int = 0  # calls waiting now for a connection to come free
     expired_connections: int = 0  # idle connections closed after _IDLE_EXPIRY
+    # connections let go because their worker had another connection's call
+    busy_workers_avoided: int = 0
 
 
 class _Waiter:
@@ -315,33 +353,43 @@ class ConnectionPool:
         self._transport = transport
         self.limit = limit
         self.idle: list[WorkerConnection] = []
-        # leases, stale_connections_dropped, undelivered_retries, expired_connections
+        # leases, stale_connections_dropped, undelivered_retries, expired_connections,
+        # busy_workers_avoided (see ClientStatistics)
         self.counts: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._open = 0  # connections leased and not yet discarded (under _lock)
         self._waiters: collections.deque[_Waiter] = collections.deque()
         self._next_expiry = time.monotonic() + _IDLE_EXPIRY
         self._generation = 0  # moves in a forked child: the parent's connections are not ours
+        # {the node's slots file: the claims on its workers, None where it cannot be opened}
+        self._claims: dict[str, WorkerClaims | None] = {}
         control.on_node_gone.append(self._drop_idle)
 
     # -- checking out ------------------------------------------------------------
 
     def checkout(self, give_up: float, *, wait: bool = True) -> WorkerConnection | None:
-        """An idle connection, else a new lease, else (at the bound) the next one to come
-        back; by ``give_up`` (a ``time.monotonic()``), else CallTimeout or Unreachable.
+        """A connection whose worker this caller claimed: an idle one, else a busy one's
+        or a new lease's once its worker is free (:meth:`lease`), else (at the bound) the
+        next one to come back; by ``give_up`` (a ``time.monotonic()``), else CallTimeout
+        or Unreachable.
 
-        With ``wait=False``, None at the bound instead of waiting.
+        With ``wait=False``, only a worker free now (an idle connection, or one lease if
+        the bound allows), else None: ``map``'s pipes past the first, which would
+        otherwise wait for the workers that map's own pipes claimed.
         """
-        while True:
-            connection = self.take_idle()
-            if connection is not None:
-                return connection
+        busy: list[WorkerConnection] = []
+        connection = self.take_idle(busy)
+        if connection is not None:
+            return connection
+        if not wait:
+            return self._try_lease(busy, give_up)
+        while not busy:
             event = threading.Event()
             waiter = self._reserve(event.set)
             if waiter is None:
-                return self._lease_reserved(give_up)
+                return self.lease(busy, give_up, reserved=True)
             try:
-                while wait and not event.wait(min(_QUEUE_LOOK_INTERVAL, self._left(give_up))):
+                while not event.wait(min(_QUEUE_LOOK_INTERVAL, self._left(give_up))):
                     if self.idle or time.monotonic() >= give_up:
                         break
             except BaseException:
@@ -349,28 +397,36 @@ class ConnectionPool:
                 raise
             granted = self._withdraw(waiter)
             if granted is not None:
-                return granted
+                if granted.claim():
+                    return granted
+                self.counts["busy_workers_avoided"] += 1
+                busy.append(granted)
+                break
             if waiter.granted:  # a slot: lease a connection in it
-                return self._lease_reserved(give_up)
-            if not wait:
-                return None
+                return self.lease(busy, give_up, reserved=True)
             if time.monotonic() >= give_up:
                 raise self._queue_timeout()
+            connection = self.take_idle(busy)
+            if connection is not None:
+                return connection
+        return self.lease(busy, give_up)
 
     async def checkout_async(self, library: str, give_up: float) -> WorkerConnection:
         """:meth:`checkout` for trio or asyncio: waiting for a connection parks the task
         (woken from whichever thread checks one in), and a lease (a round trip to the
-        node) runs in a worker thread, so the loop never blocks on the node."""
-        while True:
-            connection = self.take_idle()
-            if connection is not None:
-                return connection
+        node) or a wait for a busy worker runs in a worker thread, so the loop never
+        blocks on the node."""
+        busy: list[WorkerConnection] = []
+        connection = self.take_idle(busy)
+        if connection is not None:
+            return connection
+        reserved = False
+        while not busy:
             wake, wait = _async_wakeup(library)
             waiter = self._reserve(wake)
             if waiter is None:
-                return await _in_thread(
-                    library, functools.partial(self._lease_reserved, give_up), self.checkin
-                )
+                reserved = True
+                break
             try:
                 while not await wait(min(_QUEUE_LOOK_INTERVAL, self._left(give_up))):
                     if self.idle or time.monotonic() >= give_up:
@@ -380,13 +436,38 @@ class ConnectionPool:
                 raise
             granted = self._withdraw(waiter)
             if granted is not None:
-                return granted
+                if granted.claim():
+                    return granted
+                self.counts["busy_workers_avoided"] += 1
+                busy.append(granted)
+                break
             if waiter.granted:
-                return await _in_thread(
-                    library, functools.partial(self._lease_reserved, give_up), self.checkin
-                )
+                reserved = True
+                break
             if time.monotonic() >= give_up:
                 raise self._queue_timeout()
+            connection = self.take_idle(busy)
+            if connection is not None:
+                return connection
+        # Whichever comes first owns the slot and the busy connections: the thread, or
+        # the clean-up of a caller cancelled before the thread began (trio may cancel
+        # while it waits for a thread; asyncio runs the thread anyway, see _in_thread).
+        owner = [True]
+
+        def lease() -> WorkerConnection:
+            owner.pop()
+            return self.lease(busy, give_up, reserved=reserved)
+
+        try:
+            return await _in_thread(library, lease, self.checkin)
+        except BaseException:
+            try:
+                owner.pop()
+            except IndexError:
+                pass  # the thread began: it freed what it held
+            else:
+                self._abandon(busy, reserved)
+            raise
 
     @staticmethod
     def _left(give_up: float) -> float:
@@ -401,6 +482,14 @@ class ConnectionPool:
             waiter = _Waiter(wake)
             self._waiters.append(waiter)
             return waiter
+
+    def _try_reserve(self) -> bool:
+        """Take a slot to lease a new connection in if one is free; never queue."""
+        with self._lock:
+            if self._open < self.limit:
+                self._open += 1
+                return True
+            return False
 
     def _withdraw(self, waiter: _Waiter) -> WorkerConnection | None:
         """Leave the queue; the connection granted meanwhile, if any (a granted slot
@@ -419,20 +508,29 @@ class ConnectionPool:
         elif waiter.granted:
             self._slot_freed()
 
+    def _abandon(self, busy: list[WorkerConnection], reserved: bool) -> None:
+        """A caller that gave up before leasing: its slot and busy connections go on."""
+        if reserved:
+            self._slot_freed()
+        self._keep_spares(busy)
+
     def _queue_timeout(self) -> CallTimeout:
         return CallTimeout(
             f"no connection to a worker came free before the call's timeout: this "
             f"client's {self.limit} connections were all in use (Client(max_connections=...))"
         )
 
-    def _lease_reserved(self, give_up: float) -> WorkerConnection:
-        try:
-            return self.lease(give_up)
-        except BaseException:
-            self._slot_freed()
-            raise
+    def _busy_timeout(self) -> CallTimeout:
+        return CallTimeout(
+            "every worker this client could take was busy with another call until the "
+            "call's timeout: the node is saturated (see `scatter node status`)"
+        )
 
-    def take_idle(self) -> WorkerConnection | None:
+    def take_idle(self, busy: list[WorkerConnection] | None = None) -> WorkerConnection | None:
+        """A pooled connection whose worker this caller claimed. Those whose worker
+        another connection had go back to the pool (tried last) if one was claimed or
+        without ``busy``, else to ``busy`` (for :meth:`lease`)."""
+        taken: list[WorkerConnection] | None = None  # made only off the hot path
         while self.idle:
             try:
                 # list.pop is atomic under the GIL: no lock on the hot path.
@@ -441,13 +539,127 @@ class ConnectionPool:
                 break
             # A connection idle for a while may have lost its worker (retired, replaced):
             # look (~2 us) rather than stall on a send to nobody. Busy loops skip the look.
-            if time.monotonic() - connection.last_used < _IDLE_CHECK_AFTER or not connection.dropped():
-                return connection
-            self.counts["stale_connections_dropped"] += 1
-            self.discard(connection)
+            if (
+                time.monotonic() - connection.last_used >= _IDLE_CHECK_AFTER
+                and connection.dropped()
+            ):
+                self.counts["stale_connections_dropped"] += 1
+                self.discard(connection)
+                continue
+            if not connection.claim():
+                # Another connection's call is there, maybe a long one: lease() waits
+                # for it or for another worker, whichever is free first.
+                if taken is None:
+                    taken = []
+                taken.append(connection)
+                continue
+            if taken:
+                self.idle[:0] = taken  # atomic under the GIL
+                if busy is not None:
+                    self.counts["busy_workers_avoided"] += len(taken)
+            return connection
+        if taken:
+            if busy is None:
+                self.idle[:0] = taken
+            else:
+                self.counts["busy_workers_avoided"] += len(taken)
+                busy += taken
         return None
 
-    def lease(self, give_up: float) -> WorkerConnection:
+    def lease(
+        self, busy: list[WorkerConnection], give_up: float, *, reserved: bool = False
+    ) -> WorkerConnection:
+        """A claimed connection by ``give_up``: to one of the ``busy`` ones (pooled,
+        whose worker another connection had) once it is free, to one checked in
+        meanwhile, or to a worker newly leased (in the caller's ``reserved`` slot, else
+        in one the bound has free).
+
+        The node leases an idle worker, but another client may claim it first (its
+        call got there between). So the call waits for whichever of up to
+        ``_CLAIM_CANDIDATES`` workers frees first, looking again after pauses that
+        double, and leasing one more (letting the oldest go when there are enough)
+        every ``_CLAIM_NEW_LEASE_EVERY`` while none frees: never behind one worker, nor
+        a few, that may be running hung calls. The others stay pooled (a few):
+        :meth:`take_idle` tries them all, so a client with more connections than it
+        has callers spreads its calls over their workers. Without claims (a node on
+        another machine) the first lease is taken.
+
+        Raises:
+            CallTimeout: every worker within reach stayed busy until ``give_up``.
+            Unreachable: no worker could be leased (see :meth:`_lease_one`).
+        """
+        candidates = busy
+        pause = _CLAIM_PAUSE
+        now = time.monotonic()
+        # Pooled workers a call found busy are most often busy with a short call: look
+        # at them a little before asking the node for more.
+        next_lease = now + _CLAIM_FIRST_LEASE_AFTER if candidates else now
+        try:
+            while True:
+                for connection in candidates:
+                    if connection.claim():
+                        candidates.remove(connection)
+                        return connection
+                # At the bound, one another caller checks in is the only other way out.
+                if self.idle:
+                    checked_in = self.take_idle()
+                    if checked_in is not None:
+                        return checked_in
+                now = time.monotonic()
+                if now >= give_up and not reserved:
+                    raise self._busy_timeout()
+                if now >= next_lease:
+                    next_lease = now + _CLAIM_NEW_LEASE_EVERY
+                    if not reserved and len(candidates) >= _CLAIM_CANDIDATES:
+                        # Its slot goes to the next lease, or to a call queued first.
+                        self.discard(candidates.pop(0))
+                    if reserved or self._try_reserve():
+                        reserved = False  # _lease_reserved frees it if the lease fails
+                        connection = self._lease_reserved(give_up)
+                        if connection.claim():
+                            return connection
+                        self.counts["busy_workers_avoided"] += 1
+                        candidates.append(connection)
+                        continue
+                time.sleep(min(pause, give_up - now))
+                pause = min(pause * 2, _CLAIM_PAUSE_MAX)
+        finally:
+            # A few stay pooled: with more clients than workers, the next call finds one
+            # of several workers free without asking the node.
+            self._abandon(candidates, reserved)
+
+    def _try_lease(self, busy: list[WorkerConnection], give_up: float) -> WorkerConnection | None:
+        """``checkout(wait=False)`` past the idle connections: one lease if the bound
+        allows, kept for the caller only if its worker could be claimed."""
+        try:
+            if not self._try_reserve():
+                return None
+            connection = self._lease_reserved(give_up)
+            if connection.claim():
+                return connection
+            self.counts["busy_workers_avoided"] += 1
+            busy.append(connection)
+            return None
+        finally:
+            self._keep_spares(busy)
+
+    def _keep_spares(self, spares: list[WorkerConnection]) -> None:
+        """Pool a few connections whose workers were busy, let the rest go."""
+        for spare in spares:
+            if len(self.idle) < _CLAIM_CANDIDATES:
+                self.checkin(spare)
+            else:
+                self.discard(spare)
+        spares.clear()
+
+    def _lease_reserved(self, give_up: float) -> WorkerConnection:
+        try:
+            return self._lease_one(give_up)
+        except BaseException:
+            self._slot_freed()
+            raise
+
+    def _lease_one(self, give_up: float) -> WorkerConnection:
         """A connection to a worker newly leased from the node, by ``give_up``.
 
         A node found gone is started again once on the way (``_ensure_node``: only when
@@ -480,10 +692,12 @@ class ConnectionPool:
                 restarted = True
         self.counts["leases"] += 1
         endpoint = leased.endpoint
+        on_this_machine = bool(leased.local_endpoint) and is_loopback(
+            parse_address(control.address)[0]
+        )
         if (
-            leased.local_endpoint
+            on_this_machine
             and self._transport == "auto"
-            and is_loopback(parse_address(control.address)[0])
             and usable_unix_socket(leased.local_endpoint)
         ):
             endpoint = leased.local_endpoint
@@ -495,7 +709,22 @@ class ConnectionPool:
             control.send_nowait(functools.partial(_wire.Release, lease=leased.lease))
             raise _zmq_failure(exc, f"connect to a worker at {endpoint}") from exc
         connection.generation = self._generation
+        if on_this_machine and leased.slot >= 0:
+            connection.claims = self._claims_next_to(leased.local_endpoint)
+            connection.slot = leased.slot
         return connection
+
+    def _claims_next_to(self, local_endpoint: str) -> WorkerClaims | None:
+        """Claims on the node's slots file, which lies next to its workers' sockets."""
+        path = os.path.join(os.path.dirname(local_endpoint.removeprefix("ipc://")), "slots")
+        if path not in self._claims:
+            try:
+                claims: WorkerClaims | None = WorkerClaims(Path(path))
+            except (OSError, ValueError, RuntimeError):  # another user's node, a container
+                claims = None
+            if self._claims.setdefault(path, claims) is not claims and claims is not None:
+                claims.close()  # another thread opened it first
+        return self._claims[path]
 
     # -- checking in -------------------------------------------------------------
 
@@ -503,6 +732,7 @@ class ConnectionPool:
         if connection.broken or connection.epoch != self.control.epoch:
             self.discard(connection)
             return
+        connection.unclaim()
         connection.last_used = now = time.monotonic()
         if self._waiters and self._hand_over(connection):
             return
@@ -579,6 +809,7 @@ class ConnectionPool:
             open_connections=self._open,
             queued_calls=len(self._waiters),
             expired_connections=self.counts["expired_connections"],
+            busy_workers_avoided=self.counts["busy_workers_avoided"],
         )
 
     def release_leases(self) -> None:
@@ -610,11 +841,22 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._open = 0
         self._waiters = collections.deque()
+        # The parent's claims share its open file, whose locks are the parent's: the
+        # child locks through a file of its own (closing this copy leaves the parent's).
+        inherited, self._claims = self._claims, {}
+        for claims in inherited.values():
+            if claims is not None:
+                with contextlib.suppress(OSError):
+                    claims.close()
 
     def close(self) -> None:
         for connection in self.idle:
             connection.close()
         self.idle.clear()
+        for claims in self._claims.values():
+            if claims is not None:
+                claims.close()
+        self._claims.clear()
 
 
 def _async_wakeup(library: str) -> tuple[Callable[[], None], Callable[[float], Any]]:

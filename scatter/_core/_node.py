@@ -374,7 +374,8 @@ class NodeCore:
         self._now = now
         if isinstance(request, _wire.Lease):
             self.pool.observe(now, readings())
-            return self._pool_effects(self.pool.lease((peer, request.id), now))
+            # The lease lives with the connection that asked (see connection_closed).
+            return self._pool_effects(self.pool.lease((peer, request.id), now, holder=peer))
         if isinstance(request, _wire.Release):
             self.pool.release(request.lease)
             return [self._send(peer, _wire.Done(request.id))]
@@ -477,6 +478,12 @@ class NodeCore:
 
     def worker_exited(self, slot: int, now: float) -> list[Effect]:
         return self._pool_effects(self.pool.exited(slot, now))
+
+    def connection_closed(self, peer: bytes) -> list[Effect]:
+        """The control connection ``peer`` closed (its client exited or closed): the
+        leases it took end now, not after the idle expiry."""
+        self.pool.holder_gone(peer)
+        return []
 
     def tick(self, now: float, readings: Mapping[int, SlotReading]) -> list[Effect]:
         effects = self._pool_effects(self.pool.tick(now, readings))
@@ -735,6 +742,9 @@ class NodeCore:
             incarnation=facts.incarnation,
             worker_start_failures=pool.start_failures,
             worker_start_error=pool.last_start_error,
+            max_workers=pool.max_workers,
+            saturated=pool.saturated,
+            queued=pool.queued,
             members=[self._member_row(m) for m in self.membership.members()],
             changes=stats.changes,
             replica_hash=self.registry.replica_hash(),
@@ -826,9 +836,8 @@ class NodeCore:
             if isinstance(effect, LeaseGranted):
                 endpoints = effect.endpoints
                 local = endpoints[1] if len(endpoints) > 1 else ""
-                out.append(
-                    self._send(peer, _wire.Leased(request_id, effect.lease, endpoints[0], local))
-                )
+                leased = _wire.Leased(request_id, effect.lease, endpoints[0], local, effect.slot)
+                out.append(self._send(peer, leased))
             elif isinstance(effect, LeaseRefused):
                 out.append(self._send(peer, _wire.Failure(request_id, "internal", effect.message)))
             else:

@@ -11,7 +11,14 @@
 # Rule 2: each client connection leases one worker and sends its calls there
 # directly. A lease goes to an idle worker with the fewest leases; when every
 # worker already has one, a new worker starts (up to max_workers; past that,
-# leases share the least loaded). One spare unleased worker is kept warm.
+# leases share an idle worker, or, when every worker is busy (saturated), the one
+# whose call began last: a call running long is the likeliest to be hung). One
+# spare unleased worker is kept warm.
+#
+# Rule 2b: a lease lives as long as the connection that asked for it (its holder:
+# the client's control connection). A client that exits or closes drops that
+# connection, and `holder_gone` frees its leases at once; releases and the idle
+# expiry in tick() are the other ways a lease ends.
 #
 # Rule 3: a worker interrupts its own call at the deadline (its own timer) and
 # exits if the call is still running `kill_grace` later. The pool is the backstop
@@ -74,6 +81,7 @@ class LeaseGranted:
     waiter: object  # what the caller of lease() passed: the driver's reply address
     lease: int
     endpoints: tuple[str, ...]
+    slot: int = -1  # the worker's slot: a client on this machine claims it there per call
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,11 @@ class PoolStatistics:
     replaced: int
     start_failures: int  # failed starts in a row; 0 once a start succeeds
     last_start_error: str  # why the last failed start failed ("" if none did)
+    max_workers: int = 0
+    # Every worker busy and no more may start: a new connection's calls wait for one.
+    saturated: bool = False
+    # Leases given a busy worker (or waiting for one) since the pool became saturated.
+    queued: int = 0
 
 
 # -- state --------------------------------------------------------------------
@@ -108,6 +121,7 @@ class _Worker:
     leases: set[int] = field(default_factory=set)
     last_call_number: int = 0
     deadline: float = 0.0  # of the running call, 0.0 when idle (from the last reading)
+    call_seen: float = 0.0  # when a reading first showed the last call's number
     killed: bool = False
 
 
@@ -132,7 +146,9 @@ class PoolCore:
         self.idle_retire = idle_retire
         self._workers: dict[int, _Worker] = {}  # {slot: worker}
         self._starting: set[int] = set()  # slots whose process is starting
-        self._waiting: list[object] = []  # lease waiters, oldest first
+        self._waiting: list[tuple[object, object]] = []  # (waiter, holder), oldest first
+        self._holders: dict[int, object] = {}  # {lease: the connection it lives with}
+        self._queued = 0  # see PoolStatistics.queued
         self._lease_ids = itertools.count(1)
         self._started = 0
         self._replaced = 0
@@ -156,7 +172,7 @@ class PoolCore:
         if not self._waiting:
             return []
         # The oldest waiter takes this process; the others wait for the starts under way.
-        return [self._grant(self._waiting.pop(0), worker), *self._settle(), *self._keep_a_spare(now)]
+        return [self._grant(*self._waiting.pop(0), worker), *self._settle(), *self._keep_a_spare(now)]
 
     def start_failed(self, slot: int, error: str, now: float) -> list[PoolEffect]:
         self._starting.discard(slot)
@@ -173,6 +189,8 @@ class PoolCore:
         worker = self._workers.pop(slot, None)
         if worker is None:
             return []
+        for lease in worker.leases:
+            self._holders.pop(lease, None)
         self._replaced += 1
         return self._fill(now) + self._settle()
 
@@ -189,10 +207,16 @@ class PoolCore:
                 worker.killed = True
                 effects.append(KillWorker(worker.slot))
             elif not worker.deadline and now - worker.last_activity > self.idle_retire:
+                # A holder whose end this node cannot see (a client across a network
+                # that vanished): its lease ends after the idle period.
+                for lease in worker.leases:
+                    self._holders.pop(lease, None)
                 worker.leases.clear()
                 if self._live() > self.min_workers + 1:
                     worker.killed = True
                     effects.append(StopWorker(worker.slot))
+        if not self.saturated():
+            self._queued = 0  # the count is of the saturation under way
         return effects + self._fill(now)
 
     def observe(self, now: float, readings: Mapping[int, SlotReading]) -> None:
@@ -202,27 +226,41 @@ class PoolCore:
             if worker is not None:
                 self._observe(worker, reading, now)
 
-    def lease(self, waiter: object, now: float) -> list[PoolEffect]:
-        """Pick (or start) a worker for a new client connection (rule 2)."""
+    def lease(self, waiter: object, now: float, holder: object = None) -> list[PoolEffect]:
+        """Pick (or start) a worker for a new client connection (rule 2).
+
+        ``holder`` is what the lease lives with (rule 2b): :meth:`holder_gone` with it
+        frees the lease. None: only a release or the idle expiry ends it.
+        """
         idle = [w for w in self._workers.values() if not w.deadline and not w.killed]
         worker = min(idle, key=lambda w: len(w.leases), default=None)
         if worker is not None and not worker.leases:
-            return [self._grant(waiter, worker), *self._keep_a_spare(now)]
+            return [self._grant(waiter, holder, worker), *self._keep_a_spare(now)]
         if self._live() < self.max_workers and self._may_start(now):
             # A new process of its own beats sharing a worker that may be busy.
-            self._waiting.append(waiter)
+            self._waiting.append((waiter, holder))
             return self._start_one(now)
+        if worker is None and self.saturated():
+            self._queued += 1
+            worker = self._least_likely_hung()
         worker = worker or self._least_loaded()
         if worker is not None:
-            return [self._grant(waiter, worker)]
-        self._waiting.append(waiter)
+            return [self._grant(waiter, holder, worker)]
+        self._waiting.append((waiter, holder))
         return self._settle()
 
     def release(self, lease: int) -> None:
         # A scan, not an index: releases are rare and workers few, and one record of
         # who holds what cannot disagree with itself.
+        self._holders.pop(lease, None)
         for worker in self._workers.values():
             worker.leases.discard(lease)
+
+    def holder_gone(self, holder: object) -> None:
+        """The connection ``holder`` closed: free its leases, forget its waiting ones."""
+        for lease in [lease for lease, held_by in self._holders.items() if held_by == holder]:
+            self.release(lease)
+        self._waiting = [(w, h) for w, h in self._waiting if h is None or h != holder]
 
     # -- answers --------------------------------------------------------------
 
@@ -230,8 +268,15 @@ class PoolCore:
         """The slots of live workers: what the driver reads for :meth:`tick`."""
         return list(self._workers)
 
+    def saturated(self) -> bool:
+        """Every worker is busy and no other may start: new calls wait for one."""
+        live = [w for w in self._workers.values() if not w.killed]
+        full = self._live() >= self.max_workers or (self._failures > 0 and not self._starting)
+        return bool(live) and full and all(w.deadline for w in live)
+
     def statistics(self) -> PoolStatistics:
         live = list(self._workers.values())
+        saturated = self.saturated()
         return PoolStatistics(
             workers=len(live),
             busy=sum(1 for w in live if w.deadline),
@@ -240,12 +285,17 @@ class PoolCore:
             replaced=self._replaced,
             start_failures=self._failures,
             last_start_error=self._last_error,
+            max_workers=self.max_workers,
+            saturated=saturated,
+            queued=self._queued + len(self._waiting) if saturated else len(self._waiting),
         )
 
     # -- internals ------------------------------------------------------------
 
     def _observe(self, worker: _Worker, reading: SlotReading, now: float) -> None:
         number, deadline = reading
+        if number != worker.last_call_number:
+            worker.call_seen = now
         if number != worker.last_call_number or deadline:
             worker.last_call_number = number
             worker.last_activity = now
@@ -292,9 +342,9 @@ class PoolCore:
             worker = self._least_loaded()
             if worker is None and self._starting:
                 break  # nothing to share yet: the first start serves them (started())
-            waiter = self._waiting.pop()
+            waiter, holder = self._waiting.pop()
             if worker is not None:
-                effects.append(self._grant(waiter, worker))
+                effects.append(self._grant(waiter, holder, worker))
             else:
                 effects.append(LeaseRefused(waiter, why or self._no_worker_message()))
         return effects
@@ -303,10 +353,17 @@ class PoolCore:
         live = [w for w in self._workers.values() if not w.killed]
         return min(live, key=lambda w: len(w.leases), default=None)
 
-    def _grant(self, waiter: object, worker: _Worker) -> LeaseGranted:
+    def _least_likely_hung(self) -> _Worker | None:
+        """Of busy workers, the one whose call began last (fewest leases on a tie)."""
+        live = [w for w in self._workers.values() if not w.killed]
+        return max(live, key=lambda w: (w.call_seen, -len(w.leases)), default=None)
+
+    def _grant(self, waiter: object, holder: object, worker: _Worker) -> LeaseGranted:
         lease = next(self._lease_ids)
         worker.leases.add(lease)
-        return LeaseGranted(waiter, lease, worker.endpoints)
+        if holder is not None:
+            self._holders[lease] = holder
+        return LeaseGranted(waiter, lease, worker.endpoints, worker.slot)
 
     def _no_worker_message(self) -> str:
         why = f" (the last start failed: {self._last_error})" if self._last_error else ""

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             args.data_dir,
             secret_file=args.secret_file,
             call_timeout=args.call_timeout,
-            max_workers=max(args.max_workers, NodeConfig.min_workers),
+            max_workers=args.max_workers,
             join=tuple(normalize_address(a) for a in args.join),
             membership=membership_profile(args.profile),
         )

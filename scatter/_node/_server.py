@@ -18,6 +18,7 @@ deadlines and (next) membership timers never wait behind a commit.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import os
@@ -141,6 +142,11 @@ class NodeDriver:
         # Workers watch the read end: it reaches EOF when this process is gone, however
         # it went (SIGKILL included). The write end is never written, only held.
         self._parent_read, self._parent_write = os.pipe()
+        # {fd: peer} of control connections that sent a frame: the monitor's
+        # EVENT_DISCONNECTED names only the fd, which the next connection reuses.
+        self._connections: dict[int, bytes] = {}
+        # {fd: close events still to come for connections already known gone}
+        self._late_closes: collections.Counter[int] = collections.Counter()
 
     # -- effects ------------------------------------------------------------------
 
@@ -231,10 +237,11 @@ class NodeDriver:
         """
         task_status.started()
         while True:
-            frames, role = await self.control.recv_multipart_with_user()
+            frames, role, fd = await self.control.recv_multipart_with_source()
             if len(frames) != 2:
                 continue
             peer, payload = frames
+            self._note_connection(fd, peer)
             self.feed(
                 self.core.receive,
                 peer,
@@ -244,6 +251,33 @@ class NodeDriver:
                 wall=time.time(),
                 readings=self.readings,
             )
+
+    def _note_connection(self, fd: int, peer: bytes) -> None:
+        """Remember which peer speaks on ``fd``, so that its close ends its leases.
+
+        libzmq queues a connection's close event before it closes the fd, but this
+        task may read the next connection's frame on that fd first: then the old one
+        is gone, and its close event, when read, is not the new one's. (A connection
+        that closed without sending anything leaves no trace here: if its event comes
+        after the next one's first frame, that one's leases end early, which only
+        lets its worker be shared; a claim still keeps calls apart.)
+        """
+        known = self._connections.get(fd)
+        if fd < 0 or known == peer:
+            return
+        if known is not None:
+            self._late_closes[fd] += 1
+            self.feed(self.core.connection_closed, known)
+        self._connections[fd] = peer
+
+    def _connection_closed(self, fd: int) -> None:
+        if self._late_closes[fd]:
+            self._late_closes[fd] -= 1
+            return
+        self._late_closes.pop(fd, None)
+        peer = self._connections.pop(fd, None)
+        if peer is not None:
+            self.feed(self.core.connection_closed, peer)
 
     async def persist(self) -> None:
         """Write what the core asks for, one write at a time, in a thread."""
@@ -383,7 +417,7 @@ class NodeDriver:
     async def watch_handshakes(self, monitor: TrioSocket) -> None:
         """Log clients whose CURVE handshake failed (another secret): once per address a
         minute, never a flood. Their frames never reach the node, so this is the only
-        place that sees them."""
+        place that sees them. A closed connection also ends the leases it took."""
         peers: dict[int, str] = {}  # {fd of an accepted connection: peer address}
         failed = 0  # handshakes failed whose connection has not closed yet
         logged: dict[str, float] = {}
@@ -397,6 +431,7 @@ class NodeDriver:
             elif kind & _HANDSHAKE_FAILURES:
                 failed += 1
             elif kind == zmq.EVENT_DISCONNECTED:
+                self._connection_closed(value)
                 address = peers.pop(value, "") or last_peer
                 if failed:
                     failed -= 1

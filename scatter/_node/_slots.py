@@ -8,7 +8,11 @@ and no results, only what lets the node supervise without a message per call:
   8 bytes costs far less than a control message, so calls pay nothing for freshness.
 * one slot per worker: the number of the call it runs and that call's deadline
   (``time.monotonic()``, shared by all processes of a machine; 0.0 when idle). The
-  supervisor interrupts or replaces a worker whose deadline passed.
+  supervisor interrupts or replaces a worker whose deadline passed, and a client on
+  this machine (read-only) takes another worker rather than queue a call behind a
+  busy one.
+* clients' claims (``WorkerClaims``): a lock on a slot's first byte while a client has
+  a call in flight at that worker; the mapping never sees them.
 
 Writes are single aligned 8-byte stores, which x86-64 and AArch64 perform atomically;
 a reader may see a slot one call behind, never a torn value.
@@ -22,10 +26,13 @@ the old, unlinked file, so it can never write into the slot of a new start's wor
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import mmap
 import os
 import struct
 import tempfile
+import weakref
 from pathlib import Path
 
 MAGIC = 0x53434154  # "SCAT"
@@ -42,13 +49,20 @@ SIZE = _SLOTS_OFFSET + MAX_SLOTS * _SLOT_SIZE
 class SharedSlots:
     """The node's and its workers' view of the mapped file."""
 
-    def __init__(self, path: Path, *, create: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, read_only: bool = False) -> None:
+        """Map the file at ``path`` (a new one with ``create``); ``read_only`` for a
+        client, which only looks whether its worker is busy."""
         self.path = path
         if create:
             self._fd = self._create(path)
         else:
-            self._fd = os.open(path, os.O_RDWR)
-        self._map = mmap.mmap(self._fd, SIZE)
+            self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
+        try:
+            access = mmap.ACCESS_READ if read_only else mmap.ACCESS_WRITE
+            self._map = mmap.mmap(self._fd, SIZE, access=access)
+        except BaseException:
+            os.close(self._fd)
+            raise
         magic, _layout, _gen = _HEADER.unpack_from(self._map, 0)
         if magic != MAGIC:
             raise RuntimeError(f"{path} is not a Scatter runtime file")
@@ -102,3 +116,99 @@ class SharedSlots:
 
     def clear(self, slot: int) -> None:
         _SLOT.pack_into(self._map, _SLOTS_OFFSET + slot * _SLOT_SIZE, 0, 0.0)
+
+
+_fcntl = fcntl.fcntl
+_F_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 37)  # Linux 3.15+
+
+
+class WorkerClaims:
+    """A client process's claims on workers: "I have a call in flight there".
+
+    Clients on the node's machine claim a worker before sending it a call and drop the
+    claim once the reply is in; a worker claimed by another connection (or running a
+    call, whoever sent it) is busy, and the client takes another. A claim is an OFD
+    lock (``F_OFD_SETLK``) on the worker's slot byte of the slots file, so the kernel
+    makes the test-and-set atomic across processes and drops the claims of a process
+    that dies; ``claimed`` makes it so between the threads of this process (OFD locks
+    are per open file, which they share). About 2.5 us a call. Only clients of this
+    machine take part: a call from another machine shows as busy only once it runs.
+
+    After a fork the child must not unlock the parent's claims (they share the open
+    file): ``forked`` makes its releases do nothing; it makes claims of its own.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.view = SharedSlots(path, read_only=True)
+        try:
+            # Write access only for the write lock; nothing writes through this fd.
+            self._fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except BaseException:
+            self.view.close()
+            raise
+        self.claimed: dict[int, object] = {}  # {slot: the connection holding it}
+        # {slot: (lock request, unlock request)}: packed once, used on every call.
+        self._requests: dict[int, tuple[bytes, bytes]] = {}
+        try:  # a filesystem without OFD locks refuses here, not at every call
+            _fcntl(self._fd, _F_OFD_SETLK, self._requests_for(-1)[0])
+            _fcntl(self._fd, _F_OFD_SETLK, self._requests_for(-1)[1])
+        except BaseException:
+            os.close(self._fd)
+            self.view.close()
+            raise
+        self.forked = False  # in a child forked while this was open: release nothing
+        _ALL_CLAIMS.add(self)
+
+    def _requests_for(self, slot: int) -> tuple[bytes, bytes]:
+        requests = self._requests.get(slot)
+        if requests is None:
+            offset = _SLOTS_OFFSET + slot * _SLOT_SIZE
+            requests = self._requests[slot] = (
+                struct.pack("hhqqi", fcntl.F_WRLCK, 0, offset, 1, 0),
+                struct.pack("hhqqi", fcntl.F_UNLCK, 0, offset, 1, 0),
+            )
+        return requests
+
+    def claim(self, slot: int, holder: object) -> bool:
+        """Claim ``slot`` for ``holder`` unless another connection has a call there or
+        the worker runs one; True if claimed."""
+        # dict.setdefault is atomic under the GIL: one thread wins a slot.
+        if self.claimed.setdefault(slot, holder) is not holder:
+            return False
+        lock, _unlock = self._requests_for(slot)
+        try:
+            _fcntl(self._fd, _F_OFD_SETLK, lock)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                return True  # no locks here (a filesystem without them): as unclaimed
+            del self.claimed[slot]  # another process's claim
+            return False
+        offset = _SLOTS_OFFSET + slot * _SLOT_SIZE + 8
+        if _DEADLINE.unpack_from(self.view._map, offset)[0] != 0.0:
+            self.release(slot, holder)  # it runs a call of a client that did not claim
+            return False
+        return True
+
+    def release(self, slot: int, holder: object) -> None:
+        if self.claimed.get(slot) is not holder or self.forked:
+            return
+        with contextlib.suppress(OSError):
+            _fcntl(self._fd, _F_OFD_SETLK, self._requests_for(slot)[1])
+        del self.claimed[slot]
+
+    def close(self) -> None:
+        """Close the file: the claims go with it (in a forked child, the parent's stay:
+        an open file's locks end with its last descriptor)."""
+        os.close(self._fd)
+        self.view.close()
+
+
+_ALL_CLAIMS: weakref.WeakSet[WorkerClaims] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for claims in list(_ALL_CLAIMS):
+        claims.forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

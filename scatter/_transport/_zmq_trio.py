@@ -81,6 +81,13 @@ class TrioSocket:
 
     async def recv_multipart_with_user(self) -> tuple[list[bytes], str]:
         """Frames and the ZAP ``User-Id`` of the peer that sent them ("" without ZAP)."""
+        frames, user, _fd = await self.recv_multipart_with_source()
+        return frames, user
+
+    async def recv_multipart_with_source(self) -> tuple[list[bytes], str, int]:
+        """Frames, the ZAP ``User-Id`` of their sender ("" without ZAP), and the file
+        descriptor of the connection they came on (-1 if libzmq cannot say): what a
+        socket monitor's ``EVENT_DISCONNECTED`` names when that connection closes."""
         while True:
             try:
                 frames: list[zmq.Frame] = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -92,7 +99,11 @@ class TrioSocket:
                 user = frames[-1].get("User-Id") or ""
             except zmq.ZMQError:  # no ZAP handler named one
                 user = ""
-            return [frame.bytes for frame in frames], str(user)
+            try:
+                fd = int(frames[-1].get(zmq.SRCFD))
+            except zmq.ZMQError:
+                fd = -1
+            return [frame.bytes for frame in frames], str(user), fd
 
     def send_multipart_nowait(self, frames: list[bytes]) -> None:
         """Send without blocking (rule 2); raises ``zmq.Again`` if the peer's queue is full."""

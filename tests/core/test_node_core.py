@@ -251,6 +251,25 @@ def test_start_starts_the_pool() -> None:
     ]
 
 
+
+def test_a_closed_connections_leases_end_and_another_connections_stay() -> None:
+    core = NodeCore(NodeConfig(min_workers=2, max_workers=4), facts(), [], {}, [])
+    core.start(0.0)
+    for slot in (0, 1):
+        core.worker_started(slot, 100 + slot, (f"tcp://127.0.0.1:{slot}",), 0.0)
+    for request_id, peer in enumerate((b"client-a", b"client-a", b"client-b"), start=1):
+        receive(core, request(_wire.Lease(request_id)), peer)
+    for slot in (2, 3):  # the starts the leases asked for
+        core.worker_started(slot, 100 + slot, (f"tcp://127.0.0.1:{slot}",), 0.0)
+
+    def leases() -> int:
+        (status,) = [e for e in receive(core, request(_wire.Status(9))) if isinstance(e, Send)]
+        return int(_wire.control_reply_decoder.decode(status.payload).leases)
+
+    assert leases() == 3
+    assert core.connection_closed(b"client-a") == []
+    assert leases() == 1
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=256))
 def test_no_frame_raises_out_of_the_core(payload: bytes) -> None:

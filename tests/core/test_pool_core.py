@@ -69,6 +69,38 @@ def test_a_busy_worker_is_not_leased_while_an_idle_one_exists() -> None:
     assert isinstance(granted, LeaseGranted) and granted.endpoints == ("tcp://127.0.0.1:1",)
 
 
+
+def test_a_closed_connections_leases_end_with_it_and_its_waiting_ones_are_dropped() -> None:
+    core = pool(max_workers=4)
+    core.start(0.0)
+    started(core, 0, 1)
+    core.lease("a1", 0.0, holder="client-a")
+    core.lease("b1", 0.0, holder="client-b")  # and a spare starts (slot 2)
+    assert core.lease("a2", 0.0, holder="client-a") == [StartWorker(3)]  # waits
+    assert core.statistics().leases == 2
+    core.holder_gone("client-a")
+    assert core.statistics().leases == 1  # b's remains
+    assert started(core, 2, 3) == []  # nobody waits any more: a2's client is gone
+
+
+def test_a_saturated_pool_says_so_and_queues_behind_the_call_that_began_last() -> None:
+    core = pool(min_workers=2, max_workers=2)
+    core.start(0.0)
+    started(core, 0, 1)
+    core.lease("a", 0.0)
+    core.lease("b", 0.0)
+    assert not core.statistics().saturated
+    # Slot 0's call began at t=1 (hung?), slot 1's at t=9: both busy, no start allowed.
+    core.observe(1.0, {0: (1, 31.0), 1: (0, 0.0)})
+    core.observe(9.0, {0: (1, 31.0), 1: (1, 39.0)})
+    (granted,) = core.lease("c", 9.0)
+    assert isinstance(granted, LeaseGranted) and granted.slot == 1
+    stats = core.statistics()
+    assert (stats.saturated, stats.queued, stats.max_workers) == (True, 1, 2)
+    core.tick(10.0, {0: (1, 31.0), 1: (1, 0.0)})  # slot 1 is done
+    stats = core.statistics()
+    assert (stats.saturated, stats.queued) == (False, 0)
+
 def test_a_call_past_deadline_and_grace_gets_its_worker_killed_once() -> None:
     core = pool()
     core.start(0.0)

@@ -1,0 +1,52 @@
+"""A function that uses the caller's own modules runs on any node (issue 11, item 10):
+they go by value with it, so the node's working directory never matters."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+import scatter
+from cluster.launch import LocalNode
+
+HELPERS = "scatter_test_callers_helpers"
+PACKAGE = "scatter_test_callers_package"
+
+
+@pytest.fixture
+def callers_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A module and a package in a directory on the caller's sys.path only."""
+    directory = tmp_path / "callers-code"
+    (directory / PACKAGE).mkdir(parents=True)
+    (directory / f"{HELPERS}.py").write_text("FACTOR = 3\n\ndef triple(x):\n    return FACTOR * x\n")
+    (directory / PACKAGE / "__init__.py").write_text("from .inner import square\n")
+    (directory / PACKAGE / "inner.py").write_text("def square(x):\n    return x * x\n")
+    monkeypatch.syspath_prepend(str(directory))
+    for name in (HELPERS, PACKAGE, f"{PACKAGE}.inner"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    return directory
+
+
+@pytest.mark.timeout(120)
+def test_a_function_using_the_callers_own_modules_runs_on_a_node_started_elsewhere(
+    node: LocalNode, client: scatter.Client, callers_modules: Path
+) -> None:
+    # The node runs in another directory and never had callers_modules on its path.
+    assert str(callers_modules) not in node.log()
+    helpers = importlib.import_module(HELPERS)
+    package = importlib.import_module(PACKAGE)
+
+    def uses_callers_modules(x: int) -> int:
+        return helpers.triple(x) + package.square(x)
+
+    client.publish(uses_callers_modules)
+    assert client.make_callable("uses_callers_modules")(2) == 6 + 4
+    # Gone from the caller's disk: a new connection (another worker) loads the body,
+    # and with it the modules, from the node's store alone.
+    shutil.rmtree(callers_modules)
+    with scatter.Client(node.address, autostart=False) as other:
+        assert other.make_callable("uses_callers_modules")(5) == 15 + 25
