@@ -29,7 +29,7 @@ import zmq
 from .. import _wire
 from .._config import MAX_MESSAGE_BYTES
 from .._core import _typespec
-from .._core._signature import CallSpec, build_call_spec, decoding
+from .._core._signature import CallSpec, build_call_spec, decoding, refusing_pickles
 from .._exceptions import (
     ProtocolError,
     ScatterError,
@@ -328,7 +328,7 @@ def show_output(output: _wire.Output) -> None:
             target.flush()
 
 
-def _stream_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
+def _stream_decoder(spec: CallSpec, unpickle: bool) -> Callable[[bytes], Any]:
     yielded = msgspec.defstruct(
         "Yielded",
         [
@@ -340,10 +340,11 @@ def _stream_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
         array_like=True,
         frozen=True,
     )
-    return decoding(yielded | _wire.Result | _wire.Failure, unpickle=True)
+    wanted = yielded | _wire.Result | _wire.Failure
+    return decoding(wanted, unpickle=True) if unpickle else refusing_pickles(wanted)
 
 
-def _reply_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
+def _reply_decoder(spec: CallSpec, unpickle: bool) -> Callable[[bytes], Any]:
     result = msgspec.defstruct(
         "Result",
         [
@@ -356,7 +357,8 @@ def _reply_decoder(spec: CallSpec) -> Callable[[bytes], Any]:
         array_like=True,
         frozen=True,
     )
-    return decoding(result | _wire.Failure, unpickle=True)
+    wanted = result | _wire.Failure
+    return decoding(wanted, unpickle=True) if unpickle else refusing_pickles(wanted)
 
 
 class RemoteFunction:
@@ -417,10 +419,17 @@ class RemoteFunction:
                 f"{where} carries no type description of its signature (it was scattered "
                 "by an older Scatter); scatter it again"
             )
+        # A call-only client never loads a pickle (a result of a type msgspec cannot
+        # encode): the publisher chose what it would run here.
+        load_pickles = self._sender._pool.control.keys().role != "call"
         try:
             signature = _typespec.rebuild(description.signature_spec)
             spec = build_call_spec(
-                self._name, signature, caller=True, signature_id=description.signature_id
+                self._name,
+                signature,
+                caller=True,
+                signature_id=description.signature_id,
+                load_pickles=load_pickles,
             )
         except Exception as exc:  # DescriptionError, NotScatterable, or msgspec's refusal
             raise ScatterError(
@@ -440,8 +449,8 @@ class RemoteFunction:
             spec,
             description.timeout,
             description.content_id,
-            _reply_decoder(spec),
-            _stream_decoder(spec) if spec.streams else None,
+            _reply_decoder(spec, load_pickles),
+            _stream_decoder(spec, load_pickles) if spec.streams else None,
         )
 
     @property

@@ -789,9 +789,9 @@ class CallSpec:
         except PickleRefused:
             raise ValidationError(
                 f"{self.name}() result: a pickled value (msgpack extension type "
-                f"{PICKLE_EXT_CODE}) where its return annotation "
-                f"{_type_name(self.signature.return_annotation)} does not call for one; it was "
-                "not unpickled",
+                f"{PICKLE_EXT_CODE}) was not unpickled: its return annotation "
+                f"{_type_name(self.signature.return_annotation)} does not call for one, or "
+                "this client holds a call-only secret, which never loads a pickle",
                 parameter="return",
             ) from None
         except msgspec.ValidationError as exc:
@@ -834,13 +834,19 @@ def argument_error(name: str, exc: msgspec.ValidationError) -> ValidationError:
 
 
 def build_call_spec(
-    name: str, sig: inspect.Signature, *, caller: bool = False, signature_id: str | None = None
+    name: str,
+    sig: inspect.Signature,
+    *,
+    caller: bool = False,
+    signature_id: str | None = None,
+    load_pickles: bool = True,
 ) -> CallSpec:
     """Prepare every per-call step of one version (rule 1).
 
     ``caller``: the spec of a caller, built from a rebuilt signature (rule 6): its own
     arguments are validated, never unpickled. ``signature_id``: the publisher's, which a
-    rebuilt signature's text need not hash to.
+    rebuilt signature's text need not hash to. ``load_pickles``: False for a call-only
+    caller, whose results never load a pickle (a refused one is a ValidationError).
     """
     fields: dict[str, Any] = {}
     parameter_types: dict[str, Any] = {}
@@ -859,7 +865,10 @@ def build_call_spec(
     return_type = _return_type(sig)
     try:
         decode_args = decoding(arguments_type, unpickle=not caller)
-        decode_return = decoding(return_type, unpickle=True)
+        # A call-only caller never loads a pickle: the publisher chose what it would run.
+        decode_return = (
+            decoding(return_type, unpickle=True) if load_pickles else refusing_pickles(return_type)
+        )
     except TypeError as exc:
         raise NotScatterable(f"{name}(): msgspec cannot validate an annotation: {exc}") from exc
     return CallSpec(

@@ -496,3 +496,50 @@ def test_a_call_only_client_cannot_make_a_worker_unpickle(
         assert isinstance(done, _wire.Result) and msgspec.msgpack.decode(done.value) == 7
     finally:
         context.destroy(linger=0)
+
+
+def _box_that_marks(directory: Path) -> Box:
+    # Loaded by a worker (it checks its own results), or by a caller: the marker names
+    # the process that loaded the pickle.
+    (directory / f"loaded-by-{os.getpid()}").touch()
+    return Box(0)
+
+
+class TrappedBox(Box):
+    """A Box whose pickle, once loaded, marks the process that loaded it."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(0)
+        self.directory = directory
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_box_that_marks, (self.directory,))
+
+
+def trapped(directory: str) -> Box:
+    return TrappedBox(Path(directory))
+
+
+@pytest.mark.timeout(90)
+def test_a_call_only_client_never_unpickles_a_result(
+    client: scatter.Client, node: LocalNode, tmp_path: Path
+) -> None:
+    # Found in review: a result (or a stream item) of an opaque type was unpickled by
+    # every caller, so a publisher's code ran in call-only clients too.
+    from scatter._config import default_data_dir
+    from scatter._security import call_only_secret, read_user_secret
+
+    client.publish(trapped)
+    mine = tmp_path / f"loaded-by-{os.getpid()}"
+    cluster_secret = read_user_secret(default_data_dir())
+    assert cluster_secret is not None
+    with scatter.Client(
+        node.address, autostart=False, secret=call_only_secret(cluster_secret)
+    ) as caller:
+        with pytest.raises(scatter.ValidationError, match="call-only") as caught:
+            caller.make_callable("trapped")(str(tmp_path))
+        assert caught.value.parameter == "return"
+        assert not mine.exists(), "a call-only client unpickled a result"
+    # The cluster secret's holder loads it: the tripwire is real.
+    assert isinstance(client.make_callable("trapped")(str(tmp_path)), Box)
+    assert mine.exists()
