@@ -18,11 +18,13 @@ refused at ``@scatter`` time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import site
 import sys
 import sysconfig
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -87,10 +89,24 @@ def _pickle_by_value(fn: Callable[..., Any], *objects: object) -> list[bytes]:
     names = set(_callers_own_modules())
     if module_name != "__main__" and module_name.partition(".")[0] != "scatter":
         names.add(module_name)
+    # cloudpickle's set of by-value modules is global: two threads publishing at once
+    # would unregister each other's modules mid-pickle (shipping them by reference, which
+    # fails on the node), and a module the user registered must stay registered.
+    with _BY_VALUE_LOCK:
+        return _dumps_by_value(fn, module_name, names, objects)
+
+
+_BY_VALUE_LOCK = threading.Lock()
+
+
+def _dumps_by_value(
+    fn: Callable[..., Any], module_name: str, names: set[str], objects: tuple[object, ...]
+) -> list[bytes]:
     registered: list[types.ModuleType] = []
+    already = cloudpickle.list_registry_pickle_by_value()  # the user's own: left as they are
     for name in names:
         module = sys.modules.get(name)
-        if not isinstance(module, types.ModuleType):
+        if not isinstance(module, types.ModuleType) or name in already:
             continue
         try:
             cloudpickle.register_pickle_by_value(module)
@@ -112,7 +128,8 @@ def _pickle_by_value(fn: Callable[..., Any], *objects: object) -> list[bytes]:
         ) from exc
     finally:
         for module in registered:
-            cloudpickle.unregister_pickle_by_value(module)
+            with contextlib.suppress(ValueError):
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 # Read by the node's workers off the loaded body (scatter/_node/_worker.py).

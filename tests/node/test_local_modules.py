@@ -50,3 +50,46 @@ def test_a_function_using_the_callers_own_modules_runs_on_a_node_started_elsewhe
     shutil.rmtree(callers_modules)
     with scatter.Client(node.address, autostart=False) as other:
         assert other.make_callable("uses_callers_modules")(5) == 15 + 25
+
+
+@pytest.mark.timeout(120)
+def test_publishing_from_threads_at_once_ships_every_module_and_keeps_the_users_own(
+    node: LocalNode, client: scatter.Client, callers_modules: Path
+) -> None:
+    # Found in review: cloudpickle's by-value registry is global, so one publish's cleanup
+    # unregistered another's modules mid-pickle, and a module the user had registered
+    # was unregistered by any publish.
+    import threading
+
+    import cloudpickle
+
+    helpers = importlib.import_module(HELPERS)
+    package = importlib.import_module(PACKAGE)
+    cloudpickle.register_pickle_by_value(package)  # the user's own choice
+    try:
+        errors: list[BaseException] = []
+
+        def publish_many(index: int) -> None:
+            try:
+                for round_ in range(15):
+
+                    def uses_helpers(x: int) -> int:
+                        return helpers.triple(x)
+
+                    client.publish(uses_helpers, name=f"helpers_{index}_{round_ % 3}")
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=publish_many, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(100)
+        assert not errors, errors
+        assert PACKAGE in cloudpickle.list_registry_pickle_by_value()
+        shutil.rmtree(callers_modules)
+        for index in range(4):
+            for round_ in range(3):
+                assert client.make_callable(f"helpers_{index}_{round_}")(2) == 6
+    finally:
+        cloudpickle.unregister_pickle_by_value(package)
