@@ -44,6 +44,7 @@ from ._connections import (
     Undelivered,
     WorkerConnection,
     _wait_readable as wait_readable,
+    _zmq_failure,
 )
 from ._control import error_from_failure
 from ._polling import ReplyPolling
@@ -516,8 +517,10 @@ class RemoteFunction:
                 connection.broken = True
                 sender._undelivered(connection, attempt)
                 continue
-            except BaseException:
+            except BaseException as exc:
                 sender._pool.discard(connection)
+                if isinstance(exc, zmq.ZMQError):
+                    raise _zmq_failure(exc, "send a call") from exc
                 raise
             return AsyncRemoteStream(
                 self, state, connection, call_id, timeout or state.timeout, library
@@ -811,6 +814,11 @@ class RemoteStream(_StreamCore):
                 connection.broken = True
                 sender._undelivered(connection, attempt)
                 continue
+            except BaseException as exc:  # Ctrl-C, a dead socket: never leak the claim
+                sender._pool.discard(connection)
+                if isinstance(exc, zmq.ZMQError):
+                    raise _zmq_failure(exc, "send a call") from exc
+                raise
             break
         super().__init__(function, state, connection, call_id, timeout)
 
@@ -928,6 +936,9 @@ class AsyncRemoteStream(_StreamCore):
             connection.sock.send(_wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK)
             while not self._ended(await self._receive()):
                 pass
+        except zmq.ZMQError:  # the worker is gone: nothing left to stop, as close() does
+            self._pool.discard(connection)
+            return
         except BaseException:
             self._pool.discard(connection)
             raise
@@ -936,13 +947,16 @@ class AsyncRemoteStream(_StreamCore):
     def __del__(self) -> None:
         if not self._done:
             self._done = True
-            with contextlib.suppress(Exception):
-                self._connection.sock.send(
-                    _wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK
-                )
-                # Closed with a linger: the Cancel leaves before the socket goes.
-                self._connection.sock.close(linger=100)
-                self._pool.discard(self._connection)
+            try:
+                with contextlib.suppress(Exception):
+                    self._connection.sock.send(
+                        _wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK
+                    )
+                    # Closed with a linger: the Cancel leaves before the socket goes.
+                    self._connection.sock.close(linger=100)
+            finally:  # whatever the send did: the slot and the worker's claim come back
+                with contextlib.suppress(Exception):
+                    self._pool.discard(self._connection)
 
     async def _receive(self) -> bytes:
         connection = self._connection

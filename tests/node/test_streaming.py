@@ -7,6 +7,7 @@ import asyncio
 import gc
 import inspect
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import trio
 import zmq
 
 import scatter
+from cluster.launch import LocalNode, process_gone
 from scatter import _wire
 from tests.raw_sockets import dealer
 from tests.waiting import holds_for, wait_until
@@ -76,6 +78,11 @@ def slow_second(marker: str) -> Iterator[int]:
         yield 2
     finally:
         Path(marker).touch()
+
+
+def pids() -> Iterator[int]:
+    while True:
+        yield os.getpid()
 
 
 def add(a: int, b: int) -> int:
@@ -311,3 +318,27 @@ def test_scatter_call_prints_a_generators_items_one_line_each(
     result = CliRunner().invoke(app, ["--address", client.address, "call", "squares", "4"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "0\n1\n4\n9\n"
+
+
+@pytest.mark.timeout(90)
+def test_an_async_stream_dropped_after_its_worker_died_gives_its_connection_back(
+    node: LocalNode, client: scatter.Client
+) -> None:
+    # Found in review: __del__ of an async stream sent its Cancel and discarded its
+    # connection under one suppress; a dead worker made the send raise, and the pool's
+    # slot (and the worker's claim) leaked: with max_connections=1, no call ever again.
+    client.publish(pids)
+    client.publish(add)
+    with scatter.Client(node.address, autostart=False, max_connections=1) as small:
+
+        async def take_one_and_drop() -> int:
+            items = await small.make_callable("pids").call_async()
+            pid = await items.__anext__()
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: process_gone(pid), 10, "the worker is gone")
+            del items  # never closed: garbage collected
+            gc.collect()
+            return pid
+
+        asyncio.run(take_one_and_drop())
+        assert small.make_callable("add").call(2, 3, timeout=20) == 5
