@@ -19,9 +19,15 @@ Where the class comes from, in this order:
    it is loaded only by a client whose secret may deploy (who could publish code to run
    anyway), and a worker sends none to a call-only client in the first place.
 
+Building the dual class and its instance runs no code of the class's own: a class with a
+metaclass, or an ``__init_subclass__``, ``__new__``, ``__setattr__`` or ``__del__`` of its
+own (in Python, anywhere in its MRO) is not rebuilt, and attributes go straight into the
+instance's ``__dict__`` (no property setter runs; no dunder name is taken).
+
 Anything else (a class neither found nor unpickled, a ``BaseException`` that is no
 ``Exception`` such as ``SystemExit``, a class whose layout cannot be combined with
-``RemoteError``, a pickle that fails to load) gives the plain ``RemoteError``.
+``RemoteError``, a class that would run code of its own, a pickle that fails to load)
+gives the plain ``RemoteError``.
 """
 
 from __future__ import annotations
@@ -37,8 +43,10 @@ import msgspec
 from .. import _wire
 from .._exceptions import RemoteError, RemoteTraceback
 
-# {remote class: its dual class, or None where the two cannot be combined}
-_duals: weakref.WeakKeyDictionary[type, type | None] = weakref.WeakKeyDictionary()
+# {remote class: a weak reference to its dual class, or None where the two cannot be
+# combined}. Weak both ways: a dual subclasses its class, so a strong value would keep
+# the key alive forever (a class loaded by value is a new one per worker process).
+_duals: weakref.WeakKeyDictionary[type, weakref.ref[type] | None] = weakref.WeakKeyDictionary()
 
 
 def remote_error(failure: _wire.Failure, *, may_unpickle: bool) -> RemoteError:
@@ -101,13 +109,33 @@ def _instance(cls: type, args: list[Any], attributes: dict[str, Any]) -> RemoteE
     if dual is None:
         return None
     error: RemoteError = dual.__new__(dual, *args)
-    if not error.args and args:  # a __new__ of the class's own that dropped them
+    if not error.args and args:
         error.args = tuple(args)
-    for name, value in attributes.items():
-        if isinstance(name, str):
-            with contextlib.suppress(AttributeError, TypeError):
-                setattr(error, name, value)
+    # Straight into the instance's dict: setattr would run property setters or a
+    # __setattr__ of the class's own, with names and values the remote side chose.
+    error.__dict__.update(
+        (name, value)
+        for name, value in attributes.items()
+        if isinstance(name, str) and not name.startswith("__")
+    )
     return error
+
+
+def _runs_no_code_of_its_own(cls: type) -> bool:
+    """Whether building a subclass and an instance of ``cls`` runs only BaseException's
+    code: no metaclass, ``__init_subclass__``, ``__new__``, ``__setattr__`` or ``__del__``
+    of a class's own (a remote side chooses the class, among those loaded here)."""
+    if type(cls) is not type:
+        return False
+    for klass in cls.__mro__:
+        if klass.__module__ == "builtins":  # the built-in exceptions' own C slots
+            continue
+        if any(
+            name in vars(klass)
+            for name in ("__init_subclass__", "__new__", "__setattr__", "__del__")
+        ):
+            return False
+    return True
 
 
 def _dual(cls: type) -> type | None:
@@ -116,10 +144,18 @@ def _dual(cls: type) -> type | None:
         # SystemExit, KeyboardInterrupt: never raised here on a remote's behalf.
         # A RemoteError from a nested call already says what it is.
         return None
+    if not _runs_no_code_of_its_own(cls):
+        return None
     try:
-        return _duals[cls]
+        known = _duals[cls]
     except KeyError:
         pass
+    else:
+        if known is None:
+            return None
+        found = known()
+        if found is not None:
+            return found
     dual: type | None
     try:
         dual = type(
@@ -139,7 +175,7 @@ def _dual(cls: type) -> type | None:
     except TypeError:  # "multiple bases have instance lay-out conflict", a final class
         dual = None
     with contextlib.suppress(TypeError):
-        _duals[cls] = dual
+        _duals[cls] = None if dual is None else weakref.ref(dual)
     return dual
 
 

@@ -195,3 +195,33 @@ def test_the_worker_sends_no_exception_pickle_to_a_call_only_key(
         assert replies["deploy"].remote_pickle != b""
     finally:
         context.destroy(linger=0)
+
+
+SUBCLASSED_HERE: list[str] = []
+
+
+class Hooked(ValueError):
+    """A class whose subclassing runs code: a caller that built its dual class ran it."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        SUBCLASSED_HERE.append(cls.__name__)
+
+
+def raise_hooked() -> None:
+    raise Hooked("hooked")
+
+
+@pytest.mark.timeout(60)
+def test_a_class_whose_subclassing_runs_code_arrives_as_a_plain_remote_error(
+    client: scatter.Client,
+) -> None:
+    # Found in review: rebuilding the remote class as a subclass ran the class's own
+    # __init_subclass__ (and would have run a metaclass, __new__, or property setters for
+    # the attributes) in the caller: code the remote side chose to run.
+    client.publish(raise_hooked)
+    with pytest.raises(scatter.RemoteError) as caught:
+        client.make_callable("raise_hooked")()
+    assert not isinstance(caught.value, Hooked)
+    assert caught.value.remote_type == f"{__name__}.Hooked"
+    assert SUBCLASSED_HERE == []
