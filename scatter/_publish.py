@@ -19,6 +19,7 @@ refused at ``@scatter`` time.
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import os
 import platform
 import site
@@ -69,7 +70,12 @@ def _is_callers_own(name: str, module: object) -> bool:
     file = getattr(module, "__file__", None)
     if not isinstance(file, str) or name == "__main__" or name.partition(".")[0] == "scatter":
         return False  # built in, namespace package, or already by value (__main__)
+    if not file.endswith(_SOURCE_SUFFIXES):
+        return False  # an extension built in place (.so): cloudpickle cannot copy it
     return not os.path.realpath(file).startswith(_INSTALLED_ROOTS)
+
+
+_SOURCE_SUFFIXES = tuple(importlib.machinery.SOURCE_SUFFIXES)
 
 
 def _callers_own_modules() -> list[str]:

@@ -93,3 +93,23 @@ def test_publishing_from_threads_at_once_ships_every_module_and_keeps_the_users_
                 assert client.make_callable(f"helpers_{index}_{round_}")(2) == 6
     finally:
         cloudpickle.unregister_pickle_by_value(package)
+
+
+def test_an_extension_module_built_in_place_is_not_shipped_by_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found in review: a Cython or pybind11 module built in the caller's tree counted as
+    # the caller's own code, and cloudpickle then tried to copy its classes by value.
+    import types
+
+    from scatter._publish import _callers_own_modules
+
+    extension = types.ModuleType("scatter_test_fast_extension")
+    extension.__file__ = str(tmp_path / "scatter_test_fast_extension.cpython-311-x86_64-linux-gnu.so")
+    source = types.ModuleType("scatter_test_plain_source")
+    source.__file__ = str(tmp_path / "scatter_test_plain_source.py")
+    monkeypatch.setitem(sys.modules, extension.__name__, extension)
+    monkeypatch.setitem(sys.modules, source.__name__, source)
+    own = _callers_own_modules()
+    assert source.__name__ in own
+    assert extension.__name__ not in own
