@@ -31,6 +31,7 @@ from .._config import MAX_MESSAGE_BYTES
 from .._core import _typespec
 from .._core._signature import CallSpec, build_call_spec, decoding, refusing_pickles
 from .._exceptions import (
+    CallTimeout,
     ProtocolError,
     ScatterError,
     SignatureChanged,
@@ -165,8 +166,16 @@ class CallSender:
                     connection = pool.checkout(give_up)
                     assert connection is not None
                 call_id = next(self._ids)
+                # What is left of the call's timeout after a lease waited: the reply may
+                # not have all of it again.
+                budget = timeout if give_up is None else give_up - time.monotonic()
+                if budget <= 0:
+                    pool.checkin(connection)
+                    raise CallTimeout(
+                        f"no worker came free within the call's timeout of {timeout:g} s"
+                    )
                 try:
-                    reply = connection.request(frame_for(call_id), timeout, polling)
+                    reply = connection.request(frame_for(call_id), budget, polling)
                 except Undelivered:
                     if give_up is None:  # the send waited _SEND_TIMEOUT for nobody
                         give_up = time.monotonic() - _SEND_TIMEOUT + timeout
@@ -194,8 +203,14 @@ class CallSender:
         for attempt in range(2):
             connection = await pool.checkout_async(library, give_up)
             call_id = next(self._ids)
+            budget = give_up - time.monotonic()  # the reply may not have all of it again
+            if budget <= 0:
+                pool.checkin(connection)
+                raise CallTimeout(
+                    f"no worker came free within the call's timeout of {timeout:g} s"
+                )
             try:
-                reply = await connection.request_async(frame_for(call_id), timeout, library)
+                reply = await connection.request_async(frame_for(call_id), budget, library)
             except Undelivered:
                 self._undelivered(connection, attempt)
                 continue

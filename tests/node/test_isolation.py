@@ -240,3 +240,32 @@ def test_map_with_more_parallel_than_workers_makes_do_with_the_free_ones(tmp_pat
             assert client.statistics().idle_connections <= 4  # spares pooled, not piled up
     finally:
         node.stop()
+
+
+def nap(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@pytest.mark.timeout(90)
+def test_a_call_that_waited_for_a_worker_has_only_the_rest_of_its_timeout(
+    tmp_path: Path, clients: list[scatter.Client]
+) -> None:
+    # Found in review: a call that waited for its worker then waited for the reply with
+    # its whole timeout again (and the worker's deadline started afresh): `timeout=9`
+    # behind an 8 s call took 17 s. Its timeout bounds all of it (plus the reply margin).
+    node = started_node(tmp_path, "--max-workers", "1")
+    first, second = (scatter.Client(node.address, autostart=False) for _ in range(2))
+    clients += [first, second]
+    first.publish(nap, timeout=60)
+    holder = threading.Thread(target=lambda: first.make_callable("nap")(8), daemon=True)
+    holder.start()
+    wait_until(lambda: first.status().busy_workers == 1, 20, "the only worker is busy")
+    started = time.monotonic()
+    with pytest.raises(scatter.CallTimeout):
+        second.make_callable("nap").call(20, timeout=9)
+    elapsed = time.monotonic() - started
+    # Bounded by its timeout plus the reply margin (3 s), with room for a busy machine;
+    # before, the worker's fresh deadline answered at about 8 + 9 = 17 s.
+    assert elapsed < 9 + 3 + 3, elapsed
+    holder.join(30)
+    node.stop()
