@@ -894,11 +894,32 @@ async def _in_thread(
     library: str, function: Callable[[], WorkerConnection], give_back: Callable[[WorkerConnection], None]
 ) -> WorkerConnection:
     """Lease in a worker thread; a lease that ends after its caller was cancelled is
-    handed to ``give_back`` (trio waits for the thread: nothing is left over)."""
+    handed to ``give_back``. The caller never waits for the thread once cancelled: a lease
+    may wait up to the call's timeout (saturated, or a worker starting)."""
     if library == "trio":
         import trio
 
-        return await trio.to_thread.run_sync(function)
+        lock = threading.Lock()
+        box: dict[str, Any] = {}
+
+        def lease() -> WorkerConnection:
+            connection = function()
+            with lock:
+                if box.get("abandoned"):
+                    give_back(connection)
+                else:
+                    box["leased"] = connection
+            return connection
+
+        try:
+            return await trio.to_thread.run_sync(lease, abandon_on_cancel=True)
+        except trio.Cancelled:
+            with lock:
+                box["abandoned"] = True
+                leased = box.pop("leased", None)
+            if leased is not None:  # it came back as trio gave up on the thread
+                give_back(leased)
+            raise
     import asyncio
 
     leasing = asyncio.get_running_loop().run_in_executor(None, function)

@@ -254,18 +254,53 @@ def test_a_call_that_waited_for_a_worker_has_only_the_rest_of_its_timeout(
     # its whole timeout again (and the worker's deadline started afresh): `timeout=9`
     # behind an 8 s call took 17 s. Its timeout bounds all of it (plus the reply margin).
     node = started_node(tmp_path, "--max-workers", "1")
-    first, second = (scatter.Client(node.address, autostart=False) for _ in range(2))
-    clients += [first, second]
-    first.publish(nap, timeout=60)
-    holder = threading.Thread(target=lambda: first.make_callable("nap")(8), daemon=True)
-    holder.start()
-    wait_until(lambda: first.status().busy_workers == 1, 20, "the only worker is busy")
-    started = time.monotonic()
-    with pytest.raises(scatter.CallTimeout):
-        second.make_callable("nap").call(20, timeout=9)
-    elapsed = time.monotonic() - started
-    # Bounded by its timeout plus the reply margin (3 s), with room for a busy machine;
-    # before, the worker's fresh deadline answered at about 8 + 9 = 17 s.
-    assert elapsed < 9 + 3 + 3, elapsed
-    holder.join(30)
-    node.stop()
+    try:
+        first, second = (scatter.Client(node.address, autostart=False) for _ in range(2))
+        clients += [first, second]
+        first.publish(nap, timeout=60)
+        holder = threading.Thread(target=lambda: first.make_callable("nap")(8), daemon=True)
+        holder.start()
+        wait_until(lambda: first.status().busy_workers == 1, 20, "the only worker is busy")
+        started = time.monotonic()
+        with pytest.raises(scatter.CallTimeout):
+            second.make_callable("nap").call(20, timeout=9)
+        elapsed = time.monotonic() - started
+        # Bounded by its timeout plus the reply margin (3 s), with room for a busy machine;
+        # before, the worker's fresh deadline answered at about 8 + 9 = 17 s.
+        assert elapsed < 9 + 3 + 3, elapsed
+        holder.join(30)
+    finally:
+        node.kill()
+
+
+@pytest.mark.timeout(90)
+def test_cancelling_a_trio_call_waiting_for_a_worker_returns_at_once(
+    tmp_path: Path, clients: list[scatter.Client]
+) -> None:
+    # Found in review: the lease ran in a trio thread that cannot be abandoned, so a
+    # cancelled call_async waited for it: up to the call's timeout on a saturated node.
+    import trio
+
+    node = started_node(tmp_path, "--max-workers", "1")
+    try:
+        first, second = (scatter.Client(node.address, autostart=False) for _ in range(2))
+        clients += [first, second]
+        first.publish(nap, timeout=60)
+        holder = threading.Thread(target=lambda: first.make_callable("nap")(6), daemon=True)
+        holder.start()
+        wait_until(lambda: first.status().busy_workers == 1, 20, "the only worker is busy")
+        remote = second.make_callable("nap")
+
+        async def cancelled_after_a_second() -> float:
+            started = time.monotonic()
+            with trio.move_on_after(1):
+                await remote.call_async(0, timeout=30)
+            return time.monotonic() - started
+
+        elapsed = trio.run(cancelled_after_a_second)
+        assert elapsed < 4, elapsed  # before: until the worker came free, about 6 s
+        holder.join(30)
+        # The lease that came back after the cancel went to the pool, not nowhere.
+        assert remote.call(0, timeout=20) is None
+    finally:
+        node.kill()
