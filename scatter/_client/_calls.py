@@ -175,7 +175,9 @@ class CallSender:
                         f"no worker came free within the call's timeout of {timeout:g} s"
                     )
                 try:
-                    reply = connection.request(frame_for(call_id), budget, polling)
+                    reply = connection.request(
+                        frame_for(call_id), timeout, polling, None if give_up is None else budget
+                    )
                 except Undelivered:
                     if give_up is None:  # the send waited _SEND_TIMEOUT for nobody
                         give_up = time.monotonic() - _SEND_TIMEOUT + timeout
@@ -210,7 +212,9 @@ class CallSender:
                     f"no worker came free within the call's timeout of {timeout:g} s"
                 )
             try:
-                reply = await connection.request_async(frame_for(call_id), budget, library)
+                reply = await connection.request_async(
+                    frame_for(call_id), timeout, library, budget
+                )
             except Undelivered:
                 self._undelivered(connection, attempt)
                 continue
@@ -879,8 +883,16 @@ class RemoteStream(_StreamCore):
         self._pool.checkin(connection)
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        # Not close(): a finalizer runs wherever the collector does (a lock held, a
+        # request under way), and close() waits for the generator's end. The Cancel
+        # stops the generator all the same; the pool discards the connection later.
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(Exception):
+                self._connection.sock.send(
+                    _wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK
+                )
+            self._pool.abandoned.append(self._connection)
 
     def _receive(self) -> bytes:
         connection = self._connection
@@ -962,16 +974,13 @@ class AsyncRemoteStream(_StreamCore):
     def __del__(self) -> None:
         if not self._done:
             self._done = True
-            try:
-                with contextlib.suppress(Exception):
-                    self._connection.sock.send(
-                        _wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK
-                    )
-                    # Closed with a linger: the Cancel leaves before the socket goes.
-                    self._connection.sock.close(linger=100)
-            finally:  # whatever the send did: the slot and the worker's claim come back
-                with contextlib.suppress(Exception):
-                    self._pool.discard(self._connection)
+            with contextlib.suppress(Exception):
+                self._connection.sock.send(
+                    _wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK
+                )
+            # Whatever the send did: the slot and the worker's claim come back, at the
+            # next checkout (a finalizer may run anywhere; see ConnectionPool.abandoned).
+            self._pool.abandoned.append(self._connection)
 
     async def _receive(self) -> bytes:
         connection = self._connection

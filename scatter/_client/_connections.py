@@ -195,7 +195,11 @@ class WorkerConnection:
         return self.broken
 
     def request(
-        self, frame: bytes, timeout: float, polling: ReplyPolling | None = None
+        self,
+        frame: bytes,
+        timeout: float,
+        polling: ReplyPolling | None = None,
+        patience: float | None = None,
     ) -> bytes:
         """Send one call, return its reply frame; a dropped connection raises WorkerCrashed.
 
@@ -226,13 +230,16 @@ class WorkerConnection:
             try:
                 return self.sock.recv()
             except zmq.Again:
-                self.check_alive(started, timeout)
+                self.check_alive(started, timeout, patience)
             except zmq.ZMQError as exc:
                 self.broken = True
                 raise _zmq_failure(exc, "receive a reply") from exc
 
-    def check_alive(self, started: float, timeout: float) -> None:
-        """While waiting for a reply: raise if the worker died or the wait is over."""
+    def check_alive(self, started: float, timeout: float, patience: float | None = None) -> None:
+        """While waiting for a reply: raise if the worker died or the wait is over.
+
+        ``timeout``: the call's, as its worker enforces it; ``patience``: how long this
+        caller still waits, when less (what a wait for a worker left of the timeout)."""
         now = time.monotonic()
         if self.dropped():
             if now - started >= timeout:
@@ -246,25 +253,30 @@ class WorkerConnection:
                 "a crash in a C extension, or the node stopped); the node replaces "
                 "it and keeps serving",
             )
-        if now > started + timeout + _REPLY_MARGIN:
+        wait = timeout if patience is None else patience
+        if now > started + wait + _REPLY_MARGIN:
             self.broken = True
             raise CallTimeout(
-                f"no reply within {timeout + _REPLY_MARGIN:g} s (timeout {timeout:g} s)"
+                f"no reply within {wait + _REPLY_MARGIN:g} s (timeout {timeout:g} s)"
             )
 
-    async def request_async(self, frame: bytes, timeout: float, library: str) -> bytes:
+    async def request_async(
+        self, frame: bytes, timeout: float, library: str, patience: float | None = None
+    ) -> bytes:
         """``request`` for an event loop: waits on the socket's fd, never blocks the loop.
 
         The fd is edge-triggered, so ``zmq.EVENTS`` is read before every wait (the rule
         of ``_transport/_zmq_trio.py``).
         """
         try:
-            return await self._request_async(frame, timeout, library)
+            return await self._request_async(frame, timeout, library, patience)
         except zmq.ZMQError as exc:
             self.broken = True
             raise _zmq_failure(exc, "call a worker") from exc
 
-    async def _request_async(self, frame: bytes, timeout: float, library: str) -> bytes:
+    async def _request_async(
+        self, frame: bytes, timeout: float, library: str, patience: float | None
+    ) -> bytes:
         fd: int = self.sock.getsockopt(zmq.FD)  # type: ignore[assignment]
         give_up_sending = time.monotonic() + _SEND_TIMEOUT
         while True:
@@ -285,7 +297,7 @@ class WorkerConnection:
             except zmq.Again:
                 if self.events() & zmq.POLLIN:
                     continue
-                self.check_alive(started, timeout)
+                self.check_alive(started, timeout, patience)
                 await _wait_readable(fd, library, CRASH_CHECK_INTERVAL)
 
     def events(self) -> int:
@@ -353,6 +365,10 @@ class ConnectionPool:
         self._transport = transport
         self.limit = limit
         self.idle: list[WorkerConnection] = []
+        # Connections of streams dropped without being closed: a finalizer may run in any
+        # thread, in the middle of anything (a lock held, a request under way), so it only
+        # appends here (atomic under the GIL) and the next checkout discards them.
+        self.abandoned: list[WorkerConnection] = []
         # leases, stale_connections_dropped, undelivered_retries, expired_connections,
         # busy_workers_avoided (see ClientStatistics)
         self.counts: collections.Counter[str] = collections.Counter()
@@ -531,6 +547,8 @@ class ConnectionPool:
         another connection had go back to the pool (tried last) if one was claimed or
         without ``busy``, else to ``busy`` (for :meth:`lease`)."""
         taken: list[WorkerConnection] | None = None  # made only off the hot path
+        while self.abandoned:
+            self.discard(self.abandoned.pop())
         while self.idle:
             try:
                 # list.pop is atomic under the GIL: no lock on the hot path.
