@@ -789,6 +789,19 @@ class _StreamCore:
             return msgspec.structs.replace(reply, value=value)
         return reply
 
+    def __del__(self) -> None:
+        # Not close(): a finalizer runs wherever the collector does (a lock held, a
+        # request under way), and close() waits for the generator's end. The Cancel
+        # stops the generator all the same; whatever the send did, the slot and the
+        # worker's claim come back at the next checkout (ConnectionPool.abandoned).
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(Exception):
+                self._connection.sock.send(
+                    _wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK
+                )
+            self._pool.abandoned.append(self._connection)
+
     def _abandon(self) -> None:
         if not self._done:
             self._done = True
@@ -882,18 +895,6 @@ class RemoteStream(_StreamCore):
             return
         self._pool.checkin(connection)
 
-    def __del__(self) -> None:
-        # Not close(): a finalizer runs wherever the collector does (a lock held, a
-        # request under way), and close() waits for the generator's end. The Cancel
-        # stops the generator all the same; the pool discards the connection later.
-        if not self._done:
-            self._done = True
-            with contextlib.suppress(Exception):
-                self._connection.sock.send(
-                    _wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK
-                )
-            self._pool.abandoned.append(self._connection)
-
     def _receive(self) -> bytes:
         connection = self._connection
         started = time.monotonic()
@@ -970,17 +971,6 @@ class AsyncRemoteStream(_StreamCore):
             self._pool.discard(connection)
             raise
         self._pool.checkin(connection)
-
-    def __del__(self) -> None:
-        if not self._done:
-            self._done = True
-            with contextlib.suppress(Exception):
-                self._connection.sock.send(
-                    _wire.encoder.encode(_wire.Cancel(self._call_id)), zmq.NOBLOCK
-                )
-            # Whatever the send did: the slot and the worker's claim come back, at the
-            # next checkout (a finalizer may run anywhere; see ConnectionPool.abandoned).
-            self._pool.abandoned.append(self._connection)
 
     async def _receive(self) -> bytes:
         connection = self._connection
