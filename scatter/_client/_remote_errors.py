@@ -144,8 +144,6 @@ def _dual(cls: type) -> type | None:
         # SystemExit, KeyboardInterrupt: never raised here on a remote's behalf.
         # A RemoteError from a nested call already says what it is.
         return None
-    if not _runs_no_code_of_its_own(cls):
-        return None
     try:
         known = _duals[cls]
     except KeyError:
@@ -156,6 +154,10 @@ def _dual(cls: type) -> type | None:
         found = known()
         if found is not None:
             return found
+    if not _runs_no_code_of_its_own(cls):  # walked once per class, not per error
+        with contextlib.suppress(TypeError):
+            _duals[cls] = None
+        return None
     dual: type | None
     try:
         dual = type(

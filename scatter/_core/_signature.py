@@ -351,6 +351,12 @@ def decoding(type_: Any, *, unpickle: bool) -> Callable[[Any], Any]:
     return _decoder(type_, hook)
 
 
+def answer_decoding(type_: Any, *, load_pickles: bool) -> Callable[[Any], Any]:
+    """``decode(payload)`` of what a callee sends back (a result, a stream's item): the
+    pickles at opaque positions loaded, or, for a call-only caller, refused unloaded."""
+    return decoding(type_, unpickle=True) if load_pickles else refusing_pickles(type_)
+
+
 def refusing_pickles(type_: Any) -> Callable[[Any], Any]:
     """``decode(payload)`` as :func:`decoding` does, but a pickle anywhere is refused
     (``PickleRefused``), never loaded: for the arguments of a call-only client."""
@@ -866,9 +872,7 @@ def build_call_spec(
     try:
         decode_args = decoding(arguments_type, unpickle=not caller)
         # A call-only caller never loads a pickle: the publisher chose what it would run.
-        decode_return = (
-            decoding(return_type, unpickle=True) if load_pickles else refusing_pickles(return_type)
-        )
+        decode_return = answer_decoding(return_type, load_pickles=load_pickles)
     except TypeError as exc:
         raise NotScatterable(f"{name}(): msgspec cannot validate an annotation: {exc}") from exc
     return CallSpec(

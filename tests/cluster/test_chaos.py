@@ -73,6 +73,21 @@ def _record(name: str, content_id: str) -> VersionRecord:
     )
 
 
+def _report_of_a_healed_run(run_dir: Path) -> chaos.Report:
+    """A run's report before the checker fills it: no faults, converged at once."""
+    return chaos.Report(
+        seed=0,
+        seconds=1,
+        run_dir=str(run_dir),
+        schedule=[],
+        kinds_injected=[],
+        not_injected={},
+        convergence_seconds=0.1,
+        converged=True,
+        membership_seconds=0.1,
+    )
+
+
 def test_the_checker_finds_a_lost_publish_a_call_run_twice_and_a_failed_change_applied(
     tmp_path: Path,
 ) -> None:
@@ -107,17 +122,7 @@ def test_the_checker_finds_a_lost_publish_a_call_run_twice_and_a_failed_change_a
             "f0": [{"kind": "function", "content_id": "c1", "version": 1, "current": True}],
             "": [],
         }
-        report = chaos.Report(
-            seed=0,
-            seconds=1,
-            run_dir=str(run_dir),
-            schedule=[],
-            kinds_injected=[],
-            not_injected={},
-            convergence_seconds=0.1,
-            converged=True,
-            membership_seconds=0.1,
-        )
+        report = _report_of_a_healed_run(run_dir)
         chaos.check(report, run_dir, ["n0"], [final], [log], [])
         return sorted(v["kind"] for v in report.violations)
 
@@ -163,17 +168,7 @@ def test_the_checker_reads_at_through_a_jumped_clock_and_finds_a_current_version
             ],
             "": [],
         }
-        report = chaos.Report(
-            seed=0,
-            seconds=1,
-            run_dir=str(run_dir),
-            schedule=[],
-            kinds_injected=[],
-            not_injected={},
-            convergence_seconds=0.1,
-            converged=True,
-            membership_seconds=0.1,
-        )
+        report = _report_of_a_healed_run(run_dir)
         assert first is not None and second is not None
         chaos.check(report, run_dir, ["n0"], [final], [[first, second, back]], [])
         return sorted(v["kind"] for v in report.violations), report.checks

@@ -3,6 +3,8 @@ and a node that says when it is saturated (issue 11, item 2). Real nodes, real c
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -246,6 +248,27 @@ def nap(seconds: float) -> None:
     time.sleep(seconds)
 
 
+@contextlib.contextmanager
+def _only_worker_busy_for(
+    seconds: float, tmp_path: Path, clients: list[scatter.Client]
+) -> Iterator[scatter.Client]:
+    """A node with one worker, busy for ``seconds`` with another client's call; yields
+    a second client. The first call is over when the block ends; the node is killed."""
+    node = started_node(tmp_path, "--max-workers", "1")
+    try:
+        first, second = (scatter.Client(node.address, autostart=False) for _ in range(2))
+        clients += [first, second]
+        first.publish(nap, timeout=60)
+        call = functools.partial(first.make_callable("nap"), seconds)
+        holder = threading.Thread(target=call, daemon=True)
+        holder.start()
+        wait_until(lambda: first.status().busy_workers == 1, 20, "the only worker is busy")
+        yield second
+        holder.join(30)
+    finally:
+        node.kill()
+
+
 @pytest.mark.timeout(90)
 def test_a_call_that_waited_for_a_worker_has_only_the_rest_of_its_timeout(
     tmp_path: Path, clients: list[scatter.Client]
@@ -253,14 +276,7 @@ def test_a_call_that_waited_for_a_worker_has_only_the_rest_of_its_timeout(
     # Found in review: a call that waited for its worker then waited for the reply with
     # its whole timeout again (and the worker's deadline started afresh): `timeout=9`
     # behind an 8 s call took 17 s. Its timeout bounds all of it (plus the reply margin).
-    node = started_node(tmp_path, "--max-workers", "1")
-    try:
-        first, second = (scatter.Client(node.address, autostart=False) for _ in range(2))
-        clients += [first, second]
-        first.publish(nap, timeout=60)
-        holder = threading.Thread(target=lambda: first.make_callable("nap")(8), daemon=True)
-        holder.start()
-        wait_until(lambda: first.status().busy_workers == 1, 20, "the only worker is busy")
+    with _only_worker_busy_for(8, tmp_path, clients) as second:
         started = time.monotonic()
         with pytest.raises(scatter.CallTimeout):
             second.make_callable("nap").call(20, timeout=9)
@@ -268,9 +284,6 @@ def test_a_call_that_waited_for_a_worker_has_only_the_rest_of_its_timeout(
         # Bounded by its timeout plus the reply margin (3 s), with room for a busy machine;
         # before, the worker's fresh deadline answered at about 8 + 9 = 17 s.
         assert elapsed < 9 + 3 + 3, elapsed
-        holder.join(30)
-    finally:
-        node.kill()
 
 
 @pytest.mark.timeout(90)
@@ -281,14 +294,7 @@ def test_cancelling_a_trio_call_waiting_for_a_worker_returns_at_once(
     # cancelled call_async waited for it: up to the call's timeout on a saturated node.
     import trio
 
-    node = started_node(tmp_path, "--max-workers", "1")
-    try:
-        first, second = (scatter.Client(node.address, autostart=False) for _ in range(2))
-        clients += [first, second]
-        first.publish(nap, timeout=60)
-        holder = threading.Thread(target=lambda: first.make_callable("nap")(6), daemon=True)
-        holder.start()
-        wait_until(lambda: first.status().busy_workers == 1, 20, "the only worker is busy")
+    with _only_worker_busy_for(6, tmp_path, clients) as second:
         remote = second.make_callable("nap")
 
         async def cancelled_after_a_second() -> float:
@@ -299,8 +305,6 @@ def test_cancelling_a_trio_call_waiting_for_a_worker_returns_at_once(
 
         elapsed = trio.run(cancelled_after_a_second)
         assert elapsed < 4, elapsed  # before: until the worker came free, about 6 s
-        holder.join(30)
-        # The lease that came back after the cancel went to the pool, not nowhere.
+        # The lease that came back after the cancel went to the pool, not nowhere (this
+        # call waits for the first one to end).
         assert remote.call(0, timeout=20) is None
-    finally:
-        node.kill()
