@@ -1206,7 +1206,13 @@ def _leave(
     """
     with contextlib.suppress(Exception):
         sock.poll(_LEAVE_LINGER_MS)
-    context.destroy(linger=_LEAVE_LINGER_MS)
+        sock.close(linger=_LEAVE_LINGER_MS)
+    # term() flushes what the socket still holds, but it also waits for every other
+    # socket of the context (the ZAP thread's): a worker was seen stuck there for good
+    # after its node died. So it gets a bounded time, in a thread, and then we exit.
+    flushing = threading.Thread(target=context.term, name="scatter-leave", daemon=True)
+    flushing.start()
+    flushing.join(2 * _LEAVE_LINGER_MS / 1000)
     worker.exit(0)
 
 
