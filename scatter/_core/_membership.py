@@ -47,6 +47,7 @@ from dataclasses import dataclass, field, replace
 from typing import Annotated
 
 import msgspec
+from msgspec.structs import replace as replace_struct
 
 from ._broadcast import BroadcastQueue
 
@@ -214,15 +215,6 @@ class MemberInfo(msgspec.Struct, frozen=True, kw_only=True):
 _by_node = operator.attrgetter("node")
 
 
-@dataclass(slots=True)  # a 10,000-member table holds 10,000 of these per member
-class _Member:
-    node: str
-    address: str
-    incarnation: int
-    state: State
-    since: float
-
-
 @dataclass
 class _Suspicion:
     started: float
@@ -287,8 +279,10 @@ class Membership:
         self.address = address
         self.config = config
         self._rng = random.Random(seed)
-        self._members: dict[str, _Member] = {
-            node: _Member(node, address, incarnation, State.ALIVE, now)
+        self._members: dict[str, MemberInfo] = {
+            node: MemberInfo(
+                node=node, address=address, incarnation=incarnation, state=State.ALIVE, since=now
+            )
         }
         self._broadcasts: BroadcastQueue[Message] = BroadcastQueue()
         self._suspicions: dict[str, _Suspicion] = {}
@@ -300,7 +294,7 @@ class Membership:
         self._leaving = False
         self._seeds: list[str] = []  # join addresses, asked again while we know nobody
         self.version = 0  # moves whenever the table does: who, where, state, incarnation
-        self._live_cache: tuple[int, list[_Member]] = (-1, [])
+        self._live_cache: tuple[int, list[MemberInfo]] = (-1, [])
         self._next_probe = now + self._rng.uniform(0, config.probe_interval)
         self._next_gossip = now + config.gossip_interval
         self._next_push_pull = now + config.push_pull_interval
@@ -317,18 +311,14 @@ class Membership:
         return self._awareness
 
     def members(self) -> list[MemberInfo]:
-        return [
-            MemberInfo(
-                node=m.node,
-                address=m.address,
-                incarnation=m.incarnation,
-                state=m.state,
-                since=m.since,
-            )
-            for m in sorted(self._members.values(), key=_by_node)
-        ]
+        """Everyone known, this member included, by node id."""
+        return sorted(self._members.values(), key=_by_node)
 
-    def known(self) -> dict[str, _Member]:
+    def table(self) -> tuple[MemberInfo, ...]:
+        """Everyone known, in no particular order: what a node stores."""
+        return tuple(self._members.values())
+
+    def known(self) -> dict[str, MemberInfo]:
         """{node: member} of everyone known, this member included (read only)."""
         return self._members
 
@@ -360,9 +350,9 @@ class Membership:
         added = 0
         for info in members:
             if info.node not in known:
-                known[info.node] = _Member(
-                    info.node, info.address, info.incarnation, info.state, now
-                )
+                # Entries are immutable: one shared by many members (the simulator's
+                # steady state of 10,000) costs one object, not 10,000.
+                known[info.node] = info if info.since == now else replace_struct(info, since=now)
                 added += 1
         self.version += added
 
@@ -384,8 +374,7 @@ class Membership:
     def leave(self, now: float) -> list[Packet]:
         """Say goodbye: every live member hears that we left (and gossip spreads it)."""
         self._leaving = True
-        me = self._members[self.node]
-        me.state, me.since = State.LEFT, now
+        me = self._update(self.node, state=State.LEFT, since=now)
         self.version += 1
         goodbye = Dead(node=self.node, incarnation=me.incarnation, source=self.node)
         self._broadcasts.put(self.node, goodbye)
@@ -478,19 +467,29 @@ class Membership:
             return
         member = self._members.get(news.node)
         if member is None:
-            self._members[news.node] = _Member(
-                news.node, news.address, news.incarnation, State.ALIVE, now
+            self._members[news.node] = MemberInfo(
+                node=news.node,
+                address=news.address,
+                incarnation=news.incarnation,
+                state=State.ALIVE,
+                since=now,
             )
             self.version += 1
             self._broadcasts.put(news.node, news)
             return
         if news.incarnation <= member.incarnation:
             return  # stale, or nothing new: ALIVE never undoes a suspicion at its incarnation
-        member.incarnation = news.incarnation
         self.version += 1
-        member.address = news.address
         if member.state != State.ALIVE:
-            member.state, member.since = State.ALIVE, now
+            self._update(
+                news.node,
+                incarnation=news.incarnation,
+                address=news.address,
+                state=State.ALIVE,
+                since=now,
+            )
+        else:
+            self._update(news.node, incarnation=news.incarnation, address=news.address)
         self._suspicions.pop(news.node, None)
         self._broadcasts.put(news.node, news)
 
@@ -515,9 +514,8 @@ class Membership:
                 suspicion.confirmed_by.add(news.source)
                 self._broadcasts.put(news.node, news)
             return
-        member.incarnation = news.incarnation
         self.version += 1
-        member.state, member.since = State.SUSPECT, now
+        self._update(news.node, incarnation=news.incarnation, state=State.SUSPECT, since=now)
         self._start_suspicion(news.node, news.source, now)
         self._broadcasts.put(news.node, news)
 
@@ -530,8 +528,12 @@ class Membership:
         if member is None and news.address and news.source != news.node:
             # A member we never met, dead in someone's table: remember it, so a reconnect
             # can find it alive again after a partition (rule 8).
-            self._members[news.node] = _Member(
-                news.node, news.address, news.incarnation, State.DEAD, now
+            self._members[news.node] = MemberInfo(
+                node=news.node,
+                address=news.address,
+                incarnation=news.incarnation,
+                state=State.DEAD,
+                since=now,
             )
             self.version += 1
             return
@@ -540,9 +542,8 @@ class Membership:
         state = State.LEFT if news.source == news.node else State.DEAD
         if member.state >= State.DEAD and news.incarnation == member.incarnation:
             return
-        member.incarnation = news.incarnation
         self.version += 1
-        member.state, member.since = state, now
+        self._update(news.node, incarnation=news.incarnation, state=state, since=now)
         self._suspicions.pop(news.node, None)
         self._broadcasts.put(news.node, news)
 
@@ -560,8 +561,7 @@ class Membership:
             self._broadcasts.put(self.node, Alive(self.node, self.address, me.incarnation))
 
     def _refute(self, incarnation: int, now: float) -> None:
-        me = self._members[self.node]
-        me.incarnation = incarnation + 1
+        me = self._update(self.node, incarnation=incarnation + 1)
         self.version += 1
         self._broadcasts.put(self.node, Alive(self.node, self.address, me.incarnation))
         # Suspected ourselves: we may be the slow one (Lifeguard).
@@ -664,7 +664,7 @@ class Membership:
             # Already suspected by others: our failed probe is a confirmation.
             self._on_suspect(Suspect(member.node, member.incarnation, self.node), now)
 
-    def _next_target(self) -> _Member | None:
+    def _next_target(self) -> MemberInfo | None:
         for _ in range(2):
             while self._probe_order:
                 node = self._probe_order.pop()
@@ -711,10 +711,15 @@ class Membership:
                 table.append(Dead(m.node, m.incarnation, source, m.address))
         return Sync(self.node, table, reply)
 
-    def _others(self) -> list[_Member]:
+    def _update(self, node: str, **changes: object) -> MemberInfo:
+        """Replace ``node``'s entry (entries are immutable, so they can be shared)."""
+        member = self._members[node] = replace_struct(self._members[node], **changes)
+        return member
+
+    def _others(self) -> list[MemberInfo]:
         return [m for m in self._members.values() if m.node != self.node]
 
-    def _random_others(self, count: int) -> list[_Member]:
+    def _random_others(self, count: int) -> list[MemberInfo]:
         """Up to ``count`` random members, alive or suspected: who hears news and syncs.
 
         (A member wrongly declared dead still syncs with us, as it thinks us alive, and
@@ -723,7 +728,7 @@ class Membership:
         pool = self.live_others()
         return self._rng.sample(pool, min(count, len(pool)))
 
-    def live_others(self) -> list[_Member]:
+    def live_others(self) -> list[MemberInfo]:
         """Members other than us, alive or suspected; rebuilt only when the table moves."""
         version, cached = self._live_cache
         if version != self.version:

@@ -517,7 +517,7 @@ class NodeCore:
                 self._members_persisted_version = membership.version
                 self._members_persisted_count = count
                 self._members_persisted_at = now
-                effects.append(PersistMembers(tuple(membership.members())))
+                effects.append(PersistMembers(membership.table()))
         return effects
 
     def next_wakeup(self) -> float:
