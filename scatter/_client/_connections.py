@@ -11,6 +11,14 @@ sockets, so 400 concurrent calls would otherwise fail with ``Too many open files
 Calls beyond the bound wait, in order, for a connection to come back. Connections idle
 longer than ``_IDLE_EXPIRY`` are closed and their leases released.
 
+Under trio or asyncio, a lease (a round trip to the node, then maybe a wait for a worker to
+come free, up to the call's timeout) runs in a thread of the pool's own, never in the
+loop's default executor nor under trio's default thread limiter: those are the user's,
+and calls waiting there would starve the user's own ``run_in_executor(None, ...)`` and cap
+the calls in flight at that pool's size (anyio runs its worker threads apart from the
+loop's executor for the same reason). Every leasing thread holds a connection or a slot of
+the bound, so the pool's ``max_connections`` threads are never what a call waits for.
+
 More connections than workers (many clients, or past ``--max-workers``) share workers, and
 a worker runs one call at a time. So a client on the node's machine claims its worker
 before each call (``_node/_slots.WorkerClaims``: an OFD lock on the worker's slot in the
@@ -27,6 +35,7 @@ waits for a claim count against the bound like any other.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -379,6 +388,9 @@ class ConnectionPool:
         self._generation = 0  # moves in a forked child: the parent's connections are not ours
         # {the node's slots file: the claims on its workers, None where it cannot be opened}
         self._claims: dict[str, WorkerClaims | None] = {}
+        # Where leases of trio and asyncio callers wait (see the module docstring): made
+        # at the first, as many threads as connections, each started only when needed.
+        self._lease_threads: concurrent.futures.ThreadPoolExecutor | None = None
         control.on_node_gone.append(self._drop_idle)
 
     # -- checking out ------------------------------------------------------------
@@ -430,8 +442,8 @@ class ConnectionPool:
     async def checkout_async(self, library: str, give_up: float) -> WorkerConnection:
         """:meth:`checkout` for trio or asyncio: waiting for a connection parks the task
         (woken from whichever thread checks one in), and a lease (a round trip to the
-        node) or a wait for a busy worker runs in a worker thread, so the loop never
-        blocks on the node."""
+        node) or a wait for a busy worker runs in one of the pool's own threads
+        (:meth:`lease_threads`), so the loop never blocks on the node."""
         busy: list[WorkerConnection] = []
         connection = self.take_idle(busy)
         if connection is not None:
@@ -466,8 +478,7 @@ class ConnectionPool:
             if connection is not None:
                 return connection
         # Whichever comes first owns the slot and the busy connections: the thread, or
-        # the clean-up of a caller cancelled before the thread began (trio may cancel
-        # while it waits for a thread; asyncio runs the thread anyway, see _in_thread).
+        # the clean-up of a caller cancelled before the thread began (see _in_thread).
         owner = [True]
 
         def lease() -> WorkerConnection:
@@ -475,7 +486,7 @@ class ConnectionPool:
             return self.lease(busy, give_up, reserved=reserved)
 
         try:
-            return await _in_thread(library, lease, self.checkin)
+            return await _in_thread(library, self.lease_threads(), lease, self.checkin)
         except BaseException:
             try:
                 owner.pop()
@@ -484,6 +495,19 @@ class ConnectionPool:
             else:
                 self._abandon(busy, reserved)
             raise
+
+    def lease_threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads leases of trio and asyncio callers wait in: as many as the bound,
+        which each one holds a part of (a slot, or a busy connection)."""
+        threads = self._lease_threads
+        if threads is None:
+            with self._lock:
+                threads = self._lease_threads
+                if threads is None:
+                    threads = self._lease_threads = concurrent.futures.ThreadPoolExecutor(
+                        self.limit, thread_name_prefix="scatter-lease"
+                    )
+        return threads
 
     @staticmethod
     def _left(give_up: float) -> float:
@@ -641,6 +665,8 @@ class ConnectionPool:
                         continue
                 time.sleep(min(pause, give_up - now))
                 pause = min(pause * 2, _CLAIM_PAUSE_MAX)
+                if self.control.closed:  # nobody will take what this call would lease
+                    raise ScatterError("this client is closed")
         finally:
             # A few stay pooled: with more clients than workers, the next call finds one
             # of several workers free without asking the node.
@@ -859,6 +885,7 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._open = 0
         self._waiters = collections.deque()
+        self._lease_threads = None  # the parent's threads are not in this process
         # The parent's claims share its open file, whose locks are the parent's: the
         # child locks through a file of its own (closing this copy leaves the parent's).
         inherited, self._claims = self._claims, {}
@@ -868,6 +895,9 @@ class ConnectionPool:
                     claims.close()
 
     def close(self) -> None:
+        threads, self._lease_threads = self._lease_threads, None
+        if threads is not None:  # a lease under way ends with the closed control
+            threads.shutdown(wait=False, cancel_futures=True)
         for connection in self.idle:
             connection.close()
         self.idle.clear()
@@ -909,45 +939,39 @@ def _async_wakeup(library: str) -> tuple[Callable[[], None], Callable[[float], A
 
 
 async def _in_thread(
-    library: str, function: Callable[[], WorkerConnection], give_back: Callable[[WorkerConnection], None]
+    library: str,
+    threads: concurrent.futures.Executor,
+    function: Callable[[], WorkerConnection],
+    give_back: Callable[[WorkerConnection], None],
 ) -> WorkerConnection:
-    """Lease in a worker thread; a lease that ends after its caller was cancelled is
+    """Lease in one of ``threads``; a lease that ends after its caller was cancelled is
     handed to ``give_back``. The caller never waits for the thread once cancelled: a lease
-    may wait up to the call's timeout (saturated, or a worker starting)."""
-    if library == "trio":
-        import trio
-
-        lock = threading.Lock()
-        box: dict[str, Any] = {}
-
-        def lease() -> WorkerConnection:
-            connection = function()
-            with lock:
-                if box.get("abandoned"):
-                    give_back(connection)
-                else:
-                    box["leased"] = connection
-            return connection
-
-        try:
-            return await trio.to_thread.run_sync(lease, abandon_on_cancel=True)
-        except trio.Cancelled:
-            with lock:
-                box["abandoned"] = True
-                leased = box.pop("leased", None)
-            if leased is not None:  # it came back as trio gave up on the thread
-                give_back(leased)
-            raise
-    import asyncio
-
-    leasing = asyncio.get_running_loop().run_in_executor(None, function)
+    may wait up to the call's timeout (saturated, or a worker starting). A lease not yet
+    begun is not run at all."""
+    future = threads.submit(function)
     try:
-        return await asyncio.shield(leasing)
-    except asyncio.CancelledError:
+        if library == "trio":
+            import trio
 
-        def hand_back(done: asyncio.Future[WorkerConnection]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                give_back(done.result())
+            token = trio.lowlevel.current_trio_token()
+            finished = trio.Event()
 
-        leasing.add_done_callback(hand_back)
+            def wake(_: object) -> None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(finished.set)
+
+            future.add_done_callback(wake)
+            await finished.wait()
+            return future.result()
+        import asyncio
+
+        return await asyncio.wrap_future(future)
+    except BaseException:
+        if not future.cancel():
+
+            def hand_back(done: concurrent.futures.Future[WorkerConnection]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    give_back(done.result())
+
+            future.add_done_callback(hand_back)
         raise

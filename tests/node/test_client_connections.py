@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,12 @@ def add(a: int, b: int) -> int:
 def nap(seconds: float, tag: int) -> int:
     time.sleep(seconds)
     return tag
+
+
+def gate(path: str) -> int:
+    while not Path(path).exists():  # the test opens the gate
+        time.sleep(0.01)
+    return 0
 
 
 @pytest.fixture
@@ -219,3 +226,85 @@ def test_a_connection_never_reaches_a_process_that_took_over_its_worker_endpoint
         impostor.close(linger=0)
         context.term()
         client._pool.discard(connection)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+def test_async_calls_waiting_for_a_worker_leave_the_loops_own_threads_to_the_user(
+    tmp_path: Path, library: str
+) -> None:
+    # Found in review: a call_async waiting for a lease held a thread of the loop's
+    # default executor (asyncio) or a token of trio's default thread limiter, so a few
+    # waiting calls starved the user's own run_in_executor(None, ...) or
+    # trio.to_thread.run_sync, and capped the calls in flight at that pool's size.
+    # Leases wait in threads of the client's own, as many as its connections.
+    node = LocalNode(tmp_path / "node", options=["--max-workers", "1"]).start()
+    gate_file = tmp_path / "gate"
+    blocked: threading.Thread | None = None
+    try:
+        with scatter.Client(node.address, autostart=False) as blocker, scatter.Client(
+            node.address, autostart=False
+        ) as client:
+            blocker.publish(gate)
+            blocker.publish(add)
+            remote = client.make_callable("add")
+            assert remote(0, 1) == 1
+            # Another client's call holds the only worker until the gate opens: the calls
+            # below wait for a lease (a worker this client can claim) all along.
+            blocked = threading.Thread(
+                target=lambda: blocker.make_callable("gate").call(str(gate_file), timeout=90)
+            )
+            blocked.start()
+            wait_until(lambda: blocker.status().busy_workers == 1, 30, "the gate call runs")
+            waiting = 6  # more than the loop's own pool has threads (2, below)
+
+            def all_waiting() -> bool:
+                return client.statistics().open_connections >= waiting
+
+            def users_own_work() -> str:
+                return "ran"
+
+            async def on_asyncio() -> tuple[str, list[int]]:
+                loop = asyncio.get_running_loop()
+                loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(2))
+                calls = [
+                    asyncio.ensure_future(remote.call_async(i, 1, timeout=90))
+                    for i in range(waiting)
+                ]
+                while not all_waiting():
+                    await asyncio.sleep(0.01)
+                try:
+                    ran = await asyncio.wait_for(loop.run_in_executor(None, users_own_work), 20)
+                except TimeoutError:
+                    ran = "starved"
+                assert not any(call.done() for call in calls)
+                gate_file.touch()
+                return ran, list(await asyncio.gather(*calls))
+
+            async def on_trio() -> tuple[str, list[int]]:
+                trio.to_thread.current_default_thread_limiter().total_tokens = 2
+                results: dict[int, int] = {}
+
+                async def one(i: int) -> None:
+                    results[i] = await remote.call_async(i, 1, timeout=90)
+
+                ran = "starved"
+                async with trio.open_nursery() as nursery:
+                    for i in range(waiting):
+                        nursery.start_soon(one, i)
+                    while not all_waiting():
+                        await trio.sleep(0.01)
+                    with trio.move_on_after(20):
+                        ran = await trio.to_thread.run_sync(users_own_work)
+                    assert not results
+                    gate_file.touch()
+                return ran, [results[i] for i in range(waiting)]
+
+            ran, results = asyncio.run(on_asyncio()) if library == "asyncio" else trio.run(on_trio)
+            assert ran == "ran", "the user's own thread work waited for the calls' leases"
+            assert results == [i + 1 for i in range(waiting)]
+    finally:
+        gate_file.touch()
+        if blocked is not None:
+            blocked.join(60)
+        node.stop()
