@@ -56,7 +56,7 @@ from .._exceptions import CallTimeout, ScatterError, Unreachable, WorkerCrashed
 from .._node._slots import WorkerClaims
 from .._security import ClientKeys, apply_client_keys
 from ._autostart import nothing_listens
-from ._control import NodeControl
+from ._control import LeaseHolder, NodeControl
 from ._polling import ReplyPolling
 
 # A worker interrupts a call at its deadline and kills it `kill_grace` later; the client
@@ -67,6 +67,9 @@ _REPLY_MARGIN = 3.0
 _SEND_TIMEOUT = 2.0
 # Seconds a lease may take: starting a worker process on a loaded machine is slow.
 _LEASE_TIMEOUT = 30.0
+# A control request that ran out this close to the call's deadline ran out with it (its
+# wait is counted in whole milliseconds).
+_DEADLINE_SLACK = 0.01
 # Workers leased at once while every one is claimed by others (see ConnectionPool.lease),
 # the pauses between looks at them (seconds: short at first, as most calls are; longer
 # while none frees), and how often one more is leased while none frees.
@@ -392,6 +395,7 @@ class ConnectionPool:
         # at the first, as many threads as connections, each started only when needed.
         self._lease_threads: concurrent.futures.ThreadPoolExecutor | None = None
         control.on_node_gone.append(self._drop_idle)
+        control.on_leases_ended.append(self._leases_ended)
 
     # -- checking out ------------------------------------------------------------
 
@@ -714,26 +718,24 @@ class ConnectionPool:
         while True:
             left = give_up - time.monotonic()
             if left <= 0:
-                if nothing_listens(*parse_address(control.address)):
-                    raise Unreachable(
-                        f"no node listens at {control.address} any more (it stopped or was "
-                        "killed); start one with `scatter node start`"
-                    )
-                raise Unreachable(
-                    f"the node at {control.address} gave no worker before the call's timeout"
-                )
+                raise self._no_lease_in_time()
             try:
                 # A lease may wait for a worker process to start: longer than a lookup.
                 leased: _wire.Leased = control.request(
                     lambda i: _wire.Lease(i), timeout=min(_LEASE_TIMEOUT, left), deadline=give_up
                 )
                 break
-            except Unreachable:
+            except Unreachable as exc:
+                if time.monotonic() >= give_up - _DEADLINE_SLACK:
+                    raise self._no_lease_in_time() from exc
                 # A node found gone left node_ready unset: the next request starts it again
                 # when auto-start applies, else says at once that nothing listens.
                 if restarted or control.node_ready:
                     raise
                 restarted = True
+        # The lease lives with this thread's control connection: if that ends, the node
+        # ends the lease, and the pool drops the connection (_leases_ended).
+        holder = control.lease_holder()
         self.counts["leases"] += 1
         endpoint = leased.endpoint
         on_this_machine = bool(leased.local_endpoint) and is_loopback(
@@ -753,10 +755,25 @@ class ConnectionPool:
             control.send_nowait(functools.partial(_wire.Release, lease=leased.lease))
             raise _zmq_failure(exc, f"connect to a worker at {endpoint}") from exc
         connection.generation = self._generation
+        holder.connections.add(connection)
         if on_this_machine and leased.slot >= 0:
             connection.claims = self._claims_next_to(leased.local_endpoint)
             connection.slot = leased.slot
         return connection
+
+    def _no_lease_in_time(self) -> ScatterError:
+        """The call's timeout ran out while leasing: the node is gone (Unreachable), or it
+        listens but gave no worker in time (CallTimeout: stopped, or busy)."""
+        address = self.control.address
+        if nothing_listens(*parse_address(address)):
+            return Unreachable(
+                f"no node listens at {address} any more (it stopped or was killed); start "
+                "one with `scatter node start`"
+            )
+        return CallTimeout(
+            f"the node at {address} gave this call no worker within its timeout: the node "
+            "did not answer in time (it is stopped, or very busy)"
+        )
 
     def _claims_next_to(self, local_endpoint: str) -> WorkerClaims | None:
         """Claims on the node's slots file, which lies next to its workers' sockets."""
@@ -830,6 +847,21 @@ class ConnectionPool:
             except ValueError:
                 continue
             self.counts["expired_connections"] += 1
+            self.discard(connection)
+
+    def _leases_ended(self, holder: LeaseHolder) -> None:
+        """A control connection ended (reset, or dropped: see ``NodeControl``), and with it,
+        on the node, the leases taken through it: the node may give those workers to
+        anyone. Their connections are never used again: the idle ones go now, those in
+        use at their checkin (the epoch no longer matches), with no release to send."""
+        ended = list(holder.connections)
+        for connection in ended:
+            connection.epoch = -1
+        for connection in ended:
+            try:
+                self.idle.remove(connection)  # atomic: a caller may have taken it first
+            except ValueError:
+                continue
             self.discard(connection)
 
     def _drop_idle(self) -> None:

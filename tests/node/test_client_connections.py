@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ from cluster.launch import (
 from scatter import _wire
 from scatter._client import _autostart, _connections
 from scatter._client._connections import Undelivered
+from scatter._config import MAX_MESSAGE_BYTES
 
 
 def add(a: int, b: int) -> int:
@@ -38,6 +41,10 @@ def add(a: int, b: int) -> int:
 def nap(seconds: float, tag: int) -> int:
     time.sleep(seconds)
     return tag
+
+
+def count(n: int) -> Iterator[int]:
+    yield from range(n)
 
 
 def gate(path: str) -> int:
@@ -307,4 +314,81 @@ def test_async_calls_waiting_for_a_worker_leave_the_loops_own_threads_to_the_use
         gate_file.touch()
         if blocked is not None:
             blocked.join(60)
+        node.stop()
+
+
+def _worker_endpoints(client: scatter.Client) -> set[str]:
+    return {connection.endpoint for connection in client._pool.idle}
+
+
+@pytest.mark.timeout(120)
+def test_a_tcp_client_keeps_its_leases_through_a_control_request_that_timed_out(
+    tmp_path: Path,
+) -> None:
+    # Found in review: a control request that timed out reset its thread's socket, and
+    # the node ends the leases of a control connection that closes. The pool kept those
+    # workers' connections: a client on another machine (TCP, no worker claims) kept
+    # calling a worker the node then gave to the next client. A lease that timed out
+    # also said Unreachable although the node was there, only stopped.
+    node = LocalNode(tmp_path / "node", options=["--max-workers", "4"]).start()
+    try:
+        with scatter.Client(node.address, autostart=False, transport="tcp") as client:
+            client.publish(add)
+            client.publish(count)
+            remote = client.make_callable("add")
+            assert remote(1, 2) == 3
+            (held,) = _worker_endpoints(client)
+            assert client.status().leases == 1
+            items = client.make_callable("count").call(20, timeout=60)
+            assert next(items) == 0  # the stream holds that connection: a call leases
+            os.kill(node.pid, signal.SIGSTOP)  # the node listens, and answers nothing
+            try:
+                with pytest.raises(scatter.Unreachable, match=r"did not answer within 0\.5 s"):
+                    client.request(lambda i: _wire.Status(i), timeout=0.5)
+                with pytest.raises(scatter.CallTimeout, match="gave this call no worker"):
+                    remote.call(1, 2, timeout=1.5)
+            finally:
+                os.kill(node.pid, signal.SIGCONT)
+            assert list(items) == list(range(1, 20))  # the connection went back to the pool
+            assert _worker_endpoints(client) == {held}
+            # The node still counts the lease this client uses (a late answer to the lease
+            # that timed out is released as it is read).
+            wait_until(
+                lambda: client.status().leases == client.statistics().open_connections == 1,
+                20,
+                "the node counts exactly the lease the client holds",
+            )
+            with scatter.Client(node.address, autostart=False, transport="tcp") as other:
+                assert other.make_callable("add")(2, 2) == 4
+                assert held not in _worker_endpoints(other), "two clients share one worker"
+            assert remote(3, 4) == 7 and _worker_endpoints(client) == {held}
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+        node.stop()
+
+
+@pytest.mark.timeout(120)
+def test_connections_whose_control_connection_dropped_are_not_used_again(
+    tmp_path: Path,
+) -> None:
+    # Where a control connection ends all the same (here the node drops it: a frame over
+    # its size limit; a network fault would do), the node ends its leases: the pool must
+    # not keep calling those workers as its own.
+    node = LocalNode(tmp_path / "node", options=["--max-workers", "4"]).start()
+    try:
+        with scatter.Client(node.address, autostart=False) as observer, scatter.Client(
+            node.address, autostart=False, transport="tcp"
+        ) as client:
+            observer.publish(add)
+            remote = client.make_callable("add")
+            assert remote(1, 2) == 3
+            assert len(_worker_endpoints(client)) == 1
+            assert observer.status().leases == 1
+            client._control._socket().send(b"\0" * (MAX_MESSAGE_BYTES + 8192))
+            wait_until(lambda: observer.status().leases == 0, 20, "the node ends the lease")
+            client.status()  # its thread's next control request sees the disconnect
+            assert client.statistics().open_connections == 0
+            assert remote(2, 3) == 5  # on a new lease, which the node counts
+            assert observer.status().leases == client.statistics().open_connections == 1
+    finally:
         node.stop()
