@@ -197,8 +197,9 @@ class CallSender:
     ) -> tuple[int, bytes]:
         """:meth:`call` for trio or asyncio code: the loop waits on the socket, no thread.
 
-        Only taking a new connection (a lease, a round trip to the node) runs in a worker
-        thread, so the loop never blocks on the node.
+        Only taking a new connection (a lease, a round trip to the node) runs in a thread,
+        one of the pool's own (never the loop's default executor), so the loop never
+        blocks on the node.
         """
         pool = self._pool
         give_up = time.monotonic() + timeout

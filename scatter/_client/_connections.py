@@ -11,6 +11,14 @@ sockets, so 400 concurrent calls would otherwise fail with ``Too many open files
 Calls beyond the bound wait, in order, for a connection to come back. Connections idle
 longer than ``_IDLE_EXPIRY`` are closed and their leases released.
 
+Under trio or asyncio, a lease (a round trip to the node, then maybe a wait for a worker to
+come free, up to the call's timeout) runs in a thread of the pool's own, never in the
+loop's default executor nor under trio's default thread limiter: those are the user's,
+and calls waiting there would starve the user's own ``run_in_executor(None, ...)`` and cap
+the calls in flight at that pool's size (anyio runs its worker threads apart from the
+loop's executor for the same reason). Every leasing thread holds a connection or a slot of
+the bound, so the pool's ``max_connections`` threads are never what a call waits for.
+
 More connections than workers (many clients, or past ``--max-workers``) share workers, and
 a worker runs one call at a time. So a client on the node's machine claims its worker
 before each call (``_node/_slots.WorkerClaims``: an OFD lock on the worker's slot in the
@@ -27,6 +35,7 @@ waits for a claim count against the bound like any other.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import errno
 import functools
@@ -47,7 +56,7 @@ from .._exceptions import CallTimeout, ScatterError, Unreachable, WorkerCrashed
 from .._node._slots import WorkerClaims
 from .._security import ClientKeys, apply_client_keys
 from ._autostart import nothing_listens
-from ._control import NodeControl
+from ._control import LeaseHolder, NodeControl
 from ._polling import ReplyPolling
 
 # A worker interrupts a call at its deadline and kills it `kill_grace` later; the client
@@ -58,6 +67,9 @@ _REPLY_MARGIN = 3.0
 _SEND_TIMEOUT = 2.0
 # Seconds a lease may take: starting a worker process on a loaded machine is slow.
 _LEASE_TIMEOUT = 30.0
+# A control request that ran out this close to the call's deadline ran out with it (its
+# wait is counted in whole milliseconds).
+_DEADLINE_SLACK = 0.01
 # Workers leased at once while every one is claimed by others (see ConnectionPool.lease),
 # the pauses between looks at them (seconds: short at first, as most calls are; longer
 # while none frees), and how often one more is leased while none frees.
@@ -379,7 +391,11 @@ class ConnectionPool:
         self._generation = 0  # moves in a forked child: the parent's connections are not ours
         # {the node's slots file: the claims on its workers, None where it cannot be opened}
         self._claims: dict[str, WorkerClaims | None] = {}
+        # Where leases of trio and asyncio callers wait (see the module docstring): made
+        # at the first, as many threads as connections, each started only when needed.
+        self._lease_threads: concurrent.futures.ThreadPoolExecutor | None = None
         control.on_node_gone.append(self._drop_idle)
+        control.on_leases_ended.append(self._leases_ended)
 
     # -- checking out ------------------------------------------------------------
 
@@ -430,8 +446,8 @@ class ConnectionPool:
     async def checkout_async(self, library: str, give_up: float) -> WorkerConnection:
         """:meth:`checkout` for trio or asyncio: waiting for a connection parks the task
         (woken from whichever thread checks one in), and a lease (a round trip to the
-        node) or a wait for a busy worker runs in a worker thread, so the loop never
-        blocks on the node."""
+        node) or a wait for a busy worker runs in one of the pool's own threads
+        (:meth:`lease_threads`), so the loop never blocks on the node."""
         busy: list[WorkerConnection] = []
         connection = self.take_idle(busy)
         if connection is not None:
@@ -466,8 +482,7 @@ class ConnectionPool:
             if connection is not None:
                 return connection
         # Whichever comes first owns the slot and the busy connections: the thread, or
-        # the clean-up of a caller cancelled before the thread began (trio may cancel
-        # while it waits for a thread; asyncio runs the thread anyway, see _in_thread).
+        # the clean-up of a caller cancelled before the thread began (see _in_thread).
         owner = [True]
 
         def lease() -> WorkerConnection:
@@ -475,7 +490,7 @@ class ConnectionPool:
             return self.lease(busy, give_up, reserved=reserved)
 
         try:
-            return await _in_thread(library, lease, self.checkin)
+            return await _in_thread(library, self.lease_threads(), lease, self.checkin)
         except BaseException:
             try:
                 owner.pop()
@@ -484,6 +499,19 @@ class ConnectionPool:
             else:
                 self._abandon(busy, reserved)
             raise
+
+    def lease_threads(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The threads leases of trio and asyncio callers wait in: as many as the bound,
+        which each one holds a part of (a slot, or a busy connection)."""
+        threads = self._lease_threads
+        if threads is None:
+            with self._lock:
+                threads = self._lease_threads
+                if threads is None:
+                    threads = self._lease_threads = concurrent.futures.ThreadPoolExecutor(
+                        self.limit, thread_name_prefix="scatter-lease"
+                    )
+        return threads
 
     @staticmethod
     def _left(give_up: float) -> float:
@@ -641,6 +669,8 @@ class ConnectionPool:
                         continue
                 time.sleep(min(pause, give_up - now))
                 pause = min(pause * 2, _CLAIM_PAUSE_MAX)
+                if self.control.closed:  # nobody will take what this call would lease
+                    raise ScatterError("this client is closed")
         finally:
             # A few stay pooled: with more clients than workers, the next call finds one
             # of several workers free without asking the node.
@@ -688,26 +718,24 @@ class ConnectionPool:
         while True:
             left = give_up - time.monotonic()
             if left <= 0:
-                if nothing_listens(*parse_address(control.address)):
-                    raise Unreachable(
-                        f"no node listens at {control.address} any more (it stopped or was "
-                        "killed); start one with `scatter node start`"
-                    )
-                raise Unreachable(
-                    f"the node at {control.address} gave no worker before the call's timeout"
-                )
+                raise self._no_lease_in_time()
             try:
                 # A lease may wait for a worker process to start: longer than a lookup.
                 leased: _wire.Leased = control.request(
                     lambda i: _wire.Lease(i), timeout=min(_LEASE_TIMEOUT, left), deadline=give_up
                 )
                 break
-            except Unreachable:
+            except Unreachable as exc:
+                if time.monotonic() >= give_up - _DEADLINE_SLACK:
+                    raise self._no_lease_in_time() from exc
                 # A node found gone left node_ready unset: the next request starts it again
                 # when auto-start applies, else says at once that nothing listens.
                 if restarted or control.node_ready:
                     raise
                 restarted = True
+        # The lease lives with this thread's control connection: if that ends, the node
+        # ends the lease, and the pool drops the connection (_leases_ended).
+        holder = control.lease_holder()
         self.counts["leases"] += 1
         endpoint = leased.endpoint
         on_this_machine = bool(leased.local_endpoint) and is_loopback(
@@ -727,10 +755,25 @@ class ConnectionPool:
             control.send_nowait(functools.partial(_wire.Release, lease=leased.lease))
             raise _zmq_failure(exc, f"connect to a worker at {endpoint}") from exc
         connection.generation = self._generation
+        holder.connections.add(connection)
         if on_this_machine and leased.slot >= 0:
             connection.claims = self._claims_next_to(leased.local_endpoint)
             connection.slot = leased.slot
         return connection
+
+    def _no_lease_in_time(self) -> ScatterError:
+        """The call's timeout ran out while leasing: the node is gone (Unreachable), or it
+        listens but gave no worker in time (CallTimeout: stopped, or busy)."""
+        address = self.control.address
+        if nothing_listens(*parse_address(address)):
+            return Unreachable(
+                f"no node listens at {address} any more (it stopped or was killed); start "
+                "one with `scatter node start`"
+            )
+        return CallTimeout(
+            f"the node at {address} gave this call no worker within its timeout: the node "
+            "did not answer in time (it is stopped, or very busy)"
+        )
 
     def _claims_next_to(self, local_endpoint: str) -> WorkerClaims | None:
         """Claims on the node's slots file, which lies next to its workers' sockets."""
@@ -806,6 +849,21 @@ class ConnectionPool:
             self.counts["expired_connections"] += 1
             self.discard(connection)
 
+    def _leases_ended(self, holder: LeaseHolder) -> None:
+        """A control connection ended (reset, or dropped: see ``NodeControl``), and with it,
+        on the node, the leases taken through it: the node may give those workers to
+        anyone. Their connections are never used again: the idle ones go now, those in
+        use at their checkin (the epoch no longer matches), with no release to send."""
+        ended = list(holder.connections)
+        for connection in ended:
+            connection.epoch = -1
+        for connection in ended:
+            try:
+                self.idle.remove(connection)  # atomic: a caller may have taken it first
+            except ValueError:
+                continue
+            self.discard(connection)
+
     def _drop_idle(self) -> None:
         """The node is gone (``NodeControl`` saw nothing listen): its leases with it."""
         while self.idle:
@@ -859,6 +917,7 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._open = 0
         self._waiters = collections.deque()
+        self._lease_threads = None  # the parent's threads are not in this process
         # The parent's claims share its open file, whose locks are the parent's: the
         # child locks through a file of its own (closing this copy leaves the parent's).
         inherited, self._claims = self._claims, {}
@@ -868,6 +927,9 @@ class ConnectionPool:
                     claims.close()
 
     def close(self) -> None:
+        threads, self._lease_threads = self._lease_threads, None
+        if threads is not None:  # a lease under way ends with the closed control
+            threads.shutdown(wait=False, cancel_futures=True)
         for connection in self.idle:
             connection.close()
         self.idle.clear()
@@ -909,45 +971,39 @@ def _async_wakeup(library: str) -> tuple[Callable[[], None], Callable[[float], A
 
 
 async def _in_thread(
-    library: str, function: Callable[[], WorkerConnection], give_back: Callable[[WorkerConnection], None]
+    library: str,
+    threads: concurrent.futures.Executor,
+    function: Callable[[], WorkerConnection],
+    give_back: Callable[[WorkerConnection], None],
 ) -> WorkerConnection:
-    """Lease in a worker thread; a lease that ends after its caller was cancelled is
+    """Lease in one of ``threads``; a lease that ends after its caller was cancelled is
     handed to ``give_back``. The caller never waits for the thread once cancelled: a lease
-    may wait up to the call's timeout (saturated, or a worker starting)."""
-    if library == "trio":
-        import trio
-
-        lock = threading.Lock()
-        box: dict[str, Any] = {}
-
-        def lease() -> WorkerConnection:
-            connection = function()
-            with lock:
-                if box.get("abandoned"):
-                    give_back(connection)
-                else:
-                    box["leased"] = connection
-            return connection
-
-        try:
-            return await trio.to_thread.run_sync(lease, abandon_on_cancel=True)
-        except trio.Cancelled:
-            with lock:
-                box["abandoned"] = True
-                leased = box.pop("leased", None)
-            if leased is not None:  # it came back as trio gave up on the thread
-                give_back(leased)
-            raise
-    import asyncio
-
-    leasing = asyncio.get_running_loop().run_in_executor(None, function)
+    may wait up to the call's timeout (saturated, or a worker starting). A lease not yet
+    begun is not run at all."""
+    future = threads.submit(function)
     try:
-        return await asyncio.shield(leasing)
-    except asyncio.CancelledError:
+        if library == "trio":
+            import trio
 
-        def hand_back(done: asyncio.Future[WorkerConnection]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                give_back(done.result())
+            token = trio.lowlevel.current_trio_token()
+            finished = trio.Event()
 
-        leasing.add_done_callback(hand_back)
+            def wake(_: object) -> None:
+                with contextlib.suppress(trio.RunFinishedError):
+                    token.run_sync_soon(finished.set)
+
+            future.add_done_callback(wake)
+            await finished.wait()
+            return future.result()
+        import asyncio
+
+        return await asyncio.wrap_future(future)
+    except BaseException:
+        if not future.cancel():
+
+            def hand_back(done: concurrent.futures.Future[WorkerConnection]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    give_back(done.result())
+
+            future.add_done_callback(hand_back)
         raise

@@ -5,13 +5,23 @@ socket, matched by id. Sockets are never shared between threads at the same time
 each thread gets its own, with a monitor of its CURVE handshake: a wrong secret shows
 there (the handshake fails and no frame ever comes), which tells it apart from a node
 that does not answer.
+
+A thread's socket is also the holder of the leases taken through it: the node ends them
+when that connection closes (``connection_closed``). So a socket is never reset because a
+request timed out (a late answer is skipped by its id, a late ``Leased`` released): a
+client across a network would otherwise keep calling workers the node has given to
+others. Where the connection ends all the same (the node gone, a handshake failed, a
+disconnect seen on the monitor), its ``LeaseHolder`` ends, and the pool drops the
+connections it held.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,6 +56,22 @@ _HANDSHAKE_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
+# What a thread's monitor watches: its handshakes, and the end of its connection (which
+# ends, on the node, the leases taken through it).
+_MONITOR_EVENTS = _HANDSHAKE_EVENTS | zmq.EVENT_DISCONNECTED
+
+
+class LeaseHolder:
+    """One control connection, as the holder of the leases taken through it.
+
+    ``connections`` are the worker connections leased through it (weakly held). When
+    the connection ends, :meth:`NodeControl.on_leases_ended` callbacks get the holder.
+    """
+
+    __slots__ = ("__weakref__", "connections")
+
+    def __init__(self) -> None:
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def error_from_failure(failure: _wire.Failure) -> ScatterError:
@@ -119,6 +145,8 @@ class NodeControl:
         self.epoch = 0
         # Called when the node was found gone (the pool drops its idle connections).
         self.on_node_gone: list[Callable[[], None]] = []
+        # Called with a LeaseHolder whose connection ended (the pool drops what it held).
+        self.on_leases_ended: list[Callable[[LeaseHolder], None]] = []
 
     @property
     def context(self) -> zmq.Context[Any]:
@@ -179,7 +207,14 @@ class NodeControl:
             self._ensure_node(deadline)
         sock = self._socket()
         try:
-            sock.send(frame)
+            # Never blocking: a node that stopped reading (SIGSTOP) lets requests pile up
+            # on a socket that is not reset, to the high-water mark.
+            sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.node_ready = False
+            raise Unreachable(
+                f"the node at {self.address} is not reading requests: it is busy or stopped"
+            ) from None
         except zmq.ZMQError as exc:
             raise ScatterError(f"cannot send a request to {self.address}: {exc}") from exc
         seconds = timeout or self.config.connect_timeout
@@ -193,9 +228,14 @@ class NodeControl:
             except _wire.DECODE_ERRORS as exc:
                 raise ProtocolError(f"malformed reply from {self.address}: {exc}") from None
             if reply.id not in (request_id, 0):
-                continue  # an answer to a request abandoned earlier on this socket
+                # An answer to a request abandoned earlier on this socket (it timed out).
+                # A lease nobody waits for any more is given back at once.
+                if isinstance(reply, _wire.Leased):
+                    self.send_nowait(functools.partial(_wire.Release, lease=reply.lease))
+                continue
             if isinstance(reply, _wire.Failure):
                 raise error_from_failure(reply)
+            self._watch_connection()  # a lease must not be credited to a connection gone
             return reply
 
     def send_nowait(self, make: Callable[[int], Any]) -> None:
@@ -217,7 +257,7 @@ class NodeControl:
             # timeout.
             if remaining and sock.poll(min(remaining, 100), zmq.POLLIN):
                 return sock.recv()
-            failed = self._handshake_failed()
+            failed = self._watch_connection()
             if failed:
                 host, port = parse_address(self.address)
                 # No detail: the connection dropped mid-handshake. A wrong key reads the
@@ -229,8 +269,8 @@ class NodeControl:
                     raise self._node_gone()
                 raise self._authentication_failed()
             if not remaining:
-                # A late answer must not reach the next request: start a fresh socket.
-                self._reset_socket()
+                # The socket stays: closing it would end the leases taken through it,
+                # which this client's pool still uses. A late answer is skipped by its id.
                 self.node_ready = False
                 raise self._no_answer(seconds)
             now = time.monotonic()
@@ -296,15 +336,22 @@ class NodeControl:
             apply_client_keys(sock, keys)
             # Where a wrong secret shows: the handshake fails, and no frame ever comes.
             try:
-                monitor = self._local.handshake = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+                monitor = self._local.handshake = sock.get_monitor_socket(_MONITOR_EVENTS)
             except zmq.ZMQError as exc:
                 sock.close(linger=0)
                 raise ScatterError(f"cannot open a socket to {self.address}: {exc}") from exc
             sock.connect(self.address)
             self._local.sock = sock
+            self._local.holder = LeaseHolder()
             with self._lock:
                 self.sockets += (monitor, sock)
         return sock
+
+    def lease_holder(self) -> LeaseHolder:
+        """This thread's control connection, which holds the leases it takes (call it in
+        the thread that took the lease, after the request)."""
+        holder: LeaseHolder = self._local.holder
+        return holder
 
     def _reset_socket(self) -> None:
         sock = getattr(self._local, "sock", None)
@@ -317,13 +364,26 @@ class NodeControl:
             with self._lock:
                 self.sockets.remove(sock)
                 self.sockets.remove(monitor)
+            self._leases_ended()
 
-    def _handshake_failed(self) -> int:
-        """The event of this thread's CURVE handshake if it failed since the last look, else 0."""
+    def _leases_ended(self) -> None:
+        """This thread's control connection ended: so did, on the node, its leases."""
+        holder: LeaseHolder = self._local.holder
+        self._local.holder = LeaseHolder()  # for what the socket leases from now on
+        if holder.connections:
+            for callback in self.on_leases_ended:
+                callback(holder)
+
+    def _watch_connection(self) -> int:
+        """Read this thread's monitor: a connection that ended ends its lease holder.
+        The event of a CURVE handshake that failed since the last look, else 0."""
         monitor: zmq.Socket[bytes] = self._local.handshake
         failed = 0
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self._leases_ended()
+                continue
             failed = 0 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else event
         return failed
 

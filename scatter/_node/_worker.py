@@ -55,6 +55,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import contextvars
 import inspect
 import io
 import linecache
@@ -117,6 +118,35 @@ _MAX_ALARM = 1e6
 _MIN_ALARM = 1e-3  # setitimer(0) would disarm
 EXIT_IGNORED_INTERRUPT = 70  # exit status of a worker whose call ignored its interrupt
 
+# The tasks of the async call (or stream) whose context a task runs in: asyncio copies the
+# creating task's context into every task it makes, so all a call starts carries its set,
+# and a call cancels only these (``Worker.run_coroutine``), never a stream's.
+_OWN_TASKS: contextvars.ContextVar[set[asyncio.Task[Any]]] = contextvars.ContextVar(
+    "scatter_own_tasks"
+)
+
+
+def _own_task_factory(
+    loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any
+) -> asyncio.Task[Any]:
+    """The worker loop's task factory: a task joins the set of the call that made it."""
+    task: asyncio.Task[Any] = asyncio.Task(coro, loop=loop, **kwargs)
+    context: contextvars.Context | None = kwargs.get("context")
+    tasks = _OWN_TASKS.get(None) if context is None else context.get(_OWN_TASKS)
+    if tasks is not None:
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    return task
+
+
+def _own_context() -> tuple[contextvars.Context, set[asyncio.Task[Any]]]:
+    """A context for one async call or stream, and the set its tasks join."""
+    context = contextvars.copy_context()
+    tasks: set[asyncio.Task[Any]] = set()
+    context.run(_OWN_TASKS.set, tasks)
+    return context, tasks
+
+
 _LEAVE_LINGER_MS = 1000  # bounds how long a last reply is given once the node is gone
 _INTERNAL_FAILURE = _wire.encoder.encode(
     _wire.Failure(0, "internal", "the worker failed on this call; the node's log says where")
@@ -163,6 +193,7 @@ class Stream:
         "number",
         "produced",
         "role",
+        "tasks",
         "timeout",
         "waiting_since",
     )
@@ -190,6 +221,9 @@ class Stream:
         self.cancelled = False
         self.produced = 0
         self.waiting_since = 0.0  # when credit ran out
+        # An async generator's items run in one context of the stream's own, so the tasks
+        # it starts are the stream's (see _OWN_TASKS): made at its first item.
+        self.tasks: tuple[contextvars.Context, set[asyncio.Task[Any]]] | None = None
 
 
 class _Refused(Exception):
@@ -283,6 +317,10 @@ class Worker:
         self.decode_call = _wire.call_decoder.decode
         self.arm = signal.setitimer
         self.loop: asyncio.AbstractEventLoop | None = None  # for async def functions
+        # The tasks of the async call (or stream item) running now, and whether its
+        # deadline cancelled them rather than raising (see _interrupt).
+        self.own_tasks: set[asyncio.Task[Any]] | None = None
+        self.cancelled_at_deadline = False
         # What the running call writes to sys.stdout/sys.stderr (CallOutput), for its
         # caller: made at the first write, dropped when the next frame comes in.
         self.output: list[tuple[int, str]] | None = None
@@ -319,6 +357,18 @@ class Worker:
         self.interrupted = running
         self.kill_at = now + self.kill_grace
         self.arm(_ITIMER_REAL, max(self.kill_grace, _MIN_ALARM))
+        tasks = self.own_tasks
+        if tasks is not None and self.loop is not None:
+            current = asyncio.current_task(self.loop)
+            if current is not None and current not in tasks:
+                # The alarm landed in another caller's task (a stream's, running on the
+                # same loop): raising there would end that task. This call's own tasks
+                # wait in an await meanwhile, so cancelling them interrupts it; its
+                # CancelledError is reported as the interrupt (run_coroutine).
+                self.cancelled_at_deadline = True
+                for task in tasks:
+                    task.cancel()
+                return
         raise CallInterrupted
 
     # -- the node's lifetime --
@@ -421,35 +471,57 @@ class Worker:
 
         return call
 
-    def run_coroutine(self, coroutine: Any, settle: bool = True) -> Any:
+    def run_coroutine(
+        self, coroutine: Any, settle: bool = True, stream: Stream | None = None
+    ) -> Any:
         """Await ``coroutine`` on the worker's asyncio loop: one per process, made on the
         first async call and reused (as uvicorn keeps one loop per worker).
 
+        Each call runs in a context of its own, and each stream in one of its own for all
+        its items: the tasks started there are that call's (``_OWN_TASKS``). Once the call
+        returns, its tasks still pending are cancelled and run to their end, so their
+        ``finally`` blocks run and nothing of this call runs during the next one; the
+        tasks of others (an async generator's, between its items) are left alone.
+
         The deadline is the sync one: the SIGALRM handler raises ``CallInterrupted`` in
         whatever runs, the coroutine's own code (the task ends with it) or the loop
-        waiting in ``select`` (the task is left pending). Either way, and after a normal
-        return too, the call's tasks still pending are cancelled and run to their end, so
-        their ``finally`` blocks run and nothing of this call runs during the next one. A
-        task that ignores its cancellation holds the call; past ``kill_grace`` after the
-        deadline the alarm ends the process, as for a sync function that swallows
-        ``CallInterrupted``.
+        waiting in ``select`` (the task is left pending); when it lands in another
+        caller's task, this call's tasks are cancelled instead (``_interrupt``). Either
+        way its tasks are cancelled as above. A task that ignores its cancellation holds
+        the call; past ``kill_grace`` after the deadline the alarm ends the process, as
+        for a sync function that swallows ``CallInterrupted``.
         """
         loop = self.loop
         if loop is None:
             loop = self.loop = asyncio.new_event_loop()
+            loop.set_task_factory(_own_task_factory)
             asyncio.set_event_loop(loop)
-        task = loop.create_task(coroutine)
+        if stream is None:
+            context, tasks = _own_context()
+        else:
+            if stream.tasks is None:
+                stream.tasks = _own_context()
+            context, tasks = stream.tasks
+        task = loop.create_task(coroutine, context=context)
+        self.own_tasks = tasks
+        self.cancelled_at_deadline = False
         try:
             return loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if self.cancelled_at_deadline:
+                raise CallInterrupted from None
+            raise
         finally:
             # An async generator's item (settle=False) leaves its tasks to the next item,
-            # unless it was interrupted: then the stream ends, and everything goes.
+            # unless it was interrupted: then the stream ends, and its tasks go.
             if settle or not task.done():
-                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-                if pending:
+                pending = [t for t in tasks if not t.done()]
+                while pending:  # a task's finally may start another
                     for leftover in pending:
                         leftover.cancel()
                     loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                    pending = [t for t in tasks if not t.done()]
+            self.own_tasks = None
 
     # -- what a call writes --
 
@@ -522,7 +594,9 @@ class Worker:
                 if stream.iterator is None:
                     stream.iterator = self.start_stream(stream)
                 if stream.loaded.spec.streams == "async":
-                    value = self.run_coroutine(_anext(stream.iterator), settle=False)
+                    value = self.run_coroutine(
+                        _anext(stream.iterator), settle=False, stream=stream
+                    )
                 else:
                     value = next(stream.iterator)
             finally:
@@ -593,7 +667,7 @@ class Worker:
         try:
             try:
                 if asynchronous:
-                    self.run_coroutine(_awaited(close()))
+                    self.run_coroutine(_awaited(close()), stream=stream)
                 else:
                     close()
             finally:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +31,7 @@ from cluster.launch import (
 from scatter import _wire
 from scatter._client import _autostart, _connections
 from scatter._client._connections import Undelivered
+from scatter._config import MAX_MESSAGE_BYTES
 
 
 def add(a: int, b: int) -> int:
@@ -37,6 +41,16 @@ def add(a: int, b: int) -> int:
 def nap(seconds: float, tag: int) -> int:
     time.sleep(seconds)
     return tag
+
+
+def count(n: int) -> Iterator[int]:
+    yield from range(n)
+
+
+def gate(path: str) -> int:
+    while not Path(path).exists():  # the test opens the gate
+        time.sleep(0.01)
+    return 0
 
 
 @pytest.fixture
@@ -219,3 +233,162 @@ def test_a_connection_never_reaches_a_process_that_took_over_its_worker_endpoint
         impostor.close(linger=0)
         context.term()
         client._pool.discard(connection)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+def test_async_calls_waiting_for_a_worker_leave_the_loops_own_threads_to_the_user(
+    tmp_path: Path, library: str
+) -> None:
+    # Found in review: a call_async waiting for a lease held a thread of the loop's
+    # default executor (asyncio) or a token of trio's default thread limiter, so a few
+    # waiting calls starved the user's own run_in_executor(None, ...) or
+    # trio.to_thread.run_sync, and capped the calls in flight at that pool's size.
+    # Leases wait in threads of the client's own, as many as its connections.
+    node = LocalNode(tmp_path / "node", options=["--max-workers", "1"]).start()
+    gate_file = tmp_path / "gate"
+    blocked: threading.Thread | None = None
+    try:
+        with scatter.Client(node.address, autostart=False) as blocker, scatter.Client(
+            node.address, autostart=False
+        ) as client:
+            blocker.publish(gate)
+            blocker.publish(add)
+            remote = client.make_callable("add")
+            assert remote(0, 1) == 1
+            # Another client's call holds the only worker until the gate opens: the calls
+            # below wait for a lease (a worker this client can claim) all along.
+            blocked = threading.Thread(
+                target=lambda: blocker.make_callable("gate").call(str(gate_file), timeout=90)
+            )
+            blocked.start()
+            wait_until(lambda: blocker.status().busy_workers == 1, 30, "the gate call runs")
+            waiting = 6  # more than the loop's own pool has threads (2, below)
+
+            def all_waiting() -> bool:
+                return client.statistics().open_connections >= waiting
+
+            def users_own_work() -> str:
+                return "ran"
+
+            async def on_asyncio() -> tuple[str, list[int]]:
+                loop = asyncio.get_running_loop()
+                loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(2))
+                calls = [
+                    asyncio.ensure_future(remote.call_async(i, 1, timeout=90))
+                    for i in range(waiting)
+                ]
+                while not all_waiting():
+                    await asyncio.sleep(0.01)
+                try:
+                    ran = await asyncio.wait_for(loop.run_in_executor(None, users_own_work), 20)
+                except TimeoutError:
+                    ran = "starved"
+                assert not any(call.done() for call in calls)
+                gate_file.touch()
+                return ran, list(await asyncio.gather(*calls))
+
+            async def on_trio() -> tuple[str, list[int]]:
+                trio.to_thread.current_default_thread_limiter().total_tokens = 2
+                results: dict[int, int] = {}
+
+                async def one(i: int) -> None:
+                    results[i] = await remote.call_async(i, 1, timeout=90)
+
+                ran = "starved"
+                async with trio.open_nursery() as nursery:
+                    for i in range(waiting):
+                        nursery.start_soon(one, i)
+                    while not all_waiting():
+                        await trio.sleep(0.01)
+                    with trio.move_on_after(20):
+                        ran = await trio.to_thread.run_sync(users_own_work)
+                    assert not results
+                    gate_file.touch()
+                return ran, [results[i] for i in range(waiting)]
+
+            ran, results = asyncio.run(on_asyncio()) if library == "asyncio" else trio.run(on_trio)
+            assert ran == "ran", "the user's own thread work waited for the calls' leases"
+            assert results == [i + 1 for i in range(waiting)]
+    finally:
+        gate_file.touch()
+        if blocked is not None:
+            blocked.join(60)
+        node.stop()
+
+
+def _worker_endpoints(client: scatter.Client) -> set[str]:
+    return {connection.endpoint for connection in client._pool.idle}
+
+
+@pytest.mark.timeout(120)
+def test_a_tcp_client_keeps_its_leases_through_a_control_request_that_timed_out(
+    tmp_path: Path,
+) -> None:
+    # Found in review: a control request that timed out reset its thread's socket, and
+    # the node ends the leases of a control connection that closes. The pool kept those
+    # workers' connections: a client on another machine (TCP, no worker claims) kept
+    # calling a worker the node then gave to the next client. A lease that timed out
+    # also said Unreachable although the node was there, only stopped.
+    node = LocalNode(tmp_path / "node", options=["--max-workers", "4"]).start()
+    try:
+        with scatter.Client(node.address, autostart=False, transport="tcp") as client:
+            client.publish(add)
+            client.publish(count)
+            remote = client.make_callable("add")
+            assert remote(1, 2) == 3
+            (held,) = _worker_endpoints(client)
+            assert client.status().leases == 1
+            items = client.make_callable("count").call(20, timeout=60)
+            assert next(items) == 0  # the stream holds that connection: a call leases
+            os.kill(node.pid, signal.SIGSTOP)  # the node listens, and answers nothing
+            try:
+                with pytest.raises(scatter.Unreachable, match=r"did not answer within 0\.5 s"):
+                    client.request(lambda i: _wire.Status(i), timeout=0.5)
+                with pytest.raises(scatter.CallTimeout, match="gave this call no worker"):
+                    remote.call(1, 2, timeout=1.5)
+            finally:
+                os.kill(node.pid, signal.SIGCONT)
+            assert list(items) == list(range(1, 20))  # the connection went back to the pool
+            assert _worker_endpoints(client) == {held}
+            # The node still counts the lease this client uses (a late answer to the lease
+            # that timed out is released as it is read).
+            wait_until(
+                lambda: client.status().leases == client.statistics().open_connections == 1,
+                20,
+                "the node counts exactly the lease the client holds",
+            )
+            with scatter.Client(node.address, autostart=False, transport="tcp") as other:
+                assert other.make_callable("add")(2, 2) == 4
+                assert held not in _worker_endpoints(other), "two clients share one worker"
+            assert remote(3, 4) == 7 and _worker_endpoints(client) == {held}
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+        node.stop()
+
+
+@pytest.mark.timeout(120)
+def test_connections_whose_control_connection_dropped_are_not_used_again(
+    tmp_path: Path,
+) -> None:
+    # Where a control connection ends all the same (here the node drops it: a frame over
+    # its size limit; a network fault would do), the node ends its leases: the pool must
+    # not keep calling those workers as its own.
+    node = LocalNode(tmp_path / "node", options=["--max-workers", "4"]).start()
+    try:
+        with scatter.Client(node.address, autostart=False) as observer, scatter.Client(
+            node.address, autostart=False, transport="tcp"
+        ) as client:
+            observer.publish(add)
+            remote = client.make_callable("add")
+            assert remote(1, 2) == 3
+            assert len(_worker_endpoints(client)) == 1
+            assert observer.status().leases == 1
+            client._control._socket().send(b"\0" * (MAX_MESSAGE_BYTES + 8192))
+            wait_until(lambda: observer.status().leases == 0, 20, "the node ends the lease")
+            client.status()  # its thread's next control request sees the disconnect
+            assert client.statistics().open_connections == 0
+            assert remote(2, 3) == 5  # on a new lease, which the node counts
+            assert observer.status().leases == client.statistics().open_connections == 1
+    finally:
+        node.stop()

@@ -364,7 +364,7 @@ def test_a_node_that_listens_but_does_not_answer_is_not_called_absent(
         caught.value
     )
     assert "scatter node start" not in str(caught.value)
-    assert client.status().pid == node.pid  # the late answer went with the old socket
+    assert client.status().pid == node.pid  # the late answer is skipped by its id
 
 
 @pytest.mark.timeout(60)

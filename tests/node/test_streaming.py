@@ -89,6 +89,72 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+
+async def fed(n: int) -> AsyncIterator[int]:
+    """Items made by a task of the generator's own, which runs between items too."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+
+    async def produce() -> None:
+        for i in range(n):
+            await queue.put(i)
+            await asyncio.sleep(0.002)
+
+    producer = asyncio.create_task(produce())
+    try:
+        for _ in range(n):
+            yield await queue.get()
+    finally:
+        producer.cancel()
+
+
+async def fed_by_a_blocking_task(n: int) -> AsyncIterator[int]:
+    """Like ``fed``, but its task holds the loop in ``time.sleep`` (as blocking code in an
+    async function does): a call's deadline alarm lands there while it runs."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+
+    async def produce() -> None:
+        for i in range(n):
+            time.sleep(0.3)
+            await queue.put(i)
+            await asyncio.sleep(0)
+
+    producer = asyncio.create_task(produce())
+    try:
+        for _ in range(n):
+            yield await queue.get()
+    finally:
+        producer.cancel()
+
+
+async def doubled(n: int) -> int:
+    await asyncio.sleep(0.01)
+    return 2 * n
+
+
+async def snooze(seconds: float) -> int:
+    await asyncio.sleep(seconds)
+    return 0
+
+
+async def leaves_a_task(marker: str) -> int:
+    async def forever() -> None:
+        try:
+            await asyncio.sleep(600)
+        finally:
+            Path(marker).touch()
+
+    asyncio.get_running_loop().create_task(forever())
+    return 1
+
+
+async def cancels_itself() -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    task.cancel()
+    await asyncio.sleep(0)
+    return 0
+
+
 @pytest.mark.timeout(90)
 def test_call_async_of_a_generator_is_an_async_iterator(
     client: scatter.Client, tmp_path: Path
@@ -342,3 +408,95 @@ def test_an_async_stream_dropped_after_its_worker_died_gives_its_connection_back
 
         asyncio.run(take_one_and_drop())
         assert small.make_callable("add").call(2, 3, timeout=20) == 5
+
+
+@pytest.mark.timeout(90)
+def test_async_calls_between_the_items_of_an_async_stream_cancel_only_their_own_tasks(
+    client: scatter.Client, tmp_path: Path
+) -> None:
+    # Found in review: each async call, once done, cancelled every task on the worker's
+    # one event loop, so a stream of an async generator lost the task that fed it
+    # between two items (and then waited for an item that never came). Each call (and
+    # each stream) cancels only the tasks it made: a call's leftovers still go.
+    for fn in (fed, doubled, snooze, leaves_a_task, cancels_itself):
+        client.publish(fn)
+    leased = client.request(lambda i: _wire.Lease(i))
+    context = zmq.Context()
+    streaming = dealer(context, leased.endpoint)  # one worker, two callers
+    other = dealer(context, leased.endpoint)
+    items = 40
+    leftover = tmp_path / "leftover-cancelled"
+    interleaved: list[tuple[str, dict[str, Any], float]] = [
+        ("doubled", {"n": 21}, 0.0),
+        ("snooze", {"seconds": 600.0}, 0.5),  # interrupted at its deadline
+        ("leaves_a_task", {"marker": str(leftover)}, 0.0),
+        ("cancels_itself", {}, 0.0),
+    ]
+    try:
+        streaming.send(_call(1, "fed", {"n": items}, timeout=10))
+        received: list[int] = []
+        replies: list[Any] = []
+        call_id = 100
+        while True:
+            frame = _receive(streaming)
+            if not isinstance(frame, _wire.Yielded):
+                break
+            received.append(msgspec.msgpack.decode(frame.value))
+            streaming.send(_wire.encoder.encode(_wire.More(1, 1)))
+            if len(received) % 5 == 1:  # an async call between two items, several times
+                name, arguments, timeout = interleaved[len(replies) % len(interleaved)]
+                call_id += 1
+                other.send(_call(call_id, name, arguments, timeout=timeout))
+                replies.append(_receive(other))
+        assert isinstance(frame, _wire.Result), frame
+        assert received == list(range(items))
+        kinds = [type(reply).__name__ for reply in replies]
+        assert len(replies) == 8 and isinstance(replies[0], _wire.Result), kinds
+        assert msgspec.msgpack.decode(replies[0].value) == 42
+        assert isinstance(replies[1], _wire.Failure) and replies[1].kind == "timeout", replies[1]
+        # A call's own leftover task is still cancelled when it returns (its finally ran).
+        assert isinstance(replies[2], _wire.Result) and leftover.exists()
+    finally:
+        streaming.close(linger=0)
+        other.close(linger=0)
+        context.destroy(linger=0)
+
+
+@pytest.mark.timeout(90)
+def test_a_deadline_that_lands_in_a_streams_task_interrupts_only_its_own_call(
+    client: scatter.Client,
+) -> None:
+    # The worker interrupts a call with SIGALRM, raised in whatever Python code runs. On
+    # the one event loop that may be a stream's task: the call's own tasks are cancelled
+    # instead, and the stream's task goes on (before, it died with the interrupt, the call
+    # slept on, and its worker was killed kill_grace later).
+    for fn in (fed_by_a_blocking_task, snooze):
+        client.publish(fn)
+    leased = client.request(lambda i: _wire.Lease(i))
+    context = zmq.Context()
+    streaming = dealer(context, leased.endpoint)
+    other = dealer(context, leased.endpoint)
+    items = 6
+    try:
+        streaming.send(_call(1, "fed_by_a_blocking_task", {"n": items}, timeout=20))
+        first = _receive(streaming)
+        assert isinstance(first, _wire.Yielded), first
+        received = [msgspec.msgpack.decode(first.value)]
+        # The producer holds the loop 0.3 s at a time: the call's 0.2 s alarm lands there.
+        other.send(_call(2, "snooze", {"seconds": 600.0}, timeout=0.2))
+        reply = _receive(other)
+        assert isinstance(reply, _wire.Failure) and reply.kind == "timeout", reply
+        while True:
+            frame = _receive(streaming)
+            if not isinstance(frame, _wire.Yielded):
+                break
+            received.append(msgspec.msgpack.decode(frame.value))
+        assert isinstance(frame, _wire.Result), frame
+        assert received == list(range(items))
+        other.send(_call(3, "snooze", {"seconds": 0.0}))  # the same worker, still serving
+        done = _receive(other)
+        assert isinstance(done, _wire.Result), done
+    finally:
+        streaming.close(linger=0)
+        other.close(linger=0)
+        context.destroy(linger=0)
