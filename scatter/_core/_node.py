@@ -491,7 +491,7 @@ class NodeCore:
         config = self.config
         if now >= self._next_anti_entropy:
             self._next_anti_entropy = now + config.anti_entropy_interval
-            for address in self._peers(1):
+            for address in self._peers(1 if config.registry_gossip else 0):
                 digest = _wire.PeerDigest(
                     self.facts.node_id, self.facts.address, self.registry.clock, reply=True
                 )
@@ -809,10 +809,13 @@ class NodeCore:
     def _finish(self, write: _Write) -> list[Effect]:
         self._write = None
         effects: list[Effect] = [BumpGeneration()]
-        for change in write.changes:
-            self._news.put(change.change_id, change)
-        if write.local:  # ours: every live member hears of it at once (rule 6)
-            effects += [PushChanges(address, write.changes) for address in self._peers(1 << 30)]
+        if self.config.registry_gossip:  # off only as a test hook (NodeConfig)
+            for change in write.changes:
+                self._news.put(change.change_id, change)
+            if write.local:  # ours: every live member hears of it at once (rule 6)
+                effects += [
+                    PushChanges(address, write.changes) for address in self._peers(1 << 30)
+                ]
         if write.reply is not None:
             try:
                 effects.append(self._send(write.peer, write.reply()))
