@@ -49,6 +49,7 @@ from .._security import ClientKeys, apply_client_keys
 from ._autostart import nothing_listens
 from ._control import NodeControl
 from ._polling import ReplyPolling
+from ._session import SESSION
 
 # A worker interrupts a call at its deadline and kills it `kill_grace` later; the client
 # waits that long plus this margin before it gives up on the reply itself.
@@ -393,6 +394,9 @@ class ConnectionPool:
         the bound allows), else None: ``map``'s pipes past the first, which would
         otherwise wait for the workers that map's own pipes claimed.
         """
+        control = self.control
+        if control.settled < SESSION.generation:  # read your writes: see CallSender.call
+            control.catch_up(self._left(give_up), give_up)
         busy: list[WorkerConnection] = []
         connection = self.take_idle(busy)
         if connection is not None:
@@ -432,6 +436,9 @@ class ConnectionPool:
         (woken from whichever thread checks one in), and a lease (a round trip to the
         node) or a wait for a busy worker runs in a worker thread, so the loop never
         blocks on the node."""
+        control = self.control
+        if control.settled < SESSION.generation:  # read your writes, in a thread
+            await _run_in_thread(library, lambda: control.catch_up(self._left(give_up), give_up))
         busy: list[WorkerConnection] = []
         connection = self.take_idle(busy)
         if connection is not None:
@@ -906,6 +913,19 @@ def _async_wakeup(library: str) -> tuple[Callable[[], None], Callable[[float], A
         loop.call_soon_threadsafe(woken.set)
 
     return wake_asyncio, wait_asyncio
+
+
+async def _run_in_thread(library: str, function: Callable[[], None]) -> None:
+    """Run a blocking control request off the event loop; a cancelled caller does not
+    wait for it (it ends by its own timeout)."""
+    if library == "trio":
+        import trio
+
+        await trio.to_thread.run_sync(function, abandon_on_cancel=True)
+        return
+    import asyncio
+
+    await asyncio.get_running_loop().run_in_executor(None, function)
 
 
 async def _in_thread(
