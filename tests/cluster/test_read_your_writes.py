@@ -99,6 +99,31 @@ def test_describe_versions_and_calls_through_c_see_a_rollback_and_a_vaporize_thr
     assert _changes_held(b) == 0
 
 
+@pytest.mark.timeout(180)
+def test_a_change_whose_node_died_before_anyone_pulled_it_costs_the_bound_and_says_so(
+    three: LocalCluster,
+) -> None:
+    a, b, c = three.nodes
+    with client(a) as on_a, client(c) as on_c:
+        on_a.publish(_adding(1), name="kept")
+        kept = on_c.make_callable("kept")  # C pulled "kept"
+        on_a.publish(_adding(2), name="lost")
+        a.kill()  # nobody else holds "lost", and nobody ever will
+        with pytest.raises(scatter.FunctionNotFound) as lost:
+            on_c.describe("lost")
+        message = str(lost.value)
+        assert "no function named 'lost'" in message
+        assert "had not yet received 1 registry change(s) the client has seen" in message
+        assert "waited 2.0 s for them" in message
+        # A call lets the node catch up once, gives up at the bound, and runs what C has;
+        # later calls do not wait again for the same change.
+        assert kept(1) == 2
+        assert "had not yet received" in on_c._control.lagging
+        assert on_c._control.settled == SESSION.generation
+        assert kept(2) == 3
+    assert _changes_held(b) == 0
+
+
 def _read_from_child(read_end: int, pid: int, timeout: float) -> str:
     """What the forked child wrote before exiting; AssertionError if it said nothing."""
     deadline = time.monotonic() + timeout
