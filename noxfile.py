@@ -49,6 +49,7 @@ def sim(session: nox.Session) -> None:
         "-m",
         "pytest",
         "tests/core/test_replication.py",
+        "tests/core/test_read_your_writes.py",
         "tests/core/test_membership.py",
         "-q",
         env={"SCATTER_SIM_EXAMPLES": "3000"},

@@ -348,6 +348,10 @@ def control_requests() -> list[bytes]:
             _wire.CurrentVersion(14, "kit"),
             publish(m1, 15),  # a member of a set, published alone: refused
             publish(gone, 16),  # back after vaporize: numbering continues
+            # Read your writes: a clock the node holds, and one naming a stranger's changes
+            _wire.Describe(17, "sample", clock=VectorClock({"n1.1.aaaaaa": 1})),
+            _wire.ListVersions(18, "sample", clock=VectorClock({"stranger.1.x": 2})),
+            _wire.CatchUp(19, VectorClock({"n1.1.aaaaaa": 1, "stranger.1.x": 1}), 0.5),
         ]
     ]
 
@@ -369,6 +373,8 @@ def replies() -> list[bytes]:
             _wire.Result(11, 1, msgspec.Raw(b"\x01"), [(1, "(f pid=1) hi\n")]),
             _wire.Yielded(12, msgspec.Raw(b"\x02"), [(2, "(f pid=1) oops\n")]),
             _wire.Failure(13, "remote", "x", "ValueError", "tb", remote_args=b"\x91\xa1x"),
+            _wire.Published(14, "sample", 3, "c" * 32, False, VectorClock({"n1.1.a": 4})),
+            _wire.CaughtUp(15, VectorClock({"n1.1.a": 4, "n2.1.b": 1})),
         ]
     ]
 

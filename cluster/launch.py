@@ -200,6 +200,7 @@ class LocalCluster:
     size: int
     profile: str = "local"
     nodes: list[LocalNode] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # more environment for every node
 
     def start(self, timeout: float = 60.0) -> LocalCluster:
         try:
@@ -207,7 +208,8 @@ class LocalCluster:
                 options = ["--profile", self.profile]
                 if self.nodes:
                     options += ["--join", self.nodes[-1].address]
-                self.nodes.append(LocalNode(self.root / f"node-{i}", options=options).start())
+                node = LocalNode(self.root / f"node-{i}", options=options, env=dict(self.env))
+                self.nodes.append(node.start())
             self.wait_until_joined(timeout)
         except BaseException:
             self.stop()

@@ -233,12 +233,21 @@ class ClusterSimulation(_VirtualTime):
         loss: float = 0.0,
         delay: tuple[float, float] = (0.0005, 0.002),
         membership: MembershipConfig | None = None,
+        registry_gossip: bool = True,
+        read_wait: float = NodeConfig.read_wait,
     ) -> None:
         self.rng = random.Random(seed)
         self.loss = loss
         self.delay = delay
         self.now = 0.0
-        self.config = NodeConfig(min_workers=0, membership=membership or MembershipConfig.local())
+        self.config = NodeConfig(
+            min_workers=0,
+            membership=membership or MembershipConfig.local(),
+            # False: no node pushes, gossips or starts anti-entropy; changes move only
+            # through pulls for held reads (read your writes), as the real test hook.
+            registry_gossip=registry_gossip,
+            read_wait=read_wait,
+        )
         self.addresses = [f"tcp://sim-{i}:1" for i in range(nodes)]
         self.disks = {address: SimDisk() for address in self.addresses}
         self.cores: dict[str, NodeCore] = {}
@@ -320,16 +329,28 @@ class ClusterSimulation(_VirtualTime):
 
     def request(self, address: str, message: object) -> object:
         """A client request to one node, answered at once (its writes are instant)."""
-        core = self.cores[address]
         before = len(self.replies[address])
+        self.submit(address, message)
+        answers = self.replies[address][before:]
+        assert answers, f"{address} did not answer {type(message).__name__} at once"
+        return answers[-1]
+
+    def submit(self, address: str, message: object) -> None:
+        """A client request to one node, perhaps answered later (a read held for changes
+        its clock counts, read your writes): see :meth:`answer`."""
+        core = self.cores[address]
         payload = wire.encoder.encode(message)
         effects = core.receive(
             b"client", payload, role="deploy", now=self.now, wall=self.now, readings=dict
         )
         self._perform(address, effects)
-        answers = self.replies[address][before:]
-        assert answers, f"{address} did not answer {type(message).__name__} at once"
-        return answers[-1]
+
+    def answer(self, address: str, request_id: int) -> object | None:
+        """The reply ``address`` sent to request ``request_id``, if any yet."""
+        for reply in self.replies[address]:
+            if getattr(reply, "id", None) == request_id:
+                return reply
+        return None
 
     # -- running ----------------------------------------------------------------------
 

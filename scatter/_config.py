@@ -30,6 +30,9 @@ ENV_ADDRESS = "SCATTER_ADDRESS"
 ENV_DATA_DIR = "SCATTER_DATA_DIR"
 ENV_AUTOSTART = "SCATTER_AUTOSTART"
 ENV_SECRET = "SCATTER_SECRET"
+# A test hook, never for production: "0" starts a node that never pushes, gossips or
+# starts anti-entropy for registry changes (NodeConfig.registry_gossip).
+ENV_TEST_REGISTRY_GOSSIP = "SCATTER_TEST_REGISTRY_GOSSIP"
 
 
 def default_address(uid: int | None = None) -> str:
@@ -158,6 +161,16 @@ class NodeConfig:
     # Every interval, one random member gets this node's registry clock and sends back
     # what this node lacks (seconds). The digest is one counter per writer: cheap.
     anti_entropy_interval: float = 1.0
+    # Read your writes: a read whose client has seen registry changes this node lacks is
+    # held while the node pulls them from the members that made them, at most this long
+    # (seconds; a call's catch-up at most half its timeout); then it is answered with
+    # what the node holds, saying what it had not received.
+    read_wait: float = 2.0
+    # A test hook (SCATTER_TEST_REGISTRY_GOSSIP=0), never for production: False makes a
+    # node that never pushes its changes, gossips them or starts anti-entropy; it still
+    # answers digests, so it learns and spreads changes only through pulls (read your
+    # writes) and the anti-entropy rounds of nodes that have it on.
+    registry_gossip: bool = True
     # Members to join through at start (`scatter node join ADDR`), beyond those the
     # node remembers from its last run.
     join: tuple[str, ...] = ()
@@ -251,6 +264,10 @@ def resolve_node_config(
         )
     if data_dir is None and env.get(ENV_DATA_DIR):
         data_dir = env[ENV_DATA_DIR]
+    if env.get(ENV_TEST_REGISTRY_GOSSIP, "").strip() and "registry_gossip" not in overrides:
+        overrides["registry_gossip"] = _env_bool(
+            ENV_TEST_REGISTRY_GOSSIP, env[ENV_TEST_REGISTRY_GOSSIP]
+        )
     path = Path(data_dir) if data_dir is not None else data_dir_for(resolved)
     return NodeConfig.local(address=resolved, data_dir=path.expanduser(), secret=secret, **overrides)
 

@@ -40,8 +40,16 @@ Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
 #      to stdout and stderr comes back with its reply (Result and Failure ``output``);
 #      generator functions stream (Yielded, More, Cancel); a type description says
 #      whether the function streams (``SignatureSpec.streams``).
+#   5: read your writes. Replies to changes (Published, Moved) carry the node's registry
+#      clock after the change; reads (Describe, ListVersions, ListFunctions,
+#      CurrentVersion) may carry the clock the client has seen, and are then answered
+#      once the node holds all of it (or after its ``read_wait``), with its clock;
+#      CatchUp / CaughtUp do the same before calls. A node answers Hello with the
+#      client's protocol when it speaks it: a client of 4 works with a node of 5 (it
+#      sends no clocks, its decoders skip the replies' new trailing field), and a client
+#      of 5 sends clocks only to a node that said 5.
 PROTOCOL_VERSION_MIN = 4
-PROTOCOL_VERSION_MAX = 4
+PROTOCOL_VERSION_MAX = 5
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
 
 # ----- limits: in _limits.py (the registry's records use them too); re-exported here -----
@@ -204,6 +212,13 @@ class Vaporize(msgspec.Struct, array_like=True, tag=13, frozen=True):
     name: Name
 
 
+# Since protocol 5, on reads: the registry clock the client has seen (the merge of the
+# clocks its process's changes were answered with), or None. A node that lacks part of
+# it holds the read while it pulls the changes, at most its ``read_wait`` (read your
+# writes); a client sends one only to a node not known to hold all of it already.
+SeenClock = VectorClock | None
+
+
 class Describe(msgspec.Struct, array_like=True, tag=14, frozen=True):
     """What a client needs to build a callable: signature, version, timeout."""
 
@@ -211,15 +226,18 @@ class Describe(msgspec.Struct, array_like=True, tag=14, frozen=True):
     name: Name
     version: int = 0
     with_source: bool = False
+    clock: SeenClock = None
 
 
 class ListVersions(msgspec.Struct, array_like=True, tag=15, frozen=True):
     id: int
     name: Name
+    clock: SeenClock = None
 
 
 class ListFunctions(msgspec.Struct, array_like=True, tag=16, frozen=True):
     id: int
+    clock: SeenClock = None
 
 
 class Lease(msgspec.Struct, array_like=True, tag=17, frozen=True):
@@ -254,12 +272,27 @@ class CurrentVersion(msgspec.Struct, array_like=True, tag=22, frozen=True):
 
     id: int
     name: Name
+    clock: SeenClock = None
 
 
 class Leave(msgspec.Struct, array_like=True, tag=23, frozen=True):
     """Leave the cluster gracefully, then stop (`scatter node leave`)."""
 
     id: int
+
+
+class CatchUp(msgspec.Struct, array_like=True, tag=24, frozen=True):
+    """Since protocol 5: answer (``CaughtUp``) once this node holds every registry change
+    ``clock`` counts, pulling what it lacks from the members that made them, or after
+    ``wait`` seconds (at most the node's ``read_wait``), whichever comes first.
+
+    A client sends it before the first call through a node that has not shown it the
+    changes its process saw: calls go to workers, which cannot wait for the registry.
+    """
+
+    id: int
+    clock: VectorClock
+    wait: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0: the node's read_wait
 
 
 # ----- node to node (on the control socket, role "peer"; one-way) -----
@@ -295,7 +328,8 @@ class PeerDigest(msgspec.Struct, array_like=True, tag=72, frozen=True):
 PeerMessage = PeerGossip | PeerChanges | PeerDigest
 
 ControlRequest = (
-    Leave
+    CatchUp
+    | Leave
     | PeerGossip
     | PeerChanges
     | PeerDigest
@@ -330,14 +364,21 @@ class Published(msgspec.Struct, array_like=True, tag=31, frozen=True):
     version: int
     content_id: str
     unchanged: bool  # identical to the current version: nothing was changed
+    # Since protocol 5: the node's registry clock once the change was applied (for an
+    # unchanged publish, its clock now): what the client's later reads must see.
+    clock: VectorClock | None = None
 
 
 class Moved(msgspec.Struct, array_like=True, tag=32, frozen=True):
-    """The current pointer moved (rollback) or the function is gone (vaporize, version 0)."""
+    """The current pointer moved (rollback) or the function is gone (vaporize, version 0);
+    also the answer to ``CurrentVersion``."""
 
     id: int
     name: str
     version: int
+    # Since protocol 5: after a rollback or a vaporize, the node's registry clock once
+    # applied; answering a CurrentVersion that carried a clock, see CaughtUp.clock.
+    clock: VectorClock | None = None
 
 
 class Description(msgspec.Struct, array_like=True, tag=33, frozen=True):
@@ -353,6 +394,7 @@ class Description(msgspec.Struct, array_like=True, tag=33, frozen=True):
     doc: str | None = None
     source: str | None = None
     signature_spec: bytes = b""  # the type description the caller rebuilds its checks from
+    clock: VectorClock | None = None  # since protocol 5: see CaughtUp.clock
 
 
 class Listing(msgspec.Struct, array_like=True, tag=34, frozen=True):
@@ -360,6 +402,7 @@ class Listing(msgspec.Struct, array_like=True, tag=34, frozen=True):
 
     id: int
     rows: list[dict[str, Any]]
+    clock: VectorClock | None = None  # since protocol 5: see CaughtUp.clock
 
 
 class Leased(msgspec.Struct, array_like=True, tag=35, frozen=True):
@@ -408,8 +451,28 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     queued: int = 0  # leases that waited or were given a busy worker while saturated
 
 
+class CaughtUp(msgspec.Struct, array_like=True, tag=38, frozen=True):
+    """The answer to ``CatchUp``. Its clock dominates the one asked for, unless the node
+    gave up waiting (the changes had not reached it)."""
+
+    id: int
+    # The node's registry clock, plus the entries of the request's clock that name nodes
+    # it never heard of (another cluster's changes, which it will never hold). The same
+    # in a read's reply (Description, Listing, Moved) when the read carried a clock.
+    clock: VectorClock
+
+
 ControlReply = (
-    Welcome | Published | Moved | Description | Listing | Leased | Done | NodeStatus | Failure
+    Welcome
+    | Published
+    | Moved
+    | Description
+    | Listing
+    | Leased
+    | Done
+    | NodeStatus
+    | Failure
+    | CaughtUp
 )
 
 WorkerReply = Result | Failure

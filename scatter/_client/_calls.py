@@ -50,6 +50,7 @@ from ._connections import (
 from ._control import error_from_failure
 from ._polling import ReplyPolling
 from ._remote_errors import remote_error
+from ._session import SESSION
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -132,6 +133,7 @@ class CallSender:
 
     def __init__(self, pool: ConnectionPool, ids: Iterator[int]) -> None:
         self._pool = pool
+        self._control = pool.control
         self._ids = ids
         # Sync calls begun and ended (see ``call``): how many are in flight, without a lock.
         self._sync_calls_started = itertools.count(1)
@@ -148,15 +150,20 @@ class CallSender:
 
         Retried on another worker once, only if it was never delivered.
         """
+        # The call's timeout bounds the slow paths too (a lease, a node started again);
+        # the hot path, an idle connection, reads no clock for it.
+        give_up = None
+        if self._control.settled < SESSION.generation:
+            # This process made a change the node has not shown it holds: let the node
+            # catch up first (read your writes, _session.py). Two ints on the hot path.
+            give_up = time.monotonic() + timeout
+            self._control.catch_up(timeout, give_up)
         # A call polls for its reply only while it is this client's only one: polling
         # threads would take the GIL from each other. Two atomic counters, no lock; a
         # stale read only makes one call sleep, or poll, when it need not.
         if next(self._sync_calls_started) - self._sync_calls_finished > 1:
             polling = None
         pool = self._pool
-        # The call's timeout bounds the slow paths too (a lease, a node started again);
-        # the hot path, an idle connection, reads no clock for it.
-        give_up = None
         try:
             for attempt in range(2):
                 connection = pool.take_idle()
@@ -684,6 +691,10 @@ class RemoteFunction:
             # code); a call-only one rebuilds a class only from modules it has imported.
             may_unpickle = self._sender._pool.control.keys().role == "deploy"
             return remote_error(failure, may_unpickle=may_unpickle)
+        lagging = self._sender._control.lagging
+        if lagging and failure.kind in ("not_found", "version_not_found"):
+            # The node gave up catching up with this process's changes (read your writes).
+            failure = msgspec.structs.replace(failure, message=f"{failure.message} ({lagging})")
         error = error_from_failure(failure)
         if isinstance(error, SignatureChanged):
             with contextlib.suppress(ScatterError):

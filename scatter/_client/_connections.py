@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import zmq
 
@@ -58,6 +58,9 @@ from .._security import ClientKeys, apply_client_keys
 from ._autostart import nothing_listens
 from ._control import LeaseHolder, NodeControl
 from ._polling import ReplyPolling
+from ._session import SESSION
+
+_T = TypeVar("_T")
 
 # A worker interrupts a call at its deadline and kills it `kill_grace` later; the client
 # waits that long plus this margin before it gives up on the reply itself.
@@ -409,6 +412,9 @@ class ConnectionPool:
         the bound allows), else None: ``map``'s pipes past the first, which would
         otherwise wait for the workers that map's own pipes claimed.
         """
+        control = self.control
+        if control.settled < SESSION.generation:  # read your writes: see CallSender.call
+            control.catch_up(self._left(give_up), give_up)
         busy: list[WorkerConnection] = []
         connection = self.take_idle(busy)
         if connection is not None:
@@ -448,6 +454,14 @@ class ConnectionPool:
         (woken from whichever thread checks one in), and a lease (a round trip to the
         node) or a wait for a busy worker runs in one of the pool's own threads
         (:meth:`lease_threads`), so the loop never blocks on the node."""
+        control = self.control
+        if control.settled < SESSION.generation:  # read your writes, in a thread
+            await _in_thread(
+                library,
+                self.lease_threads(),
+                lambda: control.catch_up(self._left(give_up), give_up),
+                _nothing_to_give_back,
+            )
         busy: list[WorkerConnection] = []
         connection = self.take_idle(busy)
         if connection is not None:
@@ -970,12 +984,16 @@ def _async_wakeup(library: str) -> tuple[Callable[[], None], Callable[[float], A
     return wake_asyncio, wait_asyncio
 
 
+def _nothing_to_give_back(_: object) -> None:
+    pass
+
+
 async def _in_thread(
     library: str,
     threads: concurrent.futures.Executor,
-    function: Callable[[], WorkerConnection],
-    give_back: Callable[[WorkerConnection], None],
-) -> WorkerConnection:
+    function: Callable[[], _T],
+    give_back: Callable[[_T], None],
+) -> _T:
     """Lease in one of ``threads``; a lease that ends after its caller was cancelled is
     handed to ``give_back``. The caller never waits for the thread once cancelled: a lease
     may wait up to the call's timeout (saturated, or a worker starting). A lease not yet
@@ -1001,7 +1019,7 @@ async def _in_thread(
     except BaseException:
         if not future.cancel():
 
-            def hand_back(done: concurrent.futures.Future[WorkerConnection]) -> None:
+            def hand_back(done: concurrent.futures.Future[_T]) -> None:
                 if not done.cancelled() and done.exception() is None:
                     give_back(done.result())
 

@@ -25,11 +25,13 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from .. import _wire
 from .._config import MAX_MESSAGE_BYTES, ClientConfig, default_data_dir, parse_address
+from .._core._vclock import VectorClock
 from .._exceptions import (
     AuthenticationError,
     CallTimeout,
@@ -45,6 +47,7 @@ from .._exceptions import (
 )
 from .._security import ClientKeys, apply_client_keys, client_keys, read_user_secret
 from ._autostart import ensure_listening, nothing_listens, port_open
+from ._session import CATCH_UP_SHARE, SESSION
 
 # Seconds of silence from the node after which a request looks whether anything still
 # listens at its address (a TCP connect): a stopped node is then said at once.
@@ -105,6 +108,14 @@ def error_from_failure(failure: _wire.Failure) -> ScatterError:
     return ScatterError(failure.message)
 
 
+# Requests whose replies carry the clock after a change: this process saw that change.
+_CHANGES = (_wire.Publish, _wire.PublishSet, _wire.Rollback, _wire.Vaporize)
+# Reads that carry the clock this process saw, to a node not known to hold it all.
+_READS = (_wire.Describe, _wire.ListVersions, _wire.ListFunctions, _wire.CurrentVersion)
+# The protocol in which nodes hold reads for a clock (read your writes).
+_SEEN_CLOCK_PROTOCOL = 5
+
+
 def _request_too_large(size: int) -> ScatterError:
     return ProtocolError(
         f"a request of {size:,} bytes is over the limit of {MAX_MESSAGE_BYTES:,} bytes a "
@@ -147,6 +158,15 @@ class NodeControl:
         self.on_node_gone: list[Callable[[], None]] = []
         # Called with a LeaseHolder whose connection ended (the pool drops what it held).
         self.on_leases_ended: list[Callable[[LeaseHolder], None]] = []
+        self.node_protocol = 0  # what the node's Welcome said
+        # Read your writes (_session.py), in session generations: ``confirmed``, the one
+        # this node was seen to hold all of (a reply's clock dominated it); ``settled``,
+        # the one calls need not catch up to again (confirmed, or a CatchUp for it gave
+        # up: one wait per new change, not one per call); ``lagging``, why the last
+        # CatchUp fell short, added to a call's not-found error.
+        self.confirmed = 0
+        self.settled = 0
+        self.lagging = ""
 
     @property
     def context(self) -> zmq.Context[Any]:
@@ -196,7 +216,8 @@ class NodeControl:
         if self.closed:
             raise ScatterError("this client is closed")
         request_id = next(self._ids)
-        frame = _wire.encoder.encode(make(request_id))
+        request = make(request_id)
+        frame = _wire.encoder.encode(request)
         if len(frame) > MAX_MESSAGE_BYTES:
             # Refused here, before anything is sent: a node drops a frame far past the
             # limit with its connection, unread, and the caller would only see silence.
@@ -205,6 +226,12 @@ class NodeControl:
             if not start_node:
                 raise Unreachable(f"the node at {self.address} is not known to answer")
             self._ensure_node(deadline)
+        seen: tuple[int, VectorClock] | None = None
+        if isinstance(request, _READS) and self.node_protocol >= _SEEN_CLOCK_PROTOCOL:
+            generation, clock = SESSION.state
+            if generation > self.confirmed and clock.entries:
+                seen = (generation, clock)
+                frame = _wire.encoder.encode(msgspec.structs.replace(request, clock=clock))
         sock = self._socket()
         try:
             # Never blocking: a node that stopped reading (SIGSTOP) lets requests pile up
@@ -236,7 +263,74 @@ class NodeControl:
             if isinstance(reply, _wire.Failure):
                 raise error_from_failure(reply)
             self._watch_connection()  # a lease must not be credited to a connection gone
+            replied = getattr(reply, "clock", None)
+            if replied is not None:
+                self._saw(replied, isinstance(request, _CHANGES), seen)
             return reply
+
+    def _saw(
+        self, clock: VectorClock, change: bool, seen: tuple[int, VectorClock] | None
+    ) -> None:
+        """A reply carried the node's registry clock: after a change of this process's
+        (the session merges it), or answering a read that sent ``seen``."""
+        if change:
+            SESSION.saw(clock)
+        generation, mine = SESSION.state
+        if clock.dominates(mine):
+            self._confirm(generation)
+        elif seen is not None:
+            if clock.dominates(seen[1]):
+                self._confirm(seen[0])
+            else:  # the node gave up waiting: calls do not wait again for the same clock
+                self._fell_short(seen[0])
+
+    def _confirm(self, generation: int) -> None:
+        if generation > self.confirmed:
+            self.confirmed = generation
+        if generation >= self.settled:
+            self.settled = generation
+            self.lagging = ""
+
+    def _fell_short(self, generation: int) -> None:
+        if generation > self.settled:
+            self.settled = generation
+            self.lagging = (
+                f"the node at {self.address} had not yet received every registry change "
+                "this process has seen when it stopped waiting for them: they may still be "
+                "on their way, or the node that made them is cut off from it"
+            )
+
+    def catch_up(self, timeout: float, deadline: float | None = None) -> None:
+        """Before a call (it goes to a worker, which cannot wait for the registry): let
+        the node catch up with the changes this process saw, for at most half of
+        ``timeout`` (and the node's own ``read_wait``). Falling short is not an error:
+        the call goes on, and a not-found answer says what the node lacked.
+
+        Raises:
+            Unreachable, AuthenticationError, ...: as any control request.
+        """
+        generation, clock = SESSION.state
+        if generation <= self.settled:
+            return
+        if not self.node_ready:
+            self._ensure_node(deadline)
+        if (
+            generation <= self.confirmed
+            or not clock.entries
+            or self.node_protocol < _SEEN_CLOCK_PROTOCOL
+        ):
+            self._confirm(generation)  # nothing to catch up with, or no way to
+            return
+        wait = max(timeout * CATCH_UP_SHARE, 0.001)  # 0 would mean the node's read_wait
+        caught: _wire.CaughtUp = self.request(
+            lambda i: _wire.CatchUp(i, clock, wait),
+            timeout=wait + self.config.connect_timeout,
+            deadline=deadline,
+        )
+        if caught.clock.dominates(clock):
+            self._confirm(generation)
+        else:
+            self._fell_short(generation)
 
     def send_nowait(self, make: Callable[[int], Any]) -> None:
         """Send a request nobody waits for (a lease's release); a lost one is harmless.
@@ -315,7 +409,12 @@ class NodeControl:
         self._check_protocol(deadline)
 
     def _check_protocol(self, deadline: float | None = None) -> None:
+        # A node (re)found may not be the one seen before (restarted, replaced): what it
+        # was seen to hold is learned again.
+        self.confirmed = self.settled = 0
+        self.lagging = ""
         welcome: _wire.Welcome = self.request(lambda i: _wire.Hello(i), deadline=deadline)
+        self.node_protocol = welcome.protocol
         if not _wire.PROTOCOL_VERSION_MIN <= welcome.protocol <= _wire.PROTOCOL_VERSION_MAX:
             self.node_ready = False
             raise ProtocolError(

@@ -14,6 +14,8 @@ import os
 import weakref
 from typing import Protocol
 
+from ._session import SESSION
+
 
 class _ForkAware(Protocol):
     def forget_parent_connections(self) -> None: ...
@@ -28,6 +30,9 @@ def track(client: _ForkAware) -> None:
 
 
 def _after_fork_in_child() -> None:
+    # The clock this process has seen stays (the child saw what its parent saw); its
+    # lock may have been held by a parent thread that does not exist here.
+    SESSION.after_fork_in_child()
     for client in list(_clients):
         client.forget_parent_connections()
 

@@ -37,6 +37,22 @@
 #
 # Rule 7: a stopping node answers everything that waits ("the node is stopping"),
 # so no client waits for a reply that will never come.
+#
+# Rule 8: read your writes, on any node. A reply to a change carries the registry
+# clock after it; a client sends back the merge of those it has seen on its reads
+# (Describe, ListVersions, ListFunctions, CurrentVersion, and CatchUp before calls).
+# A read whose clock this registry does not dominate is HELD (a value here, never a
+# thread), and the node pulls what it lacks: a digest of its clock, without a reply
+# wanted, to the live members that made the missing changes (the writer id names its
+# node), else to one random live member; the peer answers it as any anti-entropy
+# digest, with the changes this node lacks. A held read is answered, in arrival order,
+# once the change that completes its clock has its views written (rule 3), or at its
+# deadline (`read_wait`, or less if the request asks) with what the node holds then; a
+# not-found answer then says which change it had not received. Pulls are asked again
+# every _PULL_RETRY while reads wait. Entries naming nodes this one never heard of are
+# another cluster's (a process may talk to two): never waited for, and vouched for in
+# the reply's clock. A read without a clock, or one this registry dominates (those
+# entries aside), is answered at once, as before.
 
 """The node core: control requests, worker events and ticks in; effects out. Pure."""
 
@@ -76,6 +92,7 @@ from ._registry import (
     VersionRecord,
     content_id_of,
 )
+from ._vclock import VectorClock
 
 __all__ = [
     "BumpGeneration",
@@ -209,6 +226,17 @@ class _Write:
 
 
 @dataclass(frozen=True)
+class _Held:
+    """A read whose client has seen changes this node lacks (rule 8)."""
+
+    peer: bytes
+    request: Any
+    seen: VectorClock  # the clock the client sent
+    since: float  # monotonic: when it was held
+    deadline: float  # monotonic: answered with what the node holds then
+
+
+@dataclass(frozen=True)
 class _FromPeer:
     """Changes a peer sent, waiting their turn to be written."""
 
@@ -217,6 +245,20 @@ class _FromPeer:
 
 
 _MUTATIONS = (_wire.Publish, _wire.PublishSet, _wire.Rollback, _wire.Vaporize)
+# Requests that read the registry and may carry the clock their client has seen (rule 8).
+_READS = (
+    _wire.Describe,
+    _wire.ListVersions,
+    _wire.ListFunctions,
+    _wire.CurrentVersion,
+    _wire.CatchUp,
+)
+# Seconds before a pull for a held read is asked again of the same member: its answer
+# (or the digest) was lost, or that member did not hold the change either then.
+_PULL_RETRY = 0.25
+# Reads held at most at once; past it a read is answered at once with what the node
+# holds (a client cannot make the node keep unbounded state by sending clocks).
+MAX_HELD_READS = 4096
 _PEER_MESSAGES = (_wire.PeerGossip, _wire.PeerChanges, _wire.PeerDigest)
 MAX_CHANGES_PER_PUSH = 256  # an anti-entropy answer sends the rest next round
 _MEMBERS_PERSIST_INTERVAL = 1.0  # seconds: the member table is stored at most this often
@@ -276,6 +318,9 @@ class NodeCore:
         self._members_persisted_count = 0
         self._members_persisted_at = -math.inf
         self._peer_clocks: dict[str, Any] = {}  # {node id: the registry clock it last sent}
+        self._held: list[_Held] = []  # reads waiting for changes their client saw (rule 8)
+        # {member address: (when to ask again, what the reads wanted, our clock then)}
+        self._pulls: dict[str, tuple[float, VectorClock, VectorClock]] = {}
         self._handlers: dict[type, Callable[[Any], Any]] = {
             _wire.Hello: self._on_hello,
             _wire.CurrentVersion: self._on_current_version,
@@ -283,6 +328,7 @@ class NodeCore:
             _wire.ListVersions: self._on_versions,
             _wire.ListFunctions: self._on_functions,
             _wire.Status: self._on_status,
+            _wire.CatchUp: self._on_catch_up,
         }
         self._peer_handlers: dict[type, Callable[[Any, float], list[Effect]]] = {
             _wire.PeerGossip: self._on_gossip,
@@ -412,6 +458,8 @@ class NodeCore:
             peer, request, _wall = self._waiting.popleft()
             if not isinstance(request, _FromPeer):
                 effects.append(self._send(peer, _stopping_failure(request.id)))
+        held, self._held = self._held, []
+        effects += [self._send(h.peer, _stopping_failure(h.request.id)) for h in held]
         return effects
 
     def busy_writing(self) -> bool:
@@ -486,12 +534,17 @@ class NodeCore:
         return []
 
     def tick(self, now: float, readings: Mapping[int, SlotReading]) -> list[Effect]:
+        self._now = now
         effects = self._pool_effects(self.pool.tick(now, readings))
+        if self._held:
+            if self._write is None or not self._write.views_pending:
+                effects += self._release_held()  # those past their deadline
+            effects += self._pull()  # again, where the last pull went unanswered
         effects += self._packets(self.membership.tick(now))
         config = self.config
         if now >= self._next_anti_entropy:
             self._next_anti_entropy = now + config.anti_entropy_interval
-            for address in self._peers(1):
+            for address in self._peers(1 if config.registry_gossip else 0):
                 digest = _wire.PeerDigest(
                     self.facts.node_id, self.facts.address, self.registry.clock, reply=True
                 )
@@ -526,6 +579,9 @@ class NodeCore:
         times = [self.membership.next_wakeup(), self._next_anti_entropy]
         if len(self._news):
             times.append(self._next_change_gossip)
+        if self._held:
+            times.append(min(held.deadline for held in self._held))
+            times += [asked[0] for asked in self._pulls.values()]
         return min(times)
 
     # -- peers ------------------------------------------------------------------
@@ -601,6 +657,11 @@ class NodeCore:
     def _serve(self, peer: bytes, request: Any, wall: float) -> list[Effect]:
         if isinstance(request, _FromPeer):
             return self._begin_peer_write(request)
+        if isinstance(request, _READS):
+            seen = request.clock
+            if seen is not None and not self.registry.clock.dominates(seen):
+                return self._hold(peer, request, seen)
+            return self._answer(peer, request)
         try:
             if isinstance(request, _MUTATIONS):
                 return self._begin_write(peer, request, wall)
@@ -609,6 +670,136 @@ class NodeCore:
             return [self._send(peer, _wire.Failure(request.id, _failure_kind(exc), str(exc)))]
         except Exception as exc:
             return self._internal(peer, request.id, exc)
+
+    def _answer(self, peer: bytes, request: Any, lacking: str = "") -> list[Effect]:
+        """Answer a read with what the registry holds now; ``lacking``: why that may not
+        be all its client saw (rule 8), added to a not-found answer."""
+        try:
+            return [self._send(peer, self._handlers[type(request)](request))]
+        except ScatterError as exc:
+            message = str(exc)
+            if lacking and isinstance(exc, FunctionNotFound | VersionNotFound):
+                message = f"{message} ({lacking})"
+            return [self._send(peer, _wire.Failure(request.id, _failure_kind(exc), message))]
+        except Exception as exc:
+            return self._internal(peer, request.id, exc)
+
+    # -- read your writes (rule 8) ------------------------------------------------
+
+    def _hold(self, peer: bytes, request: Any, seen: VectorClock) -> list[Effect]:
+        # Changes made on nodes this one never heard of are another cluster's (the same
+        # process talked to both): no member could ever bring them, so they are not
+        # waited for, and the reply's clock vouches for them (_clock_for).
+        foreign = self._foreign(seen)
+        if foreign.entries:
+            seen = VectorClock({w: n for w, n in seen.entries.items() if w not in foreign.entries})
+            if self.registry.clock.dominates(seen):
+                return self._answer(peer, request)
+        wait = self.config.read_wait
+        if isinstance(request, _wire.CatchUp) and request.wait > 0:
+            wait = min(wait, request.wait)
+        if not self.membership.live_others():
+            how = "no live member could bring them"
+            return self._answer(peer, request, self._lacking(seen, how))
+        if wait <= 0 or len(self._held) >= MAX_HELD_READS:
+            how = f"it did not wait for them ({len(self._held)} reads wait already)"
+            return self._answer(peer, request, self._lacking(seen, how))
+        now = self._now
+        self._held.append(_Held(peer, request, seen, now, now + wait))
+        return self._pull()
+
+    def _missing_writers(self, seen: VectorClock) -> list[str]:
+        mine = self.registry.clock
+        return [w for w, count in seen.entries.items() if count > mine.get(w)]
+
+    def _foreign(self, seen: VectorClock) -> VectorClock:
+        """The entries of ``seen`` that name a node this one never heard of."""
+        state_of = self.membership.state_of
+        return VectorClock(
+            {w: n for w, n in seen.entries.items() if state_of(_node_of(w)) is None}
+        )
+
+    def _makers(self, seen: VectorClock) -> list[str]:
+        """Addresses of the live members that made changes ``seen`` counts and this
+        registry lacks: the ones to pull from."""
+        nodes = {_node_of(writer) for writer in self._missing_writers(seen)}
+        return [m.address for m in self.membership.live_others() if m.node in nodes]
+
+    def _pull(self) -> list[Effect]:
+        """Ask members for the changes held reads wait for: those that made them, else
+        one random live member (another may hold them). A member is asked again after
+        _PULL_RETRY, or at once if the reads now want more than it was asked for, or if
+        changes arrived since (a partial answer: an answer holds at most
+        MAX_CHANGES_PER_PUSH changes) and the reads still wait."""
+        if not self._held:
+            self._pulls.clear()
+            return []
+        wanted = VectorClock()
+        for held in self._held:
+            wanted = wanted.merge(held.seen)
+        sources = self._makers(wanted)
+        if not sources:
+            live = self.membership.live_others()
+            sources = [m.address for m in self._rng.sample(live, min(1, len(live)))]
+        now = self._now
+        mine = self.registry.clock
+        digest = b""
+        effects: list[Effect] = []
+        # Only the members asked now are remembered: one that died is no source any more
+        # (and its retry time must not wake the node for nothing).
+        previous, self._pulls = self._pulls, {}
+        for address in sources:
+            asked = previous.get(address)
+            if (
+                asked is not None
+                and now < asked[0]
+                and asked[1].dominates(wanted)
+                and asked[2] == mine
+            ):
+                self._pulls[address] = asked
+                continue
+            if not digest:
+                facts = self.facts
+                digest = _wire.encoder.encode(
+                    _wire.PeerDigest(facts.node_id, facts.address, mine, reply=False)
+                )
+            self._pulls[address] = (now + _PULL_RETRY, wanted, mine)
+            effects.append(SendPeer(address, digest))
+        return effects
+
+    def _release_held(self) -> list[Effect]:
+        """Answer the held reads whose clock the registry now dominates, or whose
+        deadline passed; the views of every applied change are written (rule 3)."""
+        mine = self.registry.clock
+        now = self._now
+        effects: list[Effect] = []
+        waiting: list[_Held] = []
+        for held in self._held:
+            if mine.dominates(held.seen):
+                effects += self._answer(held.peer, held.request)
+            elif now >= held.deadline:
+                how = (
+                    f"it waited {now - held.since:.1f} s for them: they may still be on "
+                    "their way, or that node is cut off from this one"
+                )
+                lacking = self._lacking(held.seen, how)
+                effects += self._answer(held.peer, held.request, lacking)
+            else:
+                waiting.append(held)
+        self._held = waiting
+        if not waiting:
+            self._pulls.clear()
+        return effects
+
+    def _lacking(self, seen: VectorClock, how: str) -> str:
+        """What a read answered without all of ``seen`` adds to a not-found answer."""
+        mine = self.registry.clock
+        missing = {w: n - mine.get(w) for w, n in seen.entries.items() if n > mine.get(w)}
+        nodes = ", ".join(sorted({_node_of(writer) for writer in missing}))
+        return (
+            f"this node had not yet received {sum(missing.values())} registry change(s) "
+            f"the client has seen, made on node(s) {nodes}; {how}"
+        )
 
     def _begin_write(self, peer: bytes, request: Any, wall: float) -> list[Effect]:
         change, bodies, reply = self._prepare(request, wall)
@@ -651,7 +842,9 @@ class NodeCore:
                     if isinstance(request, _wire.PublishSet)
                     else (registry.resolve(request.name)[1].content_id)
                 )
-                return _wire.Published(request.id, request.name, number, content, change is None)
+                return _wire.Published(
+                    request.id, request.name, number, content, change is None, registry.clock
+                )
 
             return change, bodies, published
         if isinstance(request, _wire.Rollback):
@@ -659,10 +852,12 @@ class NodeCore:
             return (
                 change,
                 {},
-                lambda: _wire.Moved(request.id, request.name, self._current_or_zero(request.name)),
+                lambda: _wire.Moved(
+                    request.id, request.name, self._current_or_zero(request.name), registry.clock
+                ),
             )
         change = registry.prepare_vaporize(request.name, now=wall)
-        return change, {}, lambda: _wire.Moved(request.id, request.name, 0)
+        return change, {}, lambda: _wire.Moved(request.id, request.name, 0, registry.clock)
 
     def _record(self, request: _wire.Publish, wall: float) -> VersionRecord:
         timeout = request.timeout
@@ -689,11 +884,32 @@ class NodeCore:
         return msgspec.structs.replace(record, content_id=_content_id(record, request.body))
 
     def _on_hello(self, req: _wire.Hello) -> _wire.Welcome:
+        # The client's protocol if this node speaks it too (a client of protocol 4 keeps
+        # working: it sends no clocks and ignores the replies' new fields); else ours,
+        # and the client says which of the two to upgrade.
         facts = self.facts
-        return _wire.Welcome(req.id, facts.node_id, _wire.PROTOCOL_VERSION, facts.address)
+        protocol = req.protocol
+        if not _wire.PROTOCOL_VERSION_MIN <= protocol <= _wire.PROTOCOL_VERSION_MAX:
+            protocol = _wire.PROTOCOL_VERSION
+        return _wire.Welcome(req.id, facts.node_id, protocol, facts.address)
 
     def _on_current_version(self, req: _wire.CurrentVersion) -> _wire.Moved:
-        return _wire.Moved(req.id, req.name, self.registry.current_version(req.name))
+        version = self.registry.current_version(req.name)
+        return _wire.Moved(req.id, req.name, version, self._clock_for(req))
+
+    def _on_catch_up(self, req: _wire.CatchUp) -> _wire.CaughtUp:
+        clock = self._clock_for(req)
+        assert clock is not None
+        return _wire.CaughtUp(req.id, clock)
+
+    def _clock_for(self, req: Any) -> VectorClock | None:
+        """For the reply to a read whose client sent its clock: the registry's, plus the
+        entries of the client's that name nodes this one never heard of (another
+        cluster's changes: it will never hold them, and the client need not ask again).
+        None, as before, for a read that sent none."""
+        if req.clock is None:
+            return None
+        return self.registry.clock.merge(self._foreign(req.clock))
 
     def _on_describe(self, req: _wire.Describe) -> _wire.Description:
         number, record = self.registry.resolve(req.name, req.version or None)
@@ -711,15 +927,16 @@ class NodeCore:
             doc=record.doc,
             source=record.source if req.with_source else None,
             signature_spec=record.signature_spec,
+            clock=self._clock_for(req),
         )
 
     def _on_versions(self, req: _wire.ListVersions) -> _wire.Listing:
         rows = [msgspec.to_builtins(info) for info in self.registry.versions(req.name)]
-        return _wire.Listing(req.id, rows)
+        return _wire.Listing(req.id, rows, self._clock_for(req))
 
     def _on_functions(self, req: _wire.ListFunctions) -> _wire.Listing:
         rows = [msgspec.to_builtins(info) for info in self.registry.functions()]
-        return _wire.Listing(req.id, rows)
+        return _wire.Listing(req.id, rows, self._clock_for(req))
 
     def _on_status(self, req: _wire.Status) -> _wire.NodeStatus:
         stats = self.registry.statistics()
@@ -809,15 +1026,21 @@ class NodeCore:
     def _finish(self, write: _Write) -> list[Effect]:
         self._write = None
         effects: list[Effect] = [BumpGeneration()]
-        for change in write.changes:
-            self._news.put(change.change_id, change)
-        if write.local:  # ours: every live member hears of it at once (rule 6)
-            effects += [PushChanges(address, write.changes) for address in self._peers(1 << 30)]
+        if self.config.registry_gossip:  # off only as a test hook (NodeConfig)
+            for change in write.changes:
+                self._news.put(change.change_id, change)
+            if write.local:  # ours: every live member hears of it at once (rule 6)
+                effects += [
+                    PushChanges(address, write.changes) for address in self._peers(1 << 30)
+                ]
         if write.reply is not None:
             try:
                 effects.append(self._send(write.peer, write.reply()))
             except Exception as exc:
                 effects += self._internal(write.peer, write.request_id, exc)
+        if self._held:  # the change that completes a held read's clock (rule 8)?
+            effects += self._release_held()
+            effects += self._pull()  # a partial answer: ask for the rest at once
         return effects + self._next()
 
     def _next(self) -> list[Effect]:
@@ -874,6 +1097,11 @@ def _refusal(request: Any, role: str) -> str:
     if role == "peer":
         return f"{what} refused: a peer key is for node-to-node messages only"
     return f"{what} refused: the client is not authenticated (check SCATTER_SECRET)"
+
+
+def _node_of(writer: str) -> str:
+    """The node id in a writer id (``<node id>.<start>.<random>``, see _server.py)."""
+    return writer.split(".", 1)[0]
 
 
 def _stopping_failure(request_id: int) -> _wire.Failure:
