@@ -21,7 +21,11 @@ Systems (each a server on a free loopback port, in processes of its own):
   client is a same-user local one, so it reaches its workers over their Unix socket;
 - ``scatter-tcp``: a Scatter node of its own, its clients made with ``transport="tcp"``:
   the workers' TCP endpoint, with CURVE, as every client off the node's machine uses;
-- ``scatter-tcp-plain``: the same, with CURVE off on the workers' TCP endpoint (only here).
+- ``scatter-tcp-plain``: the same, with CURVE off on the workers' TCP endpoint (only here);
+- ``scatter-forwarded``: a 2-node cluster, the client on node A, the workloads runnable
+  only on node B (they need a module only B's ``PYTHONPATH`` has): each call is refused
+  unrun by A's worker once, then routed (A hands out a worker of B: the direct route), so
+  the figures are those of calls straight to a member's worker.
 
 Workloads (``_bench_workloads.py``): ``add(a, b)``, ``total(xs)`` of 1,000 floats, and
 ``cpu(n)``, pure Python for about 5 ms (``n`` calibrated once here, the same for all).
@@ -92,9 +96,11 @@ from rich.table import Table
 
 if __package__:
     from . import _bench_servers as servers, _bench_workloads as workloads
+    from .launch import LocalCluster, LocalNode
 else:  # run as a script: this file's folder is sys.path[0]
     import _bench_servers as servers
     import _bench_workloads as workloads
+    from launch import LocalCluster, LocalNode
 
 HERE = Path(__file__).resolve().parent
 SERVERS_SCRIPT = HERE / "_bench_servers.py"
@@ -104,6 +110,8 @@ CURVE_BASELINE = "pyzmq-reqrep-curve"  # the baseline with CURVE keys
 SCATTER_TCP = "scatter-tcp"  # Scatter through its workers' TCP endpoint: CURVE
 SCATTER_TCP_PLAIN = "scatter-tcp-plain"  # the same endpoint without CURVE: its cost
 TCP_MSGSPEC = "tcp-msgspec"  # the fastest Python RPC here: the limit Scatter aims at
+FORWARDED = "scatter-forwarded"  # client on node A, the function runnable only on node B
+FORWARDED_MODULE = "scatter_bench_only_on_b"
 SYSTEMS = (
     BASELINE,
     CURVE_BASELINE,
@@ -112,6 +120,7 @@ SYSTEMS = (
     "scatter-local",
     SCATTER_TCP,
     SCATTER_TCP_PLAIN,
+    FORWARDED,
 )
 SCATTER_SYSTEMS = ("scatter-local", SCATTER_TCP, SCATTER_TCP_PLAIN)
 
@@ -253,6 +262,7 @@ CALLERS: dict[str, Callable[[str, bytes | None], dict[str, Callable[..., Any]]]]
     "scatter-local": _scatter_callers,
     SCATTER_TCP: functools.partial(_scatter_callers, transport="tcp"),
     SCATTER_TCP_PLAIN: functools.partial(_scatter_callers, transport="tcp", plain=True),
+    FORWARDED: _scatter_callers,  # given node A's address
 }
 
 
@@ -392,6 +402,10 @@ def server(system: str, workdir: Path, curve_secret: bytes | None = None) -> Ite
 
     ``curve_secret``: the CURVE server key of ``pyzmq-reqrep-curve``.
     """
+    if system == FORWARDED:
+        with forwarded_cluster(workdir) as address:
+            yield address
+        return
     workdir.mkdir(parents=True)
     port = free_port()
     kind = "scatter-node" if system in SCATTER_SYSTEMS else system
@@ -435,6 +449,59 @@ def server(system: str, workdir: Path, curve_secret: bytes | None = None) -> Ite
         yield f"tcp://127.0.0.1:{port}"
     finally:
         _stop_group(process)
+
+
+@contextlib.contextmanager
+def forwarded_cluster(workdir: Path) -> Iterator[str]:
+    """``scatter-forwarded``: nodes A and B on loopback, the workloads published through B
+    from a module only B's ``PYTHONPATH`` has (pickled by reference, as an installed
+    package is), so A's workers cannot load them; yields A's address. Stopped by PID."""
+    import inspect
+
+    import cloudpickle
+
+    import scatter
+    from scatter import _wire
+    from scatter._publish import prepare_publish
+
+    only_b = workdir / "only-b"
+    only_b.mkdir(parents=True)
+    source = "".join(
+        inspect.getsource(fn) + "\n\n" for fn in (workloads.add, workloads.total, workloads.cpu)
+    )
+    (only_b / f"{FORWARDED_MODULE}.py").write_text(source)
+    base = os.pathsep.join(filter(None, [_scatter_root(), os.environ.get("PYTHONPATH")]))
+    a = LocalNode(workdir / "a", options=["--profile", "local"], env={"PYTHONPATH": base})
+    cluster = LocalCluster(workdir, 2, nodes=[a])
+    try:
+        a.start(SERVER_START_TIMEOUT)
+        b = LocalNode(
+            workdir / "b",
+            options=["--profile", "local", "--join", a.address],
+            env={"PYTHONPATH": os.pathsep.join([str(only_b), base])},
+        )
+        cluster.nodes.append(b)
+        b.start(SERVER_START_TIMEOUT)
+        cluster.wait_until_joined(SERVER_START_TIMEOUT)
+        sys.path.insert(0, str(only_b))
+        try:
+            module = importlib.import_module(FORWARDED_MODULE)
+        finally:
+            sys.path.remove(str(only_b))
+        with scatter.Client(b.address, autostart=False) as through_b:
+            for name in workloads.WORKLOADS:
+                fields = prepare_publish(getattr(module, name), name=name)
+                fields["body"] = cloudpickle.dumps(getattr(module, name))  # by reference
+                through_b.request(lambda i, fields=fields: _wire.Publish(id=i, **fields))
+        with scatter.Client(a.address, autostart=False) as through_a:
+            deadline = time.monotonic() + SERVER_START_TIMEOUT
+            while {row["name"] for row in through_a.functions()} < set(workloads.WORKLOADS):
+                if time.monotonic() > deadline:
+                    raise SystemFailed(f"{FORWARDED}: node A never heard of the workloads")
+                time.sleep(0.05)
+        yield a.address
+    finally:
+        cluster.stop()
 
 
 class ClientPool:
@@ -997,6 +1064,7 @@ class Target:
     bound: float
     at_most: bool = False  # latencies must stay under the bound, rates reach it
     reference_clients: int | None = None  # default: the same client count
+    system: str = "scatter-local"  # whose metric
 
 
 _S = "scatter-local"
@@ -1014,6 +1082,16 @@ TARGETS = (
         1.7,
         reference_clients=1,
     ),
+    Target(
+        f"{FORWARDED} add p50 <= 2.0x {BASELINE}",
+        "add",
+        1,
+        "p50_us",
+        BASELINE,
+        2.0,
+        at_most=True,
+        system=FORWARDED,
+    ),
 )
 
 
@@ -1021,7 +1099,7 @@ def check_targets(rows: dict[tuple[str, str, int], Row]) -> list[dict[str, Any]]
     """Each target from per-round ratios, judged on their median across rounds."""
     results = []
     for target in TARGETS:
-        row = rows.get((_S, target.workload, target.clients))
+        row = rows.get((target.system, target.workload, target.clients))
         ratios = {}
         if row is not None:
             ratios = per_round_ratios(

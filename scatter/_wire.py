@@ -48,6 +48,11 @@ Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
 #      client's protocol when it speaks it: a client of 4 works with a node of 5 (it
 #      sends no clocks, its decoders skip the replies' new trailing field), and a client
 #      of 5 sends clocks only to a node that said 5.
+#   (5 too, fields with defaults and new tags only) forwarding: ``Lease`` may name a
+#      function (a route: a worker that can run it, here or on a member), ``Leased`` names
+#      the node whose worker it is; node to node: PeerRequest/PeerReply (a Describe or a
+#      route Lease served by a member for a client of ours), and PeerDigest
+#      ``cannot_load`` (the bodies a node learned it cannot load, and why).
 PROTOCOL_VERSION_MIN = 4
 PROTOCOL_VERSION_MAX = 5
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
@@ -75,6 +80,8 @@ from ._limits import (  # noqa: E402
     Name as Name,
     Text as Text,
 )
+
+MAX_CANNOT_LOAD = 64  # entries of PeerDigest.cannot_load
 
 
 class Call(msgspec.Struct, array_like=True, tag=1, frozen=True):
@@ -241,9 +248,20 @@ class ListFunctions(msgspec.Struct, array_like=True, tag=16, frozen=True):
 
 
 class Lease(msgspec.Struct, array_like=True, tag=17, frozen=True):
-    """Ask for a worker process to send calls to directly."""
+    """Ask for a worker process to send calls to directly.
+
+    With a ``name``, a route: a worker that can run that function's ``version`` (0: the
+    current one; ``content_id`` says which body the caller validated against), on this
+    node or, when this node cannot (it lacks the version, or cannot load its body), on a
+    member that can (``Leased.node`` says whose). ``avoid``: nodes whose workers refused
+    the call already (it did not run there).
+    """
 
     id: int
+    name: str = ""
+    version: int = 0
+    content_id: str = ""
+    avoid: Annotated[list[Ident], msgspec.Meta(max_length=64)] = []
 
 
 class Release(msgspec.Struct, array_like=True, tag=18, frozen=True):
@@ -323,12 +341,37 @@ class PeerDigest(msgspec.Struct, array_like=True, tag=72, frozen=True):
     address: Address
     clock: VectorClock
     reply: bool
+    # {content id: why}: bodies ``source`` learned it cannot load (a missing module,
+    # another Python); bounded, most recent first. Receivers route calls elsewhere.
+    cannot_load: Annotated[dict[Ident, Text], msgspec.Meta(max_length=MAX_CANNOT_LOAD)] = {}
 
 
-PeerMessage = PeerGossip | PeerChanges | PeerDigest
+class PeerRequest(msgspec.Struct, array_like=True, tag=73, frozen=True):
+    """Serve ``payload`` (a client's ``Describe`` or route ``Lease``, as it arrived) for a
+    client of ``source`` whose role is ``role``; answer with ``PeerReply`` (``ticket``).
+    Never forwarded again by the receiver."""
+
+    source: Ident
+    address: Address
+    ticket: int
+    role: Ident
+    payload: bytes
+
+
+class PeerReply(msgspec.Struct, array_like=True, tag=74, frozen=True):
+    """The reply to the ``PeerRequest`` numbered ``ticket``, encoded as the client gets it."""
+
+    source: Ident
+    ticket: int
+    payload: bytes
+
+
+PeerMessage = PeerGossip | PeerChanges | PeerDigest | PeerRequest | PeerReply
 
 ControlRequest = (
     CatchUp
+    | PeerRequest
+    | PeerReply
     | Leave
     | PeerGossip
     | PeerChanges
@@ -413,6 +456,9 @@ class Leased(msgspec.Struct, array_like=True, tag=35, frozen=True):
     # The worker's slot in the shared slots file, which lies next to local_endpoint's
     # socket: a client on the node's machine claims the worker there for each call.
     slot: int = -1
+    # The node whose worker this is: "" for the node asked; a member's id for a route
+    # lease it forwarded (the worker's key is the cluster's, derived from its secret).
+    node: str = ""
 
 
 class Done(msgspec.Struct, array_like=True, tag=36, frozen=True):

@@ -50,6 +50,7 @@ from ._connections import (
 from ._control import error_from_failure
 from ._polling import ReplyPolling
 from ._remote_errors import remote_error
+from ._routes import refused_before_running
 from ._session import SESSION
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ _MAX_ARGUMENT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
 _PIPELINE_WORK = 0.002
 _PIPELINE_MIN_DEPTH = 2
 _PIPELINE_MAX_DEPTH = _wire.MAX_PIPELINED_CALLS  # 32; workers size their queues by it
+# Routes one call tries at most (each avoids the nodes that refused it before).
+_MAX_ROUTES = 4
 
 
 def _per_call(timeout: float | None) -> float:
@@ -411,6 +414,9 @@ class RemoteFunction:
         # A pinned callable rebuilt from a pickle checks that the version is the same body.
         self._pinned_content_id = content_id if version else ""
         self._polling = ReplyPolling()
+        # Nodes known unable to run this function (their workers refused it unrun): set,
+        # calls go through a route that avoids them (_routes.py); None: the fast path.
+        self._avoid: tuple[str, ...] | None = None
         self.__name__ = name
         self.__qualname__ = name
         if not lazy:
@@ -493,6 +499,7 @@ class RemoteFunction:
     def refresh(self) -> None:
         """Re-read the version this callable follows (the current one unless pinned)."""
         self._version = self._load(self._pinned)
+        self._avoid = None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         state = self._version
@@ -604,8 +611,60 @@ class RemoteFunction:
 
     def _send(self, state: _Version, arguments: bytes, timeout: float) -> Any:
         frame = self._frame_for(state, arguments, timeout)
+        if self._avoid is not None:
+            return self._send_routed(state, frame, timeout)
         call_id, reply = self._sender.call(frame, timeout or state.timeout, self._polling)
-        return self._finish(state, call_id, reply)
+        try:
+            return self._finish(state, call_id, reply)
+        except ScatterError as exc:
+            if not refused_before_running(exc, self._pinned is not None):
+                raise
+            self._avoid = (self._sender._pool.control.node_id,)
+        return self._send_routed(state, frame, timeout)
+
+    def _route_sender(self, state: _Version) -> CallSender:
+        assert self._avoid is not None
+        routes = self._client._routes
+        return routes.sender(self._name, self._pinned or 0, state.content_id, self._avoid)
+
+    def _avoid_more(self, sender: CallSender, attempt: int, exc: ScatterError) -> None:
+        """A routed call refused unrun too: the next route avoids those nodes as well."""
+        assert self._avoid is not None
+        more = sender._pool.nodes_leased - set(self._avoid)
+        if attempt >= _MAX_ROUTES - 1 or not more:
+            raise exc
+        self._avoid = tuple(sorted({*self._avoid, *more}))
+
+    def _send_routed(
+        self, state: _Version, frame: Callable[[int], bytes], timeout: float
+    ) -> Any:
+        """A call through the route that avoids the nodes known unable to run it: the
+        node hands out a worker that can (a member's, maybe), or says why nobody can."""
+        for attempt in range(_MAX_ROUTES):
+            sender = self._route_sender(state)
+            call_id, reply = sender.call(frame, timeout or state.timeout, None)
+            try:
+                return self._finish(state, call_id, reply)
+            except ScatterError as exc:
+                if not refused_before_running(exc, self._pinned is not None):
+                    raise
+                self._avoid_more(sender, attempt, exc)
+        raise AssertionError("unreachable")
+
+    async def _call_routed_async(
+        self, state: _Version, frame: Callable[[int], bytes], timeout: float, library: str
+    ) -> Any:
+        """:meth:`_send_routed` for trio or asyncio."""
+        for attempt in range(_MAX_ROUTES):
+            sender = self._route_sender(state)
+            call_id, reply = await sender.call_async(frame, timeout or state.timeout, library)
+            try:
+                return self._finish(state, call_id, reply)
+            except ScatterError as exc:
+                if not refused_before_running(exc, self._pinned is not None):
+                    raise
+                self._avoid_more(sender, attempt, exc)
+        raise AssertionError("unreachable")
 
     async def call_async(self, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
         """Await a call from trio or asyncio code, with an optional per-call ``timeout``.
@@ -628,10 +687,18 @@ class RemoteFunction:
         if state.decode_stream is not None:
             return await self._stream_async(state, arguments, _per_call(timeout), library)
         frame = self._frame_for(state, arguments, _per_call(timeout))
+        if self._avoid is not None:
+            return await self._call_routed_async(state, frame, _per_call(timeout), library)
         call_id, reply = await self._sender.call_async(
             frame, timeout or state.timeout, library
         )
-        return self._finish(state, call_id, reply)
+        try:
+            return self._finish(state, call_id, reply)
+        except ScatterError as exc:
+            if not refused_before_running(exc, self._pinned is not None):
+                raise
+            self._avoid = (self._sender._pool.control.node_id,)
+        return await self._call_routed_async(state, frame, _per_call(timeout), library)
 
     def _frame_for(
         self, state: _Version, arguments: bytes, timeout: float

@@ -18,6 +18,7 @@ from . import _fork
 from ._calls import CallSender, RemoteFunction
 from ._connections import DEFAULT_MAX_CONNECTIONS, ClientStatistics, ConnectionPool
 from ._control import NodeControl
+from ._routes import Routes
 
 
 class Client:
@@ -76,7 +77,10 @@ class Client:
         self._control = NodeControl(config, self._context, ids)
         self._pool = ConnectionPool(self._control, self._context, transport, max_connections)
         self._sender = CallSender(self._pool, ids)
-        weakref.finalize(self, _release_all, self._pool, self._control)
+        self._ids = ids
+        self._max_connections = max_connections
+        self._routes = Routes(self._route_sender)
+        weakref.finalize(self, _release_all, self._pool, self._control, self._routes)
         _fork.track(self)
 
     def request(self, make: Callable[[int], Any], timeout: float | None = None) -> Any:
@@ -168,6 +172,14 @@ class Client:
         """Counters of this client's worker connections."""
         return self._pool.statistics()
 
+    def _route_sender(self, lease: Callable[[int], _wire.Lease]) -> CallSender:
+        """The sender of a route (``_routes.py``): its own pool, whose leases ask for a
+        worker that can run one function."""
+        pool = ConnectionPool(
+            self._control, self._context, self.transport, self._max_connections, lease
+        )
+        return CallSender(pool, self._ids)
+
     @staticmethod
     def default_address() -> str:
         """The address a ``Client()`` given none talks to (``SCATTER_ADDRESS``, else this
@@ -186,13 +198,17 @@ class Client:
         if self._control.closed:
             return
         self._pool.release_leases()
-        _release_all(self._pool, self._control)
+        for pool in self._routes.pools():
+            pool.release_leases()
+        _release_all(self._pool, self._control, self._routes)
 
     def forget_parent_connections(self) -> None:
         """In a forked child (``_fork.py`` calls it): a context and sockets of its own."""
         self._context = zmq.Context()
         self._control.forget_parent_connections(self._context)
         self._pool.forget_parent_connections(self._context)
+        for pool in self._routes.pools():
+            pool.forget_parent_connections(self._context)
 
     def __enter__(self) -> Client:
         return self
@@ -201,10 +217,12 @@ class Client:
         self.close()
 
 
-def _release_all(pool: ConnectionPool, control: NodeControl) -> None:
+def _release_all(pool: ConnectionPool, control: NodeControl, routes: Routes) -> None:
     # Also the finalizer of a client nobody closed: it must not hold the client itself.
     # The context is the control's own (a forked child has made itself a new one).
     context = control.context
     control.close()  # first: a connection checked in from now on is closed, not kept
     pool.close()
+    for route_pool in routes.pools():
+        route_pool.close()
     context.destroy(linger=0)

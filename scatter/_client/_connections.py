@@ -192,6 +192,7 @@ class WorkerConnection:
         # The claims on the node's workers and this worker's slot, when this machine's.
         self.claims: WorkerClaims | None = None
         self.slot = -1
+        self.node = ""  # the node whose worker it is (Leased.node; "" from older nodes)
 
     def claim(self) -> bool:
         """Claim the worker for a call (see the module docstring); False if it is busy.
@@ -374,8 +375,13 @@ class ConnectionPool:
         context: zmq.Context[Any],
         transport: Literal["auto", "tcp"],
         limit: int = DEFAULT_MAX_CONNECTIONS,
+        lease_request: Callable[[int], _wire.Lease] = _wire.Lease,
     ) -> None:
         self.control = control
+        # What a lease asks for: any worker of the node, or one that can run a given
+        # function, maybe a member's (a route: _routes.py)
+        self._lease_request = lease_request
+        self.nodes_leased: set[str] = set()  # the nodes whose workers it leased
         self._context = context
         self._transport = transport
         self.limit = limit
@@ -736,7 +742,7 @@ class ConnectionPool:
             try:
                 # A lease may wait for a worker process to start: longer than a lookup.
                 leased: _wire.Leased = control.request(
-                    lambda i: _wire.Lease(i), timeout=min(_LEASE_TIMEOUT, left), deadline=give_up
+                    self._lease_request, timeout=min(_LEASE_TIMEOUT, left), deadline=give_up
                 )
                 break
             except Unreachable as exc:
@@ -770,6 +776,8 @@ class ConnectionPool:
             raise _zmq_failure(exc, f"connect to a worker at {endpoint}") from exc
         connection.generation = self._generation
         holder.connections.add(connection)
+        connection.node = leased.node
+        self.nodes_leased.add(leased.node)
         if on_this_machine and leased.slot >= 0:
             connection.claims = self._claims_next_to(leased.local_endpoint)
             connection.slot = leased.slot
@@ -844,12 +852,17 @@ class ConnectionPool:
         connection.close()
         if connection.generation != self._generation:
             return  # the parent's, before this process forked: not ours to count
-        if connection.epoch == self.control.epoch:
+        if connection.epoch == self.control.epoch and self._leased_here(connection):
             # Nobody waits for the answer; a lost release only lets the node's idle
             # expiry clean up. A lease of a node since gone is not released: the new
             # node may have given its number to someone else.
             self.control.send_nowait(functools.partial(_wire.Release, lease=connection.lease))
         self._slot_freed()
+
+    def _leased_here(self, connection: WorkerConnection) -> bool:
+        """Whether the client's node holds the lease (not a member it routed to, whose
+        lease numbers are its own: a member's leases end by its idle expiry)."""
+        return connection.node in ("", self.control.node_id)
 
     def _expire_idle(self, now: float) -> None:
         self._next_expiry = now + _IDLE_EXPIRY / 4
@@ -909,7 +922,7 @@ class ConnectionPool:
         """
         give_up = time.monotonic() + 0.5
         for connection in list(self.idle):
-            if connection.epoch != self.control.epoch:
+            if connection.epoch != self.control.epoch or not self._leased_here(connection):
                 continue
             left = give_up - time.monotonic()
             if left <= 0:

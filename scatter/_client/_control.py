@@ -149,6 +149,7 @@ class NodeControl:
         self.sockets: list[zmq.Socket[bytes]] = []
         self._lock = threading.Lock()
         self.node_ready = False
+        self.node_id = ""  # the node's, from its Welcome (a route avoids it: _routes.py)
         self.closed = False
         self._client_keys: ClientKeys | None = None
         # Moves when the leases held so far stop being ours: the node was found gone, this
@@ -415,6 +416,7 @@ class NodeControl:
         self.lagging = ""
         welcome: _wire.Welcome = self.request(lambda i: _wire.Hello(i), deadline=deadline)
         self.node_protocol = welcome.protocol
+        self.node_id = welcome.node_id
         if not _wire.PROTOCOL_VERSION_MIN <= welcome.protocol <= _wire.PROTOCOL_VERSION_MAX:
             self.node_ready = False
             raise ProtocolError(

@@ -58,6 +58,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -73,6 +74,15 @@ from .. import _wire
 from .._config import NodeConfig
 from .._exceptions import ConfigError, FunctionNotFound, ScatterError, VersionNotFound
 from ._broadcast import BroadcastQueue
+from ._forwarding import (
+    FORWARD_TIMEOUT,
+    REASON_WAIT,
+    RETRY_KINDS,
+    CannotLoad,
+    Forward,
+    nobody_can_run,
+    python_problem,
+)
 from ._membership import MemberInfo, Membership
 from ._pool import (
     KillWorker,
@@ -259,8 +269,27 @@ _PULL_RETRY = 0.25
 # Reads held at most at once; past it a read is answered at once with what the node
 # holds (a client cannot make the node keep unbounded state by sending clocks).
 MAX_HELD_READS = 4096
-_PEER_MESSAGES = (_wire.PeerGossip, _wire.PeerChanges, _wire.PeerDigest)
+_PEER_MESSAGES = (
+    _wire.PeerGossip,
+    _wire.PeerChanges,
+    _wire.PeerDigest,
+    _wire.PeerRequest,
+    _wire.PeerReply,
+)
 MAX_CHANGES_PER_PUSH = 256  # an anti-entropy answer sends the rest next round
+# Requests members asked us to serve whose answer is still to come (see _on_peer_request).
+_MAX_PEER_CLIENTS = 1024
+
+
+def _answers_peers(method: Callable[..., list[Effect]]) -> Callable[..., list[Effect]]:
+    """An event method whose replies to a member's client go back as ``PeerReply``."""
+
+    @functools.wraps(method)
+    def event(self: NodeCore, *args: Any, **kwargs: Any) -> list[Effect]:
+        effects = method(self, *args, **kwargs)
+        return self._to_peers(effects) if self._peer_clients else effects
+
+    return event
 _MEMBERS_PERSIST_INTERVAL = 1.0  # seconds: the member table is stored at most this often
 
 
@@ -334,7 +363,19 @@ class NodeCore:
             _wire.PeerGossip: self._on_gossip,
             _wire.PeerChanges: self._on_changes,
             _wire.PeerDigest: self._on_digest,
+            _wire.PeerReply: self._on_peer_reply,
         }
+        # Run here, or forward (_forwarding.py): what this node and its peers cannot
+        # load, the requests forwarded to members, and the members' requests served here.
+        self.cannot_load = CannotLoad()
+        self._forwards: dict[int, Forward] = {}  # {ticket: the forward waiting for it}
+        self._forward_tickets = itertools.count(1)
+        self._parked: list[Forward] = []  # nobody can: waiting briefly for reasons
+        # {a stand-in ROUTER identity: (member address, ticket)} of requests a member sent
+        self._peer_clients: dict[bytes, tuple[str, int]] = {}
+        # Test hook (SCATTER_TEST_HOLD_PEER_CHANGES): changes from peers are dropped, so
+        # this node lacks what others publish (tests of forwarding).
+        self.hold_peer_changes = False
 
     # -- events -----------------------------------------------------------------
 
@@ -379,6 +420,7 @@ class NodeCore:
         effects += self._packets(self.membership.join(join, now))
         return effects
 
+    @_answers_peers
     def receive(
         self,
         peer: bytes,
@@ -412,12 +454,16 @@ class NodeCore:
             return [self._send(peer, _wire.Failure(request.id, "forbidden", refusal))]
         if isinstance(request, _PEER_MESSAGES):
             try:
+                if isinstance(request, _wire.PeerRequest):
+                    return self._on_peer_request(request, now, wall, readings)
                 return self._peer_handlers[type(request)](request, now)
             except Exception as exc:
                 return self._internal(b"", 0, exc)[:1]  # a peer gets no reply, we a log
         if self._stopping:
             return [self._send(peer, _stopping_failure(request.id))]
         self._now = now
+        if isinstance(request, _wire.Lease) and request.name:
+            return self._route_lease(peer, request, role, now, readings)
         if isinstance(request, _wire.Lease):
             self.pool.observe(now, readings())
             # The lease lives with the connection that asked (see connection_closed).
@@ -437,6 +483,7 @@ class NodeCore:
             return []
         return self._serve(peer, request, wall)
 
+    @_answers_peers
     def stop(self) -> list[Effect]:
         """The node is stopping (rule 7): answer what waits; refuse what comes."""
         self._stopping = True
@@ -468,6 +515,7 @@ class NodeCore:
             isinstance(r, _MUTATIONS | _FromPeer) for _, r, _ in self._waiting
         )
 
+    @_answers_peers
     def changes_persisted(self, ticket: int) -> list[Effect]:
         write = self._write
         if write is None or write.ticket != ticket:
@@ -489,12 +537,14 @@ class NodeCore:
         write.views_pending = True
         return [PersistViews(write.ticket, views, dropped)]
 
+    @_answers_peers
     def views_persisted(self, ticket: int) -> list[Effect]:
         write = self._write
         if write is None or write.ticket != ticket:
             return []  # the views of start(): nothing waits for them
         return self._finish(write)
 
+    @_answers_peers
     def persist_failed(self, ticket: int, error: str) -> list[Effect]:
         write = self._write
         if write is not None and write.ticket == ticket and not write.views_pending:
@@ -515,15 +565,18 @@ class NodeCore:
             Stop("the workers' views could not be stored; a restart rebuilds them", failed=True),
         ]
 
+    @_answers_peers
     def worker_started(
         self, slot: int, pid: int, endpoints: tuple[str, ...], now: float
     ) -> list[Effect]:
         return self._pool_effects(self.pool.started(slot, pid, endpoints, now))
 
+    @_answers_peers
     def worker_start_failed(self, slot: int, error: str, now: float) -> list[Effect]:
         effects = self._pool_effects(self.pool.start_failed(slot, error, now))
         return [Log(f"could not start a worker: {error}"), *effects]
 
+    @_answers_peers
     def worker_exited(self, slot: int, now: float) -> list[Effect]:
         return self._pool_effects(self.pool.exited(slot, now))
 
@@ -533,6 +586,7 @@ class NodeCore:
         self.pool.holder_gone(peer)
         return []
 
+    @_answers_peers
     def tick(self, now: float, readings: Mapping[int, SlotReading]) -> list[Effect]:
         self._now = now
         effects = self._pool_effects(self.pool.tick(now, readings))
@@ -540,14 +594,14 @@ class NodeCore:
             if self._write is None or not self._write.views_pending:
                 effects += self._release_held()  # those past their deadline
             effects += self._pull()  # again, where the last pull went unanswered
+        if self._forwards or self._parked:
+            effects += self._forwards_due(now)
         effects += self._packets(self.membership.tick(now))
         config = self.config
         if now >= self._next_anti_entropy:
             self._next_anti_entropy = now + config.anti_entropy_interval
             for address in self._peers(1 if config.registry_gossip else 0):
-                digest = _wire.PeerDigest(
-                    self.facts.node_id, self.facts.address, self.registry.clock, reply=True
-                )
+                digest = self._digest(reply=True)
                 effects.append(SendPeer(address, _wire.encoder.encode(digest)))
         if len(self._news) and now >= self._next_change_gossip:
             self._next_change_gossip = now + config.membership.gossip_interval
@@ -592,17 +646,20 @@ class NodeCore:
     def _on_digest(self, message: _wire.PeerDigest, now: float) -> list[Effect]:
         self._peer_clocks[message.source] = message.clock
         effects: list[Effect] = []
+        if message.cannot_load:
+            self.cannot_load.heard(message.source, message.cannot_load)
+            effects += self._answer_parked(now)
         missing = self.registry.changes_since(message.clock)[:MAX_CHANGES_PER_PUSH]
         if missing:
             effects.append(PushChanges(message.address, tuple(missing)))
         if message.reply:
-            mine = _wire.PeerDigest(
-                self.facts.node_id, self.facts.address, self.registry.clock, reply=False
-            )
+            mine = self._digest(reply=False)
             effects.append(SendPeer(message.address, _wire.encoder.encode(mine)))
         return effects
 
     def _on_changes(self, message: _wire.PeerChanges, now: float) -> list[Effect]:
+        if self.hold_peer_changes:
+            return []
         fresh = tuple(c for c in message.changes if not self.registry.has_change(c.change_id))
         if not fresh:
             return []
@@ -667,7 +724,10 @@ class NodeCore:
                 return self._begin_write(peer, request, wall)
             return [self._send(peer, self._handlers[type(request)](request))]
         except ScatterError as exc:
-            return [self._send(peer, _wire.Failure(request.id, _failure_kind(exc), str(exc)))]
+            failure = _wire.Failure(request.id, _failure_kind(exc), str(exc))
+            if self._forwards_describe(peer, request, exc):
+                return self._forward_describe(peer, request, failure)
+            return [self._send(peer, failure)]
         except Exception as exc:
             return self._internal(peer, request.id, exc)
 
@@ -986,6 +1046,262 @@ class NodeCore:
             "changes_behind": behind,
         }
 
+    # -- run here, or forward (_forwarding.py) ------------------------------------
+
+    @_answers_peers
+    def worker_cannot_load(self, content_id: str, reason: str) -> list[Effect]:
+        """A worker failed to load ``content_id`` for ``reason`` (a missing module,
+        another Python): remember it, and tell every live member at once."""
+        return self._learn_cannot_load(content_id, reason)
+
+    def _learn_cannot_load(self, content_id: str, reason: str) -> list[Effect]:
+        if not self.cannot_load.learn(content_id, reason):
+            return []
+        digest = _wire.encoder.encode(self._digest(reply=False))
+        return [
+            Log(f"cannot load {content_id[:12]} here: {reason}"),
+            *(SendPeer(m.address, digest) for m in self.membership.live_others()),
+        ]
+
+    def _digest(self, *, reply: bool) -> _wire.PeerDigest:
+        return _wire.PeerDigest(
+            self.facts.node_id,
+            self.facts.address,
+            self.registry.clock,
+            reply=reply,
+            cannot_load=self.cannot_load.recent(_wire.MAX_CANNOT_LOAD),
+        )
+
+    def _route_lease(
+        self,
+        peer: bytes,
+        request: _wire.Lease,
+        role: str,
+        now: float,
+        readings: Callable[[], Mapping[int, SlotReading]],
+    ) -> list[Effect]:
+        """A lease for one function: a worker here if this node can run it, else the
+        request goes to members that may (a member's own request is never forwarded)."""
+        kind, problem, content_id, learned = self._problem_here(request)
+        if not kind:
+            self.pool.observe(now, readings())
+            # A member's client holds no connection here: its lease ends by idle expiry.
+            holder = None if peer in self._peer_clients else peer
+            return self._pool_effects(self.pool.lease((peer, request.id), now, holder=holder))
+        failure = _wire.Failure(request.id, kind, problem)
+        if peer in self._peer_clients:
+            return [*learned, self._send(peer, failure)]
+        version = f"v{request.version}" if request.version else "(current version)"
+        forward = Forward(
+            peer,
+            request.id,
+            _wire.encoder.encode(request),
+            role,
+            f"{request.name} {version}",
+            content_id,
+            _wire.encoder.encode(failure),
+            candidates=[],
+        )
+        return [*learned, *self._start_forward(forward, kind, problem, request.avoid, now)]
+
+    def _problem_here(
+        self, request: _wire.Lease
+    ) -> tuple[_wire.FailureKind | None, str, str, list[Effect]]:
+        """(failure kind, why, content id, effects) of running ``request``'s function
+        here; kind "" when this node can."""
+        try:
+            _number, record = self.registry.resolve(request.name, request.version or None)
+        except FunctionNotFound as exc:
+            return "not_found", str(exc), "", []
+        except VersionNotFound as exc:
+            return "version_not_found", str(exc), "", []
+        content_id: str = record.content_id
+        reason = self.cannot_load.mine.get(content_id, "")
+        learned: list[Effect] = []
+        if not reason:
+            reason = python_problem(record.python, self.facts.python)
+            if reason:
+                learned = self._learn_cannot_load(content_id, reason)
+        if not reason and self.facts.node_id in request.avoid:
+            reason = "its worker could not load it"  # its own report is on its way
+        return ("load" if reason else None), reason, content_id, learned
+
+    def _forwards_describe(self, peer: bytes, request: Any, exc: ScatterError) -> bool:
+        """Whether a Describe that failed here goes to members: a pinned version this
+        node lacks (one that has not arrived yet, or that only members hold)."""
+        return (
+            isinstance(request, _wire.Describe)
+            and bool(request.version)
+            and isinstance(exc, FunctionNotFound | VersionNotFound)
+            and peer not in self._peer_clients
+        )
+
+    def _forward_describe(
+        self, peer: bytes, request: _wire.Describe, failure: _wire.Failure
+    ) -> list[Effect]:
+        forward = Forward(
+            peer,
+            request.id,
+            _wire.encoder.encode(request),
+            "call",  # a describe needs no more
+            f"{request.name} v{request.version}",
+            "",
+            _wire.encoder.encode(failure),
+            candidates=[],
+        )
+        return self._start_forward(forward, failure.kind, failure.message, [], self._now)
+
+    def _start_forward(
+        self, forward: Forward, kind: str, problem: str, avoid: Iterable[str], now: float
+    ) -> list[Effect]:
+        me = self.facts.node_id
+        forward.reasons[me] = problem if kind == "load" else "lacks it"
+        forward.load_failures += kind == "load"
+        avoided = set(avoid)
+        members = self.membership.live_others()
+        self._rng.shuffle(members)
+        for member in members:
+            known = self.cannot_load.reason(member.node, forward.content_id)
+            if known:
+                forward.reasons[member.node] = known
+                forward.load_failures += 1
+            elif member.node in avoided:
+                forward.reasons[member.node] = ""  # refused: its reason is on its way
+                forward.load_failures += 1
+            else:
+                forward.candidates.append((member.node, member.address))
+        forward.deadline = now + REASON_WAIT  # for the reasons still to come, if any
+        return self._forward_next(forward, now)
+
+    def _forward_next(self, forward: Forward, now: float) -> list[Effect]:
+        """Ask the next member, or answer: nobody can."""
+        if forward.candidates:
+            node, address = forward.candidates.pop(0)
+            ticket = next(self._forward_tickets)
+            forward.asked = (node, address)
+            forward.deadline = now + FORWARD_TIMEOUT
+            self._forwards[ticket] = forward
+            request = _wire.PeerRequest(
+                self.facts.node_id, self.facts.address, ticket, forward.role, forward.payload
+            )
+            return [SendPeer(address, _wire.encoder.encode(request))]
+        self._fill_reasons(forward)
+        if "" in forward.reasons.values() and now < forward.deadline:
+            self._parked.append(forward)
+            return []
+        return [Send(forward.peer, self._nobody_can(forward))]
+
+    def _fill_reasons(self, forward: Forward) -> None:
+        for node, reason in forward.reasons.items():
+            if not reason:
+                forward.reasons[node] = self.cannot_load.reason(node, forward.content_id)
+
+    def _nobody_can(self, forward: Forward) -> bytes:
+        if not forward.load_failures:
+            return forward.own_failure  # every member lacks it: this node's own answer
+        reasons = {
+            node: reason or "its worker could not load it (no reason reported)"
+            for node, reason in forward.reasons.items()
+        }
+        message = nobody_can_run(forward.what, reasons)
+        return _wire.encoder.encode(_wire.Failure(forward.request_id, "load", message))
+
+    def _on_peer_reply(self, message: _wire.PeerReply, now: float) -> list[Effect]:
+        forward = self._forwards.get(message.ticket)
+        if forward is None or forward.asked[0] != message.source:
+            return []  # late (given up on) or not from the member asked
+        del self._forwards[message.ticket]
+        try:
+            reply = _wire.control_reply_decoder.decode(message.payload)
+        except _wire.DECODE_ERRORS:
+            reply = None
+        if reply is None or reply.id != forward.request_id:
+            forward.reasons[message.source] = "answered with a malformed reply"
+            return self._forward_next(forward, now)
+        if isinstance(reply, _wire.Failure) and reply.kind in RETRY_KINDS:
+            if reply.kind == "load":
+                forward.load_failures += 1
+                forward.reasons[message.source] = reply.message
+                if forward.content_id:
+                    self.cannot_load.heard(message.source, {forward.content_id: reply.message})
+            else:
+                forward.reasons[message.source] = "lacks it"
+                if reply.kind == "version_not_found":  # the function is known there
+                    forward.own_failure = message.payload
+            return self._forward_next(forward, now)
+        return [Send(forward.peer, message.payload)]  # as the member encoded it
+
+    def _on_peer_request(
+        self,
+        message: _wire.PeerRequest,
+        now: float,
+        wall: float,
+        readings: Callable[[], Mapping[int, SlotReading]],
+    ) -> list[Effect]:
+        """Serve a member's client's Describe or route Lease; the answer goes back as a
+        ``PeerReply`` (``_to_peers``). Served here or refused: never forwarded again."""
+        stand_in = b"\x00peer " + message.source.encode() + b" " + str(message.ticket).encode()
+        self._peer_clients[stand_in] = (message.address, message.ticket)
+        while len(self._peer_clients) > _MAX_PEER_CLIENTS:
+            del self._peer_clients[next(iter(self._peer_clients))]
+        try:
+            request = _wire.control_request_decoder.decode(message.payload)
+        except _wire.DECODE_ERRORS as exc:
+            return [self._send(stand_in, _wire.Failure(0, "protocol", f"malformed: {exc}"))]
+        if not (
+            (isinstance(request, _wire.Lease) and request.name)
+            or isinstance(request, _wire.Describe)
+        ) or _refusal(request, message.role):
+            what = type(request).__name__.lower()
+            refused = _wire.Failure(
+                getattr(request, "id", 0), "forbidden", f"{what} is not forwarded"
+            )
+            return [self._send(stand_in, refused)]
+        if self._stopping:
+            return [self._send(stand_in, _stopping_failure(request.id))]
+        self._now = now
+        if isinstance(request, _wire.Lease):
+            return self._route_lease(stand_in, request, message.role, now, readings)
+        if self._write is not None and self._write.views_pending:
+            self._waiting.append((stand_in, request, wall))
+            return []
+        return self._serve(stand_in, request, wall)
+
+    def _to_peers(self, effects: list[Effect]) -> list[Effect]:
+        """Replies to a member's client (a stand-in identity) go to that member."""
+        out: list[Effect] = []
+        for effect in effects:
+            if isinstance(effect, Send) and effect.peer in self._peer_clients:
+                address, ticket = self._peer_clients.pop(effect.peer)
+                reply = _wire.PeerReply(self.facts.node_id, ticket, effect.payload)
+                effect = SendPeer(address, _wire.encoder.encode(reply))
+            out.append(effect)
+        return out
+
+    def _answer_parked(self, now: float) -> list[Effect]:
+        """Routes nobody can serve, answered once every refusing member's reason is
+        known, or at their deadline."""
+        effects: list[Effect] = []
+        parked, self._parked = self._parked, []
+        for forward in parked:
+            self._fill_reasons(forward)
+            if "" in forward.reasons.values() and now < forward.deadline:
+                self._parked.append(forward)
+            else:
+                effects.append(Send(forward.peer, self._nobody_can(forward)))
+        return effects
+
+    def _forwards_due(self, now: float) -> list[Effect]:
+        """Members that did not answer in time: the next one is asked."""
+        effects = self._answer_parked(now)
+        for ticket, forward in list(self._forwards.items()):
+            if now >= forward.deadline:
+                del self._forwards[ticket]
+                node = forward.asked[0]
+                forward.reasons[node] = f"did not answer within {FORWARD_TIMEOUT:g} s"
+                effects += self._forward_next(forward, now)
+        return effects
+
     # -- internals --------------------------------------------------------------
 
     def _current_or_zero(self, name: str) -> int:
@@ -1059,7 +1375,9 @@ class NodeCore:
             if isinstance(effect, LeaseGranted):
                 endpoints = effect.endpoints
                 local = endpoints[1] if len(endpoints) > 1 else ""
-                leased = _wire.Leased(request_id, effect.lease, endpoints[0], local, effect.slot)
+                leased = _wire.Leased(
+                    request_id, effect.lease, endpoints[0], local, effect.slot, self.facts.node_id
+                )
                 out.append(self._send(peer, leased))
             elif isinstance(effect, LeaseRefused):
                 out.append(self._send(peer, _wire.Failure(request_id, "internal", effect.message)))

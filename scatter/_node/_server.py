@@ -333,7 +333,7 @@ class NodeDriver:
                 },
             )
             with trio.fail_after(self.config.worker_start_timeout):
-                endpoints = await _read_ready(process)
+                endpoints, rest = await _read_ready(process)
         except (OSError, trio.TooSlowError, _WorkerStartError) as exc:
             if process is not None and process.returncode is None:
                 process.kill()
@@ -346,6 +346,8 @@ class NodeDriver:
                 await _reap(process)
             raise
         self._processes[slot] = process
+        assert self._nursery is not None and process.stdout is not None
+        self._nursery.start_soon(self.read_reports, process.stdout, rest)
         try:
             self.feed(self.core.worker_started, slot, process.pid, endpoints, time.monotonic())
             await process.wait()
@@ -354,6 +356,29 @@ class NodeDriver:
             await _reap(process)
         self.slots.clear(slot)
         self.feed(self.core.worker_exited, slot, time.monotonic())
+
+    async def read_reports(self, stdout: trio.abc.ReceiveStream, buffer: bytes) -> None:
+        """What a worker reports after READY, a line each, until it exits: bodies it
+        cannot load (``CANNOT_LOAD <content id> <reason>``), for the core to route by."""
+        try:
+            while True:
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    kind, _, rest = line.decode(errors="replace").partition(" ")
+                    content_id, _, reason = rest.partition(" ")
+                    if kind == "CANNOT_LOAD" and content_id and reason:
+                        self.feed(self.core.worker_cannot_load, content_id, reason)
+                if len(buffer) > _MAX_REPORT_LINE:
+                    buffer = b""  # not a report of ours: dropped
+                chunk = await stdout.receive_some(4096)
+                if not chunk:
+                    return
+                buffer += chunk
+        except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
+            return
+        finally:
+            with contextlib.suppress(Exception):
+                await stdout.aclose()
 
     def _worker_command(self, slot: int) -> list[str]:
         config = self.config
@@ -498,7 +523,11 @@ class _WorkerStartError(Exception):
     pass
 
 
-async def _read_ready(process: trio.Process) -> tuple[str, ...]:
+_MAX_REPORT_LINE = 4096
+
+
+async def _read_ready(process: trio.Process) -> tuple[tuple[str, ...], bytes]:
+    """The endpoints of a worker's READY line, and what it wrote after it (its reports)."""
     assert process.stdout is not None
     buffer = b""
     while b"\n" not in buffer:
@@ -509,11 +538,11 @@ async def _read_ready(process: trio.Process) -> tuple[str, ...]:
                 f"a worker process exited while starting (exit code {process.returncode})"
             )
         buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode(errors="replace")
+    first, rest = buffer.split(b"\n", 1)
+    line = first.decode(errors="replace")
     if not line.startswith("READY "):
         raise _WorkerStartError(f"a worker process said {line[:200]!r} instead of READY")
-    await process.stdout.aclose()
-    return tuple(line.split()[1:])
+    return tuple(line.split()[1:]), rest
 
 
 def send_reply(sock: TrioSocket, peer: bytes, *payload: bytes) -> None:
@@ -633,6 +662,7 @@ async def serve_node(
             m.address for m in members if m.node != identity.node_id and m.state <= State.SUSPECT
         ]
         core = NodeCore(config, facts, *store.load())
+        core.hold_peer_changes = os.environ.get("SCATTER_TEST_HOLD_PEER_CHANGES") == "1"
         driver = NodeDriver(config, core, store, slots, sock, run_dir, keys)
         await _run(driver, zap, [*config.join, *remembered], members, task_status)
     finally:

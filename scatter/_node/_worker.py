@@ -61,6 +61,7 @@ import io
 import linecache
 import math
 import os
+import platform
 import signal
 import sys
 import threading
@@ -79,6 +80,7 @@ from msgspec import DecodeError, ValidationError as MsgspecValidationError
 
 from .. import _wire
 from .._config import DEFAULT_CALL_TIMEOUT, MAX_MESSAGE_BYTES, NodeConfig
+from .._core._forwarding import python_problem
 from .._core._registry import resolve_view
 from .._core._signature import (
     CallSpec,
@@ -330,6 +332,10 @@ class Worker:
         self.identity = b""  # the ROUTER identity of the frame's sender
         # Generator calls in progress: {(sender's identity, call id): Stream}
         self.streams: dict[tuple[bytes, int], Stream] = {}
+        # Where this worker tells its node what it cannot load (the pipe its READY line
+        # went through, kept after fd 1 goes to /dev/null); -1: nobody listens.
+        self.report_fd = -1
+        self.reported: set[str] = set()  # content ids reported already
 
     # -- interruption (the module docstring says why the worker keeps its own time) --
 
@@ -426,6 +432,10 @@ class Worker:
         body = self.store.body(content_id)
         if record is None or body is None:
             raise _Refused("load", f"the body of {name} ({content_id}) is missing on this node")
+        problem = python_problem(record.python, platform.python_version())
+        if problem:  # cloudpickle loads a body only on its own major.minor
+            self.report_cannot_load(content_id, problem)
+            raise _Refused("load", f"cannot load {name} on this node: {problem}")
         try:
             function = cloudpickle.loads(body)
             # The shipped signature, not one read off the body here: its annotations were
@@ -440,8 +450,10 @@ class Worker:
             if record.source and isinstance(function, types.FunctionType):
                 _attach_source(function, f"<scatter {name} {content_id[:12]}>", record.source)
         except NotScatterable as exc:
+            self.report_cannot_load(content_id, _load_reason(exc))
             raise _Refused("load", f"cannot prepare {name} on this node: {exc}") from exc
         except Exception as exc:
+            self.report_cannot_load(content_id, _load_reason(exc))
             raise _Refused(
                 "load",
                 f"cannot load {name} on this node ({type(exc).__name__}: {exc}); "
@@ -458,6 +470,17 @@ class Worker:
         if len(self.loaded) > MAX_LOADED_VERSIONS:
             self.loaded.popitem(last=False)
         return loaded
+
+    def report_cannot_load(self, content_id: str, reason: str) -> None:
+        """Tell the node (one line on the report pipe, once per body) that this body
+        cannot load here: it routes later calls to members that can (_forwarding.py).
+        Written before the caller's failure is sent, so the node hears it first."""
+        if self.report_fd < 0 or content_id in self.reported:
+            return
+        self.reported.add(content_id)
+        line = f"CANNOT_LOAD {content_id} {_encodable(reason)[:_MAX_REASON_CHARS]}"
+        with contextlib.suppress(OSError):  # a full pipe (node stuck): the call says it
+            os.write(self.report_fd, (line.replace("\n", " ") + "\n").encode())
 
     # -- async def functions --
 
@@ -978,6 +1001,21 @@ def _attach_source(function: types.FunctionType, filename: str, source: str) -> 
     linecache.cache[filename] = (len(source), None, lines, filename)
 
 
+_MAX_REASON_CHARS = 300
+
+
+def _load_reason(exc: BaseException) -> str:
+    """Why a body does not load, short: "missing module `x`" when an import failed."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, ModuleNotFoundError) and seen.name:
+            return f"missing module `{seen.name}`"
+        seen = seen.__cause__ or seen.__context__
+    return f"cannot load it ({type(exc).__name__}: {exc})"[:_MAX_REASON_CHARS]
+
+
 def _qualified_name(cls: type) -> str:
     module = cls.__module__
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
@@ -1142,6 +1180,9 @@ def serve(worker: Worker, host: str, ipc_path: Path | None, parent_fd: int | Non
         worker.watch_parent(parent_fd)
     sys.stdout.write(f"READY {' '.join(endpoints)}\n")
     sys.stdout.flush()
+    # The same pipe carries what this worker cannot load to the node (report_cannot_load).
+    worker.report_fd = os.dup(1)  # not inheritable: a function's subprocess gets none
+    os.set_blocking(worker.report_fd, False)
     # The node stops reading our stdout after READY. What a call prints goes to its
     # caller (CallOutput), never to the node's log; fd 1 goes nowhere rather than fill a
     # pipe nobody drains.
