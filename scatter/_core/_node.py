@@ -716,7 +716,10 @@ class NodeCore:
             return self._begin_peer_write(request)
         if isinstance(request, _READS):
             seen = request.clock
-            if seen is not None and not self.registry.clock.dominates(seen):
+            # A pinned version is the same everywhere: described here, or by a member
+            # that holds it (forwarded), never held back for the rest of the clock.
+            pinned = isinstance(request, _wire.Describe) and bool(request.version)
+            if seen is not None and not pinned and not self.registry.clock.dominates(seen):
                 return self._hold(peer, request, seen)
             return self._answer(peer, request)
         try:
@@ -738,6 +741,9 @@ class NodeCore:
             return [self._send(peer, self._handlers[type(request)](request))]
         except ScatterError as exc:
             message = str(exc)
+            if self._forwards_describe(peer, request, exc):
+                failure = _wire.Failure(request.id, _failure_kind(exc), message)
+                return self._forward_describe(peer, request, failure)
             if lacking and isinstance(exc, FunctionNotFound | VersionNotFound):
                 message = f"{message} ({lacking})"
             return [self._send(peer, _wire.Failure(request.id, _failure_kind(exc), message))]
