@@ -123,9 +123,9 @@ CLOCK_FAULTS = ("clock-jump",)
 CLOCK_FORWARD = (3600, 3 * 3600, 86400)
 CLOCK_BACK = (-3600, -3 * 3600, -86400)
 # Through the delay proxy (cluster/delay_proxy.py): every chunk held for a time drawn
-# from one of these ranges (ms). One node's links: a slow node, from just past the local
-# profile's 100 ms probe timeout to several probe intervals. All links: messages on
-# different connections overtake each other.
+# from one of these ranges (ms). One node's links: a slow node, from about the local
+# profile's probe timeout (100 ms) to several of its probe intervals (200 ms). All
+# links: messages on different connections overtake each other.
 DELAY_FAULTS = ("delay-one", "delay-all")
 DELAY_ONE_MS = ((50, 100), (200, 400), (800, 1200))
 DELAY_ALL_MS = ((0, 50), (0, 200), (50, 500))
