@@ -94,8 +94,10 @@ def chaos(session: nox.Session) -> None:
     """A 5-node cluster under faults, 3 writers and 3 callers, then a heal and a checker.
 
     ``-- --minutes M --seed S`` (see ``python -m cluster.chaos --help``). Network faults
-    need root, nft and cgroup v2; without them only SIGKILL and SIGSTOP run. Clock jumps
-    need libfaketime's bundled Linux library (installed here); elsewhere they are skipped.
+    need root, nft and cgroup v2; without them only SIGKILL and SIGSTOP run; delay and
+    reordering (a relay in the peers' path) need NAT in nftables and ``ss -K`` too. Clock
+    jumps need libfaketime's bundled Linux library (installed here); elsewhere they are
+    skipped.
     Not a default session: it runs for M minutes. Exits 1 on a violation; writes report.json.
     """
     # libfaketime: one node's wall clock moved at runtime (cluster/faketime.py)

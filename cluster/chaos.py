@@ -39,9 +39,27 @@ Why it is built this way:
   its last change in the total order made, counting those made with a jumped clock (a
   registry ordering by wall clock would let a change made hours ahead win, and one made
   hours behind lose). Where libfaketime cannot load (not Linux, not installed) the
-  fault is skipped and the report says why. Not here, and said in every report: delay
-  and reordering (``tc netem`` is missing from this kernel, a proxy would sit in every
-  peer's path).
+  fault is skipped and the report says why.
+- **Delay and reordering** (``delay-one``: both directions of one node's links;
+  ``delay-all``: every link), without ``tc netem`` (missing from this kernel): a relay
+  of the fault's own (``cluster/delay_proxy.py``, a Trio loop in a thread of this
+  process, outside every node's cgroup) and nftables NAT rules in this run's table
+  (``type nat hook output``) that redirect a node's *new* connections to a peer's port
+  to it; the relay reads the original destination (``SO_ORIGINAL_DST``) and connects
+  there itself. ``ss -K`` then ends the node's open peer connections (both ends), so
+  ZeroMQ reconnects through the relay. Every chunk is held a random time drawn from the
+  fault's range, each direction apart, never released before the chunk read before it:
+  what is *delayed* is every byte between the nodes named; what gets *reordered* is
+  messages on different connections (a node has one connection to each peer it sends
+  to, carrying SWIM gossip, pushed changes and digests, so one sent later to B may
+  arrive before one sent earlier to C, and a change gossiped on by B may reach C before
+  the push it depends on); what is *not* reordered is bytes within one connection (TCP
+  keeps them in order on any network; breaking it would only break ZMTP/CURVE framing).
+  Clients are neither redirected nor delayed. The heal deletes the redirects, then the
+  relay writes on what it holds and closes its connections, and the nodes reconnect
+  directly (what was still in a sender's kernel buffers is lost, as on any reset
+  connection). The report counts what the relays carried. Without NAT in nftables or a
+  working ``ss -K``, these faults are skipped and the report says why.
 - **Replayable.** The schedule (what, whom, when, for how long) is drawn from
   ``Random(seed)`` before the run and printed; the clients draw their operations from
   the seed too (their outcomes, of course, depend on timing).
@@ -60,12 +78,14 @@ import argparse
 import atexit
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -76,6 +96,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.delay_proxy import DelayProxy
 from cluster.faketime import faketime_env, faketime_unavailable, set_offset
 from cluster.launch import LocalCluster, LocalNode, free_port, kill_if_alive
 
@@ -101,8 +122,16 @@ CLOCK_FAULTS = ("clock-jump",)
 # A clock jump moves one node's wall clock forward by one of these, then back by one.
 CLOCK_FORWARD = (3600, 3 * 3600, 86400)
 CLOCK_BACK = (-3600, -3 * 3600, -86400)
+# Through the delay proxy (cluster/delay_proxy.py): every chunk held for a time drawn
+# from one of these ranges (ms). One node's links: a slow node, from about the local
+# profile's probe timeout (100 ms) to several of its probe intervals (200 ms). All
+# links: messages on different connections overtake each other.
+DELAY_FAULTS = ("delay-one", "delay-all")
+DELAY_ONE_MS = ((50, 100), (200, 400), (800, 1200))
+DELAY_ALL_MS = ((0, 50), (0, 200), (50, 500))
 NOT_INJECTED = {
-    "delay/reorder": "tc netem is missing from this kernel; a fault proxy is not built yet",
+    "reordering within a connection": "TCP delivers a connection's bytes in order on any "
+    "network; the delay proxy reorders messages across connections only",
 }
 
 
@@ -119,11 +148,14 @@ class Fault:
     duration: float
     loss_percent: int = 0
     offsets: tuple[int, ...] = ()  # clock-jump: seconds forward, then back (then +0)
+    delay_ms: tuple[int, ...] = ()  # delay-*: each chunk held between these (low, high)
 
     def describe(self) -> str:
         extra = f" {self.loss_percent}%" if self.kind == "loss" else ""
         if self.kind == "clock-jump":
             extra = " " + " then ".join(f"{o / 3600:+g}h" for o in self.offsets)
+        if self.kind in DELAY_FAULTS:
+            extra = f" {self.delay_ms[0]}-{self.delay_ms[1]}ms"
         nodes = list(self.nodes)
         return f"t={self.at:6.1f}s {self.kind}{extra} nodes={nodes} for {self.duration:.1f}s"
 
@@ -148,11 +180,18 @@ def fault_schedule(
         members = list(range(nodes))
         loss = 0
         offsets: tuple[int, ...] = ()
+        delay: tuple[int, ...] = ()
         if kind in ("kill", "pause", "partition-one"):
             victims: tuple[int, ...] = (rng.choice(members),)
         elif kind == "clock-jump":
             victims = (rng.choice(members),)
             offsets = (rng.choice(CLOCK_FORWARD), rng.choice(CLOCK_BACK))
+        elif kind == "delay-one":
+            victims = (rng.choice(members),)
+            delay = rng.choice(DELAY_ONE_MS)
+        elif kind == "delay-all":
+            victims = tuple(members)
+            delay = rng.choice(DELAY_ALL_MS)
         elif kind in ("partition-halves", "kill-in-partition"):
             rng.shuffle(members)
             victims = tuple(sorted(members[: (nodes - 1) // 2]))  # the minority
@@ -162,7 +201,7 @@ def fault_schedule(
         else:  # loss, between all nodes
             victims = tuple(members)
             loss = rng.choice((10, 30, 50))
-        schedule.append(Fault(round(t, 2), kind, victims, duration, loss, offsets))
+        schedule.append(Fault(round(t, 2), kind, victims, duration, loss, offsets, delay))
         t += slot
 
 
@@ -178,6 +217,19 @@ def cut_pairs(fault: Fault, nodes: int) -> set[tuple[int, int]]:
             (ring[i], ring[(i + d) % len(ring)]) for i in range(len(ring)) for d in (1, -1)
         }
         return {(a, b) for a in everyone for b in everyone if a != b and (a, b) not in neighbours}
+    return set()
+
+
+def delayed_pairs(fault: Fault, nodes: int) -> set[tuple[int, int]]:
+    """The (from, to) node pairs whose connections a delay fault sends through the proxy:
+    for one node, both directions of each of its links (each direction is a connection
+    of its own, from the sender's DEALER to the receiver's port)."""
+    everyone = range(nodes)
+    if fault.kind == "delay-one":
+        (slow,) = fault.nodes
+        return {(a, b) for a in everyone for b in everyone if a != b and slow in (a, b)}
+    if fault.kind == "delay-all":
+        return {(a, b) for a in everyone for b in everyone if a != b}
     return set()
 
 
@@ -463,13 +515,69 @@ def network_faults_unavailable() -> str:
     return ""
 
 
-class Network:
-    """This run's nftables table and cgroups. Deleted in ``close``, also at exit."""
+@functools.cache
+def delay_faults_unavailable() -> str:
+    """Why delay faults cannot run here ("" when they can): they need what the other
+    network faults need, NAT in nftables (to redirect connections to the proxy), and
+    ``ss -K`` (to end the connections opened before the redirect)."""
+    why = network_faults_unavailable()
+    if why:
+        return why
+    probe = f"scatter_chaos_probe_{os.getpid()}"
+    made = subprocess.run(
+        ["nft", "-f", "-"],
+        input=(
+            f"add table inet {probe}\n"
+            f"add chain inet {probe} nat_out {{ type nat hook output priority -100; }}\n"
+        ).encode(),
+        capture_output=True,
+        timeout=10,
+    )
+    subprocess.run(["nft", "delete", "table", "inet", probe], capture_output=True, timeout=10)
+    if made.returncode:
+        return f"no NAT in nftables here: {made.stderr.decode(errors='replace').strip()}"
+    if shutil.which("ss") is None:
+        return "ss is missing (apt-get install iproute2): connections could not be moved"
+    if not _ss_kill_works():
+        return "ss -K ends no socket here (a kernel without CONFIG_INET_DIAG_DESTROY)"
+    return ""
 
-    def __init__(self, nodes: int) -> None:
+
+def _ss_kill_works() -> bool:
+    """Whether ``ss -K`` really ends a TCP connection: one of our own, on loopback."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as near:
+            far, _ = listener.accept()
+            with far:
+                near_port = near.getsockname()[1]
+                subprocess.run(
+                    ["ss", "-K", "-tn", f"sport = :{near_port} and dport = :{port}"],
+                    capture_output=True,
+                    timeout=10,
+                )
+                far.settimeout(2)
+                try:
+                    return far.recv(1) == b""
+                except OSError:
+                    return True  # reset: ended
+                except TimeoutError:
+                    return False
+
+
+class Network:
+    """This run's nftables table and cgroups. Deleted in ``close``, also at exit.
+
+    ``redirects`` adds a NAT chain for the delay faults: at output, before the filter
+    chain, so a redirected connection's packets carry the proxy's port by the time the
+    filter rules look (a partition's rules never see them).
+    """
+
+    def __init__(self, nodes: int, *, redirects: bool = False) -> None:
         self.name = f"scatter_chaos_{os.getpid()}"
         self.root = CGROUP2_ROOT / self.name
         self.cgroups = [self.root / f"node{i}" for i in range(nodes)]
+        self.redirects = redirects
         self._closed = False
         for cgroup in self.cgroups:
             cgroup.mkdir(parents=True, exist_ok=True)
@@ -478,6 +586,12 @@ class Network:
             f"add table inet {self.name}\n"
             f"add chain inet {self.name} out "
             "{ type filter hook output priority 0; policy accept; }\n"
+            + (
+                f"add chain inet {self.name} nat_out "
+                "{ type nat hook output priority -100; policy accept; }\n"
+                if redirects
+                else ""
+            )
         )
 
     def _nft(self, script: str) -> None:
@@ -502,8 +616,42 @@ class Network:
             f"tcp dport {{ {port_set} }} numgen random mod 100 < {percent} drop\n"
         )
 
+    def redirect(self, pairs: set[tuple[int, int]], ports: list[int], proxy_port: int) -> None:
+        """New connections from node a to node b's port go to the proxy instead. Only
+        new ones: conntrack NATs a connection as its first packet says (see
+        ``reset_connections``). The proxy's own connections to b come from outside
+        every node's cgroup, so they go straight to b."""
+        assert self.redirects, "a Network made without redirects=True"
+        rules = [
+            f"add rule inet {self.name} nat_out {self._cgroup_match(a)} "
+            f"tcp dport {ports[b]} redirect to :{proxy_port}"
+            for a, b in sorted(pairs)
+        ]
+        self._nft("\n".join(rules) + "\n")
+
+    def reset_connections(self, pairs: set[tuple[int, int]], ports: list[int]) -> None:
+        """End node a's open connections to node b's port (both ends: ``ss -K`` resets
+        the peer too), so that ZeroMQ reconnects, and the new connection follows the
+        rules now in place. A node keeps its peer connections for its whole life:
+        without this, a redirect would catch only members that join later."""
+        by_source: dict[int, list[int]] = defaultdict(list)
+        for a, b in pairs:
+            by_source[a].append(ports[b])
+        for a, peer_ports in sorted(by_source.items()):
+            cgroup = "/" + str(self.cgroups[a].relative_to(CGROUP2_ROOT))
+            ports_filter = " or ".join(f"dport = :{port}" for port in sorted(peer_ports))
+            subprocess.run(
+                ["ss", "-K", "-tn", f"cgroup {cgroup} and ( {ports_filter} )"],
+                capture_output=True,
+                check=True,
+                timeout=10,
+            )
+
     def heal(self) -> None:
-        self._nft(f"flush chain inet {self.name} out\n")
+        self._nft(
+            f"flush chain inet {self.name} out\n"
+            + (f"flush chain inet {self.name} nat_out\n" if self.redirects else "")
+        )
 
     def close(self) -> None:
         if self._closed:
@@ -556,6 +704,7 @@ class Report:
     membership_seconds: float | None = None  # after convergence, until all see all alive
     alive_seen: list[int] = field(default_factory=list)  # members each node sees alive
     calls: dict[str, Any] = field(default_factory=dict)
+    delay_proxy: dict[str, int] = field(default_factory=dict)  # RelayCounts, all faults
     checks: dict[str, int] = field(default_factory=dict)
     violations: list[dict[str, Any]] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)  # gaps not yet promised
@@ -575,13 +724,17 @@ class Rig:
         self.paused: set[int] = set()
         self.dead: set[int] = set()
         self.skewed: set[int] = set()  # nodes whose clock is off
+        self.proxy: DelayProxy | None = None  # while a delay fault lasts
+        self.relayed = Counter[str]()  # what the delay faults' proxies carried
         self.clients: list[subprocess.Popen[bytes]] = []
         why = network_faults_unavailable() if config.network else "turned off (--no-network)"
         self.network_unavailable = why
+        self.delay_unavailable = why or delay_faults_unavailable()
         self.clock_unavailable = (
             faketime_unavailable() if config.clock else "turned off (--no-clock)"
         )
         available = list(PROCESS_FAULTS) + ([] if why else list(NETWORK_FAULTS))
+        available += [] if self.delay_unavailable else list(DELAY_FAULTS)
         available += [] if self.clock_unavailable else list(CLOCK_FAULTS)
         self.kinds = [k for k in available if not config.kinds or k in config.kinds]
 
@@ -589,7 +742,8 @@ class Rig:
 
     def start_cluster(self) -> None:
         if not self.network_unavailable:
-            self.network = Network(self.config.nodes)
+            redirects = any(kind in DELAY_FAULTS for kind in self.kinds)
+            self.network = Network(self.config.nodes, redirects=redirects)
         ports = [free_port() for _ in range(self.config.nodes)]
         for i, port in enumerate(ports):
             options = ["--profile", "local"]
@@ -703,6 +857,8 @@ class Rig:
             self.network.lose(fault.loss_percent, ports)
         elif fault.kind == "clock-jump":
             self.set_clock(fault.nodes[0], fault.offsets[0])
+        elif fault.kind in DELAY_FAULTS:
+            self.start_delay(fault, ports)
         elif fault.kind == "kill-in-partition":
             assert self.network is not None
             self.network.cut(cut_pairs(fault, len(self.nodes)), ports)
@@ -725,6 +881,28 @@ class Rig:
             self.set_clock(fault.nodes[0], 0)
         elif self.network is not None:
             self.network.heal()
+            self.stop_delay()
+
+    def start_delay(self, fault: Fault, ports: list[int]) -> None:
+        """A proxy of this fault's own, the redirects to it, then the open connections
+        reset so that they come back through it."""
+        assert self.network is not None
+        low, high = (ms / 1000 for ms in fault.delay_ms)
+        self.proxy = DelayProxy(low, high, seed=f"delay-{self.config.seed}-{fault.at}")
+        proxy_port = self.proxy.start()
+        pairs = delayed_pairs(fault, len(self.nodes))
+        self.network.redirect(pairs, ports, proxy_port)
+        self.network.reset_connections(pairs, ports)
+
+    def stop_delay(self) -> None:
+        """Called with the redirects gone: the proxy writes on what it holds and closes
+        its connections, and the nodes reconnect straight to each other."""
+        if self.proxy is None:
+            return
+        counts = self.proxy.stop()
+        self.proxy = None
+        self.relayed.update(asdict(counts))
+        self.nemesis.log("info", "delay-proxy", asdict(counts))
 
     def resume_all(self) -> None:
         for i in sorted(self.paused):
@@ -736,6 +914,7 @@ class Rig:
         """Everything back: rules gone, everyone resumed, the killed restarted."""
         if self.network is not None:
             self.network.heal()
+        self.stop_delay()
         self.resume_all()
         for i in sorted(self.skewed):
             self.set_clock(i, 0)
@@ -829,6 +1008,8 @@ class Rig:
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.stop()
+        with contextlib.suppress(Exception):
+            self.stop_delay()
         if self.network is not None:
             self.network.close()
         self.nemesis.close()
@@ -846,6 +1027,8 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
     out(f"chaos: seed {config.seed}, {config.seconds:g} s, run directory {rig.run_dir}")
     if rig.network_unavailable:
         out(f"chaos: no network faults: {rig.network_unavailable}")
+    if rig.delay_unavailable and not rig.network_unavailable:
+        out(f"chaos: no delay faults: {rig.delay_unavailable}")
     if rig.clock_unavailable:
         out(f"chaos: no clock jumps: {rig.clock_unavailable}")
     out("chaos: schedule (replay with --seed " + str(config.seed) + "):")
@@ -859,6 +1042,11 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
         kinds_injected=rig.kinds,
         not_injected=dict(NOT_INJECTED)
         | ({"network": rig.network_unavailable} if rig.network_unavailable else {})
+        | (
+            {"delay": rig.delay_unavailable}
+            if rig.delay_unavailable and not rig.network_unavailable
+            else {}
+        )
         | ({"clock-jump": rig.clock_unavailable} if rig.clock_unavailable else {}),
     )
     previous_handler = signal.getsignal(signal.SIGTERM)
@@ -874,6 +1062,7 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
         # Long enough for a call stuck in a lease from a dead node (30 s) to end by itself.
         rig.wait_for_clients(timeout=40)
         rig.heal_all()
+        report.delay_proxy = dict(rig.relayed)
         if schedule:
             rig.nemesis.log("ok", schedule[-1].kind, asdict(schedule[-1]))
         rig.nemesis.log("info", "healed", {})
@@ -1437,6 +1626,16 @@ def render(report: Report) -> str:
         ),
         "faults: " + (", ".join(f"{k} {n}" for k, n in sorted(report.faults.items())) or "none"),
         "not injected: " + "; ".join(f"{k} ({v})" for k, v in report.not_injected.items()),
+    ]
+    if report.delay_proxy:
+        relayed = report.delay_proxy
+        lines.append(
+            f"delay proxy: {relayed.get('connections', 0)} connections relayed, "
+            f"{relayed.get('chunks', 0)} chunks ({relayed.get('bytes', 0) / 1e6:.1f} MB) "
+            f"held and written on, {relayed.get('dropped', 0)} dropped as their connection "
+            f"closed, {relayed.get('refused', 0)} connections refused by their destination"
+        )
+    lines += [
         f"executions recorded: {report.executions}",
         "convergence after the final heal: "
         + (f"{report.convergence_seconds:.2f} s" if report.converged else "NONE within 60 s")

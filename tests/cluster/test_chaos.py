@@ -1,8 +1,9 @@
 """The chaos rig (cluster/chaos.py): a bounded run in the suite, its nemesis and its checker.
 
 The run uses every fault this machine allows: SIGKILL and SIGSTOP always; nftables
-partitions and loss only as root with nft and cgroup v2; clock jumps only where
-libfaketime loads (else skipped, saying why).
+partitions and loss only as root with nft and cgroup v2; delay and reordering there too,
+where nftables has NAT and ``ss -K`` ends sockets; clock jumps only where libfaketime
+loads (else skipped, saying why). The delay proxy itself: tests/cluster/test_delay_proxy.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from scatter._core._registry import Registry, VersionRecord
 from tests.waiting import wait_until
 
 NETWORK_UNAVAILABLE = chaos.network_faults_unavailable()
+DELAY_UNAVAILABLE = chaos.delay_faults_unavailable()
 CLOCK_UNAVAILABLE = faketime.faketime_unavailable()
 CHAOS_SECONDS = 45.0
 
@@ -37,11 +39,19 @@ def _seed_exercising(kinds: list[str], must: set[str]) -> int:
 
 
 def test_the_same_seed_replays_the_same_schedule() -> None:
-    kinds = [*chaos.PROCESS_FAULTS, *chaos.NETWORK_FAULTS, *chaos.CLOCK_FAULTS]
+    kinds = [
+        *chaos.PROCESS_FAULTS,
+        *chaos.NETWORK_FAULTS,
+        *chaos.DELAY_FAULTS,
+        *chaos.CLOCK_FAULTS,
+    ]
     first = chaos.fault_schedule(7, 600, 5, kinds, 10)
     assert first == chaos.fault_schedule(7, 600, 5, list(reversed(kinds)), 10)
     assert first != chaos.fault_schedule(8, 600, 5, kinds, 10)
     assert {f.kind for f in first} == set(kinds)
+    delay_ranges = {"delay-one": chaos.DELAY_ONE_MS, "delay-all": chaos.DELAY_ALL_MS}
+    for fault in first:
+        assert fault.delay_ms in delay_ranges.get(fault.kind, [()])
     for earlier, later in itertools.pairwise(first):
         assert earlier.at + earlier.duration <= later.at  # one fault at a time
     assert first[-1].at + first[-1].duration == pytest.approx(600)  # healed only at the end
@@ -59,6 +69,15 @@ def test_partition_shapes_cut_the_links_they_name() -> None:
             (node - 1) % 5,
         }
     assert all((b, a) in ring for a, b in ring)
+
+
+def test_delay_shapes_send_the_links_they_name_through_the_proxy() -> None:
+    one = chaos.delayed_pairs(chaos.Fault(0, "delay-one", (2,), 1, delay_ms=(50, 100)), 5)
+    # the slow node's connections both ways: its own to each peer, each peer's to it
+    assert one == {(2, b) for b in (0, 1, 3, 4)} | {(a, 2) for a in (0, 1, 3, 4)}
+    every = chaos.delayed_pairs(chaos.Fault(0, "delay-all", tuple(range(5)), 1), 5)
+    assert every == {(a, b) for a in range(5) for b in range(5) if a != b}
+    assert chaos.delayed_pairs(chaos.Fault(0, "partition-one", (2,), 1), 5) == set()
 
 
 def _record(name: str, content_id: str) -> VersionRecord:
@@ -241,8 +260,10 @@ def test_a_cut_off_node_loses_its_peers_but_not_its_clients_and_the_heal_undoes_
 @pytest.mark.timeout(150)
 def test_a_bounded_chaos_run_loses_nothing_runs_nothing_twice_and_converges(tmp_path: Path) -> None:
     kinds = [*chaos.PROCESS_FAULTS, *([] if NETWORK_UNAVAILABLE else chaos.NETWORK_FAULTS)]
+    kinds += [] if DELAY_UNAVAILABLE else chaos.DELAY_FAULTS
     kinds += [] if CLOCK_UNAVAILABLE else chaos.CLOCK_FAULTS
     must = {"kill", "pause"} | (set() if NETWORK_UNAVAILABLE else {"partition-halves"})
+    must |= set() if DELAY_UNAVAILABLE else set(chaos.DELAY_FAULTS)
     must |= set() if CLOCK_UNAVAILABLE else {"clock-jump"}
     seed = int(os.environ.get("SCATTER_CHAOS_SEED", _seed_exercising(kinds, must)))
     lines: list[str] = []
@@ -263,6 +284,9 @@ def test_a_bounded_chaos_run_loses_nothing_runs_nothing_twice_and_converges(tmp_
     assert report.operations["call"].get("ok", 0) > 0, rendered
     assert report.checks["acknowledged changes"] > 0, rendered
     assert report.executions == report.checks["executions"] > 0, rendered
+    if not DELAY_UNAVAILABLE:  # the delay faults really moved peer traffic onto the proxy
+        assert report.delay_proxy["connections"] > 0, rendered
+        assert report.delay_proxy["bytes"] > 0, rendered
 
 
 def _echo(token: str) -> str:
