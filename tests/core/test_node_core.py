@@ -251,7 +251,6 @@ def test_start_starts_the_pool() -> None:
     ]
 
 
-
 def test_a_closed_connections_leases_end_and_another_connections_stay() -> None:
     core = NodeCore(NodeConfig(min_workers=2, max_workers=4), facts(), [], {}, [])
     core.start(0.0)
@@ -269,6 +268,7 @@ def test_a_closed_connections_leases_end_and_another_connections_stay() -> None:
     assert leases() == 3
     assert core.connection_closed(b"client-a") == []
     assert leases() == 1
+
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=256))
@@ -313,3 +313,34 @@ def test_a_set_publish_stores_no_body_for_a_member_whose_code_is_unchanged() -> 
     (published,) = disk.run(core, receive(core, request(_wire.PublishSet(2, "kit", [again]))))
     assert isinstance(published, _wire.Published) and not published.unchanged  # m2 left
     assert disk.bodies.keys() == core.registry.content_ids()
+
+
+def test_a_read_waits_for_the_change_being_written_but_not_for_members_batches_behind_it() -> None:
+    writer_disk = Disk()
+    writer = writer_disk.core(writer="na.1.aaaaaa")
+    batches = []
+    for request_id, name in enumerate(("add", "mul", "sub"), 1):
+        (published,) = writer_disk.run(
+            writer, receive(writer, publish(name, request_id=request_id))
+        )
+        change = writer_disk.changes[f"na.1.aaaaaa:{request_id}"]
+        content_id = published.content_id
+        bodies = {content_id: writer_disk.bodies[content_id]}
+        batches.append(_wire.encoder.encode(_wire.PeerChanges("na", "tcp://a:1", [change], bodies)))
+    core = Disk().core()
+
+    def from_peer(payload: bytes) -> list[Any]:
+        return core.receive(b"", payload, role="peer", now=1.0, wall=1.0, readings=dict)
+
+    (first,) = from_peer(batches[0])
+    (views,) = [e for e in core.changes_persisted(first.ticket) if isinstance(e, PersistViews)]
+    assert from_peer(batches[1]) == [] and from_peer(batches[2]) == []  # queued behind
+    assert receive(core, request(_wire.ListFunctions(5)), role="call") == []  # views pending
+    effects = core.views_persisted(views.ticket)
+    replies = [
+        _wire.control_reply_decoder.decode(e.payload) for e in effects if isinstance(e, Send)
+    ]
+    # Answered now, with the change whose views were being written, not after the others.
+    (listing,) = replies
+    assert listing.id == 5 and [row["name"] for row in listing.rows] == ["add"]
+    assert [type(e) for e in effects if isinstance(e, PersistChanges)] == [PersistChanges]
