@@ -237,9 +237,12 @@ class CallSender:
         raise AssertionError("unreachable")
 
     def _undelivered(self, connection: WorkerConnection, attempt: int) -> None:
-        """A call nobody took: drop the connection; retry once, on a new lease."""
+        """A call nobody took: drop the connection; retry once, on a new lease (from
+        another member if the node went: the lease fails over, ``NodeControl.request``).
+        The other idle connections whose workers went too are dropped first."""
         self._pool.counts["undelivered_retries"] += 1
         self._pool.discard(connection)
+        self._pool.drop_dropped_idle()
         if attempt:
             raise Unreachable(
                 f"no worker of the node at {self._pool.control.address} accepted the call"
