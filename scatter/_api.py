@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 import msgspec
@@ -40,12 +40,19 @@ def _new_lock_in_child() -> None:
 os.register_at_fork(after_in_child=_new_lock_in_child)
 
 
-def connect(address: str | None = None, *, autostart: bool | None = None) -> Client:
+def connect(
+    address: str | Sequence[str] | None = None, *, autostart: bool | None = None
+) -> Client:
     """Point this process's default client at ``address`` and return it.
+
+    Several addresses (a list, or one string with commas) are members of one cluster: the
+    client uses the first that answers and fails over to another live member when its
+    node is unreachable (see ``Client``); it never auto-starts a node.
 
     Example::
 
         scatter.connect("tcp://127.0.0.1:5000")
+        scatter.connect(["tcp://10.0.0.1:4242", "tcp://10.0.0.2:4242"])
     """
     global _default
     client = Client(address, autostart=autostart)

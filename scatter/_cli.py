@@ -153,7 +153,8 @@ def _root(
             "--address",
             "-a",
             metavar="tcp://HOST:PORT",
-            help="The node to talk to. Default: $SCATTER_ADDRESS, else tcp://127.0.0.1:4242.",
+            help="The node to talk to (several, comma-separated: members of one cluster, "
+            "failed over in order). Default: $SCATTER_ADDRESS, else tcp://127.0.0.1:4242.",
             show_default=False,
         ),
     ] = None,
@@ -442,11 +443,13 @@ def node_status(
         typer.Option("--json", help="Print the status as JSON (Client.status()'s fields)."),
     ] = False,
 ) -> None:
-    """Show the node (at `scatter --address`): pid, id, address, data dir, uptime, load."""
+    """Show the node (at `scatter --address`): pid, id, address, data dir, uptime, load,
+    and the member this client uses (another than the first address given after a failover)."""
     with _client(ctx) as client:
         status = client.status()
+        in_use, left = client.address_in_use, client.failed_over_from
     if as_json:
-        _print_json(_record(status))
+        _print_json({**_record(status), "client_uses": in_use, "client_failed_over_from": left})
         return
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -470,6 +473,7 @@ def node_status(
         ),
         ("python", status.python),
         ("scatter", status.scatter_version),
+        ("client uses", in_use + (f" (failed over from {left}, unreachable)" if left else "")),
     ]
     for key, value in rows:
         grid.add_row(key, Text(value))
@@ -496,7 +500,7 @@ def node_status(
             ])
         _out.print()
         _print_table(columns, cells)
-        _out.print("* this node", style="dim", highlight=False)
+        _out.print("* this node: the member this client uses", style="dim", highlight=False)
 
 
 def _saturation(status: _wire.NodeStatus) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -125,6 +125,28 @@ class ClientConfig:
     # The cluster or call-only secret; None: this user's own (read from
     # `default_data_dir()/secret`, which the user's loopback nodes make).
     secret: str | None = None
+    # Every address given (``address`` is the first): members a client may fail over to
+    # before it has learned the member list from its node. Empty: ``(address,)``.
+    addresses: tuple[str, ...] = ()
+
+
+def split_addresses(addresses: str | Sequence[str]) -> tuple[str, ...]:
+    """Several node addresses, as a sequence or one comma-separated string, each checked
+    (ConfigError); duplicates dropped, order kept."""
+    parts = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    found: list[str] = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ConfigError(f"a node address is a str such as {DEFAULT_ADDRESS}, not {part!r}")
+        text = part.strip()
+        if not text:
+            continue
+        parse_address(text)
+        if text not in found:
+            found.append(text)
+    if not found:
+        raise ConfigError(f"no node address in {addresses!r}")
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -205,7 +227,7 @@ def _env_bool(name: str, value: str) -> bool:
 
 
 def resolve_client_config(
-    address: str | None = None,
+    address: str | Sequence[str] | None = None,
     *,
     secret: str | None = None,
     environ: dict[str, str] | None = None,
@@ -213,13 +235,14 @@ def resolve_client_config(
     """Arguments, then SCATTER_* variables, then defaults."""
     env = os.environ if environ is None else environ
     configured = address is not None or ENV_ADDRESS in env
-    resolved = address or env.get(ENV_ADDRESS) or default_address()
+    given = address or env.get(ENV_ADDRESS) or default_address()
     try:
-        parse_address(resolved)
+        addresses = split_addresses(given)
     except ConfigError as exc:
         if address is None and ENV_ADDRESS in env:
             raise ConfigError(f"{ENV_ADDRESS}: {exc}") from None
         raise
+    resolved = addresses[0]
     autostart = True
     if env.get(ENV_AUTOSTART, "").strip():  # empty counts as unset
         autostart = _env_bool(ENV_AUTOSTART, env[ENV_AUTOSTART])
@@ -228,9 +251,13 @@ def resolve_client_config(
         address=resolved,
         # A configured address means the user runs their node; only the default one
         # (or one set through SCATTER_ADDRESS on loopback) may be started for them.
-        autostart=autostart and (not configured or is_loopback(parse_address(resolved)[0])),
+        # Several addresses are a cluster's: the client fails over, never starts a node.
+        autostart=autostart
+        and len(addresses) == 1
+        and (not configured or is_loopback(parse_address(resolved)[0])),
         data_dir=data_dir,
         secret=_resolve_secret(secret, None, env),
+        addresses=addresses,
     )
 
 

@@ -237,9 +237,12 @@ class CallSender:
         raise AssertionError("unreachable")
 
     def _undelivered(self, connection: WorkerConnection, attempt: int) -> None:
-        """A call nobody took: drop the connection; retry once, on a new lease."""
+        """A call nobody took: drop the connection; retry once, on a new lease (from
+        another member if the node went: the lease fails over, ``NodeControl.request``).
+        The other idle connections whose workers went too are dropped first."""
         self._pool.counts["undelivered_retries"] += 1
         self._pool.discard(connection)
+        self._pool.drop_dropped_idle()
         if attempt:
             raise Unreachable(
                 f"no worker of the node at {self._pool.control.address} accepted the call"
@@ -520,11 +523,15 @@ class RemoteFunction:
     def _stream(self, state: _Version, arguments: bytes, timeout: float) -> RemoteStream:
         return RemoteStream(self, state, self._frame_for(state, arguments, timeout), timeout or state.timeout)
 
+    def _stream_sender(self, state: _Version) -> CallSender:
+        """Where a stream's call goes: the client's node, or the route known to run it."""
+        return self._sender if self._avoid is None else self._route_sender(state)
+
     async def _stream_async(
         self, state: _Version, arguments: bytes, timeout: float, library: str
     ) -> AsyncRemoteStream:
         frame_for = self._frame_for(state, arguments, timeout)
-        sender = self._sender
+        sender = self._stream_sender(state)
         lease_by = time.monotonic() + (timeout or state.timeout)
         for attempt in range(2):
             connection = await sender._pool.checkout_async(library, lease_by)
@@ -553,7 +560,7 @@ class RemoteFunction:
                     raise _zmq_failure(exc, "send a call") from exc
                 raise
             return AsyncRemoteStream(
-                self, state, connection, call_id, timeout or state.timeout, library
+                self, state, connection, call_id, timeout or state.timeout, library, sender._pool
             )
         raise AssertionError("unreachable")
 
@@ -601,13 +608,64 @@ class RemoteFunction:
         return self._results(state, frames, per_call or state.timeout, parallel)
 
     def _results(
-        self, state: _Version, frames: list[Callable[[int], bytes]], timeout: float, parallel: int
-    ) -> Iterator[Any]:
+        self,
+        state: _Version,
+        frames: list[Callable[[int], bytes]],
+        timeout: float,
+        parallel: int,
+        attempt: int = 0,
+    ) -> Generator[Any, None, None]:
+        """The results of ``frames``, in order. Calls a worker refused unrun (its node
+        cannot run the function: ``refused_before_running``) are sent again through a
+        route (``_routes.py``), as a single call's are; the others' replies are all read
+        first, so that only calls known not to have run are ever sent again."""
+        sender = self._sender if self._avoid is None else self._route_sender(state)
+        refused: list[int] = []  # positions refused unrun, to send through a route
+        refusal: ScatterError | None = None
+        later: dict[int, Any] = {}  # past the first refusal: values, or _Failed errors
         # closing: an error here, or a consumer that stops early, ends call_many at once,
         # which discards the connections with calls still in flight.
-        with contextlib.closing(self._sender.call_many(frames, timeout, parallel)) as replies:
-            for call_id, reply in replies:
-                yield self._finish(state, call_id, reply)
+        with contextlib.closing(sender.call_many(frames, timeout, parallel)) as replies:
+            for position, (call_id, reply) in enumerate(replies):
+                try:
+                    value = self._finish(state, call_id, reply)
+                except ScatterError as exc:
+                    if refused_before_running(exc, self._pinned is not None):
+                        refused.append(position)
+                        refusal = exc
+                    elif not refused:
+                        raise
+                    else:
+                        later[position] = _Failed(exc)
+                    continue
+                if refused:
+                    later[position] = value
+                else:
+                    yield value
+        if refusal is None:
+            return
+        self._take_route(sender, attempt, refusal)
+        rerun = self._results(
+            state, [frames[p] for p in refused], timeout, parallel, attempt + (sender is not self._sender)
+        )
+        with contextlib.closing(rerun):
+            for position in range(refused[0], len(frames)):
+                if position not in later:
+                    yield next(rerun)
+                    continue
+                outcome = later.pop(position)
+                if isinstance(outcome, _Failed):
+                    raise outcome.error
+                yield outcome
+
+    def _take_route(self, sender: CallSender, attempt: int, refusal: ScatterError) -> None:
+        """``sender``'s worker refused a call unrun: the next calls go through a route
+        that avoids its node (and, past the first route, the nodes that route leased
+        from), or ``refusal`` is raised once no other member is left to try."""
+        if sender is self._sender:
+            self._avoid = (self._sender._pool.control.node_id,)
+        else:
+            self._avoid_more(sender, attempt, refusal)
 
     def _send(self, state: _Version, arguments: bytes, timeout: float) -> Any:
         frame = self._frame_for(state, arguments, timeout)
@@ -781,12 +839,14 @@ class _StreamCore:
         connection: WorkerConnection,
         call_id: int,
         timeout: float,
+        pool: ConnectionPool | None = None,
     ) -> None:
         assert state.decode_stream is not None
         self._function = function
         self._state = state
         self._decode = state.decode_stream
-        self._pool = function._sender._pool
+        # The pool the connection came from: the client's, or a route's.
+        self._pool = function._sender._pool if pool is None else pool
         self._connection = connection
         self._call_id = call_id
         self._timeout = timeout
@@ -886,6 +946,13 @@ class _StreamCore:
 _END: Any = object()
 
 
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A call of ``map`` that failed, read ahead of the iteration (see ``_results``)."""
+
+    error: ScatterError
+
+
 class RemoteStream(_StreamCore):
     """What a call of a generator function returns: an iterator of its items, each one
     as the worker produces it, validated as the ``T`` of its ``Iterator[T]`` annotation.
@@ -908,7 +975,17 @@ class RemoteStream(_StreamCore):
         timeout: float,
     ) -> None:
         self._done = True  # until the call is sent: __del__ has nothing to close
-        sender = function._sender
+        self._frame_for = frame_for
+        self._route_attempt = 0  # routes tried after a refusal (see __next__)
+        sender = self._sender = function._stream_sender(state)
+        connection, call_id = self._send(sender, frame_for, timeout)
+        super().__init__(function, state, connection, call_id, timeout, sender._pool)
+
+    @staticmethod
+    def _send(
+        sender: CallSender, frame_for: Callable[[int], bytes], timeout: float
+    ) -> tuple[WorkerConnection, int]:
+        """Send the stream's call through ``sender``: (its connection, its call id)."""
         lease_by = time.monotonic() + timeout
         for attempt in range(2):
             found = sender._pool.checkout(lease_by)
@@ -926,8 +1003,26 @@ class RemoteStream(_StreamCore):
                 if isinstance(exc, zmq.ZMQError):
                     raise _zmq_failure(exc, "send a call") from exc
                 raise
-            break
-        super().__init__(function, state, connection, call_id, timeout)
+            return connection, call_id
+        raise AssertionError("unreachable")
+
+    def _rerouted(self, refusal: ScatterError) -> bool:
+        """The stream's first frame was a refusal unrun (its node cannot run the
+        function): send the call again through a route (``_routes.py``), as a single
+        call is; False if it is not such a refusal (raise it)."""
+        function = self._function
+        if self._received or not refused_before_running(refusal, function.pinned):
+            return False
+        sender = self._sender
+        attempt = self._route_attempt
+        function._take_route(sender, attempt, refusal)  # raises when none is left
+        self._route_attempt = attempt + (sender is not function._sender)
+        sender = self._sender = function._route_sender(self._state)
+        self._connection, self._call_id = self._send(sender, self._frame_for, self._timeout)
+        self._pool = sender._pool
+        self._granted = _wire.STREAM_WINDOW
+        self._done = False
+        return True
 
     def __iter__(self) -> RemoteStream:
         return self
@@ -946,7 +1041,12 @@ class RemoteStream(_StreamCore):
         except BaseException:
             self._abandon()
             raise
-        value = self._take(frame)
+        try:
+            value = self._take(frame)
+        except ScatterError as exc:
+            if not self._rerouted(exc):
+                raise
+            return self.__next__()
         if value is _END:
             raise StopIteration
         return value
@@ -1003,8 +1103,9 @@ class AsyncRemoteStream(_StreamCore):
         call_id: int,
         timeout: float,
         library: str,
+        pool: ConnectionPool | None = None,
     ) -> None:
-        super().__init__(function, state, connection, call_id, timeout)
+        super().__init__(function, state, connection, call_id, timeout, pool)
         self._library = library
 
     def __aiter__(self) -> AsyncRemoteStream:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import zmq
@@ -22,14 +22,24 @@ from ._routes import Routes
 
 
 class Client:
-    """A blocking client of one node.
+    """A blocking client of one node, and through it of its cluster.
 
     Args:
         address: the node's address, such as ``tcp://127.0.0.1:4242``; default
             ``SCATTER_ADDRESS``, else this user's own (``tcp://127.0.0.1:4242`` for root,
-            see ``default_address``).
+            see ``default_address``). Several (a list, or one string with commas): members
+            of one cluster, the first used first.
         autostart: start a detached local node when none answers (default: on, unless
-            ``SCATTER_AUTOSTART=0`` or the address is not on loopback).
+            ``SCATTER_AUTOSTART=0``, the address is not on loopback, or several are given).
+
+    A client that does not auto-start its node learns the member list from it (and
+    refreshes it every few seconds of control requests). When its node is unreachable
+    before a request was delivered (nothing listens, no handshake), it fails over to
+    another live member, for control requests, leases and calls alike, and logs it once
+    (logger ``scatter.client``). A request that may have reached the node gone is never
+    sent again: a call raises (``WorkerCrashed``, ``Unreachable``), a change says it may
+    have been made. Callables keep working across a failover. ``address_in_use`` and
+    ``members()`` say which member the client uses.
         secret: the cluster secret, or a call-only one (``scatter secret call-only``);
             default ``SCATTER_SECRET``, else the secret this user's local nodes share.
         transport: ``"auto"`` (default) reaches a worker on the node's machine through
@@ -53,7 +63,7 @@ class Client:
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Sequence[str] | None = None,
         *,
         autostart: bool | None = None,
         secret: str | None = None,
@@ -68,9 +78,12 @@ class Client:
             )
         config = resolve_client_config(address, secret=secret)
         if autostart is not None:
-            config = dataclasses.replace(config, autostart=autostart)
+            # Several addresses are a cluster's: never a node started for them.
+            config = dataclasses.replace(config, autostart=autostart and len(config.addresses) < 2)
         self.config = config
-        self.address = config.address
+        # The addresses given, as one string (a callable pickles it, and its process makes
+        # a client of the same members); the member in use: ``address_in_use``.
+        self.address = ",".join(config.addresses) if config.addresses else config.address
         self.transport = transport
         self._context: zmq.Context[Any] = zmq.Context()
         ids = itertools.count(1)
@@ -158,8 +171,21 @@ class Client:
         self.request(lambda i: _wire.Leave(i))
 
     def members(self) -> list[dict[str, Any]]:
-        """The members the node knows: node, address, state, incarnation, changes_behind."""
-        return self.status().members
+        """The members the node knows: node, address, state, incarnation, changes_behind,
+        and ``in_use``: True for the member this client uses (the node that answered)."""
+        status = self.status()
+        return [dict(member, in_use=member["node"] == status.node_id) for member in status.members]
+
+    @property
+    def address_in_use(self) -> str:
+        """The member this client talks to now: the first address given, until a
+        failover (``failed_over_from`` then names the one it left)."""
+        return self._control.address
+
+    @property
+    def failed_over_from(self) -> str:
+        """The address of the member this client last failed over from ("" if none)."""
+        return self._control.failed_over_from
 
     def shutdown(self) -> None:
         """Stop the node this client talks to."""

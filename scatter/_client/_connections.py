@@ -224,10 +224,11 @@ class WorkerConnection:
         """
         sock = self.sock
         try:
-            sock.send(frame)
+            # Not blocking first (the same one send on the hot path): a worker gone (its
+            # node killed) fails at once instead of after _SEND_TIMEOUT.
+            sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
-            self.broken = True
-            raise Undelivered from None
+            self.send_slowly(frame)
         except zmq.ZMQError as exc:
             self.broken = True
             raise _zmq_failure(exc, "send a call") from exc
@@ -251,6 +252,20 @@ class WorkerConnection:
                 self.broken = True
                 raise _zmq_failure(exc, "receive a reply") from exc
 
+    def send_slowly(self, frame: bytes) -> None:
+        """A send that could not leave at once: Undelivered if the worker's connection
+        dropped, else wait for it up to _SEND_TIMEOUT (SNDTIMEO)."""
+        try:
+            if self.dropped():
+                raise zmq.Again
+            self.sock.send(frame)
+        except zmq.Again:
+            self.broken = True
+            raise Undelivered from None
+        except zmq.ZMQError as exc:
+            self.broken = True
+            raise _zmq_failure(exc, "send a call") from exc
+
     def check_alive(self, started: float, timeout: float, patience: float | None = None) -> None:
         """While waiting for a reply: raise if the worker died or the wait is over.
 
@@ -266,8 +281,8 @@ class WorkerConnection:
             raise WorkerCrashed(
                 "scatter.WorkerCrashed",
                 "the process running the call exited before answering (os._exit, "
-                "a crash in a C extension, or the node stopped); the node replaces "
-                "it and keeps serving",
+                "a crash in a C extension, or its node stopped or was killed): the call "
+                "may have run; a node that still runs replaces the worker and keeps serving",
             )
         wait = timeout if patience is None else patience
         if now > started + wait + _REPLY_MARGIN:
@@ -890,6 +905,18 @@ class ConnectionPool:
             except ValueError:
                 continue
             self.discard(connection)
+
+    def drop_dropped_idle(self) -> None:
+        """Discard the idle connections whose worker is gone (after a call found one so:
+        its node may be gone, and its other workers with it)."""
+        for connection in list(self.idle):
+            if connection.dropped():
+                try:
+                    self.idle.remove(connection)  # atomic: a caller may have taken it first
+                except ValueError:
+                    continue
+                self.counts["stale_connections_dropped"] += 1
+                self.discard(connection)
 
     def _drop_idle(self) -> None:
         """The node is gone (``NodeControl`` saw nothing listen): its leases with it."""

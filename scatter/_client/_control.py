@@ -18,7 +18,9 @@ connections it held.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import logging
 import threading
 import time
 import weakref
@@ -50,8 +52,17 @@ from ._autostart import ensure_listening, nothing_listens, port_open
 from ._session import CATCH_UP_SHARE, SESSION
 
 # Seconds of silence from the node after which a request looks whether anything still
-# listens at its address (a TCP connect): a stopped node is then said at once.
+# listens at its address (a TCP connect): a stopped node is then said at once. Sooner
+# when the request went out on a connection that was not up: a killed node, likely.
 _NODE_GONE_CHECK_AFTER = 0.5
+_NODE_GONE_CHECK_AFTER_NOT_UP = 0.1
+# Seconds between refreshes of the member list a client fails over to (taken on a control
+# request that finds it older; never on the call path).
+MEMBERS_REFRESH = 5.0
+# Members one request fails over to at most.
+_MAX_FAILOVERS = 4
+
+_log = logging.getLogger("scatter.client")
 
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -114,6 +125,25 @@ _CHANGES = (_wire.Publish, _wire.PublishSet, _wire.Rollback, _wire.Vaporize)
 _READS = (_wire.Describe, _wire.ListVersions, _wire.ListFunctions, _wire.CurrentVersion)
 # The protocol in which nodes hold reads for a clock (read your writes).
 _SEEN_CLOCK_PROTOCOL = 5
+# Requests another member may answer whenever their node is found gone, delivered or not:
+# reads, and a lease (one the gone node gave ended with it). Changes move only when they
+# were certainly not delivered; Release, Shutdown and Leave name their node: never.
+_MOVABLE_ANYWAY = (_wire.Hello, _wire.Status, _wire.CatchUp, _wire.Lease, *_READS)
+
+
+class MemberUnreachable(Unreachable):
+    """The client's node could not be reached for a request (a control request's error,
+    before a failover decides whether another member takes it).
+
+    ``maybe_delivered``: False only when the request certainly never reached the node (it
+    was never sent, or no connection to the node was up when it was sent and none came
+    up after: a connection refused, no handshake). ``gone``: nothing listens there."""
+
+    def __init__(self, message: str, *, gone: bool, maybe_delivered: bool = True) -> None:
+        super().__init__(message)
+        self.gone = gone
+        self.maybe_delivered = maybe_delivered
+        self.request: Any = None
 
 
 def _request_too_large(size: int) -> ScatterError:
@@ -139,7 +169,16 @@ class NodeControl:
         self, config: ClientConfig, context: zmq.Context[Any], ids: Iterator[int]
     ) -> None:
         self.config = config
+        # The member this client uses now: the first address given, until a failover.
         self.address = config.address
+        # Failover (see fail_over): the addresses given, the live members last learned
+        # from the node (refreshed every MEMBERS_REFRESH s of control requests), and the
+        # address last failed over from.
+        self.seeds: tuple[str, ...] = config.addresses or (config.address,)
+        self.members: tuple[str, ...] = ()
+        self._members_due = 0.0
+        self.failed_over_from = ""
+        self._failover_lock = threading.Lock()
         self._context = context
         self._ids = ids
         self._local = threading.local()
@@ -188,6 +227,12 @@ class NodeControl:
             self._client_keys = client_keys(secret)
         return self._client_keys
 
+    @property
+    def can_fail_over(self) -> bool:
+        """A client that may start its node (the default local address) keeps it; any
+        other fails over to another member."""
+        return not self.config.autostart
+
     def request(
         self,
         make: Callable[[int], Any],
@@ -198,6 +243,118 @@ class NodeControl:
         start_node: bool = True,
     ) -> Any:
         """Send one control request (built by ``make(request_id)``) and return its reply.
+
+        A request its node could not take goes to another live member (:meth:`fail_over`)
+        when that cannot make it happen twice: reads and leases once the node is gone,
+        changes only when they certainly never reached it. A change that may have reached a
+        node gone since raises Unreachable saying it may have been made.
+        """
+        for _ in range(_MAX_FAILOVERS):
+            address = self.address
+            try:
+                reply = self._request_here(make, timeout, too_large, deadline, start_node)
+            except MemberUnreachable as exc:
+                if not start_node or not self._may_move(exc):
+                    if exc.maybe_delivered and isinstance(exc.request, _CHANGES):
+                        raise Unreachable(
+                            f"{exc}; the {type(exc.request).__name__} may have reached it "
+                            "before it went, and so may have been made: look (versions(), "
+                            "`scatter ls`) before sending it again"
+                        ) from None
+                    raise
+                if not self.fail_over(address, exc, deadline):
+                    raise
+                continue
+            if start_node and self.can_fail_over and time.monotonic() >= self._members_due:
+                with contextlib.suppress(ScatterError):  # the reply stands; the list waits
+                    self.refresh_members()
+            return reply
+        raise Unreachable(f"no member of the cluster took the request (last tried {self.address})")
+
+    def _may_move(self, exc: MemberUnreachable) -> bool:
+        """Whether another member may take the request ``exc`` failed (see request)."""
+        if not self.can_fail_over or getattr(self._local, "failing_over", False):
+            return False
+        request = exc.request
+        if isinstance(request, _MOVABLE_ANYWAY):
+            return exc.gone or not exc.maybe_delivered
+        return isinstance(request, _CHANGES) and not exc.maybe_delivered
+
+    def fail_over(self, lost: str, error: BaseException, deadline: float | None = None) -> bool:
+        """The node at ``lost`` is unreachable: use another live member, the first of the
+        members last learned and then of the addresses given that answers. Says so once in
+        the log. The leases of the lost node end with it (``epoch``, ``on_node_gone``); the
+        session clock stays (the process's, ``_session.py``), so a call through the new
+        member first lets it catch up with this process's own changes.
+
+        Returns False (the client's address unchanged) if no other member answered, or
+        if this client does not fail over. True also when another thread moved first.
+        """
+        if not self.can_fail_over or self.closed:
+            return False
+        with self._failover_lock:
+            if self.address != lost:
+                return True  # another thread moved on already
+            self._local.failing_over = True
+            try:
+                for candidate in self._failover_candidates(lost):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+                    self.address = candidate
+                    self.node_ready = False
+                    try:
+                        self._ensure_node(deadline)
+                    except ScatterError:
+                        continue
+                    self._leave_member(lost)
+                    _log.warning(
+                        "scatter: the node at %s is unreachable (%s); this client now uses "
+                        "the member at %s (node %s)",
+                        lost, error, candidate, self.node_id,
+                    )
+                    with contextlib.suppress(ScatterError):
+                        self.refresh_members()
+                    return True
+                self.address = lost
+                self.node_ready = False
+                return False
+            finally:
+                self._local.failing_over = False
+
+    def _failover_candidates(self, lost: str) -> list[str]:
+        """Where to go from ``lost``: the live members last learned, then the addresses
+        given, each once."""
+        return [a for a in dict.fromkeys((*self.members, *self.seeds)) if a != lost]
+
+    def _leave_member(self, lost: str) -> None:
+        """The client now talks to another member: the leases of ``lost`` are void (never
+        released elsewhere, never reused), its idle connections go."""
+        self.failed_over_from = lost
+        self.epoch += 1
+        for callback in self.on_node_gone:
+            callback()
+
+    def refresh_members(self) -> None:
+        """Learn the live members from the node (a ``Status``), for a later failover."""
+        self._members_due = time.monotonic() + MEMBERS_REFRESH
+        status: _wire.NodeStatus = self._request_here(
+            lambda i: _wire.Status(i), None, _request_too_large, None, True
+        )
+        self.members = tuple(
+            member["address"]
+            for member in status.members
+            if member["state"] in ("alive", "suspect") and member["node"] != status.node_id
+        )
+
+    def _request_here(
+        self,
+        make: Callable[[int], Any],
+        timeout: float | None,
+        too_large: Callable[[int], ScatterError],
+        deadline: float | None,
+        start_node: bool,
+    ) -> Any:
+        """:meth:`request` to the member in use, with no failover (MemberUnreachable).
 
         Args:
             make: builds the request from its id.
@@ -226,7 +383,12 @@ class NodeControl:
         if not self.node_ready:
             if not start_node:
                 raise Unreachable(f"the node at {self.address} is not known to answer")
-            self._ensure_node(deadline)
+            try:
+                self._ensure_node(deadline)
+            except Unreachable as exc:  # nothing was sent
+                lost = MemberUnreachable(str(exc), gone=True, maybe_delivered=False)
+                lost.request = request
+                raise lost from None
         seen: tuple[int, VectorClock] | None = None
         if isinstance(request, _READS) and self.node_protocol >= _SEEN_CLOCK_PROTOCOL:
             generation, clock = SESSION.state
@@ -234,15 +396,24 @@ class NodeControl:
                 seen = (generation, clock)
                 frame = _wire.encoder.encode(msgspec.structs.replace(request, clock=clock))
         sock = self._socket()
+        # Whether the request can have reached the node, should it be found gone: only if
+        # the connection was up when it left, or came up after (a handshake).
+        early_failure = self._watch_connection()
+        up_at_send = self._local.up
+        handshakes_at_send = self._local.handshakes
         try:
             # Never blocking: a node that stopped reading (SIGSTOP) lets requests pile up
             # on a socket that is not reset, to the high-water mark.
             sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
             self.node_ready = False
-            raise Unreachable(
-                f"the node at {self.address} is not reading requests: it is busy or stopped"
-            ) from None
+            stuck = MemberUnreachable(
+                f"the node at {self.address} is not reading requests: it is busy or stopped",
+                gone=False,
+                maybe_delivered=False,
+            )
+            stuck.request = request
+            raise stuck from None
         except zmq.ZMQError as exc:
             raise ScatterError(f"cannot send a request to {self.address}: {exc}") from exc
         seconds = timeout or self.config.connect_timeout
@@ -250,7 +421,16 @@ class NodeControl:
             seconds = min(seconds, max(0.0, deadline - time.monotonic()))
         give_up = time.monotonic() + seconds
         while True:
-            received = self._receive(sock, give_up, seconds)
+            try:
+                received = self._receive(sock, give_up, seconds, early_failure, up_at_send)
+            except Unreachable as exc:
+                lost = exc if isinstance(exc, MemberUnreachable) else MemberUnreachable(
+                    str(exc), gone=False
+                )
+                lost.request = request
+                lost.maybe_delivered = up_at_send or self._local.handshakes != handshakes_at_send
+                raise lost from None
+            early_failure = 0
             try:
                 reply = _wire.control_reply_decoder.decode(received)
             except _wire.DECODE_ERRORS as exc:
@@ -314,7 +494,7 @@ class NodeControl:
         if generation <= self.settled:
             return
         if not self.node_ready:
-            self._ensure_node(deadline)
+            self._ensure_node_or_fail_over(deadline)
         if (
             generation <= self.confirmed
             or not clock.entries
@@ -343,16 +523,28 @@ class NodeControl:
         with contextlib.suppress(zmq.ZMQError):
             self._socket().send(_wire.encoder.encode(make(next(self._ids))), zmq.NOBLOCK)
 
-    def _receive(self, sock: zmq.Socket[bytes], deadline: float, seconds: float) -> bytes:
-        """The next frame on ``sock`` before ``deadline``, or the error its silence means."""
-        look_for_the_node = time.monotonic() + _NODE_GONE_CHECK_AFTER
+    def _receive(
+        self,
+        sock: zmq.Socket[bytes],
+        deadline: float,
+        seconds: float,
+        early_failure: int = 0,
+        up: bool = True,
+    ) -> bytes:
+        """The next frame on ``sock`` before ``deadline``, or the error its silence means.
+        ``early_failure``: a failed handshake seen just before the send; ``up``: whether
+        the connection was up then (if not, a node gone is looked for sooner)."""
+        look_for_the_node = time.monotonic() + (
+            _NODE_GONE_CHECK_AFTER if up else _NODE_GONE_CHECK_AFTER_NOT_UP
+        )
         while True:
             remaining = max(0, int((deadline - time.monotonic()) * 1000))
             # Look at the handshake every 100 ms: a wrong secret fails at once, not at the
             # timeout.
             if remaining and sock.poll(min(remaining, 100), zmq.POLLIN):
                 return sock.recv()
-            failed = self._watch_connection()
+            failed = self._watch_connection() or early_failure
+            early_failure = 0
             if failed:
                 host, port = parse_address(self.address)
                 # No detail: the connection dropped mid-handshake. A wrong key reads the
@@ -377,15 +569,17 @@ class NodeControl:
                 if nothing_listens(host, port, timeout=min(0.5, remaining / 1000)):
                     raise self._node_gone()
 
-    def _node_gone(self) -> Unreachable:
+    def _node_gone(self) -> MemberUnreachable:
+        self._watch_connection()  # a handshake since the send: the request may have arrived
         self._reset_socket()
         self.node_ready = False
         self.epoch += 1  # its leases went with it
         for callback in self.on_node_gone:
             callback()
-        return Unreachable(
+        return MemberUnreachable(
             f"no node listens at {self.address} any more (it stopped or was killed); "
-            "start one with `scatter node start`"
+            "start one with `scatter node start`",
+            gone=True,
         )
 
     def _no_answer(self, seconds: float) -> Unreachable:
@@ -399,13 +593,24 @@ class NodeControl:
             "start one with `scatter node start` or set SCATTER_ADDRESS"
         )
 
+    def _ensure_node_or_fail_over(self, deadline: float | None) -> None:
+        address = self.address
+        try:
+            self._ensure_node(deadline)
+        except Unreachable as exc:
+            if not self.fail_over(address, exc, deadline):
+                raise
+
     def _ensure_node(self, deadline: float | None = None) -> None:
         if self.node_ready:
             return
+        config = self.config
+        if self.address != config.address:  # a member failed over to: never started here
+            config = dataclasses.replace(config, address=self.address, autostart=False)
         if deadline is None:
-            ensure_listening(self.config)
+            ensure_listening(config)
         else:
-            ensure_listening(self.config, wait=max(0.0, deadline - time.monotonic()))
+            ensure_listening(config, wait=max(0.0, deadline - time.monotonic()))
         self.node_ready = True
         self._check_protocol(deadline)
 
@@ -414,7 +619,10 @@ class NodeControl:
         # was seen to hold is learned again.
         self.confirmed = self.settled = 0
         self.lagging = ""
-        welcome: _wire.Welcome = self.request(lambda i: _wire.Hello(i), deadline=deadline)
+        # Here, never failing over: the request that found the node not ready does.
+        welcome: _wire.Welcome = self._request_here(
+            lambda i: _wire.Hello(i), None, _request_too_large, deadline, True
+        )
         self.node_protocol = welcome.protocol
         self.node_id = welcome.node_id
         if not _wire.PROTOCOL_VERSION_MIN <= welcome.protocol <= _wire.PROTOCOL_VERSION_MAX:
@@ -427,6 +635,9 @@ class NodeControl:
 
     def _socket(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] | None = getattr(self._local, "sock", None)
+        if sock is not None and self._local.address != self.address:
+            self._reset_socket()  # this thread's socket is to a member failed over from
+            sock = None
         if sock is None:
             keys = self.keys()
             try:
@@ -443,6 +654,9 @@ class NodeControl:
                 raise ScatterError(f"cannot open a socket to {self.address}: {exc}") from exc
             sock.connect(self.address)
             self._local.sock = sock
+            self._local.address = self.address
+            self._local.up = False  # a handshake succeeded and no disconnect since
+            self._local.handshakes = 0
             self._local.holder = LeaseHolder()
             with self._lock:
                 self.sockets += (monitor, sock)
@@ -483,8 +697,12 @@ class NodeControl:
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
+                self._local.up = False
                 self._leases_ended()
                 continue
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._local.up = True
+                self._local.handshakes += 1
             failed = 0 if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else event
         return failed
 

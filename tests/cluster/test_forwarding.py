@@ -170,3 +170,51 @@ def test_a_call_pinned_to_a_version_a_lacks_is_forwarded(tmp_path: Path) -> None
                 through_a.make_callable("add", version=9)  # exists nowhere
     finally:
         cluster.stop()
+
+
+def _stream_needing_the_module(directory: Path) -> Callable[[int], Iterator[int]]:
+    """A generator function whose body needs ``MODULE`` to load (see above)."""
+    sys.path.insert(0, str(directory))
+    try:
+        module = importlib.import_module(MODULE)
+    finally:
+        sys.path.remove(str(directory))
+
+    def triples(n: int) -> Iterator[int]:
+        for i in range(n):
+            yield int(module.triple(i))
+
+    return triples
+
+
+@pytest.mark.timeout(120)
+def test_map_and_a_stream_of_a_function_only_b_can_load_take_routes_through_a(
+    tmp_path: Path, module_dir: Path
+) -> None:
+    path = os.pathsep.join(filter(None, [str(module_dir), os.environ.get("PYTHONPATH", "")]))
+    cluster = _cluster(tmp_path, {}, {"PYTHONPATH": path})
+    try:
+        a, b = cluster.nodes
+        with client(b) as through_b:
+            triple = _publish_by_reference(
+                through_b, _function_needing_the_module(module_dir), "triple"
+            )
+            triples = _publish_by_reference(
+                through_b, _stream_needing_the_module(module_dir), "triples"
+            )
+        with client(a) as through_a:
+            wait_until(lambda: _has(through_a, "triple", triple), 20, "A has triple")
+            wait_until(lambda: _has(through_a, "triples", triples), 20, "A has triples")
+            # map first, on a fresh callable: A's workers refuse every call unrun, and
+            # those calls go to B through a route, in order.
+            mapped = through_a.make_callable("triple")
+            assert list(mapped.map(range(40), parallel=3)) == [3 * n for n in range(40)]
+            assert list(mapped.map(range(5))) == [0, 3, 6, 9, 12]  # straight to B now
+            # A stream, on a fresh callable: its first frame is A's refusal.
+            streamed = through_a.make_callable("triples")
+            assert list(streamed(6)) == [0, 3, 6, 9, 12, 15]
+            assert list(streamed(3)) == [0, 3, 6]
+            leased_from = set().union(*(p.nodes_leased for p in through_a._routes.pools()))
+            assert leased_from == {_node_id(b)}
+    finally:
+        cluster.stop()
