@@ -446,6 +446,9 @@ def run_writer(
                 else:
                     client.vaporize(name)
                     result = {}
+                # A client fails over to another member when its node is down (before the
+                # request was delivered): the change is that member's.
+                result["acked_by"] = addresses.index(client.address_in_use)
                 history.log("ok", f, result)
             except Exception as exc:  # every outcome is history
                 outcome = classify(exc)
@@ -1250,7 +1253,7 @@ def check(
         if op["type"] != "ok" or op["f"] not in ("publish", "publish_set", "rollback", "vaporize"):
             continue
         name, value = op["value"]["name"], op["value"]
-        origin = node_ids[op["node"]]
+        origin = node_ids[value.get("acked_by", op["node"])]
         if op["f"] == "publish" and value.get("noop"):
             continue
         found = None
@@ -1276,7 +1279,8 @@ def check(
         if found is None:
             violation(
                 "acknowledged change lost",
-                f"{op['process']} {op['f']} {name} acknowledged by node {op['node']} "
+                f"{op['process']} {op['f']} {name} acknowledged by node "
+                f"{value.get('acked_by', op['node'])} "
                 f"({origin}) but no such change is in any node's log",
                 around(name, op["start"]),
             )

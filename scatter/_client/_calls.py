@@ -420,6 +420,7 @@ class RemoteFunction:
         # Nodes known unable to run this function (their workers refused it unrun): set,
         # calls go through a route that avoids them (_routes.py); None: the fast path.
         self._avoid: tuple[str, ...] | None = None
+        self._route_generation = 0  # this process's registry session when it was set
         self.__name__ = name
         self.__qualname__ = name
         if not lazy:
@@ -525,7 +526,7 @@ class RemoteFunction:
 
     def _stream_sender(self, state: _Version) -> CallSender:
         """Where a stream's call goes: the client's node, or the route known to run it."""
-        return self._sender if self._avoid is None else self._route_sender(state)
+        return self._route_sender(state) if self._routed() else self._sender
 
     async def _stream_async(
         self, state: _Version, arguments: bytes, timeout: float, library: str
@@ -619,7 +620,7 @@ class RemoteFunction:
         cannot run the function: ``refused_before_running``) are sent again through a
         route (``_routes.py``), as a single call's are; the others' replies are all read
         first, so that only calls known not to have run are ever sent again."""
-        sender = self._sender if self._avoid is None else self._route_sender(state)
+        sender = self._route_sender(state) if self._routed() else self._sender
         refused: list[int] = []  # positions refused unrun, to send through a route
         refusal: ScatterError | None = None
         later: dict[int, Any] = {}  # past the first refusal: values, or _Failed errors
@@ -663,13 +664,13 @@ class RemoteFunction:
         that avoids its node (and, past the first route, the nodes that route leased
         from), or ``refusal`` is raised once no other member is left to try."""
         if sender is self._sender:
-            self._avoid = (self._sender._pool.control.node_id,)
+            self._route_around(self._sender._pool.control.node_id)
         else:
             self._avoid_more(sender, attempt, refusal)
 
     def _send(self, state: _Version, arguments: bytes, timeout: float) -> Any:
         frame = self._frame_for(state, arguments, timeout)
-        if self._avoid is not None:
+        if self._routed():
             return self._send_routed(state, frame, timeout)
         call_id, reply = self._sender.call(frame, timeout or state.timeout, self._polling)
         try:
@@ -677,13 +678,30 @@ class RemoteFunction:
         except ScatterError as exc:
             if not refused_before_running(exc, self._pinned is not None):
                 raise
-            self._avoid = (self._sender._pool.control.node_id,)
+            self._route_around(self._sender._pool.control.node_id)
         return self._send_routed(state, frame, timeout)
+
+    def _route_around(self, node_id: str) -> None:
+        self._avoid = (node_id,)
+        self._route_generation = SESSION.generation
+
+    def _routed(self) -> bool:
+        """Whether calls go through a route. One taken before this process's latest
+        registry change is dropped: the member it leads to may not hold the change yet,
+        and the client's node, which catches up first, decides again."""
+        if self._avoid is None:
+            return False
+        if self._route_generation != SESSION.generation:
+            self._avoid = None
+            return False
+        return True
 
     def _route_sender(self, state: _Version) -> CallSender:
         assert self._avoid is not None
         routes = self._client._routes
-        return routes.sender(self._name, self._pinned or 0, state.content_id, self._avoid)
+        return routes.sender(
+            self._name, self._pinned or 0, state.content_id, self._avoid, self._route_generation
+        )
 
     def _avoid_more(self, sender: CallSender, attempt: int, exc: ScatterError) -> None:
         """A routed call refused unrun too: the next route avoids those nodes as well."""
@@ -745,7 +763,7 @@ class RemoteFunction:
         if state.decode_stream is not None:
             return await self._stream_async(state, arguments, _per_call(timeout), library)
         frame = self._frame_for(state, arguments, _per_call(timeout))
-        if self._avoid is not None:
+        if self._routed():
             return await self._call_routed_async(state, frame, _per_call(timeout), library)
         call_id, reply = await self._sender.call_async(
             frame, timeout or state.timeout, library
@@ -755,7 +773,7 @@ class RemoteFunction:
         except ScatterError as exc:
             if not refused_before_running(exc, self._pinned is not None):
                 raise
-            self._avoid = (self._sender._pool.control.node_id,)
+            self._route_around(self._sender._pool.control.node_id)
         return await self._call_routed_async(state, frame, _per_call(timeout), library)
 
     def _frame_for(

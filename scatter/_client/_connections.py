@@ -787,7 +787,8 @@ class ConnectionPool:
                 self._context, leased.lease, endpoint, control.keys(), control.epoch
             )
         except zmq.ZMQError as exc:
-            control.send_nowait(functools.partial(_wire.Release, lease=leased.lease))
+            if leased.node in ("", control.node_id):  # a route's lease is a member's
+                control.send_nowait(functools.partial(_wire.Release, lease=leased.lease))
             raise _zmq_failure(exc, f"connect to a worker at {endpoint}") from exc
         connection.generation = self._generation
         holder.connections.add(connection)

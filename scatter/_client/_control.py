@@ -438,7 +438,9 @@ class NodeControl:
             if reply.id not in (request_id, 0):
                 # An answer to a request abandoned earlier on this socket (it timed out).
                 # A lease nobody waits for any more is given back at once.
-                if isinstance(reply, _wire.Leased):
+                # Only this node's own: a route's lease number is a member's, and here it
+                # could name another client's lease.
+                if isinstance(reply, _wire.Leased) and reply.node in ("", self.node_id):
                     self.send_nowait(functools.partial(_wire.Release, lease=reply.lease))
                 continue
             if isinstance(reply, _wire.Failure):

@@ -45,20 +45,25 @@ def refused_before_running(error: ScatterError, pinned: bool) -> bool:
 
 
 class Routes:
-    """A client's routes, one per (name, pinned version, content id, nodes avoided)."""
+    """A client's routes, one per (name, pinned version, content id, nodes avoided) and
+    registry session generation: a route taken before this process changed the registry
+    may lead to a member that lacks the change, so it is not used after (_calls.py)."""
 
     def __init__(self, make_sender: SenderFactory) -> None:
         self._make_sender = make_sender
         self._lock = threading.Lock()
-        self._senders: dict[tuple[str, int, str, tuple[str, ...]], CallSender] = {}
+        self._senders: dict[tuple[str, int, str, tuple[str, ...], int], CallSender] = {}
 
     def sender(
-        self, name: str, version: int, content_id: str, avoid: tuple[str, ...]
+        self, name: str, version: int, content_id: str, avoid: tuple[str, ...], generation: int
     ) -> CallSender:
-        key = (name, version, content_id, avoid)
+        key = (name, version, content_id, avoid, generation)
         with self._lock:
             sender = self._senders.get(key)
             if sender is None:
+                # Routes of this function from older generations are used no more.
+                for old in [k for k in self._senders if k[:3] == key[:3] and k[4] < generation]:
+                    self._senders.pop(old)._pool.close()
                 lease = functools.partial(
                     _wire.Lease, name=name, version=version, content_id=content_id, avoid=list(avoid)
                 )
