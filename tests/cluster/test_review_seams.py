@@ -1,0 +1,92 @@
+"""Review of the seams between forwarding, read your writes and failover (issue 10).
+
+Each test runs real node processes on loopback, bounded in time, stopped by PID.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import scatter
+from cluster.launch import LocalCluster, LocalNode
+from tests.cluster.test_forwarding import MODULE, _publish_by_reference, _write_module
+
+GOSSIP_OFF = {"SCATTER_TEST_REGISTRY_GOSSIP": "0"}
+
+
+def client(node: LocalNode) -> scatter.Client:
+    return scatter.Client(node.address, autostart=False)
+
+
+@pytest.fixture
+def module_dir(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "only-b"
+    _write_module(directory)
+    yield directory
+    sys.modules.pop(MODULE, None)
+
+
+def _needing_the_module(directory: Path, plus: int) -> Callable[[int], int]:
+    """A function whose body needs ``MODULE`` to load: only B can run it."""
+    sys.path.insert(0, str(directory))
+    try:
+        module = importlib.import_module(MODULE)
+    finally:
+        sys.path.remove(str(directory))
+
+    def triple(x: int) -> int:
+        return int(module.triple(x)) + plus
+
+    return triple
+
+
+def _two(root: Path, env_a: dict[str, str], env_b: dict[str, str]) -> LocalCluster:
+    a = LocalNode(root / "a", options=["--profile", "local"], env=env_a)
+    cluster = LocalCluster(root, 2, nodes=[a])
+    try:
+        a.start()
+        b = LocalNode(root / "b", options=["--profile", "local", "--join", a.address], env=env_b)
+        cluster.nodes.append(b)
+        b.start()
+        cluster.wait_until_joined(30)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a route's worker (member B) runs the version B holds: CatchUp goes to the "
+    "client's node A only, and a route's lease carries no clock, so B never catches up",
+)
+@pytest.mark.timeout(120)
+def test_a_routed_call_after_this_process_changed_the_function_runs_the_change(
+    tmp_path: Path, module_dir: Path
+) -> None:
+    # Forwarding x read your writes: a callable whose calls go straight to member B's
+    # worker (a route) must see this process's later change made through its node A,
+    # even when B has not received it yet (gossip off: B gets it only by a pull).
+    path = os.pathsep.join(filter(None, [str(module_dir), os.environ.get("PYTHONPATH", "")]))
+    cluster = _two(tmp_path, GOSSIP_OFF, {**GOSSIP_OFF, "PYTHONPATH": path})
+    try:
+        a, b = cluster.nodes
+        with client(b) as through_b, client(a) as through_a:
+            _publish_by_reference(through_b, _needing_the_module(module_dir, 0), "triple")
+            triple = through_a.make_callable("triple")  # A pulls v1 for this read
+            assert triple(14) == 42  # A cannot load it: routed to B's worker
+            version = _publish_by_reference(
+                through_a, _needing_the_module(module_dir, 1000), "triple"
+            )
+            assert version == 2
+            # This process made v2; read your writes: the next call runs v2 (B can pull it
+            # from A; A cannot load it), never v1 silently.
+            assert triple(14) == 1042
+    finally:
+        cluster.stop()
