@@ -90,3 +90,36 @@ def test_a_routed_call_after_this_process_changed_the_function_runs_the_change(
             assert triple(14) == 1042
     finally:
         cluster.stop()
+
+
+def _appending_then_raising(path: str) -> Callable[[str], int]:
+    def record(marker: str) -> int:
+        import scatter as s
+
+        with open(path, "a") as out:
+            out.write(marker + "\n")
+        # As a scattered function that calls another one whose pinned version is gone:
+        # the function's own exception, raised after it ran.
+        raise s.VersionNotFound(f"{marker}: the version it needed was vaporized")
+
+    return record
+
+
+@pytest.mark.timeout(120)
+def test_a_function_that_raises_version_not_found_runs_once_and_raises_it(
+    tmp_path: Path,
+) -> None:
+    # Forwarding x at most once: the function's own exception, rebuilt on the caller as
+    # scatter.VersionNotFound, is not a worker's refusal: the call ran, and is never sent
+    # again through a route to another member.
+    ran = tmp_path / "ran.txt"
+    with LocalCluster(tmp_path / "c", 2) as cluster:
+        a, _b = cluster.nodes
+        with client(a) as through_a:
+            through_a.publish(_appending_then_raising(str(ran)), name="record")  # type: ignore[arg-type]
+            record = through_a.make_callable("record")
+            with pytest.raises(scatter.RemoteError) as caught:
+                record("once")
+        assert ran.read_text().splitlines() == ["once"]
+        assert "the version it needed was vaporized" in str(caught.value)
+        assert "cannot run on any member" not in str(caught.value)
