@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 import scatter
-from cluster.launch import LocalCluster, LocalNode
+from cluster.launch import LocalCluster, LocalNode, process_gone
 from tests.cluster.test_forwarding import MODULE, _publish_by_reference, _write_module
+from tests.waiting import wait_until
 
 GOSSIP_OFF = {"SCATTER_TEST_REGISTRY_GOSSIP": "0"}
 
@@ -44,6 +45,19 @@ def _needing_the_module(directory: Path, plus: int) -> Callable[[int], int]:
         return int(module.triple(x)) + plus
 
     return triple
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def _two(root: Path, env_a: dict[str, str], env_b: dict[str, str]) -> LocalCluster:
@@ -123,3 +137,35 @@ def test_a_function_that_raises_version_not_found_runs_once_and_raises_it(
         assert ran.read_text().splitlines() == ["once"]
         assert "the version it needed was vaporized" in str(caught.value)
         assert "cannot run on any member" not in str(caught.value)
+
+
+@pytest.mark.timeout(120)
+def test_a_route_to_a_member_killed_since_fails_over_the_member_not_the_callers_node(
+    tmp_path: Path, module_dir: Path
+) -> None:
+    # Forwarding x failover: a routed callable whose member B is SIGKILLed. Its next call
+    # was never delivered (B's worker is gone), so it leases again through node A, which
+    # forwards to B (still alive in A's table for a moment). A must move on once B is
+    # declared dead, not wait 10 s for B and let the call time out blaming A ("it is
+    # stopped, or very busy") while A is fine.
+    path = os.pathsep.join(filter(None, [str(module_dir), os.environ.get("PYTHONPATH", "")]))
+    cluster = _two(tmp_path, {}, {"PYTHONPATH": path})
+    try:
+        a, b = cluster.nodes
+        with client(b) as through_b, client(a) as through_a:
+            _publish_by_reference(through_b, _needing_the_module(module_dir, 0), "triple")
+            triple = through_a.make_callable("triple")
+            assert triple(14) == 42  # routed to B's worker
+            workers = _children(b.pid)
+            b.kill()
+            for pid in workers:  # they exit on their pipe's EOF
+                wait_until(lambda pid=pid: process_gone(pid), 10, f"B's worker {pid} exits")
+            with pytest.raises(scatter.ScatterError) as caught:
+                try:
+                    triple.call(14, timeout=8)
+                except scatter.WorkerCrashed:  # sent before the disconnect was seen
+                    triple.call(14, timeout=8)
+            assert not isinstance(caught.value, scatter.CallTimeout), caught.value
+            assert "cannot run on any member" in str(caught.value)
+    finally:
+        cluster.stop()
