@@ -36,12 +36,24 @@ __all__ = ["Routes", "refused_before_running"]
 
 def refused_before_running(error: ScatterError, pinned: bool) -> bool:
     """Whether ``error`` (a call's failure) says the call did not run because this worker's
-    node cannot run it: another member may."""
+    node cannot run it: another member may.
+
+    Only the worker's own refusals count (``error_from_failure`` of a ``load``,
+    ``version_not_found`` or ``not_found`` failure). The function's own exception (a
+    ``remote`` failure) ran the call, whatever its class: one rebuilt as
+    ``scatter.VersionNotFound`` (a function calling another whose version is gone) is an
+    instance of ``RemoteError`` too, and is never a refusal."""
+    if isinstance(error, RemoteError):
+        return (
+            type(error) is RemoteError
+            and error.remote_type == "scatter.LoadError"
+            and not error.remote_traceback
+        )
     if isinstance(error, VersionNotFound):
         return True
     if isinstance(error, FunctionNotFound):
         return pinned
-    return isinstance(error, RemoteError) and error.remote_type == "scatter.LoadError"
+    return False
 
 
 class Routes:

@@ -1298,14 +1298,24 @@ class NodeCore:
         return effects
 
     def _forwards_due(self, now: float) -> list[Effect]:
-        """Members that did not answer in time: the next one is asked."""
+        """Members that did not answer in time, or were declared dead meanwhile (a
+        member killed after the forward left never answers: its client must not wait
+        FORWARD_TIMEOUT, past its call's timeout, for it): the next one is asked."""
         effects = self._answer_parked(now)
+        if not self._forwards:
+            return effects
+        live = {member.node for member in self.membership.live_others()}
         for ticket, forward in list(self._forwards.items()):
+            node = forward.asked[0]
             if now >= forward.deadline:
-                del self._forwards[ticket]
-                node = forward.asked[0]
-                forward.reasons[node] = f"did not answer within {FORWARD_TIMEOUT:g} s"
-                effects += self._forward_next(forward, now)
+                reason = f"did not answer within {FORWARD_TIMEOUT:g} s"
+            elif node not in live:
+                reason = "was declared dead before it answered"
+            else:
+                continue
+            del self._forwards[ticket]
+            forward.reasons[node] = reason
+            effects += self._forward_next(forward, now)
         return effects
 
     # -- internals --------------------------------------------------------------
