@@ -47,6 +47,7 @@ from ._connections import (
     _wait_readable as wait_readable,
     _zmq_failure,
 )
+from . import _callid
 from ._control import error_from_failure
 from ._polling import ReplyPolling
 from ._remote_errors import remote_error
@@ -55,6 +56,10 @@ from ._session import SESSION
 
 if TYPE_CHECKING:
     from ._client import Client
+
+# A call's frame, from its id and its start_by (the worker's clock past which the worker
+# must not start it; 0: no bound): RemoteFunction._frame_for.
+FrameFor = Callable[..., bytes]
 
 # Room left in a frame for the call's envelope (name, ids) next to its arguments.
 _MAX_ARGUMENT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
@@ -145,7 +150,7 @@ class CallSender:
 
     def call(
         self,
-        frame_for: Callable[[int], bytes],
+        frame_for: FrameFor,
         timeout: float,
         polling: ReplyPolling | None = None,
     ) -> tuple[int, bytes]:
@@ -182,11 +187,15 @@ class CallSender:
                 if budget <= 0:
                     pool.checkin(connection)
                     raise CallTimeout(
-                        f"no worker came free within the call's timeout of {timeout:g} s"
+                        f"no worker came free within the call's timeout of {timeout:g} s",
+                        may_have_run=False,
                     )
                 try:
                     reply = connection.request(
-                        frame_for(call_id), timeout, polling, None if give_up is None else budget
+                        frame_for(call_id, connection.start_by(budget)),
+                        timeout,
+                        polling,
+                        None if give_up is None else budget,
                     )
                 except Undelivered:
                     if give_up is None:  # the send waited _SEND_TIMEOUT for nobody
@@ -203,7 +212,7 @@ class CallSender:
             self._sync_calls_finished = next(self._sync_calls_ended)
 
     async def call_async(
-        self, frame_for: Callable[[int], bytes], timeout: float, library: str
+        self, frame_for: FrameFor, timeout: float, library: str
     ) -> tuple[int, bytes]:
         """:meth:`call` for trio or asyncio code: the loop waits on the socket, no thread.
 
@@ -220,11 +229,12 @@ class CallSender:
             if budget <= 0:
                 pool.checkin(connection)
                 raise CallTimeout(
-                    f"no worker came free within the call's timeout of {timeout:g} s"
+                    f"no worker came free within the call's timeout of {timeout:g} s",
+                    may_have_run=False,
                 )
             try:
                 reply = await connection.request_async(
-                    frame_for(call_id), timeout, library, budget
+                    frame_for(call_id, connection.start_by(budget)), timeout, library, budget
                 )
             except Undelivered:
                 self._undelivered(connection, attempt)
@@ -246,7 +256,7 @@ class CallSender:
             )
 
     def call_many(
-        self, frames: list[Callable[[int], bytes]], timeout: float, parallel: int
+        self, frames: list[FrameFor], timeout: float, parallel: int
     ) -> Generator[tuple[int, bytes], None, None]:
         """Send ``frames`` over up to ``parallel`` worker connections, pipelined; yield
         (call id, reply frame) for each, in the order of ``frames``.
@@ -274,7 +284,8 @@ class CallSender:
                         poller.register(pipe.connection.sock, zmq.POLLIN)
                     call_id = next(self._ids)
                     try:
-                        pipe.send(sent, call_id, frames[sent](call_id))
+                        start_by = pipe.connection.start_by(timeout)
+                        pipe.send(sent, call_id, frames[sent](call_id, start_by))
                     except zmq.Again:
                         pipe.connection.broken = True
                         if pipe.in_flight:  # its worker is gone: say how, below
@@ -535,7 +546,8 @@ class RemoteFunction:
             try:
                 while True:
                     try:
-                        sock.send(frame_for(call_id), zmq.NOBLOCK)
+                        start_by = connection.start_by(timeout or state.timeout)
+                        sock.send(frame_for(call_id, start_by), zmq.NOBLOCK)
                         break
                     except zmq.Again:
                         if connection.events() & zmq.POLLOUT:
@@ -601,7 +613,7 @@ class RemoteFunction:
         return self._results(state, frames, per_call or state.timeout, parallel)
 
     def _results(
-        self, state: _Version, frames: list[Callable[[int], bytes]], timeout: float, parallel: int
+        self, state: _Version, frames: list[FrameFor], timeout: float, parallel: int
     ) -> Iterator[Any]:
         # closing: an error here, or a consumer that stops early, ends call_many at once,
         # which discards the connections with calls still in flight.
@@ -636,7 +648,7 @@ class RemoteFunction:
         self._avoid = tuple(sorted({*self._avoid, *more}))
 
     def _send_routed(
-        self, state: _Version, frame: Callable[[int], bytes], timeout: float
+        self, state: _Version, frame: FrameFor, timeout: float
     ) -> Any:
         """A call through the route that avoids the nodes known unable to run it: the
         node hands out a worker that can (a member's, maybe), or says why nobody can."""
@@ -652,7 +664,7 @@ class RemoteFunction:
         raise AssertionError("unreachable")
 
     async def _call_routed_async(
-        self, state: _Version, frame: Callable[[int], bytes], timeout: float, library: str
+        self, state: _Version, frame: FrameFor, timeout: float, library: str
     ) -> Any:
         """:meth:`_send_routed` for trio or asyncio."""
         for attempt in range(_MAX_ROUTES):
@@ -702,7 +714,7 @@ class RemoteFunction:
 
     def _frame_for(
         self, state: _Version, arguments: bytes, timeout: float
-    ) -> Callable[[int], bytes]:
+    ) -> FrameFor:
         if len(arguments) > _MAX_ARGUMENT_BYTES:
             raise ProtocolError(
                 f"{self._name}(): the arguments encode to {len(arguments)} bytes, over the "
@@ -715,9 +727,14 @@ class RemoteFunction:
         signature_id = "" if pinned else state.spec.signature_id
         name = self._name
         encode = _wire.encoder.encode
+        caller = _callid.caller  # this process's (a forked child draws its own)
 
-        def frame(call_id: int) -> bytes:
-            return encode(_wire.Call(call_id, name, pinned, number, signature_id, timeout, payload))
+        def frame(call_id: int, start_by: float = 0.0) -> bytes:
+            return encode(
+                _wire.Call(
+                    call_id, name, pinned, number, signature_id, timeout, payload, caller, start_by
+                )
+            )
 
         return frame
 
@@ -904,7 +921,7 @@ class RemoteStream(_StreamCore):
         self,
         function: RemoteFunction,
         state: _Version,
-        frame_for: Callable[[int], bytes],
+        frame_for: FrameFor,
         timeout: float,
     ) -> None:
         self._done = True  # until the call is sent: __del__ has nothing to close
@@ -916,7 +933,8 @@ class RemoteStream(_StreamCore):
             connection = found
             call_id = next(sender._ids)
             try:
-                connection.sock.send(frame_for(call_id))  # SNDTIMEO bounds it
+                start_by = connection.start_by(timeout)
+                connection.sock.send(frame_for(call_id, start_by))  # SNDTIMEO bounds it
             except zmq.Again:
                 connection.broken = True
                 sender._undelivered(connection, attempt)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal
@@ -14,7 +13,7 @@ from .. import _wire
 from .._config import resolve_client_config
 from .._core._registry import check_name
 from .._exceptions import ConfigError
-from . import _fork
+from . import _callid, _fork
 from ._calls import CallSender, RemoteFunction
 from ._connections import DEFAULT_MAX_CONNECTIONS, ClientStatistics, ConnectionPool
 from ._control import NodeControl
@@ -73,7 +72,7 @@ class Client:
         self.address = config.address
         self.transport = transport
         self._context: zmq.Context[Any] = zmq.Context()
-        ids = itertools.count(1)
+        ids = _callid.ids  # the process's: (caller id, id) names a call in the cluster
         self._control = NodeControl(config, self._context, ids)
         self._pool = ConnectionPool(self._control, self._context, transport, max_connections)
         self._sender = CallSender(self._pool, ids)

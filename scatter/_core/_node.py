@@ -569,6 +569,7 @@ class NodeCore:
     def worker_started(
         self, slot: int, pid: int, endpoints: tuple[str, ...], now: float
     ) -> list[Effect]:
+        self._now = now  # a lease granted now says so (Leased.monotonic)
         return self._pool_effects(self.pool.started(slot, pid, endpoints, now))
 
     @_answers_peers
@@ -578,6 +579,7 @@ class NodeCore:
 
     @_answers_peers
     def worker_exited(self, slot: int, now: float) -> list[Effect]:
+        self._now = now
         return self._pool_effects(self.pool.exited(slot, now))
 
     def connection_closed(self, peer: bytes) -> list[Effect]:
@@ -1376,7 +1378,15 @@ class NodeCore:
                 endpoints = effect.endpoints
                 local = endpoints[1] if len(endpoints) > 1 else ""
                 leased = _wire.Leased(
-                    request_id, effect.lease, endpoints[0], local, effect.slot, self.facts.node_id
+                    request_id,
+                    effect.lease,
+                    endpoints[0],
+                    local,
+                    effect.slot,
+                    self.facts.node_id,
+                    # This node's monotonic clock (that of its workers): the client
+                    # turns its calls' start_by into it (at most once).
+                    self._now,
                 )
                 out.append(self._send(peer, leased))
             elif isinstance(effect, LeaseRefused):
