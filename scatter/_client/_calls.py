@@ -38,6 +38,7 @@ from .._exceptions import (
     Unreachable,
     VersionNotFound,
 )
+from . import _callid
 from ._connections import (
     _SEND_TIMEOUT,
     CRASH_CHECK_INTERVAL,
@@ -47,7 +48,6 @@ from ._connections import (
     _wait_readable as wait_readable,
     _zmq_failure,
 )
-from . import _callid
 from ._control import error_from_failure
 from ._polling import ReplyPolling
 from ._remote_errors import remote_error
