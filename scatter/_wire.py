@@ -334,18 +334,22 @@ class CatchUp(msgspec.Struct, array_like=True, tag=24, frozen=True):
 
 
 class Relay(msgspec.Struct, array_like=True, tag=25, frozen=True):
-    """Run ``call`` (a ``Call`` frame, as the client encoded and validated it) on a worker
-    that can run function ``name`` (a route, as ``Lease`` names it), through this node:
-    for a client that cannot reach the member's worker itself. The node sends the frame
-    unchanged to a worker it leases (its own, or a member's through the peer
-    connection) and answers ``Relayed`` with the worker's reply frame."""
+    """Run ``call`` (a ``Call`` frame, as the client encoded and validated it) on a
+    worker of ``node`` that can run function ``name`` (``version``, ``content_id``: as a
+    route ``Lease`` names them), through this node: for a client that cannot reach that
+    member's worker itself. The node leases one (its own if ``node`` is this node's id,
+    else through the peer connection, ``PeerRequest``), sends it the frame unchanged,
+    and answers ``Relayed`` with the worker's reply frame. ``node`` is the member whose
+    clock the call's ``start_by`` is on (the client learned it from a route lease).
+    ``wait``: the seconds the caller waits for the reply (its call's timeout)."""
 
     id: int
+    node: Ident
     name: Name
     version: int
     content_id: Ident
-    avoid: Annotated[list[Ident], msgspec.Meta(max_length=64)]
     call: bytes
+    wait: Annotated[float, msgspec.Meta(gt=0, le=1e6)]
 
 
 # ----- node to node (on the control socket, role "peer"; one-way) -----

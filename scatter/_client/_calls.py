@@ -51,7 +51,7 @@ from ._connections import (
 from ._control import error_from_failure
 from ._polling import ReplyPolling
 from ._remote_errors import remote_error
-from ._routes import refused_before_running
+from ._routes import RelaySender, refused_before_running
 from ._session import SESSION
 
 if TYPE_CHECKING:
@@ -634,12 +634,14 @@ class RemoteFunction:
             self._avoid = (self._sender._pool.control.node_id,)
         return self._send_routed(state, frame, timeout)
 
-    def _route_sender(self, state: _Version) -> CallSender:
+    def _route_sender(self, state: _Version) -> CallSender | RelaySender:
         assert self._avoid is not None
         routes = self._client._routes
         return routes.sender(self._name, self._pinned or 0, state.content_id, self._avoid)
 
-    def _avoid_more(self, sender: CallSender, attempt: int, exc: ScatterError) -> None:
+    def _avoid_more(
+        self, sender: CallSender | RelaySender, attempt: int, exc: ScatterError
+    ) -> None:
         """A routed call refused unrun too: the next route avoids those nodes as well."""
         assert self._avoid is not None
         more = sender._pool.nodes_leased - set(self._avoid)
@@ -654,7 +656,11 @@ class RemoteFunction:
         node hands out a worker that can (a member's, maybe), or says why nobody can."""
         for attempt in range(_MAX_ROUTES):
             sender = self._route_sender(state)
-            call_id, reply = sender.call(frame, timeout or state.timeout, None)
+            try:
+                call_id, reply = sender.call(frame, timeout or state.timeout, None)
+            except Unreachable as exc:  # its worker never took the call: it did not run
+                sender = self._client._routes.relay_instead(sender, exc)
+                call_id, reply = sender.call(frame, timeout or state.timeout, None)
             try:
                 return self._finish(state, call_id, reply)
             except ScatterError as exc:
@@ -669,7 +675,11 @@ class RemoteFunction:
         """:meth:`_send_routed` for trio or asyncio."""
         for attempt in range(_MAX_ROUTES):
             sender = self._route_sender(state)
-            call_id, reply = await sender.call_async(frame, timeout or state.timeout, library)
+            try:
+                call_id, reply = await sender.call_async(frame, timeout or state.timeout, library)
+            except Unreachable as exc:  # its worker never took the call: it did not run
+                sender = self._client._routes.relay_instead(sender, exc)
+                call_id, reply = await sender.call_async(frame, timeout or state.timeout, library)
             try:
                 return self._finish(state, call_id, reply)
             except ScatterError as exc:
