@@ -11,6 +11,7 @@ B's worker, or the relay through A).
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import signal
@@ -143,13 +144,15 @@ def test_a_client_forced_to_the_relay_gets_the_result_of_a_function_only_b_can_r
             append = through_a.make_callable("append")
             assert append(str(out), "one", 0.0) == "one"  # A's workers cannot: relayed
             assert append(str(out), "two", 0.0) == "two"
+            # From asyncio too: the relay's request waits in one of the pool's threads.
+            assert asyncio.run(append.call_async(str(out), "three", 0.0)) == "three"
             senders = list(through_a._routes._senders.values())
             assert senders and all(isinstance(s, RelaySender) for s in senders)
             # No connection to any worker of B: every call went through A's node.
             assert all(
                 not pool.idle and pool.counts["leases"] == 0 for pool in through_a._routes.pools()
             )
-        assert _lines(out) == ["one", "two"]
+        assert _lines(out) == ["one", "two", "three"]
     finally:
         cluster.stop()
 
