@@ -21,6 +21,13 @@ msgspec, diskcache, cloudpickle) are mapped at the boundary where they happen, w
     +-- ProtocolError                         a malformed, oversized or unexpected message
     +-- ConfigError (also ValueError)         a bad argument or SCATTER_* environment value
 
+Whether a failed call may have run: every ``ScatterError`` has ``may_have_run``.
+False means the function certainly did not start (refused before running, expired
+before it could start, never delivered): a retry is safe. True means it may have run,
+or may still be running (a timeout, a worker lost mid-call, a repeated call id): a
+retry may run it twice. A call itself is never run twice (at most once):
+ARCHITECTURE.md, "At most once".
+
 Wrong arity and unknown keywords raise the plain ``TypeError`` Python raises for a
 local call with the same signature: that is what a caller expects, and the message is
 the interpreter's own.
@@ -46,7 +53,14 @@ __all__ = [
 
 
 class ScatterError(Exception):
-    """Base class of every error Scatter raises on purpose."""
+    """Base class of every error Scatter raises on purpose.
+
+    Attributes:
+        may_have_run: whether the call that failed may have run (see the module
+            docstring); False for errors raised before anything was sent.
+    """
+
+    may_have_run: bool = False
 
 
 class ValidationError(ScatterError, TypeError):
@@ -78,6 +92,8 @@ class RemoteError(ScatterError):
         remote_message: ``str()`` of the remote exception.
         remote_traceback: the remote traceback, formatted as text.
     """
+
+    may_have_run = True  # the function raised: it ran
 
     def __init__(self, remote_type: str, remote_message: str, remote_traceback: str = ""):
         self.remote_type = remote_type
@@ -152,8 +168,12 @@ class Unreachable(ScatterError, ConnectionError):
 
     Only ever silence. A node that answers with an error raises that error, and what the
     client refuses before sending (a body or arguments over the frame limit) raises its
-    own.
+    own. A call that could not be delivered did not run (``may_have_run`` False).
     """
+
+    def __init__(self, message: str = "", *, may_have_run: bool = False) -> None:
+        super().__init__(message)
+        self.may_have_run = may_have_run
 
 
 class AuthenticationError(ScatterError, PermissionError):
@@ -166,11 +186,29 @@ class AuthenticationError(ScatterError, PermissionError):
 
 
 class CallTimeout(ScatterError, TimeoutError):
-    """The call ran past its timeout. The node keeps serving other calls."""
+    """The call ran past its timeout. The node keeps serving other calls.
+
+    ``may_have_run`` says whether it may have started: False when no worker came free in
+    time, or when the worker saw that its caller had given up before it could start it
+    (a call the caller gave up on never starts); True when it ran past its timeout or no
+    reply came (it may have run, or still run).
+    """
+
+    def __init__(self, message: str = "", *, may_have_run: bool = True) -> None:
+        super().__init__(message)
+        self.may_have_run = may_have_run
 
 
 class ProtocolError(ScatterError):
-    """A message was malformed, oversized or not what the protocol allows here."""
+    """A message was malformed, oversized or not what the protocol allows here.
+
+    Also a call whose id came before (a repeat): it is not run again, and
+    ``may_have_run`` is True (the first one may have).
+    """
+
+    def __init__(self, message: str = "", *, may_have_run: bool = False) -> None:
+        super().__init__(message)
+        self.may_have_run = may_have_run
 
 
 class ConfigError(ScatterError, ValueError):

@@ -53,6 +53,15 @@ Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
 #      the node whose worker it is; node to node: PeerRequest/PeerReply (a Describe or a
 #      route Lease served by a member for a client of ours), and PeerDigest
 #      ``cannot_load`` (the bodies a node learned it cannot load, and why).
+#   (5 too, fields with defaults and new tags only) at most once: ``Call.caller`` (8
+#      random bytes of the calling process, new in a forked child: with ``id``, unique
+#      in the cluster) and ``Call.start_by`` (the worker's monotonic clock past which it
+#      must not start the call: its caller has given up); ``Leased.monotonic`` (the leasing
+#      node's monotonic clock, from which the client converts); Failure kinds
+#      ``expired`` (not started: its caller gave up) and ``duplicate`` (this call id
+#      reached this worker, or this relay, before: never run twice); the relay:
+#      ``Relay`` (a call the client cannot send to a member's worker itself, as its
+#      frame, run through the node) answered by ``Relayed`` (the worker's reply frame).
 PROTOCOL_VERSION_MIN = 4
 PROTOCOL_VERSION_MAX = 5
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
@@ -94,6 +103,14 @@ class Call(msgspec.Struct, array_like=True, tag=1, frozen=True):
     signature_id: Ident  # that version's signature id; "" skips the signature check
     timeout: float  # seconds; 0: the function's own timeout, else the node's default
     args: msgspec.Raw
+    # At most once (trailing, with defaults: a protocol-4 caller sends neither). The
+    # caller's 8 random bytes: (caller, id) is unique in the cluster, and a worker or a
+    # relay that saw it before answers ``duplicate`` rather than run it again.
+    caller: Annotated[bytes, msgspec.Meta(max_length=16)] = b""
+    # The latest moment, on the worker's node's CLOCK_MONOTONIC, at which the worker may
+    # still start the call (its caller waits no longer); 0: no such bound. Past it the
+    # worker answers ``expired`` and never runs it.
+    start_by: float = 0.0
 
 
 # What a call wrote to sys.stdout (1) and sys.stderr (2), in order, each line already
@@ -157,6 +174,9 @@ FailureKind = Literal[
     "internal",
     "invalid",  # a request the registry refuses (bad name, name taken by a set, ...)
     "forbidden",  # the client's role may not do this (a call-only secret asked for a change)
+    "expired",  # the call never started: its caller's time ran out first (Call.start_by)
+    "duplicate",  # a call with this (caller, id) came before: it is never run twice
+    "crashed",  # a relayed call's worker was lost before it answered: it may have run
 ]
 
 
@@ -313,6 +333,25 @@ class CatchUp(msgspec.Struct, array_like=True, tag=24, frozen=True):
     wait: Annotated[float, msgspec.Meta(ge=0)] = 0.0  # 0: the node's read_wait
 
 
+class Relay(msgspec.Struct, array_like=True, tag=25, frozen=True):
+    """Run ``call`` (a ``Call`` frame, as the client encoded and validated it) on a
+    worker of ``node`` that can run function ``name`` (``version``, ``content_id``: as a
+    route ``Lease`` names them), through this node: for a client that cannot reach that
+    member's worker itself. The node leases one (its own if ``node`` is this node's id,
+    else through the peer connection, ``PeerRequest``), sends it the frame unchanged,
+    and answers ``Relayed`` with the worker's reply frame. ``node`` is the member whose
+    clock the call's ``start_by`` is on (the client learned it from a route lease).
+    ``wait``: the seconds the caller waits for the reply (its call's timeout)."""
+
+    id: int
+    node: Ident
+    name: Name
+    version: int
+    content_id: Ident
+    call: bytes
+    wait: Annotated[float, msgspec.Meta(gt=0, le=1e6)]
+
+
 # ----- node to node (on the control socket, role "peer"; one-way) -----
 
 
@@ -369,7 +408,8 @@ class PeerReply(msgspec.Struct, array_like=True, tag=74, frozen=True):
 PeerMessage = PeerGossip | PeerChanges | PeerDigest | PeerRequest | PeerReply
 
 ControlRequest = (
-    CatchUp
+    Relay
+    | CatchUp
     | PeerRequest
     | PeerReply
     | Leave
@@ -459,6 +499,10 @@ class Leased(msgspec.Struct, array_like=True, tag=35, frozen=True):
     # The node whose worker this is: "" for the node asked; a member's id for a route
     # lease it forwarded (the worker's key is the cluster's, derived from its secret).
     node: str = ""
+    # The granting node's CLOCK_MONOTONIC as it answered (0: an older node): the client
+    # converts its calls' ``start_by`` into that clock, its workers' (at most once).
+    # Not ``clock``: replies' ``clock`` fields are registry clocks (read your writes).
+    monotonic: float = 0.0
 
 
 class Done(msgspec.Struct, array_like=True, tag=36, frozen=True):
@@ -508,8 +552,18 @@ class CaughtUp(msgspec.Struct, array_like=True, tag=38, frozen=True):
     clock: VectorClock
 
 
+class Relayed(msgspec.Struct, array_like=True, tag=39, frozen=True):
+    """The answer to ``Relay``: the worker's reply frame (``Result`` or ``Failure``),
+    unchanged, or a ``Failure`` the relaying node made (``expired``, ``duplicate``, a
+    worker lost mid-call: ``timeout`` with the call maybe run)."""
+
+    id: int
+    reply: bytes
+
+
 ControlReply = (
-    Welcome
+    Relayed
+    | Welcome
     | Published
     | Moved
     | Description

@@ -38,6 +38,7 @@ from .._exceptions import (
     Unreachable,
     VersionNotFound,
 )
+from . import _callid
 from ._connections import (
     _SEND_TIMEOUT,
     CRASH_CHECK_INTERVAL,
@@ -50,11 +51,15 @@ from ._connections import (
 from ._control import error_from_failure
 from ._polling import ReplyPolling
 from ._remote_errors import remote_error
-from ._routes import refused_before_running
+from ._routes import RelaySender, refused_before_running
 from ._session import SESSION
 
 if TYPE_CHECKING:
     from ._client import Client
+
+# A call's frame, from its id and its start_by (the worker's clock past which the worker
+# must not start it; 0: no bound): RemoteFunction._frame_for.
+FrameFor = Callable[..., bytes]
 
 # Room left in a frame for the call's envelope (name, ids) next to its arguments.
 _MAX_ARGUMENT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
@@ -145,7 +150,7 @@ class CallSender:
 
     def call(
         self,
-        frame_for: Callable[[int], bytes],
+        frame_for: FrameFor,
         timeout: float,
         polling: ReplyPolling | None = None,
     ) -> tuple[int, bytes]:
@@ -182,11 +187,15 @@ class CallSender:
                 if budget <= 0:
                     pool.checkin(connection)
                     raise CallTimeout(
-                        f"no worker came free within the call's timeout of {timeout:g} s"
+                        f"no worker came free within the call's timeout of {timeout:g} s",
+                        may_have_run=False,
                     )
                 try:
                     reply = connection.request(
-                        frame_for(call_id), timeout, polling, None if give_up is None else budget
+                        frame_for(call_id, connection.start_by(budget)),
+                        timeout,
+                        polling,
+                        None if give_up is None else budget,
                     )
                 except Undelivered:
                     if give_up is None:  # the send waited _SEND_TIMEOUT for nobody
@@ -203,7 +212,7 @@ class CallSender:
             self._sync_calls_finished = next(self._sync_calls_ended)
 
     async def call_async(
-        self, frame_for: Callable[[int], bytes], timeout: float, library: str
+        self, frame_for: FrameFor, timeout: float, library: str
     ) -> tuple[int, bytes]:
         """:meth:`call` for trio or asyncio code: the loop waits on the socket, no thread.
 
@@ -220,11 +229,12 @@ class CallSender:
             if budget <= 0:
                 pool.checkin(connection)
                 raise CallTimeout(
-                    f"no worker came free within the call's timeout of {timeout:g} s"
+                    f"no worker came free within the call's timeout of {timeout:g} s",
+                    may_have_run=False,
                 )
             try:
                 reply = await connection.request_async(
-                    frame_for(call_id), timeout, library, budget
+                    frame_for(call_id, connection.start_by(budget)), timeout, library, budget
                 )
             except Undelivered:
                 self._undelivered(connection, attempt)
@@ -249,7 +259,7 @@ class CallSender:
             )
 
     def call_many(
-        self, frames: list[Callable[[int], bytes]], timeout: float, parallel: int
+        self, frames: list[FrameFor], timeout: float, parallel: int
     ) -> Generator[tuple[int, bytes], None, None]:
         """Send ``frames`` over up to ``parallel`` worker connections, pipelined; yield
         (call id, reply frame) for each, in the order of ``frames``.
@@ -277,7 +287,8 @@ class CallSender:
                         poller.register(pipe.connection.sock, zmq.POLLIN)
                     call_id = next(self._ids)
                     try:
-                        pipe.send(sent, call_id, frames[sent](call_id))
+                        start_by = pipe.connection.start_by(timeout)
+                        pipe.send(sent, call_id, frames[sent](call_id, start_by))
                     except zmq.Again:
                         pipe.connection.broken = True
                         if pipe.in_flight:  # its worker is gone: say how, below
@@ -526,7 +537,7 @@ class RemoteFunction:
 
     def _stream_sender(self, state: _Version) -> CallSender:
         """Where a stream's call goes: the client's node, or the route known to run it."""
-        return self._route_sender(state) if self._routed() else self._sender
+        return self._direct_route_sender(state) if self._routed() else self._sender
 
     async def _stream_async(
         self, state: _Version, arguments: bytes, timeout: float, library: str
@@ -543,7 +554,8 @@ class RemoteFunction:
             try:
                 while True:
                     try:
-                        sock.send(frame_for(call_id), zmq.NOBLOCK)
+                        start_by = connection.start_by(timeout or state.timeout)
+                        sock.send(frame_for(call_id, start_by), zmq.NOBLOCK)
                         break
                     except zmq.Again:
                         if connection.events() & zmq.POLLOUT:
@@ -611,7 +623,7 @@ class RemoteFunction:
     def _results(
         self,
         state: _Version,
-        frames: list[Callable[[int], bytes]],
+        frames: list[FrameFor],
         timeout: float,
         parallel: int,
         attempt: int = 0,
@@ -620,7 +632,7 @@ class RemoteFunction:
         cannot run the function: ``refused_before_running``) are sent again through a
         route (``_routes.py``), as a single call's are; the others' replies are all read
         first, so that only calls known not to have run are ever sent again."""
-        sender = self._route_sender(state) if self._routed() else self._sender
+        sender = self._direct_route_sender(state) if self._routed() else self._sender
         refused: list[int] = []  # positions refused unrun, to send through a route
         refusal: ScatterError | None = None
         later: dict[int, Any] = {}  # past the first refusal: values, or _Failed errors
@@ -659,7 +671,9 @@ class RemoteFunction:
                     raise outcome.error
                 yield outcome
 
-    def _take_route(self, sender: CallSender, attempt: int, refusal: ScatterError) -> None:
+    def _take_route(
+        self, sender: CallSender | RelaySender, attempt: int, refusal: ScatterError
+    ) -> None:
         """``sender``'s worker refused a call unrun: the next calls go through a route
         that avoids its node (and, past the first route, the nodes that route leased
         from), or ``refusal`` is raised once no other member is left to try."""
@@ -696,14 +710,28 @@ class RemoteFunction:
             return False
         return True
 
-    def _route_sender(self, state: _Version) -> CallSender:
+    def _route_sender(self, state: _Version) -> CallSender | RelaySender:
         assert self._avoid is not None
         routes = self._client._routes
         return routes.sender(
             self._name, self._pinned or 0, state.content_id, self._avoid, self._route_generation
         )
 
-    def _avoid_more(self, sender: CallSender, attempt: int, exc: ScatterError) -> None:
+    def _direct_route_sender(self, state: _Version) -> CallSender:
+        """The route of a ``map`` or a stream: direct only (a relay carries one call)."""
+        sender = self._route_sender(state)
+        if isinstance(sender, RelaySender):
+            raise ScatterError(
+                f"{self._name}() runs only on a member this client reaches through its "
+                "node's relay (routes='relay', or the member's worker did not take calls), "
+                "and map() and generator functions are not relayed yet: call it one call "
+                "at a time"
+            )
+        return sender
+
+    def _avoid_more(
+        self, sender: CallSender | RelaySender, attempt: int, exc: ScatterError
+    ) -> None:
         """A routed call refused unrun too: the next route avoids those nodes as well."""
         assert self._avoid is not None
         more = sender._pool.nodes_leased - set(self._avoid)
@@ -712,13 +740,17 @@ class RemoteFunction:
         self._avoid = tuple(sorted({*self._avoid, *more}))
 
     def _send_routed(
-        self, state: _Version, frame: Callable[[int], bytes], timeout: float
+        self, state: _Version, frame: FrameFor, timeout: float
     ) -> Any:
         """A call through the route that avoids the nodes known unable to run it: the
         node hands out a worker that can (a member's, maybe), or says why nobody can."""
         for attempt in range(_MAX_ROUTES):
             sender = self._route_sender(state)
-            call_id, reply = sender.call(frame, timeout or state.timeout, None)
+            try:
+                call_id, reply = sender.call(frame, timeout or state.timeout, None)
+            except Unreachable as exc:  # its worker never took the call: it did not run
+                sender = self._client._routes.relay_instead(sender, exc)
+                call_id, reply = sender.call(frame, timeout or state.timeout, None)
             try:
                 return self._finish(state, call_id, reply)
             except ScatterError as exc:
@@ -728,12 +760,16 @@ class RemoteFunction:
         raise AssertionError("unreachable")
 
     async def _call_routed_async(
-        self, state: _Version, frame: Callable[[int], bytes], timeout: float, library: str
+        self, state: _Version, frame: FrameFor, timeout: float, library: str
     ) -> Any:
         """:meth:`_send_routed` for trio or asyncio."""
         for attempt in range(_MAX_ROUTES):
             sender = self._route_sender(state)
-            call_id, reply = await sender.call_async(frame, timeout or state.timeout, library)
+            try:
+                call_id, reply = await sender.call_async(frame, timeout or state.timeout, library)
+            except Unreachable as exc:  # its worker never took the call: it did not run
+                sender = self._client._routes.relay_instead(sender, exc)
+                call_id, reply = await sender.call_async(frame, timeout or state.timeout, library)
             try:
                 return self._finish(state, call_id, reply)
             except ScatterError as exc:
@@ -778,7 +814,7 @@ class RemoteFunction:
 
     def _frame_for(
         self, state: _Version, arguments: bytes, timeout: float
-    ) -> Callable[[int], bytes]:
+    ) -> FrameFor:
         if len(arguments) > _MAX_ARGUMENT_BYTES:
             raise ProtocolError(
                 f"{self._name}(): the arguments encode to {len(arguments)} bytes, over the "
@@ -791,9 +827,14 @@ class RemoteFunction:
         signature_id = "" if pinned else state.spec.signature_id
         name = self._name
         encode = _wire.encoder.encode
+        caller = _callid.caller  # this process's (a forked child draws its own)
 
-        def frame(call_id: int) -> bytes:
-            return encode(_wire.Call(call_id, name, pinned, number, signature_id, timeout, payload))
+        def frame(call_id: int, start_by: float = 0.0) -> bytes:
+            return encode(
+                _wire.Call(
+                    call_id, name, pinned, number, signature_id, timeout, payload, caller, start_by
+                )
+            )
 
         return frame
 
@@ -989,7 +1030,7 @@ class RemoteStream(_StreamCore):
         self,
         function: RemoteFunction,
         state: _Version,
-        frame_for: Callable[[int], bytes],
+        frame_for: FrameFor,
         timeout: float,
     ) -> None:
         self._done = True  # until the call is sent: __del__ has nothing to close
@@ -1001,7 +1042,7 @@ class RemoteStream(_StreamCore):
 
     @staticmethod
     def _send(
-        sender: CallSender, frame_for: Callable[[int], bytes], timeout: float
+        sender: CallSender, frame_for: FrameFor, timeout: float
     ) -> tuple[WorkerConnection, int]:
         """Send the stream's call through ``sender``: (its connection, its call id)."""
         lease_by = time.monotonic() + timeout
@@ -1011,7 +1052,8 @@ class RemoteStream(_StreamCore):
             connection = found
             call_id = next(sender._ids)
             try:
-                connection.sock.send(frame_for(call_id))  # SNDTIMEO bounds it
+                start_by = connection.start_by(timeout)
+                connection.sock.send(frame_for(call_id, start_by))  # SNDTIMEO bounds it
             except zmq.Again:
                 connection.broken = True
                 sender._undelivered(connection, attempt)
@@ -1035,7 +1077,7 @@ class RemoteStream(_StreamCore):
         attempt = self._route_attempt
         function._take_route(sender, attempt, refusal)  # raises when none is left
         self._route_attempt = attempt + (sender is not function._sender)
-        sender = self._sender = function._route_sender(self._state)
+        sender = self._sender = function._direct_route_sender(self._state)
         self._connection, self._call_id = self._send(sender, self._frame_for, self._timeout)
         self._pool = sender._pool
         self._granted = _wire.STREAM_WINDOW

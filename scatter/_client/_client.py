@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -14,11 +13,11 @@ from .. import _wire
 from .._config import resolve_client_config
 from .._core._registry import check_name
 from .._exceptions import ConfigError
-from . import _fork
+from . import _callid, _fork
 from ._calls import CallSender, RemoteFunction
 from ._connections import DEFAULT_MAX_CONNECTIONS, ClientStatistics, ConnectionPool
 from ._control import NodeControl
-from ._routes import Routes
+from ._routes import RouteMode, Routes
 
 
 class Client:
@@ -49,6 +48,10 @@ class Client:
             cannot use (another container, another uid) falls back to TCP by itself.
         max_connections: worker connections this client keeps open at most (each holds
             a worker lease and three zmq sockets); calls beyond wait for one to come back.
+        routes: how calls the node cannot run reach the member that can (``_routes.py``):
+            ``"auto"`` (default) straight to the member's worker, or relayed by the
+            node once that worker proved unreachable from here; ``"direct"`` never
+            relayed; ``"relay"`` always relayed (a client that cannot reach members).
 
     Forking is safe: a forked child drops the parent's connections and opens its own.
     A callable made by a client pickles by reference (name, pinned version, address,
@@ -69,6 +72,7 @@ class Client:
         secret: str | None = None,
         transport: Literal["auto", "tcp"] = "auto",
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        routes: RouteMode = "auto",
     ) -> None:
         if transport not in ("auto", "tcp"):
             raise ConfigError(f"transport must be 'auto' or 'tcp', not {transport!r}")
@@ -76,6 +80,8 @@ class Client:
             raise ConfigError(
                 f"max_connections must be a positive number of connections, not {max_connections!r}"
             )
+        if routes not in ("auto", "direct", "relay"):
+            raise ConfigError(f"routes must be 'auto', 'direct' or 'relay', not {routes!r}")
         config = resolve_client_config(address, secret=secret)
         if autostart is not None:
             # Several addresses are a cluster's: never a node started for them.
@@ -86,13 +92,13 @@ class Client:
         self.address = ",".join(config.addresses) if config.addresses else config.address
         self.transport = transport
         self._context: zmq.Context[Any] = zmq.Context()
-        ids = itertools.count(1)
+        ids = _callid.ids  # the process's: (caller id, id) names a call in the cluster
         self._control = NodeControl(config, self._context, ids)
         self._pool = ConnectionPool(self._control, self._context, transport, max_connections)
         self._sender = CallSender(self._pool, ids)
         self._ids = ids
         self._max_connections = max_connections
-        self._routes = Routes(self._route_sender)
+        self._routes = Routes(self._route_sender, routes)
         weakref.finalize(self, _release_all, self._pool, self._control, self._routes)
         _fork.track(self)
 

@@ -193,6 +193,18 @@ class WorkerConnection:
         self.claims: WorkerClaims | None = None
         self.slot = -1
         self.node = ""  # the node whose worker it is (Leased.node; "" from older nodes)
+        # The worker's node's monotonic clock minus ours, at most (Leased.monotonic read
+        # when the reply came, so the error is on the early side by up to the lease's
+        # round trip); None: a node that sent no clock (its calls carry no start_by).
+        self.clock_offset: float | None = None
+
+    def start_by(self, budget: float) -> float:
+        """A call's ``start_by`` sent now with ``budget`` seconds of its caller's wait:
+        on the worker's clock, the moment past which its caller no longer waits for it
+        to start (at most once: a call the caller gave up on never starts). One clock
+        read, no system call (the vDSO)."""
+        offset = self.clock_offset
+        return 0.0 if offset is None else time.monotonic() + budget + offset
 
     def claim(self) -> bool:
         """Claim the worker for a call (see the module docstring); False if it is busy.
@@ -596,13 +608,15 @@ class ConnectionPool:
     def _queue_timeout(self) -> CallTimeout:
         return CallTimeout(
             f"no connection to a worker came free before the call's timeout: this "
-            f"client's {self.limit} connections were all in use (Client(max_connections=...))"
+            f"client's {self.limit} connections were all in use (Client(max_connections=...))",
+            may_have_run=False,
         )
 
     def _busy_timeout(self) -> CallTimeout:
         return CallTimeout(
             "every worker this client could take was busy with another call until the "
-            "call's timeout: the node is saturated (see `scatter node status`)"
+            "call's timeout: the node is saturated (see `scatter node status`)",
+            may_have_run=False,
         )
 
     def take_idle(self, busy: list[WorkerConnection] | None = None) -> WorkerConnection | None:
@@ -759,6 +773,7 @@ class ConnectionPool:
                 leased: _wire.Leased = control.request(
                     self._lease_request, timeout=min(_LEASE_TIMEOUT, left), deadline=give_up
                 )
+                received = time.monotonic()
                 break
             except Unreachable as exc:
                 if time.monotonic() >= give_up - _DEADLINE_SLACK:
@@ -793,6 +808,8 @@ class ConnectionPool:
         connection.generation = self._generation
         holder.connections.add(connection)
         connection.node = leased.node
+        if leased.monotonic:
+            connection.clock_offset = leased.monotonic - received
         self.nodes_leased.add(leased.node)
         if on_this_machine and leased.slot >= 0:
             connection.claims = self._claims_next_to(leased.local_endpoint)
@@ -810,7 +827,8 @@ class ConnectionPool:
             )
         return CallTimeout(
             f"the node at {address} gave this call no worker within its timeout: the node "
-            "did not answer in time (it is stopped, or very busy)"
+            "did not answer in time (it is stopped, or very busy)",
+            may_have_run=False,
         )
 
     def _claims_next_to(self, local_endpoint: str) -> WorkerClaims | None:

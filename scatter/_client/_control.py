@@ -46,6 +46,7 @@ from .._exceptions import (
     Unreachable,
     ValidationError,
     VersionNotFound,
+    WorkerCrashed,
 )
 from .._security import ClientKeys, apply_client_keys, client_keys, read_user_secret
 from ._autostart import ensure_listening, nothing_listens, port_open
@@ -113,7 +114,15 @@ def error_from_failure(failure: _wire.Failure) -> ScatterError:
     if kind == "invalid":
         return ConfigError(failure.message)
     if kind == "load":
-        return RemoteError("scatter.LoadError", failure.message)
+        error = RemoteError("scatter.LoadError", failure.message)
+        error.may_have_run = False  # refused before running
+        return error
+    if kind == "expired":
+        return CallTimeout(failure.message, may_have_run=False)
+    if kind == "duplicate":
+        return ProtocolError(failure.message, may_have_run=True)
+    if kind == "crashed":
+        return WorkerCrashed("scatter.WorkerCrashed", failure.message)
     if kind == "forbidden":
         return AuthenticationError(failure.message)
     return ScatterError(failure.message)

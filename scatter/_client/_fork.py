@@ -14,6 +14,7 @@ import os
 import weakref
 from typing import Protocol
 
+from . import _callid
 from ._session import SESSION
 
 
@@ -33,6 +34,8 @@ def _after_fork_in_child() -> None:
     # The clock this process has seen stays (the child saw what its parent saw); its
     # lock may have been held by a parent thread that does not exist here.
     SESSION.after_fork_in_child()
+    # The child continues its parent's call ids: a caller id of its own keeps them unique.
+    _callid.after_fork_in_child()
     for client in list(_clients):
         client.forget_parent_connections()
 

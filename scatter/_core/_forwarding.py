@@ -111,6 +111,47 @@ class Forward:
     deadline: float = 0.0
 
 
+# Relayed calls (``Relay``): how many call ids a node remembers having relayed, and for
+# how long (seconds past the caller's wait): a repeat is answered ``duplicate``.
+MAX_RELAYED_IDS = 1 << 16
+REMEMBER_RELAYED_FOR = 60.0
+
+
+@dataclass
+class Relaying:
+    """A client's ``Relay`` while its worker is leased (a stand-in identity waits)."""
+
+    peer: bytes  # the client's ROUTER identity
+    request_id: int
+    role: str
+    call: bytes  # the Call frame, as the client encoded it
+    call_id: int
+    wait: float  # seconds the caller waits for the reply
+
+
+class RelayedIds:
+    """The (caller, call id) pairs a node relayed lately: a call it relayed once is
+    never relayed again (at most once), whatever its client retries. Bounded in count
+    and time, oldest first."""
+
+    def __init__(self, limit: int = MAX_RELAYED_IDS) -> None:
+        self.limit = limit
+        self._seen: set[tuple[bytes, int]] = set()
+        self._order: collections.deque[tuple[float, tuple[bytes, int]]] = collections.deque()
+
+    def admit(self, caller: bytes, call_id: int, until: float, now: float) -> bool:
+        """Remember the pair until ``until``; False if it was relayed before."""
+        key = (caller, call_id)
+        if key in self._seen:
+            return False
+        order = self._order
+        while order and (order[0][0] < now or len(order) >= self.limit):
+            self._seen.discard(order.popleft()[1])
+        self._seen.add(key)
+        order.append((until, key))
+        return True
+
+
 def nobody_can_run(what: str, reasons: Mapping[str, str]) -> str:
     """One message for a call that no member can run, grouped by reason::
 

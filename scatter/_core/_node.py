@@ -77,9 +77,12 @@ from ._broadcast import BroadcastQueue
 from ._forwarding import (
     FORWARD_TIMEOUT,
     REASON_WAIT,
+    REMEMBER_RELAYED_FOR,
     RETRY_KINDS,
     CannotLoad,
     Forward,
+    RelayedIds,
+    Relaying,
     nobody_can_run,
     python_problem,
 )
@@ -192,8 +195,27 @@ class Stop:
     failed: bool = False  # the node exits non-zero
 
 
+@dataclass(frozen=True)
+class RelayCall:
+    """Send ``call`` (a client's Call frame, unchanged) to the worker at ``endpoint``
+    (TCP, with the keys of the client's ``role``; a worker of this node's when ``own``),
+    and answer the client ``peer`` with ``Relayed(request_id, reply)``; a worker lost or
+    silent for ``wait`` seconds plus the margin is answered as a failure that says the
+    call may have run."""
+
+    peer: bytes
+    request_id: int
+    endpoint: str
+    own: bool
+    role: str
+    call: bytes
+    call_id: int
+    wait: float
+
+
 Effect = (
     Send
+    | RelayCall
     | SendPeer
     | PushChanges
     | PersistChanges
@@ -287,6 +309,8 @@ def _answers_peers(method: Callable[..., list[Effect]]) -> Callable[..., list[Ef
     @functools.wraps(method)
     def event(self: NodeCore, *args: Any, **kwargs: Any) -> list[Effect]:
         effects = method(self, *args, **kwargs)
+        if self._relaying:
+            effects = self._to_relays(effects)
         return self._to_peers(effects) if self._peer_clients else effects
 
     return event
@@ -373,6 +397,11 @@ class NodeCore:
         self._parked: list[Forward] = []  # nobody can: waiting briefly for reasons
         # {a stand-in ROUTER identity: (member address, ticket)} of requests a member sent
         self._peer_clients: dict[bytes, tuple[str, int]] = {}
+        # Relayed calls (Relay): {a stand-in ROUTER identity: the call, while its
+        # worker is leased}, and the call ids relayed lately (never twice).
+        self._relaying: dict[bytes, Relaying] = {}
+        self._relay_tickets = itertools.count(1)
+        self.relayed_ids = RelayedIds()
         # Test hook (SCATTER_TEST_HOLD_PEER_CHANGES): changes from peers are dropped, so
         # this node lacks what others publish (tests of forwarding).
         self.hold_peer_changes = False
@@ -464,6 +493,8 @@ class NodeCore:
         self._now = now
         if isinstance(request, _wire.Lease) and request.name:
             return self._route_lease(peer, request, role, now, readings)
+        if isinstance(request, _wire.Relay):
+            return self._relay(peer, request, role, now, readings)
         if isinstance(request, _wire.Lease):
             self.pool.observe(now, readings())
             # The lease lives with the connection that asked (see connection_closed).
@@ -569,6 +600,7 @@ class NodeCore:
     def worker_started(
         self, slot: int, pid: int, endpoints: tuple[str, ...], now: float
     ) -> list[Effect]:
+        self._now = now  # a lease granted now says so (Leased.monotonic)
         return self._pool_effects(self.pool.started(slot, pid, endpoints, now))
 
     @_answers_peers
@@ -578,6 +610,7 @@ class NodeCore:
 
     @_answers_peers
     def worker_exited(self, slot: int, now: float) -> list[Effect]:
+        self._now = now
         return self._pool_effects(self.pool.exited(slot, now))
 
     def connection_closed(self, peer: bytes) -> list[Effect]:
@@ -1132,6 +1165,97 @@ class NodeCore:
             reason = "its worker could not load it"  # its own report is on its way
         return ("load" if reason else None), reason, content_id, learned
 
+    def _relay(
+        self,
+        peer: bytes,
+        request: _wire.Relay,
+        role: str,
+        now: float,
+        readings: Callable[[], Mapping[int, SlotReading]],
+    ) -> list[Effect]:
+        """A client's call, to run on a worker of ``request.node`` that it cannot reach
+        itself: lease one (a stand-in identity waits for it, see ``_to_relays``), then
+        the driver sends the frame unchanged (``RelayCall``). A call id relayed before
+        is refused (``duplicate``), before anything is leased."""
+        try:
+            call = _wire.call_decoder.decode(request.call)
+        except _wire.DECODE_ERRORS as exc:
+            return [self._send(peer, _wire.Failure(request.id, "protocol", f"malformed call: {exc}"))]
+        if call.name != request.name:
+            message = f"a relayed call of {call.name!r} under the route of {request.name!r}"
+            return [self._send(peer, _wire.Failure(request.id, "protocol", message))]
+        if call.caller and not self.relayed_ids.admit(
+            call.caller, call.id, now + request.wait + REMEMBER_RELAYED_FOR, now
+        ):
+            refused = _wire.Failure(
+                call.id,
+                "duplicate",
+                f"{call.name}: call {call.id} of this caller was relayed before; it is not "
+                "run again (the first one may have run)",
+            )
+            return [self._send(peer, _wire.Relayed(request.id, _wire.encoder.encode(refused)))]
+        stand_in = b"\x00relay " + str(next(self._relay_tickets)).encode()
+        self._relaying[stand_in] = Relaying(
+            peer, request.id, role, request.call, call.id, request.wait
+        )
+        lease = _wire.Lease(request.id, request.name, request.version, request.content_id)
+        if request.node in ("", self.facts.node_id):
+            kind, problem, _cid, learned = self._problem_here(lease)
+            if kind:
+                return [*learned, self._send(stand_in, _wire.Failure(request.id, kind, problem))]
+            self.pool.observe(now, readings())
+            return self._pool_effects(self.pool.lease((stand_in, request.id), now, holder=None))
+        member = next((m for m in self.membership.live_others() if m.node == request.node), None)
+        if member is None:
+            message = (
+                f"{request.name}: member {request.node} is not alive as far as this node "
+                "knows; the call was not relayed (it did not run)"
+            )
+            return [self._send(stand_in, _wire.Failure(request.id, "internal", message))]
+        version = f"v{request.version}" if request.version else "(current version)"
+        forward = Forward(
+            stand_in,
+            request.id,
+            _wire.encoder.encode(lease),
+            role,
+            f"{request.name} {version}",
+            request.content_id,
+            _wire.encoder.encode(
+                _wire.Failure(request.id, "internal", f"{request.node} gave no worker")
+            ),
+            candidates=[(member.node, member.address)],
+        )
+        return self._forward_next(forward, now)
+
+    def _to_relays(self, effects: list[Effect]) -> list[Effect]:
+        """A worker leased for a relayed call becomes a ``RelayCall``; any other answer
+        (it cannot be run there) goes to the client as it is: it did not run."""
+        out: list[Effect] = []
+        for effect in effects:
+            if isinstance(effect, Send) and effect.peer in self._relaying:
+                waiting = self._relaying.pop(effect.peer)
+                try:
+                    reply = _wire.control_reply_decoder.decode(effect.payload)
+                except _wire.DECODE_ERRORS:
+                    reply = None
+                if isinstance(reply, _wire.Leased):
+                    # TCP with the client's role's keys even to a worker of this node:
+                    # a call-only client's call stays call-only there (no pickles).
+                    effect = RelayCall(
+                        waiting.peer,
+                        waiting.request_id,
+                        reply.endpoint,
+                        reply.node in ("", self.facts.node_id),
+                        waiting.role,
+                        waiting.call,
+                        waiting.call_id,
+                        waiting.wait,
+                    )
+                else:
+                    effect = Send(waiting.peer, effect.payload)
+            out.append(effect)
+        return out
+
     def _forwards_describe(self, peer: bytes, request: Any, exc: ScatterError) -> bool:
         """Whether a Describe that failed here goes to members: a pinned version this
         node lacks (one that has not arrived yet, or that only members hold)."""
@@ -1407,7 +1531,15 @@ class NodeCore:
                 endpoints = effect.endpoints
                 local = endpoints[1] if len(endpoints) > 1 else ""
                 leased = _wire.Leased(
-                    request_id, effect.lease, endpoints[0], local, effect.slot, self.facts.node_id
+                    request_id,
+                    effect.lease,
+                    endpoints[0],
+                    local,
+                    effect.slot,
+                    self.facts.node_id,
+                    # This node's monotonic clock (that of its workers): the client
+                    # turns its calls' start_by into it (at most once).
+                    self._now,
                 )
                 out.append(self._send(peer, leased))
             elif isinstance(effect, LeaseRefused):

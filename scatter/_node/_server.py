@@ -53,6 +53,8 @@ from .._security import (
     NodeKeys,
     apply_client_keys,
     apply_server_keys,
+    call_only_secret,
+    client_keys,
     ensure_user_secret,
     node_keys,
 )
@@ -61,6 +63,14 @@ from ._slots import SharedSlots
 from ._store import RegistryStore
 
 SCATTER_VERSION = "0.1.0"
+
+# A relayed call (core_effects.RelayCall): how long its frame may wait for the member's
+# worker to connect before it is answered as not sent; the margin past the call's wait
+# and the workers' kill grace before the relay says it may have run; how often a wait
+# looks at the connection.
+_RELAY_SEND_TIMEOUT = 2.0
+_RELAY_MARGIN = 1.0
+_RELAY_LOOK_INTERVAL = 0.1
 
 
 Write = core_effects.PersistChanges | core_effects.PersistViews | core_effects.PersistMembers
@@ -147,6 +157,12 @@ class NodeDriver:
         self._connections: dict[int, bytes] = {}
         # {fd: close events still to come for connections already known gone}
         self._late_closes: collections.Counter[int] = collections.Counter()
+        # The keys a relayed call reaches a member's worker with, by its client's role
+        # (a call-only client's call stays call-only there: no pickles).
+        self.relay_keys: dict[str, ClientKeys] = {}
+        # Test hook (SCATTER_TEST_DROP_RELAYED_REPLIES=1): a relayed call runs, but its
+        # reply is dropped here, as if lost on the way back (tests of at most once).
+        self.drop_relayed_replies = False
 
     # -- effects ------------------------------------------------------------------
 
@@ -166,6 +182,9 @@ class NodeDriver:
         for effect in effects:
             if isinstance(effect, core_effects.Send):
                 send_reply(self.control, effect.peer, effect.payload)
+            elif isinstance(effect, core_effects.RelayCall):
+                assert self._nursery is not None
+                self._nursery.start_soon(self.relay_call, effect)
             elif isinstance(effect, core_effects.SendPeer):
                 self.peers.send(effect.address, effect.payload)
             elif isinstance(effect, core_effects.PushChanges):
@@ -194,6 +213,86 @@ class NodeDriver:
                     log(f"stopping: {effect.reason}")
                     self.exit_code = 1
                 self.stop_requested.set()
+
+    async def relay_call(self, relay: core_effects.RelayCall) -> None:
+        """Send a client's call frame, unchanged, to the worker leased for it; answer the
+        client with the worker's reply (``Relayed``). At most once: the frame is sent
+        once, never again, whatever happens; a worker that drops the connection or stays
+        silent past the call's wait is answered as a failure that says it may have run."""
+        try:
+            reply = await self._relayed_reply(relay)
+        except Exception as exc:
+            log_internal(exc, "relaying a call")
+            reply = _wire.encoder.encode(
+                _wire.Failure(
+                    relay.call_id,
+                    "crashed",
+                    "the node relaying this call failed while it waited (its log says "
+                    "where); the call may have run",
+                )
+            )
+        if self.drop_relayed_replies:
+            return
+        relayed = _wire.encoder.encode(_wire.Relayed(relay.request_id, reply))
+        send_reply(self.control, relay.peer, relayed)
+
+    async def _relayed_reply(self, relay: core_effects.RelayCall) -> bytes:
+        context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        sock: zmq.Socket[bytes] = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # a send waits for the connection: never queued
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)  # one worker process, never another
+        apply_client_keys(sock, self.relay_keys.get(relay.role) or self.relay_keys["call"])
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            sock.connect(relay.endpoint)
+            sent_by = trio.current_time() + _RELAY_SEND_TIMEOUT
+            while True:
+                try:
+                    sock.send(relay.call, zmq.NOBLOCK)
+                    break
+                except zmq.Again:
+                    if trio.current_time() > sent_by:
+                        return _wire.encoder.encode(
+                            _wire.Failure(
+                                relay.call_id,
+                                "internal",
+                                f"this node could not reach the worker at {relay.endpoint} "
+                                f"within {_RELAY_SEND_TIMEOUT:g} s; the call was not sent (it "
+                                "did not run)",
+                            )
+                        )
+                    await trio.sleep(0.005)
+            receiver = TrioSocket(sock)
+            give_up = trio.current_time() + relay.wait + self.config.kill_grace + _RELAY_MARGIN
+            while True:
+                with trio.move_on_after(_RELAY_LOOK_INTERVAL):
+                    frames = await receiver.recv_multipart()
+                    return frames[-1]
+                events: int = monitor.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+                if events & zmq.POLLIN:
+                    return _wire.encoder.encode(
+                        _wire.Failure(
+                            relay.call_id,
+                            "crashed",
+                            "the worker running the relayed call went away before it "
+                            "answered (it exited, or its node died); the call may have run",
+                        )
+                    )
+                if trio.current_time() > give_up:
+                    return _wire.encoder.encode(
+                        _wire.Failure(
+                            relay.call_id,
+                            "timeout",
+                            f"no reply from the worker within {relay.wait:g} s plus "
+                            "its grace; the call may have run",
+                        )
+                    )
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
 
     def _signal(self, slot: int, signum: int) -> None:
         process = self._processes.get(slot)
@@ -617,7 +716,8 @@ async def serve_node(
     Raises:
         SystemExit: with status 1 when the node stopped because it could not write.
     """
-    keys = node_keys(config.secret or ensure_user_secret(default_data_dir()))
+    secret = config.secret or ensure_user_secret(default_data_dir())
+    keys = node_keys(secret)
     lock = _lock_data_dir(config)
     zap: TrioSocket | None = None
     try:
@@ -664,6 +764,11 @@ async def serve_node(
         core = NodeCore(config, facts, *store.load())
         core.hold_peer_changes = os.environ.get("SCATTER_TEST_HOLD_PEER_CHANGES") == "1"
         driver = NodeDriver(config, core, store, slots, sock, run_dir, keys)
+        driver.relay_keys = {
+            "deploy": client_keys(secret),
+            "call": client_keys(call_only_secret(secret)),
+        }
+        driver.drop_relayed_replies = os.environ.get("SCATTER_TEST_DROP_RELAYED_REPLIES") == "1"
         await _run(driver, zap, [*config.join, *remembered], members, task_status)
     finally:
         if driver is not None:

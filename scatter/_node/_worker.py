@@ -228,6 +228,51 @@ class Stream:
         self.tasks: tuple[contextvars.Context, set[asyncio.Task[Any]]] | None = None
 
 
+# How long past its start_by a call id is remembered (seconds), and how many at most.
+_REMEMBER_IDS_FOR = 60.0
+_MAX_REMEMBERED_IDS = 1 << 17
+
+
+class AtMostOnce:
+    """The call ids this worker started lately, so that none runs twice; and the rule that
+    a call whose caller has given up (its ``start_by`` passed) never starts.
+
+    A call is remembered once it is about to run, until ``_REMEMBER_IDS_FOR`` past its
+    ``start_by`` (past that moment it could not start anyway), at most
+    ``_MAX_REMEMBERED_IDS`` of them, oldest forgotten first. A refusal before running
+    (not found, cannot load) remembers nothing: that call id may run elsewhere, or here
+    through a route, once.
+    """
+
+    __slots__ = ("_order", "_seen")
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[bytes, int]] = set()
+        self._order: collections.deque[tuple[float, tuple[bytes, int]]] = collections.deque()
+
+    def admit(self, call: _wire.Call, now: float) -> None:
+        """Remember ``call`` as started at ``now``; _Refused if it came before (duplicate)
+        or its caller's ``start_by`` has passed (expired)."""
+        key = (call.caller, call.id)
+        if key in self._seen:
+            raise _Refused(
+                "duplicate",
+                f"{call.name}: call {call.id} of this caller came before; it is not run "
+                "again (the first one may have run)",
+            )
+        if call.start_by and now > call.start_by:
+            raise _Refused(
+                "expired",
+                f"{call.name}: the call waited for its worker past its caller's timeout "
+                f"({now - call.start_by:.3f} s too long) and was not started",
+            )
+        order = self._order
+        while order and (order[0][0] < now or len(order) >= _MAX_REMEMBERED_IDS):
+            self._seen.discard(order.popleft()[1])
+        self._seen.add(key)
+        order.append(((call.start_by or now) + _REMEMBER_IDS_FOR, key))
+
+
 class _Refused(Exception):
     def __init__(self, failure_kind: _wire.FailureKind, message: str, **extra: Any) -> None:
         super().__init__(message)
@@ -336,6 +381,7 @@ class Worker:
         # went through, kept after fd 1 goes to /dev/null); -1: nobody listens.
         self.report_fd = -1
         self.reported: set[str] = set()  # content ids reported already
+        self.once = AtMostOnce()  # the call ids run here lately (at most once)
 
     # -- interruption (the module docstring says why the worker keeps its own time) --
 
@@ -853,11 +899,14 @@ class Worker:
             raise _Refused(
                 "protocol", f"{call.name}: a timeout must be a positive number of seconds"
             )
+        now = time.monotonic()  # the one clock read of a call: its deadline counts from it
+        if call.caller:
+            self.once.admit(call, now)  # at most once: refuses a repeat or a late start
         if spec.streams:
             role = _role_of(self.frame)
             return Stream(call, number, loaded, arguments, timeout, role, self.identity)
         self.call_number += 1
-        self.deadline = deadline = time.monotonic() + timeout
+        self.deadline = deadline = now + timeout
         self.slots.begin_call(self.slot, self.call_number, deadline)
         self.running = self.call_number  # before arming: an alarm while idle is ignored
         # Not disarmed after the call: the next call re-arms (see the module docstring).

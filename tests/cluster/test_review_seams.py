@@ -75,11 +75,6 @@ def _two(root: Path, env_a: dict[str, str], env_b: dict[str, str]) -> LocalClust
     return cluster
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a route's worker (member B) runs the version B holds: CatchUp goes to the "
-    "client's node A only, and a route's lease carries no clock, so B never catches up",
-)
 @pytest.mark.timeout(120)
 def test_a_routed_call_after_this_process_changed_the_function_runs_the_change(
     tmp_path: Path, module_dir: Path

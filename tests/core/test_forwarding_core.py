@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from scatter import _wire
 from scatter._core._forwarding import CannotLoad, nobody_can_run, python_problem
-from tests.core.test_node_core import Disk, receive, request
+from scatter._core._node import RelayCall, Send
+from scatter._core._pool import StartWorker
+from tests.core.test_node_core import PEER, Disk, receive, request
 
 
 def test_a_body_loads_only_on_its_own_python_major_minor() -> None:
@@ -70,3 +74,50 @@ def test_a_route_to_a_body_this_node_runs_leases_its_own_worker() -> None:
     disk.run(core, receive(core, _publish_from("")))
     effects = receive(core, request(_wire.Lease(7, name="add")))
     assert not any(isinstance(e, _wire.Failure) for e in disk.run(core, effects))
+
+
+def _relay(core_node: str, call_id: int = 5, caller: bytes = b"12345678") -> bytes:
+    call = _wire.Call(call_id, "add", 0, 1, "", 2.0, msgspec.Raw(b"\x81\xa1a\x01"), caller, 0.0)
+    frame = _wire.encoder.encode(call)
+    return request(_wire.Relay(9, core_node, "add", 0, "", frame, 2.0))
+
+
+def test_a_relayed_call_leases_a_worker_and_goes_to_it_as_the_client_encoded_it() -> None:
+    disk = Disk()
+    core = disk.core()
+    disk.run(core, core.start(0.0))
+    disk.run(core, receive(core, _publish_from("")))
+    relay = _wire.control_request_decoder.decode(_relay(core.facts.node_id))
+    effects = receive(core, request(relay))
+    starts = [e for e in effects if isinstance(e, StartWorker)]
+    if starts:  # no idle worker yet: the lease waits for one to start
+        effects = core.worker_started(starts[0].slot, 4242, ("tcp://127.0.0.1:5555", "ipc:///w"), 2.0)
+    (call,) = [e for e in effects if isinstance(e, RelayCall)]
+    assert call.call == relay.call  # the frame, unchanged
+    assert (call.peer, call.request_id, call.call_id) == (PEER, 9, 5)
+    assert call.endpoint.startswith("tcp://") and call.own  # TCP: the client's role holds
+
+
+def test_a_call_id_relayed_before_is_refused_and_never_leased_again() -> None:
+    disk = Disk()
+    core = disk.core()
+    disk.run(core, core.start(0.0))
+    disk.run(core, receive(core, _publish_from("")))
+    receive(core, _relay(core.facts.node_id))
+    again = disk.run(core, receive(core, _relay(core.facts.node_id)))
+    assert [type(r) for r in again] == [_wire.Relayed]
+    refused = _wire.worker_reply_decoder.decode(again[0].reply)
+    assert isinstance(refused, _wire.Failure) and refused.kind == "duplicate" and refused.id == 5
+    # Another caller's call 5 is another call.
+    other = receive(core, _relay(core.facts.node_id, caller=b"87654321"))
+    assert not any(isinstance(e, Send) and b"duplicate" in e.payload for e in other)
+
+
+def test_a_relay_to_a_member_this_node_does_not_know_alive_did_not_run() -> None:
+    disk = Disk()
+    core = disk.core()
+    disk.run(core, core.start(0.0))
+    disk.run(core, receive(core, _publish_from("")))
+    replies = disk.run(core, receive(core, _relay("nobody-knows")))
+    assert [type(r) for r in replies] == [_wire.Failure]
+    assert replies[0].id == 9 and "did not run" in replies[0].message
