@@ -53,6 +53,10 @@ Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
 #      the node whose worker it is; node to node: PeerRequest/PeerReply (a Describe or a
 #      route Lease served by a member for a client of ours), and PeerDigest
 #      ``cannot_load`` (the bodies a node learned it cannot load, and why).
+#   (5 too, a field with a default) ``Lease.clock``: a route lease of the current
+#      version carries a registry clock (the forwarding node's, or the client's), and
+#      the member that serves it grants it only once it holds that clock (or after its
+#      ``read_wait``), as a read (read your writes through a route).
 #   (5 too, fields with defaults and new tags only) at most once: ``Call.caller`` (8
 #      random bytes of the calling process, new in a forked child: with ``id``, unique
 #      in the cluster) and ``Call.start_by`` (the worker's monotonic clock past which it
@@ -282,6 +286,13 @@ class Lease(msgspec.Struct, array_like=True, tag=17, frozen=True):
     version: int = 0
     content_id: str = ""
     avoid: Annotated[list[Ident], msgspec.Meta(max_length=64)] = []
+    # (5 too) A route's read your writes: the registry clock whose changes the worker
+    # must see. A node forwarding a route lease of the current version sends its own
+    # registry clock (merged with the client's, if it sent one); a node that does not
+    # dominate it holds the lease as it holds a read, pulling what it lacks, and grants
+    # it once it has the changes (or at its ``read_wait``, with what it holds). None: as
+    # before (an older peer or client sends none, and an older node skips it).
+    clock: SeenClock = None
 
 
 class Release(msgspec.Struct, array_like=True, tag=18, frozen=True):

@@ -259,13 +259,15 @@ class _Write:
 
 @dataclass(frozen=True)
 class _Held:
-    """A read whose client has seen changes this node lacks (rule 8)."""
+    """A read whose client has seen changes this node lacks, or a route lease of the
+    current version whose clock this node lacks (rule 8)."""
 
     peer: bytes
     request: Any
-    seen: VectorClock  # the clock the client sent
+    seen: VectorClock  # the clock the client (or the forwarding member) sent
     since: float  # monotonic: when it was held
     deadline: float  # monotonic: answered with what the node holds then
+    role: str = ""  # a route lease's: forwarded with it if this node cannot run it
 
 
 @dataclass(frozen=True)
@@ -625,7 +627,7 @@ class NodeCore:
         effects = self._pool_effects(self.pool.tick(now, readings))
         if self._held:
             if self._write is None or not self._write.views_pending:
-                effects += self._release_held()  # those past their deadline
+                effects += self._release_held(lambda: readings)  # past their deadline
             effects += self._pull()  # again, where the last pull went unanswered
         if self._forwards or self._parked:
             effects += self._forwards_due(now)
@@ -767,9 +769,20 @@ class NodeCore:
         except Exception as exc:
             return self._internal(peer, request.id, exc)
 
-    def _answer(self, peer: bytes, request: Any, lacking: str = "") -> list[Effect]:
+    def _answer(
+        self,
+        peer: bytes,
+        request: Any,
+        lacking: str = "",
+        *,
+        role: str = "",
+        readings: Callable[[], Mapping[int, SlotReading]] = dict,
+    ) -> list[Effect]:
         """Answer a read with what the registry holds now; ``lacking``: why that may not
-        be all its client saw (rule 8), added to a not-found answer."""
+        be all its client saw (rule 8), added to a not-found answer. A held route lease
+        is decided now (``role``, ``readings``: as it arrived, and the slots now)."""
+        if isinstance(request, _wire.Lease):
+            return self._decide_route(peer, request, role, self._now, readings, lacking)
         try:
             return [self._send(peer, self._handlers[type(request)](request))]
         except ScatterError as exc:
@@ -785,26 +798,40 @@ class NodeCore:
 
     # -- read your writes (rule 8) ------------------------------------------------
 
-    def _hold(self, peer: bytes, request: Any, seen: VectorClock) -> list[Effect]:
+    def _hold(
+        self,
+        peer: bytes,
+        request: Any,
+        seen: VectorClock,
+        role: str = "",
+        readings: Callable[[], Mapping[int, SlotReading]] = dict,
+    ) -> list[Effect]:
         # Changes made on nodes this one never heard of are another cluster's (the same
         # process talked to both): no member could ever bring them, so they are not
         # waited for, and the reply's clock vouches for them (_clock_for).
+        now = self._now
         foreign = self._foreign(seen)
         if foreign.entries:
             seen = VectorClock({w: n for w, n in seen.entries.items() if w not in foreign.entries})
-            if self.registry.clock.dominates(seen):
-                return self._answer(peer, request)
+        if self.registry.clock.dominates(seen):
+            if self._write is not None and self._write.views_pending:
+                # A route lease: applied, its views not yet written (rule 3); it is
+                # decided once they are, with the reads that wait (_finish).
+                self._held.append(_Held(peer, request, seen, now, now, role))
+                return []
+            return self._answer(peer, request, role=role, readings=readings)
         wait = self.config.read_wait
         if isinstance(request, _wire.CatchUp) and request.wait > 0:
             wait = min(wait, request.wait)
         if not self.membership.live_others():
             how = "no live member could bring them"
-            return self._answer(peer, request, self._lacking(seen, how))
+            lacking = self._lacking(seen, how)
+            return self._answer(peer, request, lacking, role=role, readings=readings)
         if wait <= 0 or len(self._held) >= MAX_HELD_READS:
             how = f"it did not wait for them ({len(self._held)} reads wait already)"
-            return self._answer(peer, request, self._lacking(seen, how))
-        now = self._now
-        self._held.append(_Held(peer, request, seen, now, now + wait))
+            lacking = self._lacking(seen, how)
+            return self._answer(peer, request, lacking, role=role, readings=readings)
+        self._held.append(_Held(peer, request, seen, now, now + wait, role))
         return self._pull()
 
     def _missing_writers(self, seen: VectorClock) -> list[str]:
@@ -866,23 +893,30 @@ class NodeCore:
             effects.append(SendPeer(address, digest))
         return effects
 
-    def _release_held(self) -> list[Effect]:
-        """Answer the held reads whose clock the registry now dominates, or whose
-        deadline passed; the views of every applied change are written (rule 3)."""
+    def _release_held(
+        self, readings: Callable[[], Mapping[int, SlotReading]] = dict
+    ) -> list[Effect]:
+        """Answer the held reads (and decide the held route leases) whose clock the
+        registry now dominates, or whose deadline passed; the views of every applied
+        change are written (rule 3). ``readings``: the slots, for a lease."""
         mine = self.registry.clock
         now = self._now
         effects: list[Effect] = []
         waiting: list[_Held] = []
         for held in self._held:
             if mine.dominates(held.seen):
-                effects += self._answer(held.peer, held.request)
+                effects += self._answer(
+                    held.peer, held.request, role=held.role, readings=readings
+                )
             elif now >= held.deadline:
                 how = (
                     f"it waited {now - held.since:.1f} s for them: they may still be on "
                     "their way, or that node is cut off from this one"
                 )
                 lacking = self._lacking(held.seen, how)
-                effects += self._answer(held.peer, held.request, lacking)
+                effects += self._answer(
+                    held.peer, held.request, lacking, role=held.role, readings=readings
+                )
             else:
                 waiting.append(held)
         self._held = waiting
@@ -1120,13 +1154,40 @@ class NodeCore:
         readings: Callable[[], Mapping[int, SlotReading]],
     ) -> list[Effect]:
         """A lease for one function: a worker here if this node can run it, else the
-        request goes to members that may (a member's own request is never forwarded)."""
+        request goes to members that may (a member's own request is never forwarded).
+
+        A lease of the current version that carries a registry clock this registry does
+        not dominate (its views written) is held as a read is (rule 8), and decided once
+        the changes are here, or at its deadline."""
+        seen = request.clock
+        if seen is not None and not request.version:
+            pending = self._write is not None and self._write.views_pending
+            if pending or not self.registry.clock.dominates(seen):
+                return self._hold(peer, request, seen, role, readings)
+        return self._decide_route(peer, request, role, now, readings)
+
+    def _decide_route(
+        self,
+        peer: bytes,
+        request: _wire.Lease,
+        role: str,
+        now: float,
+        readings: Callable[[], Mapping[int, SlotReading]],
+        lacking: str = "",
+    ) -> list[Effect]:
+        """Lease a worker here, refuse (a member's request), or forward; ``lacking``:
+        the changes of the lease's clock this node answers without (rule 8)."""
         kind, problem, content_id, learned = self._problem_here(request)
         if not kind:
             self.pool.observe(now, readings())
             # A member's client holds no connection here: its lease ends by idle expiry.
             holder = None if peer in self._peer_clients else peer
-            return self._pool_effects(self.pool.lease((peer, request.id), now, holder=holder))
+            effects = self._pool_effects(self.pool.lease((peer, request.id), now, holder=holder))
+            if lacking:
+                effects.insert(0, Log(f"a route lease of {request.name} granted: {lacking}"))
+            return effects
+        if lacking and kind in ("not_found", "version_not_found"):
+            problem = f"{problem} ({lacking})"
         failure = _wire.Failure(request.id, kind, problem)
         if peer in self._peer_clients:
             return [*learned, self._send(peer, failure)]
@@ -1134,7 +1195,7 @@ class NodeCore:
         forward = Forward(
             peer,
             request.id,
-            _wire.encoder.encode(request),
+            _wire.encoder.encode(self._with_our_clock(request)),
             role,
             f"{request.name} {version}",
             content_id,
@@ -1142,6 +1203,19 @@ class NodeCore:
             candidates=[],
         )
         return [*learned, *self._start_forward(forward, kind, problem, request.avoid, now)]
+
+    def _with_our_clock(self, request: _wire.Lease) -> _wire.Lease:
+        """The lease as it goes to members: of the current version, with this registry's
+        clock (merged with the client's), so the member that serves it runs the version
+        this node would (rule 8); a pinned version is the same everywhere."""
+        if request.version:
+            return request
+        clock = self.registry.clock
+        if request.clock is not None:
+            clock = clock.merge(request.clock)
+        if not clock.entries:
+            return request
+        return msgspec.structs.replace(request, clock=clock)
 
     def _problem_here(
         self, request: _wire.Lease
@@ -1216,7 +1290,7 @@ class NodeCore:
         forward = Forward(
             stand_in,
             request.id,
-            _wire.encoder.encode(lease),
+            _wire.encoder.encode(self._with_our_clock(lease)),
             role,
             f"{request.name} {version}",
             request.content_id,

@@ -75,13 +75,6 @@ def _two(root: Path, env_a: dict[str, str], env_b: dict[str, str]) -> LocalClust
     return cluster
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a route lease carries no registry clock: member B serves the version it holds "
-    "(the client drops a route taken before its own change, and its node decides again, "
-    "but the node forwards to B, which has not pulled the change): the fix is a clock on "
-    "the forwarded lease, held by B like a read until B has it",
-)
 @pytest.mark.timeout(120)
 def test_a_routed_call_after_this_process_changed_the_function_runs_the_change(
     tmp_path: Path, module_dir: Path
