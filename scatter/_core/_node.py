@@ -905,9 +905,7 @@ class NodeCore:
         waiting: list[_Held] = []
         for held in self._held:
             if mine.dominates(held.seen):
-                effects += self._answer(
-                    held.peer, held.request, role=held.role, readings=readings
-                )
+                effects += self._answer(held.peer, held.request, role=held.role, readings=readings)
             elif now >= held.deadline:
                 how = (
                     f"it waited {now - held.since:.1f} s for them: they may still be on "

@@ -121,3 +121,25 @@ def test_a_relay_to_a_member_this_node_does_not_know_alive_did_not_run() -> None
     replies = disk.run(core, receive(core, _relay("nobody-knows")))
     assert [type(r) for r in replies] == [_wire.Failure]
     assert replies[0].id == 9 and "did not run" in replies[0].message
+
+
+class _LeaseBeforeTheClock(msgspec.Struct, array_like=True, tag=17, frozen=True):
+    """``Lease`` as a peer of protocol 5 before ``Lease.clock`` declares it."""
+
+    id: int
+    name: str = ""
+    version: int = 0
+    content_id: str = ""
+    avoid: list[str] = []
+
+
+def test_a_route_lease_with_a_clock_still_decodes_on_an_older_peer_and_back() -> None:
+    from scatter._core._vclock import VectorClock
+
+    clock = VectorClock({"na.1.x": 2})
+    new = _wire.encoder.encode(_wire.Lease(7, "add", 0, "cid", ["na"], clock))
+    old = msgspec.msgpack.decode(new, type=_LeaseBeforeTheClock)  # the trailing field skipped
+    assert (old.id, old.name, old.content_id, old.avoid) == (7, "add", "cid", ["na"])
+    again = _wire.control_request_decoder.decode(_wire.encoder.encode(old))
+    assert isinstance(again, _wire.Lease) and again.clock is None  # as before
+    assert _wire.control_request_decoder.decode(new) == _wire.Lease(7, "add", 0, "cid", ["na"], clock)

@@ -317,3 +317,113 @@ def test_a_client_of_protocol_4_is_answered_in_protocol_4() -> None:
     (new,) = disk.run(core, receive(core, _wire.encoder.encode(_wire.Hello(2))))
     (odd,) = disk.run(core, receive(core, _wire.encoder.encode(_wire.Hello(3, protocol=99))))
     assert (old.protocol, new.protocol, odd.protocol) == (4, 5, _wire.PROTOCOL_VERSION)
+
+
+# -- a route lease (read your writes through a route: step 6 of ARCHITECTURE.md) -------------
+
+
+def _peer_replies(effects: list[Any], to: str) -> list[Any]:
+    """The replies a member sends back to ``to`` for its clients (``PeerReply``)."""
+    found = []
+    for effect in effects:
+        if isinstance(effect, SendPeer) and effect.address == to:
+            message = _wire.control_request_decoder.decode(effect.payload)
+            if isinstance(message, _wire.PeerReply):
+                found.append(_wire.control_reply_decoder.decode(message.payload))
+    return found
+
+
+def _route_from(source: str, address: str, lease: _wire.Lease, ticket: int = 1) -> bytes:
+    return _wire.encoder.encode(
+        _wire.PeerRequest(source, address, ticket, "deploy", _wire.encoder.encode(lease))
+    )
+
+
+def _pair() -> tuple[NodeCore, Disk, NodeCore, Disk]:
+    """Nodes A and B, each knowing the other alive, gossip as in a cluster."""
+    a_disk, b_disk = Disk(), Disk()
+    a = _core("na", "tcp://a:1", a_disk)
+    b = _core("nb", "tcp://b:1", b_disk)
+    a.membership.remember(
+        [MemberInfo(node="nb", address="tcp://b:1", incarnation=1, state=State.ALIVE, since=0.0)],
+        0.0,
+    )
+    b.membership.remember(
+        [MemberInfo(node="na", address="tcp://a:1", incarnation=1, state=State.ALIVE, since=0.0)],
+        0.0,
+    )
+    return a, a_disk, b, b_disk
+
+
+def test_a_node_forwards_a_route_lease_of_the_current_version_with_its_registry_clock() -> None:
+    a, a_disk, _b, _b_disk = _pair()
+    (published,) = a_disk.run(a, receive(a, publish("add")))
+    a.cannot_load.learn(published.content_id, "missing module `x`")  # its worker said so
+
+    def forwarded(lease: _wire.Lease) -> _wire.Lease:
+        (send,) = [e for e in receive(a, _wire.encoder.encode(lease)) if isinstance(e, SendPeer)]
+        message = _wire.control_request_decoder.decode(send.payload)
+        assert isinstance(message, _wire.PeerRequest) and send.address == "tcp://b:1"
+        inner = _wire.control_request_decoder.decode(message.payload)
+        assert isinstance(inner, _wire.Lease)
+        return inner
+
+    assert forwarded(_wire.Lease(7, "add")).clock == a.registry.clock
+    # A client's clock (another cluster's entries too) is merged in; a pinned version
+    # is the same everywhere and carries none.
+    theirs = VectorClock({"stranger.1.abcdef": 3})
+    assert forwarded(_wire.Lease(8, "add", clock=theirs)).clock == a.registry.clock.merge(theirs)
+    assert forwarded(_wire.Lease(9, "add", version=1)).clock is None
+
+
+def test_a_held_route_lease_is_granted_once_the_change_it_waited_for_has_its_views() -> None:
+    a, a_disk, b, _b_disk = _pair()
+    (published,) = a_disk.run(a, receive(a, publish("add")))
+    # Without a clock (an older member), B decides at once with what it holds.
+    plain = receive(b, _route_from("na", "tcp://a:1", _wire.Lease(6, "add")), role="peer")
+    (refused,) = _peer_replies(plain, "tcp://a:1")
+    assert isinstance(refused, _wire.Failure) and refused.kind == "not_found"
+    # With A's clock: held, nothing answered; B pulls from the writer's node.
+    lease = _wire.Lease(7, "add", clock=a.registry.clock)
+    held = receive(b, _route_from("na", "tcp://a:1", lease, ticket=2), role="peer")
+    assert _peer_replies(held, "tcp://a:1") == []
+    assert _pulls(held) == ["tcp://a:1"]
+    assert not _peer_replies(b.tick(1.0 + READ_WAIT / 2, {}), "tcp://a:1")  # still held
+    # A answers the pull as any digest; B persists and applies the change: not yet.
+    (push,) = a.receive(b"", held[0].payload, role="peer", now=1.1, wall=1.1, readings=dict)
+    changes = _wire.PeerChanges("na", "tcp://a:1", list(push.changes), dict(a_disk.bodies))
+    persist = b.receive(
+        b"", _wire.encoder.encode(changes), role="peer", now=1.2, wall=1.2, readings=dict
+    )
+    after_changes = b.changes_persisted(persist[0].ticket)
+    assert not _peer_replies(after_changes, "tcp://a:1")  # the views are not written yet
+    done = b.views_persisted(after_changes[0].ticket)
+    assert isinstance(done[0], BumpGeneration)  # its workers see the change first
+    (granted,) = _peer_replies(done, "tcp://a:1")
+    assert isinstance(granted, _wire.Leased) and granted.id == 7 and granted.node == "nb"
+    assert published.version == 1 and b.registry.clock.dominates(lease.clock or VectorClock())
+
+
+def test_a_held_route_lease_is_decided_at_its_deadline_with_what_the_node_holds() -> None:
+    a, a_disk, b, _b_disk = _pair()
+    a_disk.run(a, receive(a, publish("add")))
+    lease = _wire.Lease(7, "add", clock=a.registry.clock)
+    held = receive(b, _route_from("na", "tcp://a:1", lease), role="peer")
+    assert _pulls(held) == ["tcp://a:1"]  # and its answer never comes
+    assert b.next_wakeup() <= 1.0 + READ_WAIT
+    assert not _peer_replies(b.tick(1.0 + READ_WAIT - 0.1, {}), "tcp://a:1")
+    (failure,) = _peer_replies(b.tick(1.0 + READ_WAIT, {}), "tcp://a:1")
+    assert isinstance(failure, _wire.Failure) and failure.id == 7
+    assert failure.kind == "not_found"  # A moves on to the next member
+    assert "had not yet received 1 registry change(s)" in failure.message
+    assert "waited 2.0 s" in failure.message and "node(s) na" in failure.message
+
+
+def test_a_route_lease_whose_clock_the_node_holds_is_decided_at_once() -> None:
+    _a, _a_disk, b, b_disk = _pair()
+    b_disk.run(b, receive(b, publish("add")))
+    lease = _wire.Lease(7, "add", clock=b.registry.clock)
+    effects = receive(b, _route_from("na", "tcp://a:1", lease), role="peer")
+    assert _pulls(effects) == []
+    (granted,) = _peer_replies(effects, "tcp://a:1")
+    assert isinstance(granted, _wire.Leased) and granted.id == 7
