@@ -53,6 +53,13 @@
 # another cluster's (a process may talk to two): never waited for, and vouched for in
 # the reply's clock. A read without a clock, or one this registry dominates (those
 # entries aside), is answered at once, as before.
+# Routes too: a route lease of the current version that this node forwards carries its
+# registry clock (merged with the client's, if it sent one), and a node that serves a
+# route lease whose clock it does not dominate (its views written) holds it the same
+# way, then decides it (its worker, a refusal, or a forward) once the change is here, or
+# at the deadline with what it holds (a not-found refusal says what it lacked; a lease
+# granted without it is logged). A pinned version is the same everywhere: never held.
+# A lease without a name (the one-node fast path) carries no clock and is never held.
 
 """The node core: control requests, worker events and ticks in; effects out. Pure."""
 
