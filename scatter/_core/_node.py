@@ -626,6 +626,8 @@ class NodeCore:
         """The control connection ``peer`` closed (its client exited or closed): the
         leases it took end now, not after the idle expiry."""
         self.pool.holder_gone(peer)
+        if self._held:  # a route lease held for its clock would outlive its connection
+            self._held = [held for held in self._held if held.peer != peer]
         return []
 
     @_answers_peers

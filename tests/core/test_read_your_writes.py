@@ -22,7 +22,7 @@ from scatter._config import NodeConfig
 from scatter._core._membership import MemberInfo, State
 from scatter._core._node import BumpGeneration, NodeCore, NodeFacts, Send, SendPeer
 from scatter._core._vclock import VectorClock
-from tests.core.test_node_core import Disk, publish, receive
+from tests.core.test_node_core import PEER, Disk, publish, receive
 
 READ_WAIT = NodeConfig.read_wait
 # Hundreds of histories in CI; `nox -s sim` (SCATTER_SIM_EXAMPLES) asks for thousands.
@@ -427,3 +427,12 @@ def test_a_route_lease_whose_clock_the_node_holds_is_decided_at_once() -> None:
     assert _pulls(effects) == []
     (granted,) = _peer_replies(effects, "tcp://a:1")
     assert isinstance(granted, _wire.Leased) and granted.id == 7
+
+
+def test_a_route_lease_held_for_a_client_whose_connection_closed_is_dropped() -> None:
+    a, a_disk, b, _b_disk = _pair()
+    a_disk.run(a, receive(a, publish("add")))
+    lease = _wire.Lease(7, "add", clock=a.registry.clock)  # a client that sends its clock
+    assert _pulls(receive(b, _wire.encoder.encode(lease))) == ["tcp://a:1"]
+    assert b.connection_closed(PEER) == []
+    assert not [e for e in b.tick(1.0 + READ_WAIT, {}) if isinstance(e, Send)]
