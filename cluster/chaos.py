@@ -1169,7 +1169,8 @@ def check(
         """Every offset the clock of the op's node had while the op ran."""
         start, end = op["start"] - slack, (op["end"] or math.inf) + slack
         found = {0}
-        for at, offset in clock_sets.get(op["node"], []):
+        node = op["value"].get("acked_by", op["node"])  # the member that made it
+        for at, offset in clock_sets.get(node, []):
             if at <= start:
                 found = {offset}
             elif at <= end:
