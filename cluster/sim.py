@@ -260,6 +260,8 @@ class ClusterSimulation(_VirtualTime):
         self.cut: set[frozenset[str]] = set()  # pairs that cannot talk (a partition)
         self.replies: dict[str, list[object]] = {a: [] for a in self.addresses}
         self.messages = 0
+        # Every change any node ever persisted, compacted away since or not (checkers).
+        self.written: dict[str, Change] = {}
         self._queue: list[_Delivery] = []
         self._order = itertools.count()
         self._timers: list[tuple[float, int, str]] = []  # (when, order, address), lazy
@@ -433,10 +435,11 @@ class ClusterSimulation(_VirtualTime):
                     disk.snapshot = effect.snapshot
                     if effect.replace:
                         disk.changes.clear()
-                    for change_id in effect.dropped:
-                        disk.changes.pop(change_id, None)
+                for change_id in effect.dropped:
+                    disk.changes.pop(change_id, None)
                 for change in effect.changes:
                     disk.changes[change.change_id] = change
+                    self.written[change.change_id] = change
                 disk.bodies.update({cid: body for cid, (_, body) in effect.bodies.items()})
                 pending += core.changes_persisted(effect.ticket)
             elif isinstance(effect, PersistMembers):

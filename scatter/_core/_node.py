@@ -868,11 +868,17 @@ class NodeCore:
 
     def _begin_peer_write(self, batch: _FromPeer) -> list[Effect]:
         # Held already by the time its turn came (anti-entropy raced the push)?
-        fresh = tuple(c for c in batch.changes if not self.registry.has_change(c.change_id))
+        registry = self.registry
+        fresh = tuple(
+            c
+            for c in batch.changes
+            if not registry.has_change(c.change_id) and registry.admissible(c)
+        )
         if not fresh:
             return self._next()
         self._write = _Write(fresh, next(self._tickets))
-        return [PersistChanges(self._write.ticket, fresh, batch.bodies)]
+        purged = tuple(self.registry.take_purged())
+        return [PersistChanges(self._write.ticket, fresh, batch.bodies, dropped=purged)]
 
     def _peers(self, count: int) -> list[str]:
         """Addresses of up to ``count`` random live members other than this node."""
@@ -1627,9 +1633,11 @@ def _refusal(request: Any, role: str) -> str:
     return f"{what} refused: the client is not authenticated (check SCATTER_SECRET)"
 
 
-def _rank(snapshot: Snapshot) -> tuple[int, tuple[int, str, str]]:
-    """The order between two snapshots neither of which contains the other."""
-    return (snapshot.changes, snapshot.last or (0, "", ""))
+def _rank(snapshot: Snapshot) -> tuple[tuple[int, str, str], int]:
+    """The order between two snapshots neither of which contains the other: the one
+    that ends later in the one order wins. So whatever the loser folded and the winner
+    lacks sorts before the winner's end: void, re-issued by its node (Registry.adopt)."""
+    return (snapshot.last or (0, "", ""), snapshot.changes)
 
 
 def _node_of(writer: str) -> str:

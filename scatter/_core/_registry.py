@@ -574,6 +574,7 @@ class Registry:
         # Bounded history: the state of the changes compacted away, and what was refused.
         self._base = Snapshot()
         self._void: dict[str, int] = {}  # {origin: lowest counter refused as void}
+        self._purged: list[str] = []  # pending changes dropped with a void one, to delete
 
     @classmethod
     def from_changes(cls, node_id: str, changes: Iterable[Change]) -> Registry:
@@ -604,6 +605,7 @@ class Registry:
         registry._clock = snapshot.clock
         registry._load_base()
         registry.apply_many(changes)
+        registry._refuse_stale()
         return registry
 
     # -- clocks and the log ---------------------------------------------------
@@ -737,6 +739,7 @@ class Registry:
             else:
                 del self._by_origin[origin]
         self._base = snapshot
+        self._refuse_stale()
 
     def needs_transfer(self, snapshot: Snapshot) -> bool:
         """Whether ``snapshot`` (a peer's) covers changes this registry lacks, or makes
@@ -754,11 +757,43 @@ class Registry:
         void one (concurrent with the snapshot, sorting before its end), remembered so
         that a peer holding it is given a full state transfer (:meth:`holds_void`)."""
         last = self._base.last
-        if last is None or self.has_change(change.change_id) or order_key(change) >= last:
+        if last is None or self.has_change(change.change_id):
             return True
+        if order_key(change) >= last and not self._counts_void(change.clock):
+            return True
+        self._refuse(change)
+        return False
+
+    def _counts_void(self, clock: VectorClock) -> bool:
+        return any(clock.get(origin) >= counter for origin, counter in self._void.items())
+
+    def _refuse(self, change: Change) -> None:
+        """Remember ``change`` as void, and drop what is held pending on it (it would
+        wait forever): the node deletes those from its store (:meth:`take_purged`)."""
+        if change.change_id in self._pending:
+            self._forget(change)
+            self._purged.append(change.change_id)
         counter = change.clock.get(change.origin)
         self._void[change.origin] = min(self._void.get(change.origin, counter), counter)
-        return False
+        for held in sorted(self._pending.values(), key=order_key):
+            if held.change_id in self._pending and self._counts_void(held.clock):
+                self._refuse(held)
+
+    def _refuse_stale(self) -> None:
+        """Refuse the pending changes a new snapshot made void: they sort before its end,
+        so they can never take their place (their past is a void change, gone for good;
+        a change whose past is still to come sorts after what every member has seen)."""
+        last = self._base.last
+        if last is None:
+            return
+        for held in sorted(self._pending.values(), key=order_key):
+            if held.change_id in self._pending and order_key(held) < last:
+                self._refuse(held)
+
+    def take_purged(self) -> list[str]:
+        """Ids of pending changes dropped since the last call (they counted a void one)."""
+        purged, self._purged = self._purged, []
+        return purged
 
     def stable_count(self, stable: VectorClock) -> int:
         """How many changes :meth:`compact` with ``stable`` would fold."""
@@ -796,6 +831,9 @@ class Registry:
         held = {c.change_id: c for c in (*self._base.unconfirmed, *self._changes.values())}
         mine = sorted(held.values(), key=order_key)
         for change in mine:
+            if change.change_id in new._pending:
+                kept.append(change)  # came with the transfer, still waiting: see below
+                continue
             if new.has_change(change.change_id):
                 continue
             if not new.admissible(change) or any(
@@ -805,7 +843,9 @@ class Registry:
             else:
                 kept.append(change)
         new.apply_many(kept)
-        # Kept ones whose past was only in the snapshot this one replaces never apply.
+        # Kept ones whose past was only in the snapshot this one replaces never apply:
+        # that past sorts before this snapshot's end (ours ends no later, see _rank in
+        # _node.py) and is not in it, so it is void, and so are they.
         stuck = [c for c in kept if c.change_id in new._pending]
         for change in stuck:
             new._forget(change)

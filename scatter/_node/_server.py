@@ -312,7 +312,7 @@ class NodeDriver:
                 replace=write.replace,
             )
         elif isinstance(write, core_effects.PersistChanges):
-            self.store.commit_changes(write.changes, write.bodies)
+            self.store.commit_changes(write.changes, write.bodies, write.dropped)
         elif isinstance(write, core_effects.PersistViews):
             self.store.commit_views(write.views, write.dropped_bodies)
         else:

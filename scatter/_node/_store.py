@@ -179,10 +179,16 @@ class RegistryStore:
     # -- the node, for every change (from a thread) --
 
     def commit_changes(
-        self, changes: Iterable[Change], bodies: Mapping[str, tuple[VersionRecord, bytes]]
+        self,
+        changes: Iterable[Change],
+        bodies: Mapping[str, tuple[VersionRecord, bytes]],
+        dropped: Iterable[str] = (),
     ) -> None:
-        """Persist changes with the bodies they bring (``{content_id: (record, body)}``)."""
+        """Persist changes with the bodies they bring (``{content_id: (record, body)}``);
+        delete the changes ``dropped`` (held pending on a change refused as void)."""
         with self._cache.transact():
+            for change_id in dropped:
+                self._cache.delete(("change", change_id))
             for content_id, (record, body) in bodies.items():
                 if ("body", content_id) not in self._cache:
                     self._cache.set(("record", content_id), _encoder.encode(record))

@@ -264,4 +264,6 @@ def test_a_node_back_after_the_grace_takes_a_state_transfer_and_keeps_its_change
             (3, 2, True),
         ]
         assert neg[-1].current
-    assert "~" in sim.cores[c].facts.writer_id  # a writer id of its own for re-issues
+    # Both sides compacted apart; one snapshot won (the one ending later in the one
+    # order), and the nodes of the other side re-issued their changes under new writers.
+    assert any("~" in core.facts.writer_id for core in sim.cores.values())
