@@ -101,6 +101,15 @@
 # then never skips a change this registry lacks. A new local change increments
 # it, so it sorts after everything applied and never needs a replay.
 #
+# Bounded history. The log need not start at the beginning: `compact()` folds a
+# prefix of the apply order into a `Snapshot` (the state that prefix leaves, and the
+# clock counting exactly those changes), and a replay starts from the snapshot. This is
+# the same registry only while no change still to come sorts before the snapshot's end;
+# the node core folds only what every member has seen to make sure of it (rule 9 of
+# _node.py). A change that would sort there anyway is VOID: refused, with everything that
+# counts it, the same way wherever it arrives; its node re-issues it on top after a full
+# state transfer (`adopt()`). Tombstones stay as high-water marks (rule 5).
+#
 # A node id must never be reused with an empty log: the node's own changes are
 # numbered from its entry in the clock, and a change id seen twice is ignored.
 # (The node persists its identity next to its log, and loses both or neither.)
