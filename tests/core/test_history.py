@@ -267,3 +267,42 @@ def test_a_node_back_after_the_grace_takes_a_state_transfer_and_keeps_its_change
     # Both sides compacted apart; one snapshot won (the one ending later in the one
     # order), and the nodes of the other side re-issued their changes under new writers.
     assert any("~" in core.facts.writer_id for core in sim.cores.values())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="open (cluster/README.md, What is left): n1's change is seen by every member, "
+    "so n1 drops it from its unconfirmed ones; a member then adopts the other side's "
+    "snapshot, which lacks it, and drops it as void (not its own): nobody re-issues it",
+)
+def test_a_change_every_member_had_seen_survives_members_adopting_the_other_side() -> None:
+    """Found by the AwayPastTheGrace state machine (1,500 random histories)."""
+    from tests.core.test_replication import AwayPastTheGrace
+
+    m = AwayPastTheGrace()
+    m.boot(seed=159753)
+    m.run(seconds=1.026350391937417)
+    m.vaporize(name="add", node=0)
+    m.vaporize(name="neg", node=2)
+    m.vaporize(name="billing", node=2)
+    m.partition(split=2)
+    m.publish(body=b"v1", name="neg", node=2)
+    m.away_past_the_grace(extra=3.0280428817213347, node=3)
+    m.away_past_the_grace(extra=1.345961053840791, node=2)
+    m.away_past_the_grace(extra=1.0715302816952268, node=2)
+    m.publish_set(body=b"v2", node=1, size=2)
+    m.vaporize(name="billing", node=1)
+    m.rollback(name="neg", node=1)
+    m.publish(body=b"v1", name="neg", node=0)
+    m.publish(body=b"v2", name="neg", node=2)
+    m.rollback(name="neg", node=2)
+    m.rollback(name="mul", node=0)
+    m.run(seconds=0.24165067862642917)
+    m.publish_set(body=b"v2", node=2, size=2)
+    m.run(seconds=1.0325075442057559)
+    m.away_past_the_grace(extra=1.0715302816952268, node=0)
+    m.run(seconds=1.0325075442057559)
+    m.vaporize(name="mul", node=1)
+    m.rollback(name="add", node=0)
+    m.teardown()  # AssertionError: lost n1.1:1
