@@ -66,8 +66,9 @@
 # clock lies below our snapshot (away past the grace, or new and writing before it
 # synced), or that holds a change our snapshot makes void, is sent a full state
 # transfer instead of changes: the snapshot and every change on top (`PeerChanges` with
-# `snapshot`). It adopts it as a write: its void changes are dropped, and those it made
-# itself are re-issued on top under a new writer id (Registry.adopt), then pushed.
+# `snapshot`). It adopts it as a write: the void changes it held (in its log, or folded
+# while a member had not seen them) are dropped and re-issued on top under a new writer
+# id, each naming the change it re-issues (Registry.adopt), then pushed.
 
 """The node core: control requests, worker events and ticks in; effects out. Pure."""
 
@@ -819,9 +820,8 @@ class NodeCore:
             return []
         if self.registry.stable_count(frontier) < max(1, self.config.compact_after):
             return []
-        node_id = self.facts.node_id
         snapshot = self.registry.prepare_compaction(
-            frontier, own=lambda origin: _node_of(origin) == node_id, confirmed=self._confirmed()
+            frontier, keep_unconfirmed=True, confirmed=self._confirmed()
         )
         if snapshot is None:
             return []
@@ -840,12 +840,10 @@ class NodeCore:
             return self._begin_peer_write(_FromPeer(transfer.changes, transfer.bodies))
         self._transfers += 1
         writer = f"{self.facts.writer_id.split('~')[0]}~{self._transfers}"
-        node_id = self.facts.node_id
         adopted, reissued = self.registry.adopt(
             transfer.snapshot,
             transfer.changes,
             writer_id=writer,
-            own=lambda origin: _node_of(origin) == node_id,
             now=wall,
         )
         self._write = _Write(
@@ -853,7 +851,7 @@ class NodeCore:
         )
         log = Log(
             f"took a full state transfer from {transfer.source} (this node was behind its "
-            f"compacted history); re-issued {len(reissued)} change(s) made here meanwhile"
+            f"compacted history); re-issued {len(reissued)} change(s) it made void"
         )
         return [
             log,
@@ -1636,7 +1634,7 @@ def _refusal(request: Any, role: str) -> str:
 def _rank(snapshot: Snapshot) -> tuple[tuple[int, str, str], int]:
     """The order between two snapshots neither of which contains the other: the one
     that ends later in the one order wins. So whatever the loser folded and the winner
-    lacks sorts before the winner's end: void, re-issued by its node (Registry.adopt)."""
+    lacks sorts before the winner's end: void, re-issued by the nodes that drop it (Registry.adopt)."""
     return (snapshot.last or (0, "", ""), snapshot.changes)
 
 

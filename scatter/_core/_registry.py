@@ -125,7 +125,7 @@ import bisect
 import hashlib
 import keyword
 import unicodedata
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
@@ -280,6 +280,9 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
     clock: VectorClock  # the origin's clock after counting this change
     at: float  # unix seconds at the origin, for humans; never used for ordering
     ops: Annotated[tuple[Op, ...], msgspec.Meta(max_length=MAX_CHANGE_OPS)]
+    # A re-issue (bounded history): the id of the void change whose ops these are. Several
+    # nodes may re-issue one change; only the first re-issue in the one order applies.
+    reissue_of: Ident = ""
 
 
 # A batch of changes from a peer (gossip, anti-entropy), decoded with every limit above.
@@ -350,6 +353,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     # this snapshot with one that lacks them, they are re-issued (Registry.adopt), never
     # lost. Dropped once every member known has them. Never sent in a transfer.
     unconfirmed: tuple[Change, ...] = ()
+    reissued: tuple[Ident, ...] = ()  # ids re-issued by a change folded in (one applies)
 
 
 snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
@@ -580,6 +584,7 @@ class Registry:
         self._views: dict[str, FunctionView] = {}  # {name: view}, built on first view()
         self._touched: dict[str, _LookupKey] | None = None  # {name: key before this change}
         self._rebuilds = 0
+        self._reissued: set[str] = set()  # ids of void changes re-issued (state, rule 9)
         # Bounded history: the state of the changes compacted away, and what was refused.
         self._base = Snapshot()
         self._void: dict[str, int] = {}  # {origin: lowest counter refused as void}
@@ -693,15 +698,14 @@ class Registry:
         self,
         stable: VectorClock,
         *,
-        own: Callable[[str], bool] | None = None,
+        keep_unconfirmed: bool = False,
         confirmed: VectorClock | None = None,
     ) -> Snapshot | None:
         """The snapshot :meth:`compact` would make (None: nothing to fold); changes nothing.
 
         Args:
-            own: whether an origin is this node (any of its starts): those of its
-                changes folded that ``confirmed`` does not count are kept in the
-                snapshot's ``unconfirmed``.
+            keep_unconfirmed: keep the changes folded that ``confirmed`` does not count
+                in the snapshot's ``unconfirmed`` (the node core does).
             confirmed: what every member ever known has seen, the grace ignored (None:
                 not known).
         """
@@ -717,10 +721,10 @@ class Registry:
             scratch._apply_ops(change)
             clock = clock.merge(change.clock)
         snapshot = scratch._export(clock, order_key(prefix[-1]), self._base.changes + count)
-        if own is not None:
+        if keep_unconfirmed:
             unconfirmed = tuple(
                 c
-                for c in (*self._base.unconfirmed, *(c for c in prefix if own(c.origin)))
+                for c in (*self._base.unconfirmed, *prefix)
                 if confirmed is None or not confirmed.dominates(c.clock)
             )
             snapshot = msgspec.structs.replace(snapshot, unconfirmed=unconfirmed)
@@ -819,19 +823,20 @@ class Registry:
         changes: Iterable[Change],
         *,
         writer_id: str,
-        own: Callable[[str], bool],
         now: float,
     ) -> tuple[Registry, list[Change]]:
         """A full state transfer: the registry ``snapshot`` and ``changes`` make, with
         what this one holds on top. (new registry, the changes it re-issued).
 
-        Changes held here that the snapshot lacks and that can no longer take their
-        place in the order (void: concurrent with it and sorting before its end, or
-        counting a void change in their past) are dropped; those ``own`` says this node
-        made are re-issued first, with the same ops, as new changes of ``writer_id`` (a
-        writer id never used before: a void change's id may be held, refused, elsewhere),
-        so nothing acknowledged here is lost: they apply on top of the cluster's state,
-        and a version whose number moved shows as a conflict in ``versions()``.
+        Changes held here (in the log, or folded and kept as ``unconfirmed``) that the
+        snapshot lacks and that can no longer take their place in the order (void:
+        concurrent with it and sorting before its end, or counting a void change in
+        their past) are dropped, and re-issued with the same ops as new changes of
+        ``writer_id`` (a writer id never used before: a void change's id may be held,
+        refused, elsewhere), each naming the change it re-issues (``reissue_of``), so
+        nothing acknowledged is lost: they apply on top of the cluster's state, and a
+        version whose number moved shows as a conflict in ``versions()``. Several nodes
+        may re-issue one change: the first re-issue in the one order applies.
         """
         snapshot = msgspec.structs.replace(snapshot, unconfirmed=())
         new = Registry.from_snapshot(writer_id, snapshot, changes)
@@ -862,8 +867,9 @@ class Registry:
         renamed: dict[str, str] = {}
         reissued: list[Change] = []
         for change in void:
-            if not own(change.origin):
-                continue
+            # Every void change dropped here is re-issued, not only this node's own: a
+            # change of another node may be here alone (its node counted it as seen by
+            # all). Nodes that re-issue the same one: the first in the order applies.
             change_id = new._next_change_id()
             renamed[change.change_id] = change_id
             ops: list[Op] = []
@@ -874,7 +880,10 @@ class Registry:
                 elif isinstance(op, RollbackOp):
                     op = msgspec.structs.replace(op, target=renamed.get(op.target, op.target))
                 ops.append(op)
-            fresh = new._local_change(ops, now)
+            fresh = msgspec.structs.replace(
+                new._local_change(ops, now),
+                reissue_of=change.reissue_of or change.change_id,
+            )
             new.apply(fresh)
             reissued.append(fresh)
         return new, reissued
@@ -918,6 +927,7 @@ class Registry:
                 group.by_change[sv.change_id] = sv.number
             self._sets[saved_set.name] = group
         self._high_water = dict(base.high_water)
+        self._reissued = set(base.reissued)
         self._views = {}
         self._touched = None
 
@@ -954,6 +964,7 @@ class Registry:
             functions=functions,
             sets=sets,
             high_water=dict(sorted(self._high_water.items())),
+            reissued=tuple(sorted(self._reissued)),
         )
 
     def pending(self) -> list[Change]:
@@ -1564,6 +1575,10 @@ class Registry:
     # -- internals: applying ops (THE ONE CONFLICT RULE lives in the order, not here) --
 
     def _apply_ops(self, change: Change) -> None:
+        if change.reissue_of:
+            if change.reissue_of in self._reissued:
+                return  # another node re-issued it first, in the one order
+            self._reissued.add(change.reissue_of)
         for op in change.ops:
             if isinstance(op, PublishOp):
                 self._apply_publish(change, op)

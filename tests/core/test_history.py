@@ -269,15 +269,12 @@ def test_a_node_back_after_the_grace_takes_a_state_transfer_and_keeps_its_change
     assert any("~" in core.facts.writer_id for core in sim.cores.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="open (cluster/README.md, What is left): n1's change is seen by every member, "
-    "so n1 drops it from its unconfirmed ones; a member then adopts the other side's "
-    "snapshot, which lacks it, and drops it as void (not its own): nobody re-issues it",
-)
 def test_a_change_every_member_had_seen_survives_members_adopting_the_other_side() -> None:
-    """Found by the AwayPastTheGrace state machine (1,500 random histories)."""
+    """Found by the AwayPastTheGrace state machine (1,500 random histories): n1's change
+    was seen by every member, so n1 no longer kept it; a member then adopted the other
+    side's snapshot, which lacked it, and dropped it as void without re-issuing it (only a
+    node's own changes were re-issued then). Now every void change dropped is re-issued,
+    and the first re-issue in the one order applies."""
     from tests.core.test_replication import AwayPastTheGrace
 
     m = AwayPastTheGrace()
@@ -305,4 +302,4 @@ def test_a_change_every_member_had_seen_survives_members_adopting_the_other_side
     m.run(seconds=1.0325075442057559)
     m.vaporize(name="mul", node=1)
     m.rollback(name="add", node=0)
-    m.teardown()  # AssertionError: lost n1.1:1
+    m.teardown()

@@ -145,16 +145,15 @@ class Replication(RuleBasedStateMachine):
         assert settled is not None, "replicas did not converge within 120 s of the heal"
         first = next(iter(sim.cores.values())).registry
         reference = Registry.from_changes("reference", self._counted(first))
-        reissued = [c for c in sim.written.values() if "~" in c.origin]
+        reissued = [c for c in sim.written.values() if c.reissue_of]
         for change_id in self.acknowledged:
             if first.has_change(change_id):
                 continue
-            # Made away past the grace, void for the cluster: re-issued on top, same ops.
+            # Void for the cluster (made away past the grace, or dropped with a snapshot
+            # that lost): re-issued on top, same ops, by some node.
             lost = sim.written[change_id]
             assert any(
-                _node_of(c.origin) == _node_of(lost.origin)
-                and _ops(c) == _ops(lost)
-                and first.has_change(c.change_id)
+                c.reissue_of == change_id and _ops(c) == _ops(lost) and first.has_change(c.change_id)
                 for c in reissued
             ), f"lost {change_id}"
         for address, core in sim.cores.items():
