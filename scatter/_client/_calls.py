@@ -49,7 +49,7 @@ from ._connections import (
     _zmq_failure,
 )
 from ._control import error_from_failure
-from ._polling import ReplyPolling
+from ._polling import POLLIN, POLLOUT, ReplyPolling
 from ._remote_errors import remote_error
 from ._routes import RelaySender, refused_before_running
 from ._session import SESSION
@@ -117,7 +117,7 @@ class _Pipe:
 
     def receive_ready(self, done: dict[int, tuple[int, bytes]]) -> None:
         connection = self.connection
-        while self.in_flight and connection.events() & zmq.POLLIN:
+        while self.in_flight and connection.events() & POLLIN:
             position, call_id, sent = self.in_flight.popleft()
             done[position] = (call_id, connection.sock.recv())
             now = time.monotonic()
@@ -558,7 +558,7 @@ class RemoteFunction:
                         sock.send(frame_for(call_id, start_by), zmq.NOBLOCK)
                         break
                     except zmq.Again:
-                        if connection.events() & zmq.POLLOUT:
+                        if connection.events() & POLLOUT:
                             continue
                         if time.monotonic() > give_up:
                             raise
@@ -1217,7 +1217,7 @@ class AsyncRemoteStream(_StreamCore):
             try:
                 return sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                if connection.events() & zmq.POLLIN:
+                if connection.events() & POLLIN:
                     continue
                 connection.check_alive(started, self._timeout)
                 await wait_readable(fd, self._library, CRASH_CHECK_INTERVAL)

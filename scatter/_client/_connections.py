@@ -57,7 +57,7 @@ from .._node._slots import WorkerClaims
 from .._security import ClientKeys, apply_client_keys
 from ._autostart import nothing_listens
 from ._control import LeaseHolder, NodeControl
-from ._polling import ReplyPolling
+from ._polling import POLLIN, POLLOUT, ReplyPolling
 from ._session import SESSION
 
 _T = TypeVar("_T")
@@ -218,7 +218,7 @@ class WorkerConnection:
 
     def dropped(self) -> bool:
         # EVENTS, not a non-blocking recv: raising zmq.Again costs ~25 us, on every call.
-        if not self.broken and self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self.broken and self.monitor.getsockopt(zmq.EVENTS) & POLLIN:
             self.broken = True
         return self.broken
 
@@ -327,7 +327,7 @@ class WorkerConnection:
                 self.sock.send(frame, zmq.NOBLOCK)
                 break
             except zmq.Again:
-                if self.events() & zmq.POLLOUT:
+                if self.events() & POLLOUT:
                     continue
                 if time.monotonic() > give_up_sending:
                     self.broken = True
@@ -338,7 +338,7 @@ class WorkerConnection:
             try:
                 return self.sock.recv(zmq.NOBLOCK)
             except zmq.Again:
-                if self.events() & zmq.POLLIN:
+                if self.events() & POLLIN:
                     continue
                 self.check_alive(started, timeout, patience)
                 await _wait_readable(fd, library, CRASH_CHECK_INTERVAL)
