@@ -752,12 +752,10 @@ class Rig:
             options = ["--profile", "local"]
             if i:
                 options += ["--join", f"tcp://127.0.0.1:{ports[i - 1]}"]
-            # The checker reads each node's change log; it cannot read a snapshot yet, so
-            # the nodes keep their whole history (compaction is tested in tests/core).
-            env: dict[str, str] = {"SCATTER_COMPACT_AFTER": str(10**9)}
+            env: dict[str, str] = {}
             if not self.clock_unavailable:
                 set_offset(self.offset_file(i), 0)
-                env.update(faketime_env(self.offset_file(i)))
+                env = faketime_env(self.offset_file(i))
             node = LocalNode(
                 self.run_dir / f"node-{i}",
                 port=port,

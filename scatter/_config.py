@@ -33,9 +33,6 @@ ENV_SECRET = "SCATTER_SECRET"
 # A test hook, never for production: "0" starts a node that never pushes, gossips or
 # starts anti-entropy for registry changes (NodeConfig.registry_gossip).
 ENV_TEST_REGISTRY_GOSSIP = "SCATTER_TEST_REGISTRY_GOSSIP"
-# Bounded history (NodeConfig.history_grace, compact_after): seconds, and a count.
-ENV_HISTORY_GRACE = "SCATTER_HISTORY_GRACE"
-ENV_COMPACT_AFTER = "SCATTER_COMPACT_AFTER"
 
 
 def default_address(uid: int | None = None) -> str:
@@ -196,15 +193,6 @@ class NodeConfig:
     # answers digests, so it learns and spreads changes only through pulls (read your
     # writes) and the anti-entropy rounds of nodes that have it on.
     registry_gossip: bool = True
-    # Bounded history (cluster/README.md). A member dead or gone for longer than this
-    # no longer holds back the compaction of what every other member has seen; should it
-    # come back, it gets a full state transfer, and what it changed while away is
-    # re-issued on top (seconds; 7 days, as Riak's and below Cassandra's 10-day
-    # gc_grace_seconds: an outage longer than a week is a rebuild, not a hiccup).
-    history_grace: float = 7 * 24 * 3600.0
-    # Changes every member has seen are folded into the snapshot once at least this many
-    # are (a snapshot write costs O(live registry): not worth it for every change).
-    compact_after: int = 256
     # Members to join through at start (`scatter node join ADDR`), beyond those the
     # node remembers from its last run.
     join: tuple[str, ...] = ()
@@ -307,15 +295,6 @@ def resolve_node_config(
         overrides["registry_gossip"] = _env_bool(
             ENV_TEST_REGISTRY_GOSSIP, env[ENV_TEST_REGISTRY_GOSSIP]
         )
-    for name, key, kind in (
-        (ENV_HISTORY_GRACE, "history_grace", float),
-        (ENV_COMPACT_AFTER, "compact_after", int),
-    ):
-        if env.get(name, "").strip() and key not in overrides:
-            try:
-                overrides[key] = kind(env[name])
-            except ValueError:
-                raise ConfigError(f"{name} must be a number, got {env[name]!r}") from None
     path = Path(data_dir) if data_dir is not None else data_dir_for(resolved)
     return NodeConfig.local(address=resolved, data_dir=path.expanduser(), secret=secret, **overrides)
 
