@@ -765,16 +765,12 @@ class NodeCore:
             pinned = isinstance(request, _wire.Describe) and bool(request.version)
             if seen is not None and not pinned and not self.registry.clock.dominates(seen):
                 return self._hold(peer, request, seen)
-            return self._answer(peer, request)
+        if not isinstance(request, _MUTATIONS):
+            return self._answer(peer, request)  # reads, and status, members, ...
         try:
-            if isinstance(request, _MUTATIONS):
-                return self._begin_write(peer, request, wall)
-            return [self._send(peer, self._handlers[type(request)](request))]
+            return self._begin_write(peer, request, wall)
         except ScatterError as exc:
-            failure = _wire.Failure(request.id, _failure_kind(exc), str(exc))
-            if self._forwards_describe(peer, request, exc):
-                return self._forward_describe(peer, request, failure)
-            return [self._send(peer, failure)]
+            return [self._send(peer, _wire.Failure(request.id, _failure_kind(exc), str(exc)))]
         except Exception as exc:
             return self._internal(peer, request.id, exc)
 
