@@ -45,7 +45,7 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
-def _worker_before(commit: str, data_dir: Path, scratch: Path) -> Any | None:
+def _worker_before(commit: str, data_dir: Path, run_dir: Path, scratch: Path) -> Any | None:
     try:
         source = subprocess.run(
             ["git", "show", f"{commit}:scatter/_node/_worker.py"],
@@ -62,7 +62,10 @@ def _worker_before(commit: str, data_dir: Path, scratch: Path) -> Any | None:
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
-    return module.Worker(data_dir, 255, 30.0, 1 << 20)
+    try:
+        return module.Worker(data_dir, 255, 30.0, 1 << 20, run_dir=run_dir)
+    except TypeError:  # a worker from before per-incarnation run directories
+        return module.Worker(data_dir, 255, 30.0, 1 << 20)
 
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -94,10 +97,9 @@ def _end_to_end(commit: str, scratch: Path, rounds: int, calls: int) -> dict[str
             os.environ["PYTHONPATH"] = saved[0]
         os.chdir(saved[1])
     for name, node in nodes.items():
-        workers = subprocess.run(
-            ["ps", "--ppid", str(node.pid), "-o", "args="], capture_output=True, text=True
-        ).stdout
-        assert ("--parent-fd" in workers) == (name == "after"), f"{name} runs the wrong code"
+        code = tree if name == "before" else _REPO
+        where = Path(os.readlink(f"/proc/{node.pid}/cwd"))
+        assert where == code.resolve(), f"{name} runs the code in {where}, not {code}"
     clients = {name: scatter.Client(n.address, autostart=False) for name, n in nodes.items()}
     try:
         remotes = {}
@@ -121,11 +123,17 @@ def _end_to_end(commit: str, scratch: Path, rounds: int, calls: int) -> dict[str
             node.stop()
 
 
-def _per_call(handle: Any, frame: bytes, calls: int) -> float:
+def _per_call(handle: Any, frames: list[bytes]) -> float:
     started = time.perf_counter()
-    for _ in range(calls):
+    for frame in frames:
         handle(frame)
-    return (time.perf_counter() - started) / calls
+    return (time.perf_counter() - started) / len(frames)
+
+
+def _frames(call: _wire.Call, first_id: int, calls: int) -> list[bytes]:
+    """``calls`` frames of ``call`` with fresh ids: a worker refuses a repeated id."""
+    encode = _wire.encoder.encode
+    return [encode(msgspec.structs.replace(call, id=i)) for i in range(first_id, first_id + calls)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,22 +149,25 @@ def main(argv: list[str] | None = None) -> None:
             c.publish(add)
             assert c.make_callable("add")(1, 2) == 3
             args_payload = msgspec.msgpack.encode({"a": 1, "b": 2})
-            call = _wire.Call(1, "add", 0, 0, "", 0.0, msgspec.Raw(args_payload))
-            frame = _wire.encoder.encode(call)
-            timed = _worker.Worker(data_dir, 254, 30.0, 1 << 20, run_dir=data_dir / "run")
-            untimed = _worker.Worker(data_dir, 253, 30.0, 1 << 20, run_dir=data_dir / "run")
+            # As a client sends it: a caller id, so the worker's at-most-once table runs.
+            call = _wire.Call(1, "add", 0, 0, "", 0.0, msgspec.Raw(args_payload), b"caller")
+            # The node's run directory is per incarnation (run/<n>/): the newest is its.
+            run_dir = max((data_dir / "run").iterdir(), key=lambda d: d.stat().st_mtime)
+            timed = _worker.Worker(data_dir, 254, 30.0, 1 << 20, run_dir=run_dir)
+            untimed = _worker.Worker(data_dir, 253, 30.0, 1 << 20, run_dir=run_dir)
             untimed.arm = max  # type: ignore[assignment]  # a builtin taking two numbers
             signal.signal(signal.SIGALRM, timed.on_alarm)
             variants: dict[str, Any] = {"no timer": untimed, "timer": timed}
-            before = _worker_before(args.before, data_dir, Path(tmp))
+            before = _worker_before(args.before, data_dir, run_dir, Path(tmp))
             if before is not None:
                 variants = {"before": before, **variants}
             for worker in variants.values():
-                _per_call(worker.handle, frame, 2000)  # warm: routes, loaded body
+                _per_call(worker.handle, _frames(call, 1, 2000))  # warm: routes, loaded body
             times: dict[str, list[float]] = {name: [] for name in variants}
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
+                frames = _frames(call, 10_000 + round_ * args.calls, args.calls)
                 for name, worker in variants.items():
-                    times[name].append(_per_call(worker.handle, frame, args.calls))
+                    times[name].append(_per_call(worker.handle, frames))
             signal.setitimer(signal.ITIMER_REAL, 0)
         if args.end_to_end:
             whole = _end_to_end(args.before, Path(tmp), args.rounds // 3, args.calls // 5)
