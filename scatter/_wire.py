@@ -3,7 +3,7 @@
 Two conversations use it:
 
 * client <-> node (the node's ROUTER at its address): control requests such as
-  ``Publish``, ``Lease`` or ``Versions``, each answered by one reply;
+  ``Publish``, ``Lease`` or ``ListVersions``, each answered by one reply;
 * client <-> worker (a worker process's ROUTER, leased through the node): ``Call`` and its
   ``Result`` or ``Failure``. These are the hot messages: ``array_like`` and small tags.
 

@@ -15,6 +15,10 @@ One job per module, as httpx keeps its client, transports and pool apart:
 - ``_calls.py``: the call path: ``RemoteFunction`` and ``CallSender`` (sync, async, map),
   and a generator function's ``RemoteStream`` / ``AsyncRemoteStream``.
 - ``_remote_errors.py``: a function's exception, as an instance of its own class.
+- ``_routes.py``: calls a worker of the client's node refused unrun, sent through a
+  route to a member that can run them (directly to its worker, or relayed by the node).
+- ``_session.py``: the registry clock this process has seen (read your writes).
+- ``_callid.py``: call ids unique in the cluster (at most once).
 - ``_polling.py``: ``ReplyPolling``, whether a sync caller polls before it sleeps.
 - ``_autostart.py``: a detached node for a client that finds none on loopback.
 - ``_fork.py``: a forked child drops its parent's connections (an at-fork hook).
