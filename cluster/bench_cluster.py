@@ -4,6 +4,7 @@
     nox -s bench-cluster                            # the same, in a fresh virtualenv
     python cluster/bench_cluster.py --trials 3 --updates 20     # a short look
     python cluster/bench_cluster.py --only-restart              # restart time, ~40 s
+    python cluster/bench_cluster.py --only propagation,digest   # any of the four
 
 Every node is a real ``python -m scatter._node`` process on a free 127.0.0.1 port
 (``cluster.launch.LocalCluster``: node i joins through node i - 1), stopped by its PID
@@ -106,6 +107,7 @@ RECOVERY_TIMEOUT_S = 30.0  # not alive everywhere again by then: a fresh cluster
 DETECTION_P99_S = 6.0
 
 SMALL_REGISTRY = 10
+MEASUREMENTS = ("restart", "propagation", "digest", "detection")  # in the order they run
 DIGEST_BYTES_PER_MEMBER = 40
 CONVERGE_TIMEOUT_S = 180.0  # every node applying a large set of changes
 
@@ -763,10 +765,6 @@ def print_report(report: dict[str, Any]) -> None:
         console.print(f"[bold red]ERROR[/] {what} could not be measured (see above)")
 
 
-class _Done(Exception):
-    """What remains of the run is skipped (``--only-restart``)."""
-
-
 def main(
     updates: Annotated[int, typer.Option(min=2, max=10_000, help="Versions published.")] = 100,
     trials: Annotated[int, typer.Option(min=1, max=1000, help="Detection trials.")] = 20,
@@ -780,6 +778,13 @@ def main(
         int, typer.Option(min=2, max=1_000_000, help="Changes in the restarted node's history.")
     ] = 10_000,
     only_restart: Annotated[bool, typer.Option(help="Measure the restart alone.")] = False,
+    only: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated measurements to run, from restart,propagation,digest,"
+            "detection (default: all)."
+        ),
+    ] = "",
     output: Annotated[Path, typer.Option(help="Where to write the JSON results.")] = Path(
         "bench-results-cluster.json"
     ),
@@ -793,6 +798,17 @@ def main(
     os.environ["SCATTER_DATA_DIR"] = str(workdir / "default-data")
     os.environ.pop("SCATTER_SECRET", None)
     os.environ.pop("SCATTER_ADDRESS", None)
+    chosen = set(MEASUREMENTS)
+    if only_restart:
+        chosen = {"restart"}
+    elif only:
+        chosen = {part.strip() for part in only.split(",") if part.strip()}
+        unknown = chosen - set(MEASUREMENTS)
+        if unknown:
+            raise typer.BadParameter(
+                f"unknown measurement(s) {', '.join(sorted(unknown))}: use {','.join(MEASUREMENTS)}",
+                param_hint="--only",
+            )
     bench = Bench(workdir)
     report: dict[str, Any] = {
         "machine": machine_info(),
@@ -810,31 +826,32 @@ def main(
         "restart": None,
     }
     try:
-        try:
-            report["restart"] = measure_restart(bench, restart_changes)
-        except Exception:
-            bench.fail("restart")
-        if only_restart:
-            raise _Done
-        try:
-            with LocalCluster(workdir / "local", NODES, profile="local") as cluster:
-                bench.say(f"{NODES}-node local cluster up")
-                try:
-                    report["propagation"] = measure_propagation(bench, cluster, updates)
-                except Exception:
-                    bench.fail("propagation")
-                try:
-                    report["digest"] = measure_digest(bench, cluster, large_registry)
-                except Exception:
-                    bench.fail("digest")
-        except Exception:
-            bench.fail("local cluster")
-        try:
-            report["detection"] = measure_detection(bench, trials, detection_budget)
-        except Exception:
-            bench.fail("detection")
-    except _Done:
-        pass
+        if "restart" in chosen:
+            try:
+                report["restart"] = measure_restart(bench, restart_changes)
+            except Exception:
+                bench.fail("restart")
+        if chosen & {"propagation", "digest"}:
+            try:
+                with LocalCluster(workdir / "local", NODES, profile="local") as cluster:
+                    bench.say(f"{NODES}-node local cluster up")
+                    if "propagation" in chosen:
+                        try:
+                            report["propagation"] = measure_propagation(bench, cluster, updates)
+                        except Exception:
+                            bench.fail("propagation")
+                    if "digest" in chosen:
+                        try:
+                            report["digest"] = measure_digest(bench, cluster, large_registry)
+                        except Exception:
+                            bench.fail("digest")
+            except Exception:
+                bench.fail("local cluster")
+        if "detection" in chosen:
+            try:
+                report["detection"] = measure_detection(bench, trials, detection_budget)
+            except Exception:
+                bench.fail("detection")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     report["machine"]["load_average_at_end"] = os.getloadavg()
