@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cluster import fuzz, fuzz_corpus
+from scatter._core._node import NodeCore, PersistViews
 from scatter._core._registry import Registry
 from scatter._exceptions import ProtocolError
 
@@ -131,6 +133,34 @@ def test_the_registry_target_compares_each_refused_batch_with_the_state_before_i
     else:
         harness.check(data)
     assert len(calls) >= lying_call
+
+
+@pytest.mark.parametrize("planted", ["changes its registry quietly", "stores a stale view"])
+def test_the_node_target_checks_the_views_after_a_frame_that_could_change_them(
+    harness: fuzz.Harness, monkeypatch: pytest.MonkeyPatch, planted: str
+) -> None:
+    """The views check skips frames that neither store anything nor touch the registry;
+    a bug planted in the third frame (the first two pass) must still be found there,
+    whether the registry changed without its clock moving or a stored view went stale."""
+    lease = fuzz_corpus.control_requests()[8]
+    data = fuzz_corpus.seed("node", 0, [lease, lease, lease])
+    stale = msgspec.structs.replace(fuzz_corpus.base_disk().views["m1"], current=9)
+    real = NodeCore.receive
+    frames: list[int] = []
+
+    def receive(self: NodeCore, peer: bytes, payload: bytes, **kwargs: Any) -> Any:
+        effects = real(self, peer, payload, **kwargs)
+        frames.append(1)
+        if len(frames) == 3 and planted == "changes its registry quietly":
+            self.registry._functions.pop("m1")  # no change applied: the clock stays
+        elif len(frames) == 3:  # without a look at the registry
+            effects.append(PersistViews(999, {"m1": stale}, frozenset()))
+        return effects
+
+    monkeypatch.setattr(NodeCore, "receive", receive)
+    with pytest.raises(fuzz.Finding, match=r"view of 'm1' is not|bodies missing"):
+        harness.check(data)
+    assert len(frames) == 3  # found in the third frame, not at the end
 
 
 # -- the launcher: one libFuzzer process per target, counted together ------------------
