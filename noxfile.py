@@ -64,8 +64,9 @@ def fuzz(session: nox.Session) -> None:
     """Coverage-guided fuzzing of decoders, node core, worker, registry and pool.
 
     ``nox -s fuzz -- --inputs 1000000`` or ``-- --seconds 600`` (``--target worker``,
-    ``--engine random``; see cluster/fuzz.py). Not a default session: it runs until told
-    to stop. The test suite runs a short, bounded round of the same targets.
+    ``--workers 1``, ``--engine random``; see cluster/fuzz.py): one libFuzzer process per
+    target, two at a time. Not a default session: without a bound it runs until told to
+    stop. The test suite runs a short, bounded round of the same targets.
     """
     # atheris 3.1.0 has wheels for CPython 3.12+ only (no sdist); 3.0.0 is the last
     # release with a 3.11 wheel, and fuzzes the same way.

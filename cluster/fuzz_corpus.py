@@ -133,6 +133,7 @@ class Disk:
     stopped_failed: bool = False
     logs: list[str] = field(default_factory=list)
     writes: int = 0  # PersistViews performed
+    stores: int = 0  # PersistChanges and PersistViews performed: what is stored changed
 
     def copy(self) -> Disk:
         return Disk(dict(self.changes), dict(self.views), dict(self.bodies), dict(self.records))
@@ -156,6 +157,7 @@ class Disk:
                 if self.fail_persist:
                     pending += core.persist_failed(effect.ticket, "OSError: disk full")
                     continue
+                self.stores += 1
                 for change in effect.changes:
                     self.changes[change.change_id] = change
                 for content_id, (record, body) in effect.bodies.items():
@@ -164,6 +166,7 @@ class Disk:
                 pending += core.changes_persisted(effect.ticket)
             elif isinstance(effect, PersistViews):
                 self.writes += 1
+                self.stores += 1
                 for name, view in effect.views.items():
                     if view is None:
                         self.views.pop(name, None)
