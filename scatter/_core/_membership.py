@@ -393,8 +393,20 @@ class Membership:
 
     def receive(self, address: str, messages: Sequence[Message], now: float) -> list[Packet]:
         out: list[Packet] = []
+        accused = False
         for message in messages:
             out += self._receive_one(address, message, now)
+            accused = accused or (
+                type(message) in (Suspect, Dead)
+                and message.node == self.node  # type: ignore[union-attr]
+                and message.source != self.node  # type: ignore[union-attr]
+            )
+        if accused and not self._leaving:
+            # Tell the accuser first, straight back: the refutation's gossip reaches each
+            # member only with some probability at small N, and it holds us suspect or
+            # dead until then (it does not probe the dead).
+            me = self._members[self.node]
+            out.append(Packet(address, (Alive(self.node, self.address, me.incarnation),)))
         return out
 
     def tick(self, now: float) -> list[Packet]:
@@ -424,7 +436,11 @@ class Membership:
         if isinstance(message, Ping):
             if message.target != self.node:
                 return []  # meant for a former process at this address
-            return [self._with_news(address, Ack(message.seq, self.node))]
+            return [
+                self._with_news(
+                    address, Ack(message.seq, self.node), *self._verdict_on(message.source)
+                )
+            ]
         if isinstance(message, Ack):
             return self._on_ack(message, now)
         if isinstance(message, Nack):
@@ -529,7 +545,6 @@ class Membership:
         self._update(news.node, incarnation=news.incarnation, state=State.SUSPECT, since=now)
         self._start_suspicion(news.node, news.source, now)
         self._broadcasts.put(news.node, news)
-
 
     def _on_dead(self, news: Dead, now: float) -> None:
         if news.node == self.node:
@@ -700,6 +715,19 @@ class Membership:
 
     # -- helpers ----------------------------------------------------------------
 
+    def _verdict_on(self, node: str) -> tuple[Message, ...]:
+        """What we hold against ``node``, for its own ears: a member that probes us while
+        we hold it suspect or dead (one paused past its suspicion, then resumed) learns
+        it from our ack and refutes at once, rather than when the news or a reconnect
+        happens to reach it (up to a reconnect interval later), as Lifeguard's buddy
+        system tells a suspect first."""
+        member = self._members.get(node)
+        if member is None or member.state == State.ALIVE or member.state == State.LEFT:
+            return ()
+        if member.state == State.SUSPECT:
+            return (Suspect(node, member.incarnation, self.node),)
+        return (Dead(node, member.incarnation, self.node, member.address),)
+
     def _with_news(self, address: str, *messages: Message) -> Packet:
         return Packet(address, (*messages, *self._take_news()))
 
@@ -744,7 +772,9 @@ class Membership:
         version, cached = self._live_cache
         if version != self.version:
             me = self.node
-            cached = [m for m in self._members.values() if m.state <= State.SUSPECT and m.node != me]
+            cached = [
+                m for m in self._members.values() if m.state <= State.SUSPECT and m.node != me
+            ]
             self._live_cache = (self.version, cached)
         return cached
 

@@ -70,6 +70,18 @@ def test_a_member_refutes_its_own_suspicion_and_death() -> None:
     assert Alive("a", "sim://a", 3) in news
 
 
+def test_a_member_tells_its_accuser_straight_back_that_it_lives() -> None:
+    a, _ = pair()
+    out = a.receive("sim://b", [Suspect("a", 1, "b")], 1.0)
+    assert Alive("a", "sim://a", 2) in [
+        m for p in out if p.address == "sim://b" for m in p.messages
+    ]
+    out = a.receive("sim://c", [Dead("a", 1, "c")], 1.1)  # old news: the same answer
+    assert Alive("a", "sim://a", 2) in [
+        m for p in out if p.address == "sim://c" for m in p.messages
+    ]
+
+
 def test_confirmations_shorten_a_suspicion_to_its_minimum() -> None:
     suspicion = _Suspicion(started=0.0, k=2, min=4.0, max=24.0, confirmed_by={"x"})
     alone = suspicion.deadline()
@@ -140,6 +152,45 @@ def test_a_member_paused_within_the_suspicion_timeout_refutes_and_stays(seed: in
     sim.run_for(30.0)
     states = {m.state_of("n2") for a, m in sim.members.items() if a != "sim://2"}
     assert states == {State.ALIVE}, f"seed {seed}: {states}"
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_member_resumed_after_it_was_declared_dead_learns_it_from_the_first_ack(
+    seed: int,
+) -> None:
+    # Paused past its suspicion, a member is dead to all, and nobody probes the dead: it
+    # learned so only from a reconnect or a push/pull (seconds later; 3.8 s to converge
+    # after the chaos rig's final pause). Both are off here: only the acks to its own
+    # probes can tell it.
+    sim = _joined(5, LOCAL, seed=seed)
+    quiet = MembershipConfig.local(reconnect_interval=float("inf"), push_pull_interval=float("inf"))
+    for member in sim.members.values():
+        member.config = quiet
+        member._next_push_pull = member._next_reconnect = float("inf")
+    sim.kill("sim://2")
+    sim.run_for(10.0)
+    others = [m for a, m in sim.members.items() if a != "sim://2"]
+    assert {m.state_of("n2") for m in others} == {State.DEAD}
+    sim.resume("sim://2")
+
+    def alive_again() -> bool:
+        return {m.state_of("n2") for m in others} == {State.ALIVE}
+
+    # A probe interval to ask, a round trip, then the refutation's gossip.
+    assert sim.run_until(alive_again, limit=sim.now + 2.0) is not None, f"seed {seed}"
+
+
+def test_an_ack_tells_a_member_held_suspect_or_dead_what_we_hold() -> None:
+    a, _ = pair()
+    a.receive("sim://c", [Suspect("b", 1, "c")], 1.0)
+    (ack,) = a.receive("sim://b", [Ping(7, "a", "b")], 1.1)
+    assert Suspect("b", 1, "a") in ack.messages
+    a.receive("sim://c", [Dead("b", 1, "c")], 1.2)
+    (ack,) = a.receive("sim://b", [Ping(8, "a", "b")], 1.3)
+    assert Dead("b", 1, "a", "sim://b") in ack.messages
+    a.receive("sim://b", [Alive("b", "sim://b", 2)], 1.4)
+    (ack,) = a.receive("sim://b", [Ping(9, "a", "b")], 1.5)
+    assert not [m for m in ack.messages if isinstance(m, Suspect | Dead)]
 
 
 def test_the_same_seed_replays_the_same_run() -> None:
