@@ -342,7 +342,10 @@ def test_a_heal_during_handshakes_leaves_no_half_open_connection_and_the_slow_no
         pairs = chaos.delayed_pairs(chaos.Fault(0, "delay-one", (0,), 1), 3)
         network.redirect(pairs, ports, proxy.start())
         network.reset_connections(pairs, ports)
-        wait_until(lambda: proxy.counts.connections >= 4, 30, "node 0's links use the proxy")
+        try:
+            wait_until(lambda: proxy.counts.connections >= 4, 30, "node 0's links use the proxy")
+        except AssertionError as exc:  # seen once, at load 6: say what the relay saw
+            raise AssertionError(f"{exc}; the relay: {proxy.counts}") from None
         moved = time.monotonic()
         with scatter.Client(nodes[1].address, autostart=False) as client:
             client.publish(_second, name="second")  # node 0 can only hear of it after the heal
