@@ -55,10 +55,12 @@ Why it is built this way:
   arrive before one sent earlier to C, and a change gossiped on by B may reach C before
   the push it depends on); what is *not* reordered is bytes within one connection (TCP
   keeps them in order on any network; breaking it would only break ZMTP/CURVE framing).
-  Clients are neither redirected nor delayed. The heal deletes the redirects, then the
-  relay writes on what it holds and closes its connections, and the nodes reconnect
-  directly (what was still in a sender's kernel buffers is lost, as on any reset
-  connection). The report counts what the relays carried. Without NAT in nftables or a
+  Clients are neither redirected nor delayed. The heal stops the relay first (it writes
+  on what it holds and closes its connections), then deletes the redirects, and the
+  nodes reconnect directly (what was still in a sender's kernel buffers is lost, as on
+  any reset connection); in the other order the closes never reach the nodes
+  (``Network.heal`` says why), and the rig checks that no node connection is left with
+  one end. The report counts what the relays carried. Without NAT in nftables or a
   working ``ss -K``, these faults are skipped and the report says why.
 - **Replayable.** The schedule (what, whom, when, for how long) is drawn from
   ``Random(seed)`` before the run and printed; the clients draw their operations from
@@ -96,7 +98,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.delay_proxy import DelayProxy
+from cluster.delay_proxy import DelayProxy, RelayCounts
 from cluster.faketime import faketime_env, faketime_unavailable, set_offset
 from cluster.launch import LocalCluster, LocalNode, free_port, kill_if_alive
 
@@ -650,11 +652,51 @@ class Network:
                 timeout=10,
             )
 
-    def heal(self) -> None:
-        self._nft(
-            f"flush chain inet {self.name} out\n"
-            + (f"flush chain inet {self.name} nat_out\n" if self.redirects else "")
-        )
+    def heal(self, proxy: DelayProxy | None = None) -> RelayCounts | None:
+        """Every rule gone; a delay fault's ``proxy`` stopped first (its counts returned).
+
+        First, while its redirects still stand: they are the only rules here that need
+        connection tracking, and with the last of them gone the kernel stops tracking
+        (a fresh loopback connection gets conntrack entries while a redirect exists,
+        none after the flush). Packets of a connection already redirected then go
+        untranslated: the relay's close leaves from the relay's port, matches no node
+        socket, and the node's end stays ESTABLISHED with no other end. A node in the
+        middle of a CURVE handshake sends nothing while it waits for its peer's next
+        step, so it never finds out: libzmq gives up after its handshake interval
+        (ZMQ_HANDSHAKE_IVL, 30 s), and the slow node stayed cut off that long after its
+        fault began (17-25 s after the heal in the chaos runs). Stopped first, the
+        relay's closes reach the nodes; their reconnects meet the closed relay port
+        (refused; ZeroMQ retries within 100-200 ms) until the flush lets them through.
+        """
+        try:
+            counts = proxy.stop() if proxy is not None else None
+        finally:
+            self._nft(
+                f"flush chain inet {self.name} out\n"
+                + (f"flush chain inet {self.name} nat_out\n" if self.redirects else "")
+            )
+        return counts
+
+    def half_open(self, ports: list[int], host: str = "127.0.0.1") -> list[str]:
+        """Node connections with one end: an established socket to a node's port that
+        no socket answers to (what a redirect leaves when its relay's close is lost).
+        Outside a delay fault there are none (a connection being opened right now may
+        show for a moment: ask twice)."""
+        listing = subprocess.run(
+            ["ss", "-tanH"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout
+        nodes = {f"{host}:{port}" for port in ports}
+        ends: set[tuple[str, str]] = set()
+        established: list[tuple[str, str]] = []
+        for line in listing.splitlines():
+            fields = line.split()
+            if len(fields) < 5:
+                continue
+            state, local, peer = fields[0], fields[3], fields[4]
+            ends.add((local, peer))
+            if state == "ESTAB" and peer in nodes:
+                established.append((local, peer))
+        return [f"{local} -> {peer}" for local, peer in established if (peer, local) not in ends]
 
     def close(self) -> None:
         if self._closed:
@@ -729,6 +771,7 @@ class Rig:
         self.skewed: set[int] = set()  # nodes whose clock is off
         self.proxy: DelayProxy | None = None  # while a delay fault lasts
         self.relayed = Counter[str]()  # what the delay faults' proxies carried
+        self.observations: list[str] = []  # for the report: the rig's own misfires
         self.clients: list[subprocess.Popen[bytes]] = []
         why = network_faults_unavailable() if config.network else "turned off (--no-network)"
         self.network_unavailable = why
@@ -883,8 +926,7 @@ class Rig:
         elif fault.kind == "clock-jump":
             self.set_clock(fault.nodes[0], 0)
         elif self.network is not None:
-            self.network.heal()
-            self.stop_delay()
+            self.heal_network()
 
     def start_delay(self, fault: Fault, ports: list[int]) -> None:
         """A proxy of this fault's own, the redirects to it, then the open connections
@@ -897,13 +939,40 @@ class Rig:
         self.network.redirect(pairs, ports, proxy_port)
         self.network.reset_connections(pairs, ports)
 
+    def heal_network(self) -> None:
+        """Every rule gone; a delay fault's relay stopped first (``Network.heal``), and
+        then no node connection may be left with one end: the rig would have injected
+        a silent half-open connection rather than the delay it meant, and the nodes
+        would wait out libzmq's 30 s handshake interval. Such a heal is an observation
+        in the report."""
+        assert self.network is not None
+        proxy, self.proxy = self.proxy, None
+        counts = self.network.heal(proxy)
+        if counts is None:
+            return
+        self._count_relayed(counts)
+        ports = [n.port for n in self.nodes]
+        stuck = self.network.half_open(ports)
+        if stuck:
+            time.sleep(0.5)  # one being opened right now is not stuck
+            stuck = sorted(set(stuck) & set(self.network.half_open(ports)))
+        if stuck:
+            self.nemesis.log("info", "half-open", {"connections": stuck})
+            self.observations.append(
+                f"a delay fault's heal left {len(stuck)} node connection(s) with one end "
+                f"(the nodes wait out ZeroMQ's handshake interval): {', '.join(stuck)}"
+            )
+
     def stop_delay(self) -> None:
-        """Called with the redirects gone: the proxy writes on what it holds and closes
-        its connections, and the nodes reconnect straight to each other."""
+        """The proxy writes on what it holds and closes its connections (only where the
+        rules go next anyway: ``heal_network`` is the heal)."""
         if self.proxy is None:
             return
         counts = self.proxy.stop()
         self.proxy = None
+        self._count_relayed(counts)
+
+    def _count_relayed(self, counts: RelayCounts) -> None:
         self.relayed.update(asdict(counts))
         self.nemesis.log("info", "delay-proxy", asdict(counts))
 
@@ -916,8 +985,7 @@ class Rig:
     def heal_all(self) -> None:
         """Everything back: rules gone, everyone resumed, the killed restarted."""
         if self.network is not None:
-            self.network.heal()
-        self.stop_delay()
+            self.heal_network()
         self.resume_all()
         for i in sorted(self.skewed):
             self.set_clock(i, 0)
@@ -1066,6 +1134,7 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
         rig.wait_for_clients(timeout=40)
         rig.heal_all()
         report.delay_proxy = dict(rig.relayed)
+        report.observations += rig.observations
         if schedule:
             rig.nemesis.log("ok", schedule[-1].kind, asdict(schedule[-1]))
         rig.nemesis.log("info", "healed", {})

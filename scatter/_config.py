@@ -33,6 +33,8 @@ ENV_SECRET = "SCATTER_SECRET"
 # A test hook, never for production: "0" starts a node that never pushes, gossips or
 # starts anti-entropy for registry changes (NodeConfig.registry_gossip).
 ENV_TEST_REGISTRY_GOSSIP = "SCATTER_TEST_REGISTRY_GOSSIP"
+# "1": a node logs every change of a member's state or incarnation (NodeConfig.log_membership).
+ENV_LOG_MEMBERSHIP = "SCATTER_LOG_MEMBERSHIP"
 
 
 def default_address(uid: int | None = None) -> str:
@@ -193,6 +195,9 @@ class NodeConfig:
     # answers digests, so it learns and spreads changes only through pulls (read your
     # writes) and the anti-entropy rounds of nodes that have it on.
     registry_gossip: bool = True
+    # One log line per change of a member's state or incarnation, with the monotonic
+    # time (SCATTER_LOG_MEMBERSHIP=1): to follow a partition's heal across nodes' logs.
+    log_membership: bool = False
     # Members to join through at start (`scatter node join ADDR`), beyond those the
     # node remembers from its last run.
     join: tuple[str, ...] = ()
@@ -295,6 +300,8 @@ def resolve_node_config(
         overrides["registry_gossip"] = _env_bool(
             ENV_TEST_REGISTRY_GOSSIP, env[ENV_TEST_REGISTRY_GOSSIP]
         )
+    if env.get(ENV_LOG_MEMBERSHIP, "").strip() and "log_membership" not in overrides:
+        overrides["log_membership"] = _env_bool(ENV_LOG_MEMBERSHIP, env[ENV_LOG_MEMBERSHIP])
     path = Path(data_dir) if data_dir is not None else data_dir_for(resolved)
     return NodeConfig.local(address=resolved, data_dir=path.expanduser(), secret=secret, **overrides)
 

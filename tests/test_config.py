@@ -81,6 +81,14 @@ def test_each_user_has_a_default_address_of_their_own() -> None:
         assert is_loopback(parse_address(default_address(uid))[0])
 
 
+def test_membership_log_is_off_unless_the_environment_turns_it_on(tmp_path: Path) -> None:
+    assert not resolve_node_config(data_dir=tmp_path, environ={}).log_membership
+    on = resolve_node_config(data_dir=tmp_path, environ={"SCATTER_LOG_MEMBERSHIP": "1"})
+    assert on.log_membership
+    with pytest.raises(ConfigError, match="SCATTER_LOG_MEMBERSHIP"):
+        resolve_node_config(data_dir=tmp_path, environ={"SCATTER_LOG_MEMBERSHIP": "loud"})
+
+
 def test_node_data_dir_from_environment(tmp_path: Path) -> None:
     config = resolve_node_config(environ={"SCATTER_DATA_DIR": str(tmp_path)})
     assert config.data_dir == tmp_path

@@ -163,6 +163,9 @@ class NodeDriver:
         # Test hook (SCATTER_TEST_DROP_RELAYED_REPLIES=1): a relayed call runs, but its
         # reply is dropped here, as if lost on the way back (tests of at most once).
         self.drop_relayed_replies = False
+        # NodeConfig.log_membership: what was last logged of each member.
+        self._logged_version = -1
+        self._logged_members: dict[str, tuple[State, int]] = {}
 
     # -- effects ------------------------------------------------------------------
 
@@ -177,6 +180,23 @@ class NodeDriver:
             self.perform(event(*args, **kw))
         except Exception as exc:
             log_internal(exc, f"handling {getattr(event, '__name__', 'an event')}")
+        if self.config.log_membership and self.core.membership.version != self._logged_version:
+            self._log_members()
+
+    def _log_members(self) -> None:
+        membership = self.core.membership
+        self._logged_version = membership.version
+        now = time.monotonic()  # one clock for every process of the machine: logs line up
+        for node, member in membership.known().items():
+            seen = (member.state, member.incarnation)
+            was = self._logged_members.get(node)
+            if was != seen:
+                self._logged_members[node] = seen
+                before = "new" if was is None else f"was {was[0].name.lower()} {was[1]}"
+                log(
+                    f"member {node} {member.state.name.lower()} {member.incarnation} "
+                    f"({before}) at {now:.3f}"
+                )
 
     def perform(self, effects: Iterable[core_effects.Effect]) -> None:
         for effect in effects:
