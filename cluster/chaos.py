@@ -746,6 +746,8 @@ class Report:
     convergence_seconds: float | None = None
     converged: bool = False
     replica_hashes: list[str] = field(default_factory=list)
+    # (seconds after the heal, node index, its hash or "held"/"unreachable"), on change
+    convergence_trace: list[tuple[float, int, str]] = field(default_factory=list)
     membership_seconds: float | None = None  # after convergence, until all see all alive
     alive_seen: list[int] = field(default_factory=list)  # members each node sees alive
     calls: dict[str, Any] = field(default_factory=dict)
@@ -772,6 +774,7 @@ class Rig:
         self.proxy: DelayProxy | None = None  # while a delay fault lasts
         self.relayed = Counter[str]()  # what the delay faults' proxies carried
         self.observations: list[str] = []  # for the report: the rig's own misfires
+        self.convergence_trace: list[tuple[float, int, str]] = []  # see wait_for_convergence
         self.clients: list[subprocess.Popen[bytes]] = []
         why = network_faults_unavailable() if config.network else "turned off (--no-network)"
         self.network_unavailable = why
@@ -1018,15 +1021,25 @@ class Rig:
 
         started = time.monotonic()
         hashes: list[str] = []
+        last: list[str] = [""] * len(self.nodes)
         while time.monotonic() - started < timeout:
             hashes = []
-            for node in self.nodes:
+            for i, node in enumerate(self.nodes):
                 try:
                     with scatter.Client(node.address, autostart=False) as client:
                         status = client.status()
-                    hashes.append(status.replica_hash if not status.pending_changes else "held")
+                    seen = (
+                        status.replica_hash
+                        if not status.pending_changes
+                        else f"held ({status.pending_changes} pending)"
+                    )
                 except scatter.ScatterError:
-                    hashes.append("unreachable")
+                    seen = "unreachable"
+                if seen != last[i]:
+                    # Which node lagged, and how: what a slow convergence is read from.
+                    self.convergence_trace.append((round(time.monotonic() - started, 3), i, seen))
+                    last[i] = seen
+                hashes.append(seen if not seen.startswith("held") else "held")
             if len(set(hashes)) == 1 and hashes[0] not in ("held", "unreachable"):
                 return time.monotonic() - started, hashes
             time.sleep(0.05)
@@ -1142,6 +1155,7 @@ def run(config: ChaosConfig, out: Callable[[str], None] = print) -> Report:
         report.convergence_seconds = convergence
         report.converged = convergence is not None
         report.replica_hashes = hashes
+        report.convergence_trace = rig.convergence_trace
         membership, alive_counts = rig.wait_for_membership(timeout=30)
         report.membership_seconds = membership
         report.alive_seen = alive_counts
@@ -1271,7 +1285,9 @@ def check(
         violation(
             "slow convergence",
             f"{report.convergence_seconds:.2f} s from the final heal to one replica hash "
-            f"(bound: 2 anti-entropy intervals, {CONVERGENCE_BOUND:g} s)",
+            f"(bound: 2 anti-entropy intervals, {CONVERGENCE_BOUND:g} s); each node's "
+            "state as it changed (s after the heal, node, hash or held): "
+            + ", ".join(f"{t:g} n{i} {seen[:12]}" for t, i, seen in report.convergence_trace),
         )
     if report.membership_seconds is None:
         violation(
