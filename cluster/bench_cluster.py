@@ -556,6 +556,15 @@ def measure_restart(bench: Bench, changes: int) -> dict[str, Any]:
         bench.say(
             f"restart: history of {changes:,} changes built in {time.monotonic() - built:.0f} s"
         )
+        full.start()  # what the store holds: the snapshot, and the log on top of it
+        with client_of(full) as client:
+            status = client.status()
+            history = {"compacted": status.compacted_changes, "log": status.changes}
+        full.stop()
+        bench.say(
+            f"restart: {history['compacted']:,} changes compacted into the snapshot, "
+            f"{history['log']:,} in the log"
+        )
         trials: dict[str, list[tuple[float, float, int]]] = {"full": [], "empty": []}
         for _ in range(RESTART_TRIALS):
             for what, node in (("empty", empty), ("full", full)):
@@ -577,6 +586,7 @@ def measure_restart(bench: Bench, changes: int) -> dict[str, Any]:
         "rss_mib": median("full", 2) / 1024,
         "empty_serving_s": median("empty", 1),
         "empty_rss_mib": median("empty", 2) / 1024,
+        "history": history,
         "samples": trials,
     }
 

@@ -51,7 +51,7 @@ from scatter._core._node import (
     Send,
     SendPeer,
 )
-from scatter._core._registry import Change, FunctionView, PublishOp
+from scatter._core._registry import Change, FunctionView, PublishOp, Snapshot
 from scatter._exceptions import FunctionNotFound
 
 
@@ -210,6 +210,7 @@ class SimDisk:
     """What one node persisted, in memory: a restart rebuilds its core from this."""
 
     def __init__(self) -> None:
+        self.snapshot = Snapshot()  # what compaction folded (bounded history)
         self.changes: dict[str, Change] = {}
         self.views: dict[str, FunctionView] = {}
         self.bodies: dict[str, bytes] = {}
@@ -235,6 +236,8 @@ class ClusterSimulation(_VirtualTime):
         membership: MembershipConfig | None = None,
         registry_gossip: bool = True,
         read_wait: float = NodeConfig.read_wait,
+        history_grace: float = NodeConfig.history_grace,
+        compact_after: int = NodeConfig.compact_after,
     ) -> None:
         self.rng = random.Random(seed)
         self.loss = loss
@@ -247,6 +250,8 @@ class ClusterSimulation(_VirtualTime):
             # through pulls for held reads (read your writes), as the real test hook.
             registry_gossip=registry_gossip,
             read_wait=read_wait,
+            history_grace=history_grace,
+            compact_after=compact_after,
         )
         self.addresses = [f"tcp://sim-{i}:1" for i in range(nodes)]
         self.disks = {address: SimDisk() for address in self.addresses}
@@ -255,6 +260,8 @@ class ClusterSimulation(_VirtualTime):
         self.cut: set[frozenset[str]] = set()  # pairs that cannot talk (a partition)
         self.replies: dict[str, list[object]] = {a: [] for a in self.addresses}
         self.messages = 0
+        # Every change any node ever persisted, compacted away since or not (checkers).
+        self.written: dict[str, Change] = {}
         self._queue: list[_Delivery] = []
         self._order = itertools.count()
         self._timers: list[tuple[float, int, str]] = []  # (when, order, address), lazy
@@ -293,7 +300,9 @@ class ClusterSimulation(_VirtualTime):
             scatter_version="sim",
             seed=self.rng.randrange(2**32),
         )
-        core = NodeCore(self.config, facts, disk.changes.values(), disk.views, disk.bodies)
+        core = NodeCore(
+            self.config, facts, disk.changes.values(), disk.views, disk.bodies, snapshot=disk.snapshot
+        )
         self.cores[address] = core
         # As the node's driver does: rejoin through the members remembered on disk.
         remembered = [
@@ -412,14 +421,25 @@ class ClusterSimulation(_VirtualTime):
                     for op in change.ops
                     if isinstance(op, PublishOp)
                 }
+                if effect.snapshot is not None:
+                    wanted |= {
+                        v.record.content_id for f in effect.snapshot.functions for v in f.versions
+                    }
                 bodies = {cid: disk.bodies[cid] for cid in wanted if cid in disk.bodies}
                 message = wire.PeerChanges(
-                    core.facts.node_id, address, list(effect.changes), bodies
+                    core.facts.node_id, address, list(effect.changes), bodies, effect.snapshot
                 )
                 self._send(address, effect.address, wire.encoder.encode(message))
             elif isinstance(effect, PersistChanges):
+                if effect.snapshot is not None:
+                    disk.snapshot = effect.snapshot
+                    if effect.replace:
+                        disk.changes.clear()
+                for change_id in effect.dropped:
+                    disk.changes.pop(change_id, None)
                 for change in effect.changes:
                     disk.changes[change.change_id] = change
+                    self.written[change.change_id] = change
                 disk.bodies.update({cid: body for cid, (_, body) in effect.bodies.items()})
                 pending += core.changes_persisted(effect.ticket)
             elif isinstance(effect, PersistMembers):

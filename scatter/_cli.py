@@ -462,6 +462,7 @@ def node_status(
         ("uptime", _duration(status.uptime)),
         ("functions", f"{status.functions} ({status.changes} changes applied)"),
         ("versions", str(status.versions)),
+        ("history", _history(status)),
         ("workers", f"{status.workers} ({status.busy_workers} busy) of at most {status.max_workers}"),
         ("leases", str(status.leases)),
         *([("saturated", _saturation(status))] if status.saturated else []),
@@ -509,6 +510,18 @@ def _saturation(status: _wire.NodeStatus) -> str:
         f"{status.max_workers}); new calls wait for one to finish ({status.queued} queued "
         "so far)"
     )
+
+
+def _history(status: _wire.NodeStatus) -> str:
+    """The change log's bounded history: what is compacted, what is stable, what waits."""
+    stable = "?" if status.stable_changes < 0 else str(status.stable_changes)
+    words = (
+        f"{status.compacted_changes} changes compacted, {stable} of the log's "
+        f"{status.changes} seen by every member, {status.pending_changes} pending"
+    )
+    if status.void_changes:
+        words += f", changes of {status.void_changes} writer(s) refused as void"
+    return words
 
 
 def _duration(seconds: float) -> str:

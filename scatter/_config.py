@@ -35,6 +35,9 @@ ENV_SECRET = "SCATTER_SECRET"
 ENV_TEST_REGISTRY_GOSSIP = "SCATTER_TEST_REGISTRY_GOSSIP"
 # "1": a node logs every change of a member's state or incarnation (NodeConfig.log_membership).
 ENV_LOG_MEMBERSHIP = "SCATTER_LOG_MEMBERSHIP"
+# Bounded history (NodeConfig.history_grace, compact_after): seconds, and a count.
+ENV_HISTORY_GRACE = "SCATTER_HISTORY_GRACE"
+ENV_COMPACT_AFTER = "SCATTER_COMPACT_AFTER"
 
 
 def default_address(uid: int | None = None) -> str:
@@ -198,6 +201,15 @@ class NodeConfig:
     # One log line per change of a member's state or incarnation, with the monotonic
     # time (SCATTER_LOG_MEMBERSHIP=1): to follow a partition's heal across nodes' logs.
     log_membership: bool = False
+    # Bounded history (cluster/README.md). A member dead or gone for longer than this
+    # no longer holds back the compaction of what every other member has seen; should it
+    # come back, it gets a full state transfer, and what it changed while away is
+    # re-issued on top (seconds; 7 days, as Riak's and below Cassandra's 10-day
+    # gc_grace_seconds: an outage longer than a week is a rebuild, not a hiccup).
+    history_grace: float = 7 * 24 * 3600.0
+    # Changes every member has seen are folded into the snapshot once at least this many
+    # are (a snapshot write costs O(live registry): not worth it for every change).
+    compact_after: int = 256
     # Members to join through at start (`scatter node join ADDR`), beyond those the
     # node remembers from its last run.
     join: tuple[str, ...] = ()
@@ -302,6 +314,15 @@ def resolve_node_config(
         )
     if env.get(ENV_LOG_MEMBERSHIP, "").strip() and "log_membership" not in overrides:
         overrides["log_membership"] = _env_bool(ENV_LOG_MEMBERSHIP, env[ENV_LOG_MEMBERSHIP])
+    for name, key, kind in (
+        (ENV_HISTORY_GRACE, "history_grace", float),
+        (ENV_COMPACT_AFTER, "compact_after", int),
+    ):
+        if env.get(name, "").strip() and key not in overrides:
+            try:
+                overrides[key] = kind(env[name])
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {env[name]!r}") from None
     path = Path(data_dir) if data_dir is not None else data_dir_for(resolved)
     return NodeConfig.local(address=resolved, data_dir=path.expanduser(), secret=secret, **overrides)
 

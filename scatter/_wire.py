@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from ._core._membership import Ack, Alive, Dead, Nack, Ping, PingReq, Suspect, Sync
-from ._core._registry import Change
+from ._core._registry import Change, Snapshot
 from ._core._vclock import VectorClock
 
 Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
@@ -382,6 +382,9 @@ class PeerChanges(msgspec.Struct, array_like=True, tag=71, frozen=True):
     changes: Annotated[list[Change], msgspec.Meta(max_length=MAX_BATCH_CHANGES)]
     # {content_id: body}; the receiver checks each id
     bodies: Annotated[dict[Ident, bytes], msgspec.Meta(max_length=MAX_BATCH_CHANGES)]
+    # A full state transfer (bounded history): the sender's snapshot, ``changes`` being
+    # every change it holds on top; sent to a peer whose clock lies below the snapshot.
+    snapshot: Snapshot | None = None
 
 
 class PeerDigest(msgspec.Struct, array_like=True, tag=72, frozen=True):
@@ -543,6 +546,12 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     changes: int = 0  # registry changes applied here
     replica_hash: str = ""  # Registry.replica_hash(): equal on replicas holding the same changes
     pending_changes: int = 0  # changes held, waiting for their causal past
+    # Bounded history: changes folded into the snapshot; changes in the log every member
+    # has seen, to be folded next (-1: a member's clock is not known yet); changes refused
+    # as void (sorting before the snapshot's end, from a node away past the grace).
+    compacted_changes: int = 0
+    stable_changes: int = 0
+    void_changes: int = 0
     # Seconds since the node started, on its monotonic clock: started_at is its wall
     # clock's, and a wall clock stepped since (NTP) would make their difference lie.
     uptime: float = 0.0

@@ -60,6 +60,22 @@
 # at the deadline with what it holds (a not-found refusal says what it lacked; a lease
 # granted without it is logged). A pinned version is the same everywhere: never held.
 # A lease without a name (the one-node fast path) carries no clock and is never held.
+#
+# Rule 9: bounded history. Every digest tells us the sender's registry clock. The
+# stable frontier is the pointwise minimum of our clock and the last clock of every
+# member not dead (or left) for longer than `history_grace`; it is only computed once
+# each of those has sent one, and only while we hold whatever any of them said it holds
+# (our clock dominates theirs). Then no change we can still receive from them sorts
+# before a change the frontier counts: what they held, we hold; what they make later
+# counts the frontier, so it sorts after it. Once `compact_after` changes of our log's
+# prefix are stable, they are folded into the registry's snapshot, as a write of its own
+# (persist, then apply; never while another write is in flight). A peer whose digest
+# clock lies below our snapshot (away past the grace, or new and writing before it
+# synced), or that holds a change our snapshot makes void, is sent a full state
+# transfer instead of changes: the snapshot and every change on top (`PeerChanges` with
+# `snapshot`). It adopts it as a write: the void changes it held (in its log, or folded
+# while a member had not seen them) are dropped and re-issued on top under a new writer
+# id, each naming the change it re-issues (Registry.adopt), then pushed.
 
 """The node core: control requests, worker events and ticks in; effects out. Pure."""
 
@@ -72,7 +88,7 @@ import random
 import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
@@ -93,7 +109,7 @@ from ._forwarding import (
     nobody_can_run,
     python_problem,
 )
-from ._membership import MemberInfo, Membership
+from ._membership import MemberInfo, Membership, State
 from ._pool import (
     KillWorker,
     LeaseGranted,
@@ -109,6 +125,7 @@ from ._registry import (
     FunctionView,
     PublishOp,
     Registry,
+    Snapshot,
     VersionRecord,
     content_id_of,
 )
@@ -150,6 +167,12 @@ class PersistChanges:
     ticket: int
     changes: tuple[Change, ...]
     bodies: Mapping[str, tuple[VersionRecord, bytes]]  # {content_id: (record, body)}
+    # Bounded history (rule 9): with a snapshot, store it in the same transaction and
+    # delete the changes ``dropped`` (a compaction), or every change but ``changes``
+    # (``replace``: a full state transfer).
+    snapshot: Snapshot | None = None
+    dropped: tuple[str, ...] = ()
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,6 +200,8 @@ class PushChanges:
 
     address: str
     changes: tuple[Change, ...]
+    # A full state transfer (rule 9): send this snapshot too, with every live body.
+    snapshot: Snapshot | None = None
 
 
 @dataclass(frozen=True)
@@ -262,6 +287,9 @@ class _Write:
     reply: Callable[[], Any] | None = None  # builds the reply once applied
     local: bool = False
     views_pending: bool = False  # applied; its views are being written (requests wait)
+    compaction: Snapshot | None = None  # a compaction: the snapshot to commit (rule 9)
+    adopted: Registry | None = None  # a state transfer: the registry to take (rule 9)
+    writer_id: str = ""  # with ``adopted``: this node's writer from now on
 
 
 @dataclass(frozen=True)
@@ -275,6 +303,16 @@ class _Held:
     since: float  # monotonic: when it was held
     deadline: float  # monotonic: answered with what the node holds then
     role: str = ""  # a route lease's: forwarded with it if this node cannot run it
+
+
+@dataclass(frozen=True)
+class _Transfer:
+    """A full state transfer a peer sent (rule 9), waiting its turn to be written."""
+
+    snapshot: Snapshot
+    changes: tuple[Change, ...]
+    bodies: Mapping[str, tuple[VersionRecord, bytes]]  # checked already
+    source: str
 
 
 @dataclass(frozen=True)
@@ -344,10 +382,14 @@ class NodeCore:
         changes: Iterable[Change],
         views: Mapping[str, FunctionView],
         body_ids: Iterable[str],
+        *,
+        snapshot: Snapshot | None = None,
     ) -> None:
         self.config = config
         self.facts = facts
-        self.registry = Registry.from_changes(facts.writer_id, changes)
+        self.registry = Registry.from_snapshot(facts.writer_id, snapshot or Snapshot(), changes)
+        self._transfers = 0  # full state transfers taken in this start (writer ids)
+        self.transfers_sent = 0
         self.pool = PoolCore(
             min_workers=config.min_workers,
             max_workers=config.max_workers,
@@ -363,6 +405,7 @@ class NodeCore:
         self._waiting: deque[tuple[bytes, Any, float]] = deque()
         self._stopping = False
         self._started_now = self._now = 0.0  # monotonic: at start(), at the last request
+        self._wall = 0.0  # unix seconds at the last frame (re-issued changes record it)
         self.membership = Membership(
             facts.node_id,
             facts.address,
@@ -477,6 +520,7 @@ class NodeCore:
                 anything else is refused.
             readings: reads the workers' slots now (only a lease needs them).
         """
+        self._wall = wall
         limit = self.config.max_message_bytes
         if len(payload) > limit:
             message = f"message of {len(payload)} bytes refused: the limit is {limit}"
@@ -543,7 +587,7 @@ class NodeCore:
             )
         while self._waiting:
             peer, request, _wall = self._waiting.popleft()
-            if not isinstance(request, _FromPeer):
+            if not isinstance(request, _FromPeer | _Transfer):
                 effects.append(self._send(peer, _stopping_failure(request.id)))
         held, self._held = self._held, []
         effects += [self._send(h.peer, _stopping_failure(h.request.id)) for h in held]
@@ -552,7 +596,7 @@ class NodeCore:
     def busy_writing(self) -> bool:
         """Whether a write is in flight or waiting: a stopping driver lets it finish."""
         return self._write is not None or any(
-            isinstance(r, _MUTATIONS | _FromPeer) for _, r, _ in self._waiting
+            isinstance(r, _MUTATIONS | _FromPeer | _Transfer) for _, r, _ in self._waiting
         )
 
     @_answers_peers
@@ -560,8 +604,17 @@ class NodeCore:
         write = self._write
         if write is None or write.ticket != ticket:
             return []
+        if write.compaction is not None:  # no lookup moves (rule 9): nothing to derive
+            self.registry.commit_compaction(write.compaction)
+            self._write = None
+            return self._next()
         try:
-            names = self.registry.apply_many(write.changes)
+            if write.adopted is not None:
+                names = set(self.registry.names()) | set(write.adopted.names())
+                self.registry = write.adopted
+                self.facts = replace(self.facts, writer_id=write.writer_id)
+            else:
+                names = self.registry.apply_many(write.changes)
         except Exception as exc:
             # On disk and not appliable: every restart would fail the same way. Stop
             # now, loudly, rather than serve a registry that disagrees with its log.
@@ -589,9 +642,12 @@ class NodeCore:
         write = self._write
         if write is not None and write.ticket == ticket and not write.views_pending:
             self._write = None
-            effects: list[Effect] = [
-                Log(f"could not store change {write.changes[0].change_id}: {error}")
-            ]
+            what = (
+                f"change {write.changes[0].change_id}"
+                if write.changes and write.adopted is None
+                else "the registry's snapshot"
+            )
+            effects: list[Effect] = [Log(f"could not store {what}: {error}")]
             if write.peer:
                 failure = _wire.Failure(
                     write.request_id,
@@ -647,6 +703,8 @@ class NodeCore:
             for address in self._peers(1 if config.registry_gossip else 0):
                 digest = self._digest(reply=True)
                 effects.append(SendPeer(address, _wire.encoder.encode(digest)))
+            if self._write is None and not self._waiting:
+                effects += self._compaction(now)
         if len(self._news) and now >= self._next_change_gossip:
             self._next_change_gossip = now + config.membership.gossip_interval
             members = len(self.membership.live_others()) + 1
@@ -693,8 +751,13 @@ class NodeCore:
         if message.cannot_load:
             self.cannot_load.heard(message.source, message.cannot_load)
             effects += self._answer_parked(now)
-        missing = self.registry.changes_since(message.clock)[:MAX_CHANGES_PER_PUSH]
-        if missing:
+        registry = self.registry
+        if not registry.can_serve(message.clock) or registry.holds_void(message.clock):
+            # Below our snapshot, or holding what it made void (rule 9): all of it.
+            self.transfers_sent += 1
+            transfer = PushChanges(message.address, tuple(registry.log()), registry.transferable())
+            effects.append(transfer)
+        elif missing := registry.changes_since(message.clock)[:MAX_CHANGES_PER_PUSH]:
             effects.append(PushChanges(message.address, tuple(missing)))
         if message.reply:
             mine = self._digest(reply=False)
@@ -704,39 +767,160 @@ class NodeCore:
     def _on_changes(self, message: _wire.PeerChanges, now: float) -> list[Effect]:
         if self.hold_peer_changes:
             return []
-        fresh = tuple(c for c in message.changes if not self.registry.has_change(c.change_id))
+        snapshot = message.snapshot
+        if snapshot is not None and self._takes(snapshot):
+            records = [v.record for f in snapshot.functions for v in f.versions]
+            records += [
+                op.record for c in message.changes for op in c.ops if isinstance(op, PublishOp)
+            ]
+            effects, bodies = self._checked_bodies(message, records)
+            transfer = _Transfer(snapshot, tuple(message.changes), bodies, message.source)
+            if self._write is not None:
+                self._waiting.append((b"", transfer, self._wall))
+                return effects
+            return effects + self._begin_transfer(transfer, self._wall)
+        registry = self.registry
+        fresh = tuple(
+            c
+            for c in message.changes
+            if not registry.has_change(c.change_id) and registry.admissible(c)
+        )
         if not fresh:
             return []
-        bodies: dict[str, tuple[VersionRecord, bytes]] = {}
-        effects: list[Effect] = []
-        for change in fresh:
-            for op in change.ops:
-                if not isinstance(op, PublishOp):
-                    continue
-                record = op.record
-                body = message.bodies.get(record.content_id)
-                if body is None:
-                    continue
-                if _content_id(record, body) != record.content_id:
-                    effects.append(
-                        Log(f"a body from {message.source} does not match its content id "
-                            f"{record.content_id}; not stored")
-                    )
-                    continue
-                bodies[record.content_id] = (record, body)
+        records = [op.record for c in fresh for op in c.ops if isinstance(op, PublishOp)]
+        effects, bodies = self._checked_bodies(message, records)
         batch = _FromPeer(fresh, bodies)
         if self._write is not None:
             self._waiting.append((b"", batch, 0.0))
             return effects
         return effects + self._begin_peer_write(batch)
 
+    def _checked_bodies(
+        self, message: _wire.PeerChanges, records: Iterable[VersionRecord]
+    ) -> tuple[list[Effect], dict[str, tuple[VersionRecord, bytes]]]:
+        """The bodies ``message`` brings for ``records``, each checked against its id."""
+        bodies: dict[str, tuple[VersionRecord, bytes]] = {}
+        effects: list[Effect] = []
+        for record in records:
+            body = message.bodies.get(record.content_id)
+            if body is None or record.content_id in bodies:
+                continue
+            if _content_id(record, body) != record.content_id:
+                effects.append(
+                    Log(f"a body from {message.source} does not match its content id "
+                        f"{record.content_id}; not stored")
+                )
+                continue
+            bodies[record.content_id] = (record, body)
+        return effects, bodies
+
+    # -- bounded history (rule 9) -------------------------------------------------
+
+    def frontier(self, now: float) -> VectorClock | None:
+        """What every member not dead past the grace has seen; None while some of them
+        has not told us its clock, or told us of changes we do not hold yet."""
+        mine = self.registry.clock
+        low = dict(mine.entries)
+        grace = self.config.history_grace
+        for member in self.membership.known().values():
+            if member.node == self.facts.node_id:
+                continue
+            if member.state >= State.DEAD and now - member.since > grace:
+                continue
+            theirs = self._peer_clocks.get(member.node)
+            if theirs is None or not mine.dominates(theirs):
+                return None
+            for writer, count in low.items():
+                low[writer] = min(count, theirs.get(writer))
+        return VectorClock(low)
+
+    def _confirmed(self) -> VectorClock | None:
+        """What every member ever known has seen, the grace ignored (None: unknown)."""
+        low = dict(self.registry.clock.entries)
+        for member in self.membership.known().values():
+            if member.node == self.facts.node_id:
+                continue
+            theirs = self._peer_clocks.get(member.node)
+            if theirs is None:
+                return None
+            for writer, count in low.items():
+                low[writer] = min(count, theirs.get(writer))
+        return VectorClock(low)
+
+    def _takes(self, theirs: Snapshot) -> bool:
+        """Whether to adopt a peer's snapshot: it holds what we lack or makes some of
+        ours void, and it is the one both sides keep. Two snapshots made apart (each
+        side of a partition compacted past the grace) are ranked, the same way on every
+        node, so that one wins and the other side adopts it, never both."""
+        registry = self.registry
+        if not registry.needs_transfer(theirs):
+            return False
+        ours = registry.snapshot
+        return theirs.clock.dominates(ours.clock) or _rank(theirs) > _rank(ours)
+
+    def _compaction(self, now: float) -> list[Effect]:
+        frontier = self.frontier(now)
+        if frontier is None:
+            return []
+        if self.registry.stable_count(frontier) < max(1, self.config.compact_after):
+            return []
+        snapshot = self.registry.prepare_compaction(
+            frontier, keep_unconfirmed=True, confirmed=self._confirmed()
+        )
+        if snapshot is None:
+            return []
+        base = self.registry.snapshot.clock
+        dropped = tuple(
+            c.change_id
+            for c in self.registry.log()
+            if snapshot.clock.dominates(c.clock) and not base.dominates(c.clock)
+        )
+        self._write = _Write((), next(self._tickets), compaction=snapshot)
+        return [PersistChanges(self._write.ticket, (), {}, snapshot=snapshot, dropped=dropped)]
+
+    def _begin_transfer(self, transfer: _Transfer, wall: float) -> list[Effect]:
+        if not self._takes(transfer.snapshot):
+            # Caught up meanwhile: what it brings on top goes the ordinary way.
+            return self._begin_peer_write(_FromPeer(transfer.changes, transfer.bodies))
+        self._transfers += 1
+        writer = f"{self.facts.writer_id.split('~')[0]}~{self._transfers}"
+        adopted, reissued = self.registry.adopt(
+            transfer.snapshot,
+            transfer.changes,
+            writer_id=writer,
+            now=wall,
+        )
+        self._write = _Write(
+            tuple(reissued), next(self._tickets), local=True, adopted=adopted, writer_id=writer
+        )
+        log = Log(
+            f"took a full state transfer from {transfer.source} (this node was behind its "
+            f"compacted history); re-issued {len(reissued)} change(s) it made void"
+        )
+        return [
+            log,
+            PersistChanges(
+                self._write.ticket,
+                tuple(adopted.log()),
+                transfer.bodies,
+                snapshot=adopted.snapshot,
+                replace=True,
+            ),
+        ]
+
     def _begin_peer_write(self, batch: _FromPeer) -> list[Effect]:
         # Held already by the time its turn came (anti-entropy raced the push)?
-        fresh = tuple(c for c in batch.changes if not self.registry.has_change(c.change_id))
+        registry = self.registry
+        fresh = tuple(
+            c
+            for c in batch.changes
+            if not registry.has_change(c.change_id) and registry.admissible(c)
+        )
         if not fresh:
             return self._next()
         self._write = _Write(fresh, next(self._tickets))
-        return [PersistChanges(self._write.ticket, fresh, batch.bodies)]
+        purged = tuple(self.registry.take_purged())
+        return [PersistChanges(self._write.ticket, fresh, batch.bodies, dropped=purged)]
 
     def _peers(self, count: int) -> list[str]:
         """Addresses of up to ``count`` random live members other than this node."""
@@ -758,6 +942,8 @@ class NodeCore:
     def _serve(self, peer: bytes, request: Any, wall: float) -> list[Effect]:
         if isinstance(request, _FromPeer):
             return self._begin_peer_write(request)
+        if isinstance(request, _Transfer):
+            return self._begin_transfer(request, wall)
         if isinstance(request, _READS):
             seen = request.clock
             # A pinned version is the same everywhere: described here, or by a member
@@ -1102,8 +1288,15 @@ class NodeCore:
             changes=stats.changes,
             replica_hash=self.registry.replica_hash(),
             pending_changes=stats.pending,
+            compacted_changes=stats.compacted,
+            stable_changes=self._stable_changes(),
+            void_changes=stats.void,
             uptime=self._now - self._started_now,
         )
+
+    def _stable_changes(self) -> int:
+        frontier = self.frontier(self._now)
+        return -1 if frontier is None else self.registry.stable_count(frontier)
 
     def _member_row(self, member: MemberInfo) -> dict[str, Any]:
         mine = self.registry.clock
@@ -1588,7 +1781,7 @@ class NodeCore:
         after_a_client_change = False  # whose client may read it next: keep the order
         for item in self._waiting:
             request = item[1]
-            if after_a_client_change or isinstance(request, (*_MUTATIONS, _FromPeer)):
+            if after_a_client_change or isinstance(request, (*_MUTATIONS, _FromPeer, _Transfer)):
                 behind.append(item)
                 after_a_client_change = after_a_client_change or isinstance(request, _MUTATIONS)
             else:
@@ -1655,6 +1848,13 @@ def _refusal(request: Any, role: str) -> str:
     if role == "peer":
         return f"{what} refused: a peer key is for node-to-node messages only"
     return f"{what} refused: the client is not authenticated (check SCATTER_SECRET)"
+
+
+def _rank(snapshot: Snapshot) -> tuple[tuple[int, str, str], int]:
+    """The order between two snapshots neither of which contains the other: the one
+    that ends later in the one order wins. So whatever the loser folded and the winner
+    lacks sorts before the winner's end: void, re-issued by the nodes that drop it (Registry.adopt)."""
+    return (snapshot.last or (0, "", ""), snapshot.changes)
 
 
 def _node_of(writer: str) -> str:

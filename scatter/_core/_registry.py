@@ -101,6 +101,15 @@
 # then never skips a change this registry lacks. A new local change increments
 # it, so it sorts after everything applied and never needs a replay.
 #
+# Bounded history. The log need not start at the beginning: `compact()` folds a
+# prefix of the apply order into a `Snapshot` (the state that prefix leaves, and the
+# clock counting exactly those changes), and a replay starts from the snapshot. This is
+# the same registry only while no change still to come sorts before the snapshot's end;
+# the node core folds only what every member has seen to make sure of it (rule 9 of
+# _node.py). A change that would sort there anyway is VOID: refused, with everything that
+# counts it, the same way wherever it arrives; its node re-issues it on top after a full
+# state transfer (`adopt()`). Tombstones stay as high-water marks (rule 5).
+#
 # A node id must never be reused with an empty log: the node's own changes are
 # numbered from its entry in the clock, and a change id seen twice is ignored.
 # (The node persists its identity next to its log, and loses both or neither.)
@@ -145,6 +154,7 @@ __all__ = [
     "Registry",
     "RegistryStatistics",
     "RollbackOp",
+    "Snapshot",
     "VaporizeOp",
     "VersionInfo",
     "VersionRecord",
@@ -270,12 +280,83 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
     clock: VectorClock  # the origin's clock after counting this change
     at: float  # unix seconds at the origin, for humans; never used for ordering
     ops: Annotated[tuple[Op, ...], msgspec.Meta(max_length=MAX_CHANGE_OPS)]
+    # A re-issue (bounded history): the id of the void change whose ops these are. Several
+    # nodes may re-issue one change; only the first re-issue in the one order applies.
+    reissue_of: Ident = ""
 
 
 # A batch of changes from a peer (gossip, anti-entropy), decoded with every limit above.
 ChangeBatch: TypeAlias = Annotated[list[Change], msgspec.Meta(max_length=MAX_BATCH_CHANGES)]
 change_decoder = msgspec.msgpack.Decoder(Change)
 change_batch_decoder = msgspec.msgpack.Decoder(ChangeBatch)
+
+
+# ---------------------------------------------------------------------------
+# The snapshot: the state a prefix of the apply order leaves (bounded history).
+# Persisted with the replica and sent whole in a state transfer, so append-only too.
+# ---------------------------------------------------------------------------
+
+
+class SnapshotVersion(msgspec.Struct, frozen=True, array_like=True):
+    """A live function version as the snapshot holds it (``_Version``)."""
+
+    number: int
+    record: VersionRecord
+    change_id: Ident
+    proposed: int
+    set_name: Name | None
+    at: float
+
+
+class SnapshotFunction(msgspec.Struct, frozen=True, array_like=True):
+    name: Name
+    versions: tuple[SnapshotVersion, ...]
+    current: int | None
+    last: int
+    owner: Name | None
+
+
+class SnapshotSetVersion(msgspec.Struct, frozen=True, array_like=True):
+    number: int
+    change_id: Ident
+    proposed: int
+    origin: Ident
+    at: float
+    members: dict[Name, Ident]
+
+
+class SnapshotSet(msgspec.Struct, frozen=True, array_like=True):
+    name: Name
+    versions: tuple[SnapshotSetVersion, ...]
+    current: int
+    owned: tuple[Name, ...]
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """The registry's state after the changes ``clock`` counts, and nothing else.
+
+    Those changes are a prefix of THE ONE ORDER (``last`` is the order key of the
+    newest): replaying the remaining log on top of it answers every lookup exactly as
+    replaying the whole log does (``tests/core/test_registry.py`` proves it with
+    hypothesis). Tombstones are the high-water marks of names no longer live: one
+    integer per name, never collected (a number never names two bodies, rule 5).
+    """
+
+    clock: VectorClock = msgspec.field(default_factory=VectorClock)
+    last: tuple[int, str, str] | None = None  # order key of the newest change folded in
+    changes: int = 0  # how many changes were folded in, for statistics
+    functions: tuple[SnapshotFunction, ...] = ()
+    sets: tuple[SnapshotSet, ...] = ()
+    high_water: dict[Name, int] = {}
+    # This node's own changes folded while a member it knows had not seen them (it was
+    # away past the grace, or we were): kept, so that if a state transfer ever replaces
+    # this snapshot with one that lacks them, they are re-issued (Registry.adopt), never
+    # lost. Dropped once every member known has them. Never sent in a transfer.
+    unconfirmed: tuple[Change, ...] = ()
+    reissued: tuple[Ident, ...] = ()  # ids re-issued by a change folded in (one applies)
+
+
+snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
 
 
 def order_key(change: Change) -> tuple[int, str, str]:
@@ -388,6 +469,8 @@ class RegistryStatistics(msgspec.Struct, frozen=True, kw_only=True):
     changes: int  # changes applied
     pending: int  # changes held but waiting for their causal past (a gap in delivery)
     rebuilds: int  # times an out-of-order change forced a replay of the log
+    compacted: int = 0  # changes folded into the snapshot (bounded history)
+    void: int = 0  # changes refused: concurrent with the snapshot, sorting before its end
 
 
 # ---------------------------------------------------------------------------
@@ -501,6 +584,11 @@ class Registry:
         self._views: dict[str, FunctionView] = {}  # {name: view}, built on first view()
         self._touched: dict[str, _LookupKey] | None = None  # {name: key before this change}
         self._rebuilds = 0
+        self._reissued: set[str] = set()  # ids of void changes re-issued (state, rule 9)
+        # Bounded history: the state of the changes compacted away, and what was refused.
+        self._base = Snapshot()
+        self._void: dict[str, int] = {}  # {origin: lowest counter refused as void}
+        self._purged: list[str] = []  # pending changes dropped with a void one, to delete
 
     @classmethod
     def from_changes(cls, node_id: str, changes: Iterable[Change]) -> Registry:
@@ -514,6 +602,24 @@ class Registry:
         """
         registry = cls(node_id)
         registry.apply_many(changes)
+        return registry
+
+    @classmethod
+    def from_snapshot(
+        cls, node_id: str, snapshot: Snapshot, changes: Iterable[Change] = ()
+    ) -> Registry:
+        """A registry holding the snapshot's changes and ``changes`` on top: how a node
+        restarts from a compacted replica, or takes a full state transfer.
+
+        Raises:
+            ProtocolError: a change is malformed (a corrupt log).
+        """
+        registry = cls(node_id)
+        registry._base = snapshot
+        registry._clock = snapshot.clock
+        registry._load_base()
+        registry.apply_many(changes)
+        registry._refuse_stale()
         return registry
 
     # -- clocks and the log ---------------------------------------------------
@@ -542,8 +648,324 @@ class Registry:
         return found
 
     def has_change(self, change_id: str) -> bool:
-        """Whether the change is held already (applying it again would do nothing)."""
-        return change_id in self._changes
+        """Whether the change is held already, or folded into the snapshot (applying it
+        again would do nothing)."""
+        return change_id in self._changes or self._compacted(change_id)
+
+    def _compacted(self, change_id: str) -> bool:
+        origin, _, counter = change_id.rpartition(":")
+        return counter.isdigit() and int(counter) <= self._base.clock.get(origin)
+
+    # -- bounded history ------------------------------------------------------
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The state of the changes compacted away (empty until :meth:`compact`)."""
+        return self._base
+
+    def log(self) -> list[Change]:
+        """Every change held and not compacted (applied or pending), in apply order:
+        with :attr:`snapshot`, the whole replica (what a restart and a transfer need)."""
+        return sorted(self._changes.values(), key=order_key)
+
+    def can_serve(self, clock: VectorClock) -> bool:
+        """Whether a peer at ``clock`` can be sent what it lacks as changes: it holds
+        every change compacted here. If not, it needs a full state transfer."""
+        return clock.dominates(self._base.clock)
+
+    def holds_void(self, clock: VectorClock) -> bool:
+        """Whether a peer at ``clock`` holds a change this registry refused as void."""
+        return any(clock.get(origin) >= counter for origin, counter in self._void.items())
+
+    def compact(self, stable: VectorClock) -> int:
+        """Fold the longest prefix of the apply order that ``stable`` counts into the
+        snapshot, and forget those changes; how many were folded.
+
+        :meth:`prepare_compaction`, then :meth:`commit_compaction`. The caller (the node
+        core) makes sure no change it could still receive sorts before the new
+        snapshot's end: ``stable`` is what every member has seen, and this registry
+        holds whatever any member said it holds (see ``_node.py``, rule 9). Lookups
+        answer exactly as before: the snapshot is the state that prefix left.
+        """
+        snapshot = self.prepare_compaction(stable)
+        if snapshot is None:
+            return 0
+        before = self._base.changes
+        self.commit_compaction(snapshot)
+        return snapshot.changes - before
+
+    def prepare_compaction(
+        self,
+        stable: VectorClock,
+        *,
+        keep_unconfirmed: bool = False,
+        confirmed: VectorClock | None = None,
+    ) -> Snapshot | None:
+        """The snapshot :meth:`compact` would make (None: nothing to fold); changes nothing.
+
+        Args:
+            keep_unconfirmed: keep the changes folded that ``confirmed`` does not count
+                in the snapshot's ``unconfirmed`` (the node core does).
+            confirmed: what every member ever known has seen, the grace ignored (None:
+                not known).
+        """
+        count = self.stable_count(stable)
+        if not count:
+            return None
+        prefix = self._log[:count]
+        scratch = Registry(self.node_id)
+        scratch._base = self._base
+        scratch._load_base()
+        clock = self._base.clock
+        for change in prefix:
+            scratch._apply_ops(change)
+            clock = clock.merge(change.clock)
+        snapshot = scratch._export(clock, order_key(prefix[-1]), self._base.changes + count)
+        if keep_unconfirmed:
+            unconfirmed = tuple(
+                c
+                for c in (*self._base.unconfirmed, *prefix)
+                if confirmed is None or not confirmed.dominates(c.clock)
+            )
+            snapshot = msgspec.structs.replace(snapshot, unconfirmed=unconfirmed)
+        return snapshot
+
+    def transferable(self) -> Snapshot:
+        """The snapshot as a state transfer sends it (without this node's unconfirmed)."""
+        return msgspec.structs.replace(self._base, unconfirmed=())
+
+    def commit_compaction(self, snapshot: Snapshot) -> None:
+        """Take ``snapshot`` (from :meth:`prepare_compaction`, stored) as the new base."""
+        clock = snapshot.clock
+        count = 0
+        while count < len(self._log) and clock.dominates(self._log[count].clock):
+            count += 1
+        for change in self._log[:count]:
+            del self._changes[change.change_id]
+            del self._totals[change.change_id]
+        del self._log[:count]
+        del self._keys[:count]
+        for origin in list(self._by_origin):
+            kept = [n for n in self._by_origin[origin] if n > clock.get(origin)]
+            if kept:
+                self._by_origin[origin] = kept
+            else:
+                del self._by_origin[origin]
+        self._base = snapshot
+        self._refuse_stale()
+
+    def needs_transfer(self, snapshot: Snapshot) -> bool:
+        """Whether ``snapshot`` (a peer's) covers changes this registry lacks, or makes
+        changes it holds void: then only a full state transfer brings it up to date."""
+        if not self._clock.dominates(snapshot.clock):
+            return True
+        last = snapshot.last
+        return last is not None and any(
+            order_key(c) < last and not snapshot.clock.dominates(c.clock)
+            for c in self._changes.values()
+        )
+
+    def admissible(self, change: Change) -> bool:
+        """Whether ``change`` can still take its place in the order here: False for a
+        void one (concurrent with the snapshot, sorting before its end), remembered so
+        that a peer holding it is given a full state transfer (:meth:`holds_void`)."""
+        last = self._base.last
+        if last is None or self.has_change(change.change_id):
+            return True
+        if order_key(change) >= last and not self._counts_void(change.clock):
+            return True
+        self._refuse(change)
+        return False
+
+    def _counts_void(self, clock: VectorClock) -> bool:
+        return any(clock.get(origin) >= counter for origin, counter in self._void.items())
+
+    def _refuse(self, change: Change) -> None:
+        """Remember ``change`` as void, and drop what is held pending on it (it would
+        wait forever): the node deletes those from its store (:meth:`take_purged`)."""
+        if change.change_id in self._pending:
+            self._forget(change)
+            self._purged.append(change.change_id)
+        counter = change.clock.get(change.origin)
+        self._void[change.origin] = min(self._void.get(change.origin, counter), counter)
+        for held in sorted(self._pending.values(), key=order_key):
+            if held.change_id in self._pending and self._counts_void(held.clock):
+                self._refuse(held)
+
+    def _refuse_stale(self) -> None:
+        """Refuse the pending changes a new snapshot made void: they sort before its end,
+        so they can never take their place (their past is a void change, gone for good;
+        a change whose past is still to come sorts after what every member has seen)."""
+        last = self._base.last
+        if last is None:
+            return
+        for held in sorted(self._pending.values(), key=order_key):
+            if held.change_id in self._pending and order_key(held) < last:
+                self._refuse(held)
+
+    def take_purged(self) -> list[str]:
+        """Ids of pending changes dropped since the last call (they counted a void one)."""
+        purged, self._purged = self._purged, []
+        return purged
+
+    def stable_count(self, stable: VectorClock) -> int:
+        """How many changes :meth:`compact` with ``stable`` would fold."""
+        count = 0
+        for change in self._log:
+            if not stable.dominates(change.clock):
+                break
+            count += 1
+        return count
+
+    def adopt(
+        self,
+        snapshot: Snapshot,
+        changes: Iterable[Change],
+        *,
+        writer_id: str,
+        now: float,
+    ) -> tuple[Registry, list[Change]]:
+        """A full state transfer: the registry ``snapshot`` and ``changes`` make, with
+        what this one holds on top. (new registry, the changes it re-issued).
+
+        Changes held here (in the log, or folded and kept as ``unconfirmed``) that the
+        snapshot lacks and that can no longer take their place in the order (void:
+        concurrent with it and sorting before its end, or counting a void change in
+        their past) are dropped, and re-issued with the same ops as new changes of
+        ``writer_id`` (a writer id never used before: a void change's id may be held,
+        refused, elsewhere), each naming the change it re-issues (``reissue_of``), so
+        nothing acknowledged is lost: they apply on top of the cluster's state, and a
+        version whose number moved shows as a conflict in ``versions()``. Several nodes
+        may re-issue one change: the first re-issue in the one order applies.
+        """
+        snapshot = msgspec.structs.replace(snapshot, unconfirmed=())
+        new = Registry.from_snapshot(writer_id, snapshot, changes)
+        void: list[Change] = []
+        kept: list[Change] = []
+        held = {c.change_id: c for c in (*self._base.unconfirmed, *self._changes.values())}
+        mine = sorted(held.values(), key=order_key)
+        for change in mine:
+            if change.change_id in new._pending:
+                kept.append(change)  # came with the transfer, still waiting: see below
+                continue
+            if new.has_change(change.change_id):
+                continue
+            if not new.admissible(change) or any(
+                change.clock.get(v.origin) >= v.clock.get(v.origin) for v in void
+            ):
+                void.append(change)
+            else:
+                kept.append(change)
+        new.apply_many(kept)
+        # Kept ones whose past was only in the snapshot this one replaces never apply:
+        # that past sorts before this snapshot's end (ours ends no later, see _rank in
+        # _node.py) and is not in it, so it is void, and so are they.
+        stuck = [c for c in kept if c.change_id in new._pending]
+        for change in stuck:
+            new._forget(change)
+        void = sorted([*void, *stuck], key=order_key)
+        renamed: dict[str, str] = {}
+        reissued: list[Change] = []
+        for change in void:
+            # Every void change dropped here is re-issued, not only this node's own: a
+            # change of another node may be here alone (its node counted it as seen by
+            # all). Nodes that re-issue the same one: the first in the order applies.
+            change_id = new._next_change_id()
+            renamed[change.change_id] = change_id
+            ops: list[Op] = []
+            for op in change.ops:
+                if isinstance(op, PublishSetOp):
+                    members = {m: renamed.get(c, c) for m, c in op.members.items()}
+                    op = msgspec.structs.replace(op, members=members)
+                elif isinstance(op, RollbackOp):
+                    op = msgspec.structs.replace(op, target=renamed.get(op.target, op.target))
+                ops.append(op)
+            fresh = msgspec.structs.replace(
+                new._local_change(ops, now),
+                reissue_of=change.reissue_of or change.change_id,
+            )
+            new.apply(fresh)
+            reissued.append(fresh)
+        return new, reissued
+
+    def _forget(self, change: Change) -> None:
+        """Drop a change held pending (adopt: its past is gone with the old snapshot)."""
+        del self._pending[change.change_id]
+        del self._changes[change.change_id]
+        del self._totals[change.change_id]
+        counters = self._by_origin[change.origin]
+        counters.remove(change.clock.get(change.origin))
+        if not counters:
+            del self._by_origin[change.origin]
+
+    def _load_base(self) -> None:
+        """Make the derived state the snapshot's, in fresh mutable objects."""
+        base = self._base
+        self._functions = {}
+        for saved in base.functions:
+            function = _Function(saved.name)
+            function.current, function.last, function.owner = (
+                saved.current,
+                saved.last,
+                saved.owner,
+            )
+            for v in saved.versions:
+                function.versions[v.number] = _Version(
+                    v.number, v.record, v.change_id, v.proposed, v.set_name, v.at
+                )
+                function.by_change[v.change_id] = v.number
+            self._functions[saved.name] = function
+        self._sets = {}
+        for saved_set in base.sets:
+            group = _Set(saved_set.name)
+            group.current = saved_set.current
+            group.owned = set(saved_set.owned)
+            for sv in saved_set.versions:
+                group.versions[sv.number] = _SetVersion(
+                    sv.number, sv.change_id, sv.proposed, sv.origin, sv.at, dict(sv.members)
+                )
+                group.by_change[sv.change_id] = sv.number
+            self._sets[saved_set.name] = group
+        self._high_water = dict(base.high_water)
+        self._reissued = set(base.reissued)
+        self._views = {}
+        self._touched = None
+
+    def _export(self, clock: VectorClock, last: tuple[int, str, str], changes: int) -> Snapshot:
+        functions = tuple(
+            SnapshotFunction(
+                name,
+                tuple(
+                    SnapshotVersion(n, v.record, v.change_id, v.proposed, v.set_name, v.at)
+                    for n, v in sorted(function.versions.items())
+                ),
+                function.current,
+                function.last,
+                function.owner,
+            )
+            for name, function in sorted(self._functions.items())
+        )
+        sets = tuple(
+            SnapshotSet(
+                name,
+                tuple(
+                    SnapshotSetVersion(n, v.change_id, v.proposed, v.origin, v.at, v.members)
+                    for n, v in sorted(group.versions.items())
+                ),
+                group.current,
+                tuple(sorted(group.owned)),
+            )
+            for name, group in sorted(self._sets.items())
+        )
+        return Snapshot(
+            clock=clock,
+            last=last,
+            changes=changes,
+            functions=functions,
+            sets=sets,
+            high_water=dict(sorted(self._high_water.items())),
+            reissued=tuple(sorted(self._reissued)),
+        )
 
     def pending(self) -> list[Change]:
         """The changes held but not applied, waiting for their causal past, in apply order."""
@@ -757,9 +1179,15 @@ class Registry:
         """
         fresh: dict[str, Change] = {}
         for change in changes:
-            if change.change_id in self._changes or change.change_id in fresh:
+            if change.change_id in fresh or self.has_change(change.change_id):
                 continue
             _check_change(change)
+            if not self.admissible(change):
+                # Concurrent with the snapshot and sorting before its end: it cannot take
+                # its place in the order any more. Only a node away past the grace (or
+                # one that wrote before it ever synced) makes one; it re-issues it on top
+                # after its full state transfer (rule 9 of _node.py). Never applied here.
+                continue
             fresh[change.change_id] = change
         if not fresh:
             return set()
@@ -982,19 +1410,22 @@ class Registry:
             changes=len(self._log),
             pending=len(self._pending),
             rebuilds=self._rebuilds,
+            compacted=self._base.changes,
+            void=len(self._void),
         )
 
     def replica_hash(self) -> str:
         """A digest of the applied changes: equal on two replicas iff they hold the same set.
 
         By rule 3 the state is a function of that set, so equal digests mean equal
-        registries; chaos checks compare them across nodes. Held (pending) changes are
-        left out: they have no effect yet. O(changes): for status reads, not hot paths.
+        registries; chaos checks compare them across nodes. The applied changes are
+        causally closed (rule 4), so the clock names them exactly: for each writer, its
+        changes 1..n, compacted or not. Held (pending) changes are left out: they have
+        no effect yet. O(writers).
         """
         digest = hashlib.sha256()
-        for change in self._log:  # sorted by order_key: the same order on every replica
-            digest.update(change.change_id.encode())
-            digest.update(b"\n")
+        for writer, count in sorted(self._clock.entries.items()):
+            digest.update(f"{writer}:{count}\n".encode())
         return digest.hexdigest()[:32]
 
     # -- internals: the log ---------------------------------------------------
@@ -1067,6 +1498,8 @@ class Registry:
                 count -= 1
                 if not count:
                     continue
+            if count <= self._base.clock.get(node_id):
+                continue  # compacted: it sorts before the snapshot's end, this after it
             if self._totals[f"{node_id}:{count}"] >= total:
                 return False
         return True
@@ -1078,11 +1511,7 @@ class Registry:
         # of into a tombstone (published and vaporized in one batch), or move the
         # high-water mark a tombstone's lookup quotes.
         before = {name: self._full_key(name) for name in self._high_water}
-        self._functions = {}
-        self._sets = {}
-        self._high_water = {}
-        self._views = {}
-        self._touched = None
+        self._load_base()
         for change in self._log:
             self._apply_ops(change)
         names = before.keys() | self._high_water.keys()
@@ -1146,6 +1575,10 @@ class Registry:
     # -- internals: applying ops (THE ONE CONFLICT RULE lives in the order, not here) --
 
     def _apply_ops(self, change: Change) -> None:
+        if change.reissue_of:
+            if change.reissue_of in self._reissued:
+                return  # another node re-issued it first, in the one order
+            self._reissued.add(change.reissue_of)
         for op in change.ops:
             if isinstance(op, PublishOp):
                 self._apply_publish(change, op)

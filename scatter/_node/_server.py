@@ -331,9 +331,15 @@ class NodeDriver:
                 for op in change.ops
                 if isinstance(op, PublishOp)
             }
+            if push.snapshot is not None:  # a full state transfer: every live body
+                wanted |= {
+                    v.record.content_id for f in push.snapshot.functions for v in f.versions
+                }
             bodies = await trio.to_thread.run_sync(self._bodies, wanted)
             facts = self.core.facts
-            message = _wire.PeerChanges(facts.node_id, facts.address, list(push.changes), bodies)
+            message = _wire.PeerChanges(
+                facts.node_id, facts.address, list(push.changes), bodies, push.snapshot
+            )
             self.peers.send(push.address, _wire.encoder.encode(message))
         except Exception as exc:
             log_internal(exc, "pushing changes to a peer")
@@ -416,8 +422,16 @@ class NodeDriver:
                 self.feed(self.core.views_persisted, write.ticket)
 
     def _commit(self, write: Write) -> None:
-        if isinstance(write, core_effects.PersistChanges):
-            self.store.commit_changes(write.changes, write.bodies)
+        if isinstance(write, core_effects.PersistChanges) and write.snapshot is not None:
+            self.store.commit_snapshot(
+                write.snapshot,
+                dropped=write.dropped,
+                changes=write.changes,
+                bodies=write.bodies,
+                replace=write.replace,
+            )
+        elif isinstance(write, core_effects.PersistChanges):
+            self.store.commit_changes(write.changes, write.bodies, write.dropped)
         elif isinstance(write, core_effects.PersistViews):
             self.store.commit_views(write.views, write.dropped_bodies)
         else:
@@ -781,7 +795,8 @@ async def serve_node(
         remembered = [
             m.address for m in members if m.node != identity.node_id and m.state <= State.SUSPECT
         ]
-        core = NodeCore(config, facts, *store.load())
+        snapshot, changes, views, bodies = store.load_replica()
+        core = NodeCore(config, facts, changes, views, bodies, snapshot=snapshot)
         core.hold_peer_changes = os.environ.get("SCATTER_TEST_HOLD_PEER_CHANGES") == "1"
         driver = NodeDriver(config, core, store, slots, sock, run_dir, keys)
         driver.relay_keys = {

@@ -227,3 +227,66 @@ def test_a_worker_that_cannot_start_is_retried_and_reported_never_fatal(
                 driver.stop_requested.set()
 
     trio.run(main)
+
+
+def double(cents: int) -> int:
+    return 2 * cents
+
+
+@pytest.mark.timeout(90)
+def test_a_node_compacts_its_history_and_restarts_from_the_snapshot(tmp_path: Path) -> None:
+    # A node alone is its whole cluster: what it applied is stable at once, so with
+    # SCATTER_COMPACT_AFTER=1 each change is folded into the snapshot at the next round.
+    env = {"SCATTER_COMPACT_AFTER": "1"}
+    node = LocalNode(tmp_path / "node", env=env).start()
+    try:
+        with scatter.Client(node.address, autostart=False) as client:
+            for rate in (1, 2, 3):
+                client.publish_set("billing", _billing(rate, "charge", "refund"))
+            client.publish(charge, name="solo")
+            client.publish(double, name="charge_twice")
+            client.vaporize("charge_twice")
+            client.rollback("billing")
+            wait_until(lambda: client.status().compacted_changes == 7, 10, "7 changes compacted")
+            status = client.status()
+            assert (status.changes, status.stable_changes) == (0, 0)
+            before = (client.versions("billing"), client.versions("solo"), client.functions())
+        assert _store_keys(node.data_dir, "change") == []
+    finally:
+        node.stop()
+    node = LocalNode(tmp_path / "node", port=node.port, env=env).start()
+    try:
+        with scatter.Client(node.address, autostart=False) as client:
+            again = (client.versions("billing"), client.versions("solo"), client.functions())
+            assert again == before
+            assert client.make_callable("refund")(3) == -6  # billing 2, rolled back to
+            with pytest.raises(scatter.FunctionNotFound, match="vaporized"):
+                client.make_callable("charge_twice")
+            client.publish(double, name="charge_twice")  # numbering goes on after 1
+            assert client.current_version("charge_twice") == 2
+    finally:
+        node.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_replica_stored_before_compaction_existed_still_loads(tmp_path: Path) -> None:
+    node = LocalNode(tmp_path / "node").start()
+    try:
+        with scatter.Client(node.address, autostart=False) as client:
+            client.publish(charge)
+            client.publish(double, name="charge")
+    finally:
+        node.stop()
+    cache = diskcache.Cache(str(tmp_path / "node" / "registry"))
+    try:
+        assert "snapshot" not in cache  # nothing compacted: the default threshold is 256
+        cache.set("format", 2)  # as a release before bounded history left it
+    finally:
+        cache.close()
+    node = LocalNode(tmp_path / "node", port=node.port).start()
+    try:
+        with scatter.Client(node.address, autostart=False) as client:
+            assert client.current_version("charge") == 2
+            assert client.make_callable("charge")(4) == 8
+    finally:
+        node.stop()

@@ -1,0 +1,305 @@
+"""Bounded history in the registry: a snapshot of a prefix of the order, then the rest.
+
+The snapshot must answer every lookup exactly as replaying the full log does (version
+numbers, current pointers, sets, high-water marks), whatever prefix was folded, and a
+registry restarted from (snapshot, remaining changes) must be the same registry.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from scatter._core._registry import (
+    Registry,
+    Snapshot,
+    order_key,
+    snapshot_decoder,
+)
+from scatter._core._vclock import VectorClock
+from scatter._exceptions import FunctionNotFound
+
+from .test_registry import MODES, Simulation, lookups, moves, record
+
+
+def state(reg: Registry, names: list[str]) -> object:
+    """Every answer a lookup gives, and the counts that do not depend on compaction."""
+    statistics = msgspec.structs.replace(
+        reg.statistics(), rebuilds=0, changes=0, compacted=0, void=0
+    )
+    return (
+        reg.functions(),
+        lookups(reg, names),
+        reg.clock,
+        statistics,
+        sorted(reg.names()),
+        reg.content_ids(),
+        reg.replica_hash(),
+    )
+
+
+def _encoded_round_trip(snapshot: Snapshot) -> Snapshot:
+    return snapshot_decoder.decode(msgspec.msgpack.encode(snapshot))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    plan=st.lists(moves, min_size=5, max_size=40),
+    cut=st.integers(0, 60),
+    rnd=st.randoms(use_true_random=False),
+)
+def test_a_snapshot_of_any_prefix_then_the_rest_is_the_full_replay(
+    mode: str, plan: list[tuple[Any, ...]], cut: int, rnd: random.Random
+) -> None:
+    sim = Simulation(mode)
+    for move in plan:
+        sim.run(move)
+    changes = sim.converge(rnd)
+    first = next(iter(sim.nodes.values()))
+    expected = state(first, sim.names)
+    ordered = sorted(changes, key=order_key)
+    if not ordered:
+        return
+    # Fold the prefix up to a causally closed point: the clock of one change.
+    stable = ordered[cut % len(ordered)].clock
+    folded = first.compact(stable)
+    assert folded == first.statistics().compacted
+    assert folded + len(first.log()) == len(ordered)
+    assert state(first, sim.names) == expected
+    # Restart from what a node persists: the snapshot (through msgpack) and the rest.
+    rest = first.log()
+    rnd.shuffle(rest)
+    restarted = Registry.from_snapshot("fresh", _encoded_round_trip(first.snapshot), rest)
+    assert state(restarted, sim.names) == expected
+    # Changes it holds already, compacted or not, change nothing.
+    assert restarted.apply_many(changes) == set()
+    assert state(restarted, sim.names) == expected
+    # Compacting again (further) still changes nothing; so does compacting everything.
+    restarted.compact(restarted.clock)
+    assert restarted.log() == []
+    assert state(restarted, sim.names) == expected
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    before=st.lists(moves, min_size=5, max_size=25),
+    after=st.lists(moves, min_size=1, max_size=25),
+    rnd=st.randoms(use_true_random=False),
+)
+def test_compacting_what_everyone_holds_mid_history_changes_no_outcome(
+    mode: str, before: list[tuple[Any, ...]], after: list[tuple[Any, ...]], rnd: random.Random
+) -> None:
+    """Each replica folds what every replica has seen (the pointwise minimum of the
+    clocks) once it holds what any holds; then history goes on, out of order."""
+    sim = Simulation(mode)
+    for move in before:
+        sim.run(move)
+    plain = _Uncompacted(mode)  # the same history, never compacted
+    for move in before:
+        plain.run(move)
+    every = {
+        c.change_id: c for reg in sim.nodes.values() for c in reg.changes_since(VectorClock())
+    }
+    for reg in sim.nodes.values():
+        reg.apply_many(every.values())
+    stable = VectorClock()
+    for i, reg in enumerate(sim.nodes.values()):
+        stable = reg.clock if i == 0 else _minimum(stable, reg.clock)
+    for reg in sim.nodes.values():
+        reg.compact(stable)
+    plain.hidden = stable  # its deliveries pick among the same changes
+    for reg in plain.nodes.values():
+        reg.apply_many(every.values())
+    for move in after:
+        sim.run(move)
+        plain.run(move)
+    seed = rnd.randrange(2**32)
+    sim.converge(random.Random(seed))
+    plain.converge(random.Random(seed))
+    expected = state(next(iter(plain.nodes.values())), plain.names)
+    for reg in sim.nodes.values():
+        assert state(reg, sim.names) == expected
+        assert reg.statistics().void == 0
+
+
+class _Uncompacted(Simulation):
+    hidden = VectorClock()
+
+    def deliver(self, source: str, target: str, picks: list[int], batch: bool) -> None:
+        held = [
+            c
+            for c in self.nodes[source].changes_since(VectorClock())
+            if not self.hidden.dominates(c.clock)
+        ]
+        if source == target or not held:
+            return
+        chosen = {c.change_id: c for c in (held[i % len(held)] for i in picks)}
+        self.apply(self.nodes[target], list(chosen.values()), batch=batch)
+
+
+def _minimum(a: VectorClock, b: VectorClock) -> VectorClock:
+    return VectorClock({w: min(n, b.get(w)) for w, n in a.entries.items() if b.get(w)})
+
+
+def test_a_change_concurrent_with_the_snapshot_and_sorting_before_its_end_is_void() -> None:
+    a = Registry("a")
+    for body in ("v1", "v2", "v3"):
+        a.publish([record("f", body)], now=1.0)
+    away = Registry("0away")  # sorts first among equal totals
+    late = away.publish([record("g")], now=1.0)
+    assert late is not None and order_key(late) < order_key(a.log()[-1])
+    a.compact(a.clock)
+    assert a.apply(late) == set()
+    assert not a.has_change(late.change_id)
+    assert a.statistics().void == 1
+    assert a.holds_void(away.clock)
+    assert not a.holds_void(VectorClock())
+    with pytest.raises(FunctionNotFound):
+        a.resolve("g")
+    assert not a.can_serve(away.clock)
+    assert a.can_serve(a.clock)
+
+
+def test_an_old_replica_without_a_snapshot_loads_as_before() -> None:
+    a = Registry("a")
+    changes = [a.publish([record("f", body)], now=1.0) for body in ("v1", "v2")]
+    old = Registry.from_snapshot("b", Snapshot(), [c for c in changes if c is not None])
+    assert old.current_version("f") == 2 and old.statistics().compacted == 0
+
+
+# -- in the node core, on the simulator (rule 9 of _node.py) --------------------------
+
+from cluster.sim import ClusterSimulation  # noqa: E402
+from scatter import _wire  # noqa: E402
+
+
+def _publish(request_id: int, name: str, body: bytes) -> _wire.Publish:
+    return _wire.Publish(request_id, name, body, b"", "(a: int) -> int", "sig", f"{name}:{body!r}")
+
+
+def _sim(**kwargs: Any) -> ClusterSimulation:
+    kwargs.setdefault("history_grace", 30.0)
+    return ClusterSimulation(3, seed=7, compact_after=1, **kwargs)
+
+
+def _status(sim: ClusterSimulation, address: str) -> _wire.NodeStatus:
+    reply = sim.request(address, _wire.Status(99))
+    assert isinstance(reply, _wire.NodeStatus)
+    return reply
+
+
+def test_nodes_compact_what_every_member_has_seen_and_restart_from_the_snapshot() -> None:
+    sim = _sim()
+    a, b, c = sim.addresses
+    for i, body in enumerate((b"v1", b"v2", b"v3")):
+        sim.request(a, _publish(i + 1, "add", body))
+    sim.run_for(0.5)
+    assert isinstance(sim.request(b, _wire.Vaporize(10, "add")), _wire.Moved)
+    sim.request(c, _publish(11, "mul", b"v1"))
+    sim.run_for(5.0)
+    assert sim.converged()
+    for address in sim.addresses:
+        status = _status(sim, address)
+        assert status.compacted_changes == 5, address
+        assert status.changes == 0 and status.stable_changes == 0
+        assert not sim.disks[address].changes  # folded away on disk too
+        assert sim.disks[address].snapshot.clock == sim.cores[address].registry.clock
+    before = sim.replicas()[a]
+    sim.restart(a)
+    assert sim.replicas()[a] == before
+    reply = sim.request(a, _wire.Describe(12, "add"))
+    assert isinstance(reply, _wire.Failure) and "vaporized" in reply.message
+    # numbering continues after the high-water mark the snapshot kept
+    published = sim.request(a, _publish(13, "add", b"v4"))
+    assert isinstance(published, _wire.Published) and published.version == 4
+
+
+def test_a_member_that_stopped_answering_holds_compaction_back_until_the_grace_ends() -> None:
+    sim = _sim()
+    a, b, c = sim.addresses
+    sim.down.add(c)  # stopped: never digests again
+    sim.request(a, _publish(1, "add", b"v1"))
+    sim.run_for(10.0)  # declared dead, but well within the grace
+    assert _status(sim, a).compacted_changes == 0
+    sim.run_for(40.0)
+    assert _status(sim, a).compacted_changes == 1
+    assert _status(sim, b).compacted_changes == 1
+
+
+def test_a_node_back_after_the_grace_takes_a_state_transfer_and_keeps_its_changes() -> None:
+    sim = _sim()
+    a, b, c = sim.addresses
+    sim.request(a, _publish(1, "add", b"v1"))
+    sim.request(a, _publish(2, "neg", b"v1"))
+    registry = sim.cores[a].registry
+    assert sim.run_until(lambda: registry.statistics().compacted == 2, limit=20.0)
+    sim.partition([a, b], [c])
+    # Away: c publishes and rolls back; the others move on, vaporize what c still has.
+    sim.request(c, _publish(3, "mul", b"v1"))
+    sim.request(c, _publish(4, "neg", b"v2"))
+    sim.request(a, _publish(5, "add", b"v2"))
+    sim.request(b, _wire.Vaporize(6, "add"))
+    sim.request(b, _publish(7, "neg", b"v3"))
+    sim.run_for(60.0)  # past the grace: a and b compact without c
+    assert _status(sim, a).compacted_changes >= 5
+    sim.heal()
+    settled = sim.run_until(sim.converged, limit=sim.now + 30.0)
+    assert settled is not None
+    for address in sim.addresses:
+        registry = sim.cores[address].registry
+        with pytest.raises(FunctionNotFound):
+            registry.resolve("add")  # vaporized by the cluster: not back through c
+        assert registry.resolve("mul")[1].content_id  # c's change, re-issued on top
+        neg = registry.versions("neg")
+        # c proposed neg 2 while a and b gave 2 to v3: c's one is 3, a conflict
+        assert [(v.version, v.proposed_version, v.conflict) for v in neg] == [
+            (1, 1, False),
+            (2, 2, False),
+            (3, 2, True),
+        ]
+        assert neg[-1].current
+    # Both sides compacted apart; one snapshot won (the one ending later in the one
+    # order), and the nodes of the other side re-issued their changes under new writers.
+    assert any("~" in core.facts.writer_id for core in sim.cores.values())
+
+
+def test_a_change_every_member_had_seen_survives_members_adopting_the_other_side() -> None:
+    """Found by the AwayPastTheGrace state machine (1,500 random histories): n1's change
+    was seen by every member, so n1 no longer kept it; a member then adopted the other
+    side's snapshot, which lacked it, and dropped it as void without re-issuing it (only a
+    node's own changes were re-issued then). Now every void change dropped is re-issued,
+    and the first re-issue in the one order applies."""
+    from tests.core.test_replication import AwayPastTheGrace
+
+    m = AwayPastTheGrace()
+    m.boot(seed=159753)
+    m.run(seconds=1.026350391937417)
+    m.vaporize(name="add", node=0)
+    m.vaporize(name="neg", node=2)
+    m.vaporize(name="billing", node=2)
+    m.partition(split=2)
+    m.publish(body=b"v1", name="neg", node=2)
+    m.away_past_the_grace(extra=3.0280428817213347, node=3)
+    m.away_past_the_grace(extra=1.345961053840791, node=2)
+    m.away_past_the_grace(extra=1.0715302816952268, node=2)
+    m.publish_set(body=b"v2", node=1, size=2)
+    m.vaporize(name="billing", node=1)
+    m.rollback(name="neg", node=1)
+    m.publish(body=b"v1", name="neg", node=0)
+    m.publish(body=b"v2", name="neg", node=2)
+    m.rollback(name="neg", node=2)
+    m.rollback(name="mul", node=0)
+    m.run(seconds=0.24165067862642917)
+    m.publish_set(body=b"v2", node=2, size=2)
+    m.run(seconds=1.0325075442057559)
+    m.away_past_the_grace(extra=1.0715302816952268, node=0)
+    m.run(seconds=1.0325075442057559)
+    m.vaporize(name="mul", node=1)
+    m.rollback(name="add", node=0)
+    m.teardown()
