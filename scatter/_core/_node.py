@@ -1850,11 +1850,20 @@ def _refusal(request: Any, role: str) -> str:
     return f"{what} refused: the client is not authenticated (check SCATTER_SECRET)"
 
 
-def _rank(snapshot: Snapshot) -> tuple[tuple[int, str, str], int]:
+def _rank(snapshot: Snapshot) -> tuple[tuple[int, str, str], int, tuple[tuple[str, int], ...]]:
     """The order between two snapshots neither of which contains the other: the one
     that ends later in the one order wins. So whatever the loser folded and the winner
-    lacks sorts before the winner's end: void, re-issued by the nodes that drop it (Registry.adopt)."""
-    return (snapshot.last or (0, "", ""), snapshot.changes)
+    lacks sorts before the winner's end: void, re-issued by the nodes that drop it
+    (Registry.adopt). It must be total: two sides of a partition can fold different
+    changes under one same last change (each folded a concurrent change of its own that
+    sorts before it); ranked equal, neither side would ever adopt the other's snapshot
+    and they would send each other transfers forever. The clock breaks that tie (two
+    snapshots with one clock fold the same changes: they are the same state)."""
+    return (
+        snapshot.last or (0, "", ""),
+        snapshot.changes,
+        tuple(sorted(snapshot.clock.entries.items())),
+    )
 
 
 def _node_of(writer: str) -> str:

@@ -14,6 +14,8 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from scatter._config import NodeConfig
+from scatter._core._node import NodeCore, PersistChanges
 from scatter._core._registry import (
     Registry,
     Snapshot,
@@ -173,6 +175,52 @@ def test_an_old_replica_without_a_snapshot_loads_as_before() -> None:
     assert old.current_version("f") == 2 and old.statistics().compacted == 0
 
 
+def _tied_snapshots() -> tuple[Snapshot, Snapshot]:
+    """Two snapshots folded apart under one same last change: side one folded its
+    concurrent change p, side two its concurrent q, both sorting before the change L
+    both hold (equal totals: the origin decides, and "z" sorts last)."""
+    m = Registry("m")
+    c0 = m.publish([record("f")], now=1.0)
+    made = []
+    for origin, name in (("a", "p"), ("b", "q"), ("z", "l")):
+        writer = Registry.from_changes(origin, [c0])
+        made.append(writer.publish([record(name)], now=1.0))
+    p, q, last = made
+    sides = []
+    for own in (p, q):
+        side = Registry.from_changes("x", [c0, own, last])
+        side.compact(side.clock)
+        sides.append(side.snapshot)
+    one, two = sides
+    assert one.last == two.last == order_key(last) and one.changes == two.changes
+    assert one.clock != two.clock
+    return one, two
+
+
+def test_of_two_snapshots_folded_apart_under_one_last_change_exactly_one_is_adopted() -> None:
+    """Found by the AwayPastTheGrace state machine in the full suite (its histories
+    there differ from a run of the file alone): both sides of a partition past the grace
+    folded a concurrent change of their own before the same last change, so the two
+    snapshots ranked equal and neither side adopted the other's: they sent each other a
+    full state transfer at every digest, and the replicas never converged."""
+    from cluster.fuzz_corpus import facts
+
+    one, two = _tied_snapshots()
+    cores = [
+        NodeCore(NodeConfig(), facts(f"n1.{i}.aaaaaa"), [], {}, {}, snapshot=snapshot)
+        for i, snapshot in enumerate((one, two), start=1)
+    ]
+    adopted = []
+    for core, theirs in zip(cores, (two, one)):
+        transfer = _wire.PeerChanges("n9", "tcp://127.0.0.1:9", [], {}, theirs)
+        effects = core.receive(
+            b"", _wire.encoder.encode(transfer), role="peer", now=1.0, wall=1.0, readings=dict
+        )
+        writes = [e for e in effects if isinstance(e, PersistChanges)]
+        adopted.append(any(w.replace for w in writes))
+    assert adopted.count(True) == 1, adopted
+
+
 # -- in the node core, on the simulator (rule 9 of _node.py) --------------------------
 
 from cluster.sim import ClusterSimulation  # noqa: E402
@@ -302,4 +350,36 @@ def test_a_change_every_member_had_seen_survives_members_adopting_the_other_side
     m.run(seconds=1.0325075442057559)
     m.vaporize(name="mul", node=1)
     m.rollback(name="add", node=0)
+    m.teardown()
+
+
+def test_two_sides_that_folded_apart_under_one_last_change_converge() -> None:
+    """The history the state machine found (shrunk): n3 and the others each folded a
+    change the other side lacks before the same last change; with the two snapshots
+    ranked equal the replicas had not converged 120 s after the heal."""
+    from tests.core.test_replication import AwayPastTheGrace
+
+    m = AwayPastTheGrace()
+    m.boot(seed=4130)
+    m.partition(split=2)
+    m.restart(node=2)
+    m.partition(split=2)
+    m.partition(split=2)
+    m.restart(node=3)
+    m.rollback(name="add", node=0)
+    m.partition(split=1)
+    m.publish(body=b"v1", name="mul", node=2)
+    m.away_past_the_grace(extra=2.546354462882525, node=1)
+    m.publish(body=b"v2", name="mul", node=0)
+    m.heal()
+    m.away_past_the_grace(extra=2.7622977507188895, node=2)
+    m.partition(split=1)
+    m.rollback(name="mul", node=3)
+    m.publish(body=b"v3", name="add", node=1)
+    m.heal()
+    m.publish(body=b"v1", name="mul", node=1)
+    m.rollback(name="mul", node=2)
+    m.heal()
+    m.away_past_the_grace(extra=3.508599844970216, node=3)
+    m.away_past_the_grace(extra=3.2620622203380845, node=2)
     m.teardown()
