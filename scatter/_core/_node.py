@@ -346,6 +346,11 @@ _PEER_MESSAGES = (
     _wire.PeerReply,
 )
 MAX_CHANGES_PER_PUSH = 256  # an anti-entropy answer sends the rest next round
+# A full state transfer a peer did not take (lost, or declined: its own snapshot
+# outranks ours, and it is ours that will have to go) is sent again to the same peer
+# clock only after a back-off doubling from the anti-entropy interval up to this many
+# intervals; at once if the peer's clock or our snapshot moved.
+TRANSFER_BACKOFF_INTERVALS = 32
 # Requests members asked us to serve whose answer is still to come (see _on_peer_request).
 _MAX_PEER_CLIENTS = 1024
 
@@ -390,6 +395,9 @@ class NodeCore:
         self.registry = Registry.from_snapshot(facts.writer_id, snapshot or Snapshot(), changes)
         self._transfers = 0  # full state transfers taken in this start (writer ids)
         self.transfers_sent = 0
+        # {peer node: (its clock, our snapshot clock, when, how many sent)}: the last
+        # full state transfer sent to it, while it still needs one (back-off, rule 9)
+        self._transfers_to: dict[str, tuple[VectorClock, VectorClock, float, int]] = {}
         self.pool = PoolCore(
             min_workers=config.min_workers,
             max_workers=config.max_workers,
@@ -754,15 +762,39 @@ class NodeCore:
         registry = self.registry
         if not registry.can_serve(message.clock) or registry.holds_void(message.clock):
             # Below our snapshot, or holding what it made void (rule 9): all of it.
-            self.transfers_sent += 1
-            transfer = PushChanges(message.address, tuple(registry.log()), registry.transferable())
-            effects.append(transfer)
-        elif missing := registry.changes_since(message.clock)[:MAX_CHANGES_PER_PUSH]:
-            effects.append(PushChanges(message.address, tuple(missing)))
+            if self._transfer_due(message.source, message.clock, now):
+                self.transfers_sent += 1
+                transfer = PushChanges(
+                    message.address, tuple(registry.log()), registry.transferable()
+                )
+                effects.append(transfer)
+        else:
+            self._transfers_to.pop(message.source, None)
+            if missing := registry.changes_since(message.clock)[:MAX_CHANGES_PER_PUSH]:
+                effects.append(PushChanges(message.address, tuple(missing)))
         if message.reply:
             mine = self._digest(reply=False)
             effects.append(SendPeer(message.address, _wire.encoder.encode(mine)))
         return effects
+
+    def _transfer_due(self, peer: str, theirs: VectorClock, now: float) -> bool:
+        """Whether to send ``peer`` (at ``theirs``) a full state transfer now. A peer
+        whose own snapshot outranks ours declines it until we adopt its snapshot, and
+        a whole replica per digest is the most a node sends: the same one goes again
+        to an unchanged peer only after a back-off (it may have been lost)."""
+        ours = self.registry.snapshot.clock
+        interval = self.config.anti_entropy_interval
+        last = self._transfers_to.get(peer)
+        if last is not None:
+            clock, snapshot, at, sent = last
+            if clock == theirs and snapshot == ours:
+                wait = interval * min(2 ** (sent - 1), TRANSFER_BACKOFF_INTERVALS)
+                if now < at + wait:
+                    return False
+                self._transfers_to[peer] = (theirs, ours, now, sent + 1)
+                return True
+        self._transfers_to[peer] = (theirs, ours, now, 1)
+        return True
 
     def _on_changes(self, message: _wire.PeerChanges, now: float) -> list[Effect]:
         if self.hold_peer_changes:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from scatter._config import NodeConfig
-from scatter._core._node import NodeCore, PersistChanges
+from scatter._core._node import NodeCore, PersistChanges, PushChanges
 from scatter._core._registry import (
     Registry,
     Snapshot,
@@ -211,7 +211,7 @@ def test_of_two_snapshots_folded_apart_under_one_last_change_exactly_one_is_adop
         for i, snapshot in enumerate((one, two), start=1)
     ]
     adopted = []
-    for core, theirs in zip(cores, (two, one)):
+    for core, theirs in zip(cores, (two, one), strict=True):
         transfer = _wire.PeerChanges("n9", "tcp://127.0.0.1:9", [], {}, theirs)
         effects = core.receive(
             b"", _wire.encoder.encode(transfer), role="peer", now=1.0, wall=1.0, readings=dict
@@ -219,6 +219,37 @@ def test_of_two_snapshots_folded_apart_under_one_last_change_exactly_one_is_adop
         writes = [e for e in effects if isinstance(e, PersistChanges)]
         adopted.append(any(w.replace for w in writes))
     assert adopted.count(True) == 1, adopted
+
+
+def test_a_full_state_transfer_not_taken_is_sent_again_only_after_a_back_off() -> None:
+    """A peer below our snapshot that does not take our transfer (its own snapshot
+    outranks ours, or the transfer was lost) reports the same clock digest after
+    digest: it got the whole replica again at every one of them."""
+    from cluster.fuzz_corpus import facts
+
+    one, two = _tied_snapshots()
+    config = NodeConfig()
+    core = NodeCore(config, facts(), [], {}, {}, snapshot=one)
+
+    def transfers(clock: VectorClock, now: float) -> int:
+        digest = _wire.PeerDigest("n9", "tcp://127.0.0.1:9", clock, False)
+        effects = core.receive(
+            b"", _wire.encoder.encode(digest), role="peer", now=now, wall=now, readings=dict
+        )
+        return sum(1 for e in effects if isinstance(e, PushChanges) and e.snapshot is not None)
+
+    interval = config.anti_entropy_interval
+    sent = [transfers(two.clock, i * interval / 2) for i in range(400)]  # 200 intervals
+    assert sent[0] == 1  # the first digest below our snapshot gets it at once
+    # then after 1, 2, 4, ... intervals, at most TRANSFER_BACKOFF_INTERVALS apart
+    assert sum(sent) <= 12, sum(sent)
+    assert all(sum(sent[i : i + 2 * 32 + 1]) >= 1 for i in range(0, 400 - 65, 16))
+    # A peer whose clock moved (it wrote, or took something) gets one at once.
+    moved = two.clock.merge(VectorClock({"q9": 1}))
+    assert transfers(moved, 400 * interval / 2) == 1
+    # One that caught up needs none; below our snapshot again later: at once.
+    assert transfers(one.clock, 401 * interval / 2) == 0
+    assert transfers(moved, 402 * interval / 2) == 1
 
 
 # -- in the node core, on the simulator (rule 9 of _node.py) --------------------------
