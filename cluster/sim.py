@@ -211,6 +211,7 @@ class SimDisk:
 
     def __init__(self) -> None:
         self.snapshot = Snapshot()  # what compaction folded (bounded history)
+        self.void: dict[str, int] = {}  # what the registry refused as void
         self.changes: dict[str, Change] = {}
         self.views: dict[str, FunctionView] = {}
         self.bodies: dict[str, bytes] = {}
@@ -301,7 +302,13 @@ class ClusterSimulation(_VirtualTime):
             seed=self.rng.randrange(2**32),
         )
         core = NodeCore(
-            self.config, facts, disk.changes.values(), disk.views, disk.bodies, snapshot=disk.snapshot
+            self.config,
+            facts,
+            disk.changes.values(),
+            disk.views,
+            disk.bodies,
+            snapshot=disk.snapshot,
+            void=disk.void,
         )
         self.cores[address] = core
         # As the node's driver does: rejoin through the members remembered on disk.
@@ -435,6 +442,8 @@ class ClusterSimulation(_VirtualTime):
                     disk.snapshot = effect.snapshot
                     if effect.replace:
                         disk.changes.clear()
+                if effect.void is not None:
+                    disk.void = dict(effect.void)
                 for change_id in effect.dropped:
                     disk.changes.pop(change_id, None)
                 for change in effect.changes:

@@ -173,6 +173,9 @@ class PersistChanges:
     snapshot: Snapshot | None = None
     dropped: tuple[str, ...] = ()
     replace: bool = False
+    # What the registry refused as void (Registry.void), when it changed: store it with
+    # the replica, for the next start (None: as stored).
+    void: Mapping[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -290,6 +293,7 @@ class _Write:
     compaction: Snapshot | None = None  # a compaction: the snapshot to commit (rule 9)
     adopted: Registry | None = None  # a state transfer: the registry to take (rule 9)
     writer_id: str = ""  # with ``adopted``: this node's writer from now on
+    void: Mapping[str, int] | None = None  # the void record this write stores, if any
 
 
 @dataclass(frozen=True)
@@ -389,10 +393,14 @@ class NodeCore:
         body_ids: Iterable[str],
         *,
         snapshot: Snapshot | None = None,
+        void: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
         self.facts = facts
-        self.registry = Registry.from_snapshot(facts.writer_id, snapshot or Snapshot(), changes)
+        self.registry = Registry.from_snapshot(
+            facts.writer_id, snapshot or Snapshot(), changes, void=void
+        )
+        self._void_stored = dict(void or {})  # the registry's void record, as stored
         self._transfers = 0  # full state transfers taken in this start (writer ids)
         self.transfers_sent = 0
         # {peer node: (its clock, our snapshot clock, when, how many sent)}: the last
@@ -612,8 +620,13 @@ class NodeCore:
         write = self._write
         if write is None or write.ticket != ticket:
             return []
+        if write.void is not None:
+            self._void_stored = dict(write.void)
         if write.compaction is not None:  # no lookup moves (rule 9): nothing to derive
             self.registry.commit_compaction(write.compaction)
+            self._write = None
+            return self._next()
+        if not write.changes and write.adopted is None:  # only what was refused as void
             self._write = None
             return self._next()
         try:
@@ -650,11 +663,12 @@ class NodeCore:
         write = self._write
         if write is not None and write.ticket == ticket and not write.views_pending:
             self._write = None
-            what = (
-                f"change {write.changes[0].change_id}"
-                if write.changes and write.adopted is None
-                else "the registry's snapshot"
-            )
+            if write.changes and write.adopted is None:
+                what = f"change {write.changes[0].change_id}"
+            elif write.changes or write.adopted or write.compaction:
+                what = "the registry's snapshot"
+            else:
+                what = "what the registry refused as void"
             effects: list[Effect] = [Log(f"could not store {what}: {error}")]
             if write.peer:
                 failure = _wire.Failure(
@@ -817,7 +831,7 @@ class NodeCore:
             for c in message.changes
             if not registry.has_change(c.change_id) and registry.admissible(c)
         )
-        if not fresh:
+        if not fresh and registry.void == self._void_stored:
             return []
         records = [op.record for c in fresh for op in c.ops if isinstance(op, PublishOp)]
         effects, bodies = self._checked_bodies(message, records)
@@ -907,8 +921,13 @@ class NodeCore:
             for c in self.registry.log()
             if snapshot.clock.dominates(c.clock) and not base.dominates(c.clock)
         )
-        self._write = _Write((), next(self._tickets), compaction=snapshot)
-        return [PersistChanges(self._write.ticket, (), {}, snapshot=snapshot, dropped=dropped)]
+        void = self._void_to_store()
+        self._write = _Write((), next(self._tickets), compaction=snapshot, void=void)
+        return [
+            PersistChanges(
+                self._write.ticket, (), {}, snapshot=snapshot, dropped=dropped, void=void
+            )
+        ]
 
     def _begin_transfer(self, transfer: _Transfer, wall: float) -> list[Effect]:
         if not self._takes(transfer.snapshot):
@@ -922,8 +941,14 @@ class NodeCore:
             writer_id=writer,
             now=wall,
         )
+        void = adopted.void
         self._write = _Write(
-            tuple(reissued), next(self._tickets), local=True, adopted=adopted, writer_id=writer
+            tuple(reissued),
+            next(self._tickets),
+            local=True,
+            adopted=adopted,
+            writer_id=writer,
+            void=void,
         )
         log = Log(
             f"took a full state transfer from {transfer.source} (this node was behind its "
@@ -937,6 +962,7 @@ class NodeCore:
                 transfer.bodies,
                 snapshot=adopted.snapshot,
                 replace=True,
+                void=void,
             ),
         ]
 
@@ -948,11 +974,21 @@ class NodeCore:
             for c in batch.changes
             if not registry.has_change(c.change_id) and registry.admissible(c)
         )
-        if not fresh:
+        void = self._void_to_store()
+        if not fresh and void is None:
             return self._next()
-        self._write = _Write(fresh, next(self._tickets))
+        # With nothing fresh, still a write: what was refused as void must outlive a
+        # restart (a change counting it would wait forever for its past).
+        self._write = _Write(fresh, next(self._tickets), void=void)
         purged = tuple(self.registry.take_purged())
-        return [PersistChanges(self._write.ticket, fresh, batch.bodies, dropped=purged)]
+        return [
+            PersistChanges(self._write.ticket, fresh, batch.bodies, dropped=purged, void=void)
+        ]
+
+    def _void_to_store(self) -> dict[str, int] | None:
+        """The registry's void record, if it changed since it was last stored."""
+        void = self.registry.void
+        return None if void == self._void_stored else void
 
     def _peers(self, count: int) -> list[str]:
         """Addresses of up to ``count`` random live members other than this node."""
@@ -1163,10 +1199,11 @@ class NodeCore:
         # was (same code) must not leave an unused body behind.
         added = {op.record.content_id for op in change.ops if isinstance(op, PublishOp)}
         bodies = {cid: found for cid, found in bodies.items() if cid in added}
+        void = self._void_to_store()
         self._write = _Write(
-            (change,), next(self._tickets), peer, request.id, reply, local=True
+            (change,), next(self._tickets), peer, request.id, reply, local=True, void=void
         )
-        return [PersistChanges(self._write.ticket, (change,), bodies)]
+        return [PersistChanges(self._write.ticket, (change,), bodies, void=void)]
 
     def _prepare(
         self, request: Any, wall: float

@@ -125,7 +125,7 @@ import bisect
 import hashlib
 import keyword
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
@@ -606,10 +606,17 @@ class Registry:
 
     @classmethod
     def from_snapshot(
-        cls, node_id: str, snapshot: Snapshot, changes: Iterable[Change] = ()
+        cls,
+        node_id: str,
+        snapshot: Snapshot,
+        changes: Iterable[Change] = (),
+        *,
+        void: Mapping[str, int] | None = None,
     ) -> Registry:
         """A registry holding the snapshot's changes and ``changes`` on top: how a node
-        restarts from a compacted replica, or takes a full state transfer.
+        restarts from a compacted replica, or takes a full state transfer. ``void``:
+        what it refused as void before (:attr:`void`, persisted with the replica); a
+        stored change that counts one of those is refused too (:meth:`take_purged`).
 
         Raises:
             ProtocolError: a change is malformed (a corrupt log).
@@ -618,7 +625,10 @@ class Registry:
         registry._base = snapshot
         registry._clock = snapshot.clock
         registry._load_base()
+        registry._void = dict(void or {})
+        changes = list(changes)
         registry.apply_many(changes)
+        registry._purged += [c.change_id for c in changes if not registry.has_change(c.change_id)]
         registry._refuse_stale()
         return registry
 
@@ -672,6 +682,15 @@ class Registry:
         """Whether a peer at ``clock`` can be sent what it lacks as changes: it holds
         every change compacted here. If not, it needs a full state transfer."""
         return clock.dominates(self._base.clock)
+
+    @property
+    def void(self) -> dict[str, int]:
+        """What was refused as void: {writer: its lowest counter refused}, every later
+        change of that writer counting it. Not derived from the changes held (void ones
+        are never held): the node persists it with the replica, so that a restart keeps
+        refusing them (a change counting one would otherwise wait forever for its past)
+        and keeps giving a peer that holds one a full state transfer."""
+        return dict(self._void)
 
     def holds_void(self, clock: VectorClock) -> bool:
         """Whether a peer at ``clock`` holds a change this registry refused as void."""
@@ -864,6 +883,12 @@ class Registry:
         for change in stuck:
             new._forget(change)
         void = sorted([*void, *stuck], key=order_key)
+        # What this registry refused stays void on top of the snapshot it adopts, which
+        # ends no earlier than ours, unless that snapshot counts it (it was folded on the
+        # side that won): then no change held anywhere on that side can be void.
+        for origin, counter in self._void.items():
+            if snapshot.clock.get(origin) < counter:
+                new._void[origin] = min(new._void.get(origin, counter), counter)
         renamed: dict[str, str] = {}
         reissued: list[Change] = []
         for change in void:

@@ -429,9 +429,10 @@ class NodeDriver:
                 changes=write.changes,
                 bodies=write.bodies,
                 replace=write.replace,
+                void=write.void,
             )
         elif isinstance(write, core_effects.PersistChanges):
-            self.store.commit_changes(write.changes, write.bodies, write.dropped)
+            self.store.commit_changes(write.changes, write.bodies, write.dropped, void=write.void)
         elif isinstance(write, core_effects.PersistViews):
             self.store.commit_views(write.views, write.dropped_bodies)
         else:
@@ -796,7 +797,7 @@ async def serve_node(
             m.address for m in members if m.node != identity.node_id and m.state <= State.SUSPECT
         ]
         snapshot, changes, views, bodies = store.load_replica()
-        core = NodeCore(config, facts, changes, views, bodies, snapshot=snapshot)
+        core = NodeCore(config, facts, changes, views, bodies, snapshot=snapshot, void=store.void())
         core.hold_peer_changes = os.environ.get("SCATTER_TEST_HOLD_PEER_CHANGES") == "1"
         driver = NodeDriver(config, core, store, slots, sock, run_dir, keys)
         driver.relay_keys = {

@@ -15,6 +15,8 @@ Keys, and nothing else ever (``test_store_holds_registry_entries_only`` checks i
 * ``"snapshot"``: the registry's state of the changes compacted away (bounded history,
   ``Snapshot``); the ``("change", id)`` keys are then only the changes on top of it. A
   store without one (format 2) loads as before: its log is the whole history.
+* ``"void"``: what the registry refused as void (``Registry.void``, {writer: lowest
+  counter}), so that a restart keeps refusing it; absent while nothing was.
 
 Arguments and results are never written here, nor logged.
 
@@ -58,6 +60,7 @@ class NodeIdentity(msgspec.Struct, frozen=True, kw_only=True):
 _encoder = msgspec.msgpack.Encoder()
 _change_decoder = msgspec.msgpack.Decoder(Change)
 _record_decoder = msgspec.msgpack.Decoder(VersionRecord)
+_void_decoder = msgspec.msgpack.Decoder(dict[str, int])
 _view_decoder = msgspec.msgpack.Decoder(FunctionView)
 _identity_decoder = msgspec.msgpack.Decoder(NodeIdentity)
 _members_decoder = msgspec.msgpack.Decoder(list[MemberInfo])
@@ -164,6 +167,19 @@ class RegistryStore:
     def changes(self) -> list[Change]:
         return self.load()[0]
 
+    def void(self) -> dict[str, int]:
+        """What the registry refused as void (``Registry.void``); {} if nothing."""
+        raw = self._cache.get("void")
+        return {} if raw is None else _void_decoder.decode(raw)
+
+    def _put_void(self, void: Mapping[str, int] | None) -> None:
+        if void is None:
+            return
+        if void:
+            self._cache.set("void", _encoder.encode(dict(void)))
+        else:
+            self._cache.delete("void")
+
     def members(self) -> list[MemberInfo]:
         raw = self._cache.get("members")
         if raw is None:
@@ -183,10 +199,14 @@ class RegistryStore:
         changes: Iterable[Change],
         bodies: Mapping[str, tuple[VersionRecord, bytes]],
         dropped: Iterable[str] = (),
+        *,
+        void: Mapping[str, int] | None = None,
     ) -> None:
         """Persist changes with the bodies they bring (``{content_id: (record, body)}``);
-        delete the changes ``dropped`` (held pending on a change refused as void)."""
+        delete the changes ``dropped`` (held pending on a change refused as void); store
+        ``void`` (what the registry refused as void) unless None."""
         with self._cache.transact():
+            self._put_void(void)
             for change_id in dropped:
                 self._cache.delete(("change", change_id))
             for content_id, (record, body) in bodies.items():
@@ -204,11 +224,14 @@ class RegistryStore:
         changes: Iterable[Change] = (),
         bodies: Mapping[str, tuple[VersionRecord, bytes]] | None = None,
         replace: bool = False,
+        void: Mapping[str, int] | None = None,
     ) -> None:
         """Store a new snapshot, in one transaction: delete the changes it folded
         (``dropped``); for a full state transfer (``replace``) delete every change and
-        store ``changes`` (and the ``bodies`` they and the snapshot bring) instead."""
+        store ``changes`` (and the ``bodies`` they and the snapshot bring) instead;
+        store ``void`` unless None."""
         with self._cache.transact():
+            self._put_void(void)
             for content_id, (record, body) in (bodies or {}).items():
                 if ("body", content_id) not in self._cache:
                     self._cache.set(("record", content_id), _encoder.encode(record))

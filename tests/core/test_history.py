@@ -175,6 +175,32 @@ def test_an_old_replica_without_a_snapshot_loads_as_before() -> None:
     assert old.current_version("f") == 2 and old.statistics().compacted == 0
 
 
+def test_what_a_registry_refused_as_void_stays_void_in_the_snapshot_it_adopts() -> None:
+    a = Registry("a")
+    history = [a.publish([record("f", body)], now=1.0) for body in ("v1", "v2", "v3")]
+    a.compact(a.clock)
+    away = Registry("0away")
+    late = away.publish([record("g")], now=1.0)
+    assert late is not None
+    a.apply(late)
+    assert a.void == {"0away": 1}
+    # A snapshot that ends later and lacks it: still void there.
+    b = Registry.from_changes("b", history)
+    b.publish([record("h")], now=1.0)
+    b.compact(b.clock)
+    adopted, _ = a.adopt(b.snapshot, [], writer_id="a~1", now=1.0)
+    assert adopted.holds_void(away.clock) and adopted.void == {"0away": 1}
+    # One that folded it (its side held it before compacting): no longer void.
+    c = Registry.from_changes("c", [*history, late])
+    c.compact(c.clock)
+    adopted, _ = a.adopt(c.snapshot, [], writer_id="a~2", now=1.0)
+    assert not adopted.holds_void(away.clock) and adopted.void == {}
+    # And a restart keeps the record (the node stores Registry.void with the replica).
+    again = Registry.from_snapshot("a", a.snapshot, a.log(), void=a.void)
+    assert again.holds_void(away.clock)
+    assert again.apply(late) == set() and not again.has_change(late.change_id)
+
+
 def _tied_snapshots() -> tuple[Snapshot, Snapshot]:
     """Two snapshots folded apart under one same last change: side one folded its
     concurrent change p, side two its concurrent q, both sorting before the change L
@@ -414,3 +440,42 @@ def test_two_sides_that_folded_apart_under_one_last_change_converge() -> None:
     m.away_past_the_grace(extra=3.508599844970216, node=3)
     m.away_past_the_grace(extra=3.2620622203380845, node=2)
     m.teardown()
+
+
+def test_what_a_node_refused_as_void_stays_refused_after_a_restart() -> None:
+    """A node refuses a void change, restarts, then hears a later change of the same
+    writer (it counts the void one in its past, so it is void too). Forgetting the void
+    record at the restart, the node held that change pending forever: its past will
+    never come (every holder drops it when it adopts a transfer), and the replicas never
+    settle; nor was a peer still holding the void change given a transfer."""
+    sim = ClusterSimulation(1, seed=7, compact_after=1)
+    (a,) = sim.addresses
+    for i, body in enumerate((b"v1", b"v2", b"v3")):
+        sim.request(a, _publish(i + 1, "add", body))
+    sim.run_for(2.0)
+    snapshot = sim.cores[a].registry.snapshot
+    assert snapshot.changes == 3 and snapshot.last is not None
+    away = Registry("0away")  # a writer that sorts first among equal totals
+    made = [away.publish([record("g", f"v{i}")], now=1.0) for i in range(1, 5)]
+    assert all(c is not None and order_key(c) < snapshot.last for c in made[:3])
+    assert made[3] is not None and order_key(made[3]) > snapshot.last
+
+    def hear(*changes: Any) -> None:
+        message = _wire.PeerChanges("n9", "tcp://sim-9:1", list(changes), {})
+        effects = sim.cores[a].receive(
+            b"", _wire.encoder.encode(message), role="peer", now=sim.now, wall=sim.now,
+            readings=dict,
+        )
+        sim._perform(a, effects)
+
+    hear(made[0])
+    assert sim.cores[a].registry.statistics().void == 1
+    sim.restart(a)
+    registry = sim.cores[a].registry
+    assert registry.holds_void(away.clock)  # a peer holding it still gets a transfer
+    hear(made[3])
+    registry = sim.cores[a].registry
+    assert registry.statistics().pending == 0
+    assert not registry.has_change(made[3].change_id)
+    sim.run_for(2.0)
+    assert sim.converged()

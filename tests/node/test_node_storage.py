@@ -290,3 +290,29 @@ def test_a_replica_stored_before_compaction_existed_still_loads(tmp_path: Path) 
             assert client.make_callable("charge")(4) == 8
     finally:
         node.stop()
+
+
+def test_what_the_registry_refused_as_void_is_stored_with_the_replica(tmp_path: Path) -> None:
+    # Rule 9: a restart must keep refusing a void change and what counts it (the node
+    # core's side of it: tests/core/test_history.py). None leaves the record as stored.
+    from scatter._core._registry import Snapshot
+
+    store = RegistryStore(tmp_path / "registry")
+    try:
+        assert store.void() == {}
+        store.commit_changes((), {}, void={"n2.1.aaaaaa": 3})
+        store.commit_changes((), {})
+        assert store.void() == {"n2.1.aaaaaa": 3}
+        store.commit_snapshot(Snapshot(), void={"n2.1.aaaaaa": 2, "n3.1.bbbbbb": 1})
+        store.commit_snapshot(Snapshot())
+        assert store.void() == {"n2.1.aaaaaa": 2, "n3.1.bbbbbb": 1}
+        store.commit_snapshot(Snapshot(), replace=True, void={})  # a transfer that counts them
+        assert store.void() == {}
+        store.commit_changes((), {}, void={"n4.2.cccccc": 5})
+    finally:
+        store.close()
+    reopened = RegistryStore(tmp_path / "registry")
+    try:
+        assert reopened.void() == {"n4.2.cccccc": 5}
+    finally:
+        reopened.close()

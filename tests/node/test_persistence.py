@@ -72,7 +72,7 @@ def test_store_holds_registry_entries_only(client: scatter.Client, node: LocalNo
     try:
         allowed = {"change", "record", "body", "fn"}
         for key in cache.iterkeys():
-            assert key in ("format", "identity", "members", "snapshot") or (
+            assert key in ("format", "identity", "members", "snapshot", "void") or (
                 isinstance(key, tuple) and key[0] in allowed
             ), key
             value = cache[key]
