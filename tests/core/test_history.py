@@ -479,3 +479,41 @@ def test_what_a_node_refused_as_void_stays_refused_after_a_restart() -> None:
     assert not registry.has_change(made[3].change_id)
     sim.run_for(2.0)
     assert sim.converged()
+
+
+def test_a_re_issue_dropped_by_a_later_transfer_is_re_issued_again_under_the_first_id() -> None:
+    """A history of the state machine's (shrunk) that it once reported as a lost change:
+    n0 re-issued n3's void change as n0.2~1:1, then adopted another snapshot and re-issued
+    it again as n0.2~2:1, naming n3.1:1 (a re-issue names the first change); the checker
+    looked for one naming n0.2~1:1, and had counted n0.2~1:1 as acknowledged by an
+    unchanged publish that made no change at all."""
+    from tests.core.test_replication import AwayPastTheGrace
+
+    m = AwayPastTheGrace()
+    m.boot(seed=7514175)
+    m.publish(body=b"v1", name="add", node=2)
+    m.away_past_the_grace(extra=3.9864067568295014, node=3)
+    m.away_past_the_grace(extra=1.0, node=0)
+    m.away_past_the_grace(extra=3.7818826663151164, node=3)
+    m.away_past_the_grace(extra=2.0, node=1)
+    m.publish(body=b"v1", name="mul", node=1)
+    m.vaporize(name="mul", node=0)
+    m.publish(body=b"v2", name="add", node=3)
+    m.restart(node=0)
+    m.vaporize(name="mul", node=2)
+    m.partition(split=1)
+    m.partition(split=2)
+    m.publish(body=b"v2", name="mul", node=1)
+    m.vaporize(name="add", node=3)
+    m.away_past_the_grace(extra=1.1237685986722283, node=0)
+    m.away_past_the_grace(extra=1.4081628560322468, node=1)
+    m.vaporize(name="mul", node=1)
+    m.away_past_the_grace(extra=1.2743939677538425, node=1)
+    m.vaporize(name="add", node=3)
+    m.publish(body=b"v2", name="mul", node=0)
+    m.publish(body=b"v3", name="neg", node=0)
+    m.vaporize(name="mul", node=2)
+    m.vaporize(name="neg", node=3)
+    m.vaporize(name="billing", node=0)
+    m.teardown()
+    assert any("~2:" in c.change_id for c in m.sim.written.values() if c.reissue_of)

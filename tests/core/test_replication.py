@@ -64,14 +64,16 @@ class Replication(RuleBasedStateMachine):
         address = self._node(index)
         if address in self.sim.down:
             return None
+        core = self.sim.cores[address]
+        writer = core.facts.writer_id
+        before = core.registry.clock.get(writer)
         reply = self.sim.request(address, message)
-        if not isinstance(reply, _wire.Failure):
-            # The change this reply acknowledges is the newest one of that node's writer.
-            core = self.sim.cores[address]
-            writer = core.facts.writer_id
-            count = core.registry.clock.get(writer)
-            if count and isinstance(reply, _wire.Published | _wire.Moved):
-                self.acknowledged.append(f"{writer}:{count}")
+        # The change this reply acknowledges, if the request made one (an unchanged
+        # publish, or a rollback with nothing to do, makes none): the newest of the
+        # node's writer. Not its newest change before it: that may be a re-issue.
+        count = core.registry.clock.get(writer)
+        if count > before and isinstance(reply, _wire.Published | _wire.Moved):
+            self.acknowledged.append(f"{writer}:{count}")
         return reply
 
     def _next_id(self) -> int:
@@ -150,10 +152,12 @@ class Replication(RuleBasedStateMachine):
             if first.has_change(change_id):
                 continue
             # Void for the cluster (made away past the grace, or dropped with a snapshot
-            # that lost): re-issued on top, same ops, by some node.
+            # that lost): re-issued on top, same ops, by some node. A re-issue names the
+            # change it stands for, the first one (a re-issue may be re-issued in turn).
             lost = sim.written[change_id]
+            root = lost.reissue_of or change_id
             assert any(
-                c.reissue_of == change_id and _ops(c) == _ops(lost) and first.has_change(c.change_id)
+                c.reissue_of == root and _ops(c) == _ops(lost) and first.has_change(c.change_id)
                 for c in reissued
             ), f"lost {change_id}"
         for address, core in sim.cores.items():
