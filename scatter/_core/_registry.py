@@ -883,12 +883,6 @@ class Registry:
         for change in stuck:
             new._forget(change)
         void = sorted([*void, *stuck], key=order_key)
-        # What this registry refused stays void on top of the snapshot it adopts, which
-        # ends no earlier than ours, unless that snapshot counts it (it was folded on the
-        # side that won): then no change held anywhere on that side can be void.
-        for origin, counter in self._void.items():
-            if snapshot.clock.get(origin) < counter:
-                new._void[origin] = min(new._void.get(origin, counter), counter)
         renamed: dict[str, str] = {}
         reissued: list[Change] = []
         for change in void:
