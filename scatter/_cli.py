@@ -521,6 +521,8 @@ def _history(status: _wire.NodeStatus) -> str:
     )
     if status.void_changes:
         words += f", changes of {status.void_changes} writer(s) refused as void"
+    if status.unconfirmed_changes:
+        words += f", {status.unconfirmed_changes} compacted kept for members that lack them"
     return words
 
 

@@ -559,6 +559,10 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     # Every worker busy and no more may start: new calls wait for one to finish.
     saturated: bool = False
     queued: int = 0  # leases that waited or were given a busy worker while saturated
+    # Bounded history: changes folded that the snapshot keeps for members that have not
+    # seen them (Snapshot.unconfirmed): grows while a member is away, and forever for
+    # one that never comes back (forgetting members is not built).
+    unconfirmed_changes: int = 0
 
 
 class CaughtUp(msgspec.Struct, array_like=True, tag=38, frozen=True):

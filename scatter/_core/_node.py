@@ -1361,6 +1361,7 @@ class NodeCore:
             stable_changes=self._stable_changes(),
             void_changes=stats.void,
             uptime=self._now - self._started_now,
+            unconfirmed_changes=len(self.registry.snapshot.unconfirmed),
         )
 
     def _stable_changes(self) -> int:
