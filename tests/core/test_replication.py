@@ -20,6 +20,7 @@ alone run different ones (cluster/README.md, "Bounded history"). Both must pass.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -151,19 +152,8 @@ class Replication(RuleBasedStateMachine):
         assert settled is not None, "replicas did not converge within 120 s of the heal"
         first = next(iter(sim.cores.values())).registry
         reference = Registry.from_changes("reference", self._counted(first))
-        reissued = [c for c in sim.written.values() if c.reissue_of]
         for change_id in self.acknowledged:
-            if first.has_change(change_id):
-                continue
-            # Void for the cluster (made away past the grace, or dropped with a snapshot
-            # that lost): re-issued on top, same ops, by some node. A re-issue names the
-            # change it stands for, the first one (a re-issue may be re-issued in turn).
-            lost = sim.written[change_id]
-            root = lost.reissue_of or change_id
-            assert any(
-                c.reissue_of == root and _ops(c) == _ops(lost) and first.has_change(c.change_id)
-                for c in reissued
-            ), f"lost {change_id}"
+            assert kept(first, sim.written, change_id), f"lost {change_id}"
         for address, core in sim.cores.items():
             assert core.registry.clock == first.clock, address
             assert core.registry.functions() == reference.functions(), address
@@ -177,6 +167,22 @@ class Replication(RuleBasedStateMachine):
                 except LookupError:
                     found = None
                 assert found == expected, (address, name)
+
+
+def kept(registry: Registry, written: dict[str, Any], change_id: str) -> bool:
+    """Whether an acknowledged change is held, or, void for the cluster (made away past
+    the grace, or dropped with a snapshot that lost), was re-issued on top with the same
+    ops by some node. A re-issue names the change it stands for, the first one: a
+    re-issue may be re-issued in turn."""
+    if registry.has_change(change_id):
+        return True
+    lost = written[change_id]
+    root = lost.reissue_of or change_id
+    return any(
+        c.reissue_of == root and _ops(c) == _ops(lost) and registry.has_change(c.change_id)
+        for c in written.values()
+        if c.reissue_of
+    )
 
 
 def _node_of(writer: str) -> str:
