@@ -80,7 +80,7 @@ print(json.dumps({"calls": len(times), "p50": times[len(times) // 2],
 """
 
 
-def _tree(commit: str, scratch: Path) -> Path:
+def tree(commit: str, scratch: Path) -> Path:
     """The code of ``commit`` (``git archive``); the working tree for "."; a directory
     holding a ``scatter`` package as it is (a variant made by hand, to try an idea)."""
     if commit == ".":
@@ -106,7 +106,7 @@ def _env(code: Path) -> dict[str, str]:
     return env
 
 
-def _start_node(code: Path, data_dir: Path) -> LocalNode:
+def start_node(code: Path, data_dir: Path) -> LocalNode:
     # `python -m scatter...` looks in the working directory first, then PYTHONPATH.
     saved = os.environ.get("PYTHONPATH"), os.getcwd()
     try:
@@ -206,11 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     labels = ("before", "after")
     with tempfile.TemporaryDirectory(prefix="scatter-bench-ab-") as tmp:
         scratch = Path(tmp)
-        trees = {"before": _tree(args.before, scratch), "after": _tree(args.after, scratch)}
+        trees = {"before": tree(args.before, scratch), "after": tree(args.after, scratch)}
         nodes: dict[str, LocalNode] = {}
         try:
             for label in labels:
-                nodes[label] = _start_node(trees[label], scratch / f"node-{label}")
+                nodes[label] = start_node(trees[label], scratch / f"node-{label}")
                 subprocess.run(
                     [sys.executable, "-c", _CLIENT, nodes[label].address, "publish", "0"],
                     check=True,
