@@ -72,6 +72,11 @@ _RELAY_SEND_TIMEOUT = 2.0
 _RELAY_MARGIN = 1.0
 _RELAY_LOOK_INTERVAL = 0.1
 
+# Bodies kept in memory for pushes (RecentBodies): at most this many bytes in all, and
+# only bodies of at most this size (a big one is rare and is read from the store).
+_RECENT_BODIES_BYTES = 16 * 2**20
+_RECENT_BODY_MAX = 2**20
+
 
 Write = core_effects.PersistChanges | core_effects.PersistViews | core_effects.PersistMembers
 
@@ -118,6 +123,51 @@ class PeerSockets:
         self._sockets.clear()
 
 
+class RecentBodies:
+    """The bodies this node stored or read lately, by content id, least recent out first.
+
+    Why: a change is pushed to every peer at once and piggybacked to a few more after;
+    each push reading its bodies from the store took a thread hop of its own, and on a
+    busy machine those hops were most of the time a new version took to reach a peer.
+    A body is immutable under its content id; one whose last version went is dropped.
+    """
+
+    def __init__(self, limit: int = _RECENT_BODIES_BYTES, largest: int = _RECENT_BODY_MAX):
+        self._bodies: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._size = 0
+        self._limit = limit
+        self._largest = largest
+
+    def __len__(self) -> int:
+        return len(self._bodies)
+
+    def put(self, content_id: str, body: bytes) -> None:
+        if len(body) > self._largest or content_id in self._bodies:
+            return
+        self._bodies[content_id] = body
+        self._size += len(body)
+        while self._size > self._limit:
+            _, old = self._bodies.popitem(last=False)
+            self._size -= len(old)
+
+    def drop(self, content_ids: Iterable[str]) -> None:
+        for content_id in content_ids:
+            body = self._bodies.pop(content_id, None)
+            if body is not None:
+                self._size -= len(body)
+
+    def get_all(self, content_ids: Iterable[str]) -> dict[str, bytes] | None:
+        """Every one of ``content_ids``, or None when one is not held here."""
+        found = {}
+        for content_id in content_ids:
+            body = self._bodies.get(content_id)
+            if body is None:
+                return None
+            self._bodies.move_to_end(content_id)
+            found[content_id] = body
+        return found
+
+
 class NodeDriver:
     """Performs the core's effects with sockets, processes, a store and a thread."""
 
@@ -148,6 +198,7 @@ class NodeDriver:
         self._processes: dict[int, trio.Process] = {}  # {slot: worker process}
         self._writes, self._to_persist = trio.open_memory_channel[Write](float("inf"))
         self.peers = PeerSockets(keys.peer)
+        self.recent_bodies = RecentBodies()
         self._nursery: trio.Nursery | None = None
         # Workers watch the read end: it reaches EOF when this process is gone, however
         # it went (SIGKILL included). The write end is never written, only held.
@@ -199,6 +250,8 @@ class NodeDriver:
                 )
 
     def perform(self, effects: Iterable[core_effects.Effect]) -> None:
+        # One change goes to every peer in one list of effects: encoded once.
+        pushed: dict[int, tuple[tuple[Any, ...], bytes]] = {}
         for effect in effects:
             if isinstance(effect, core_effects.Send):
                 send_reply(self.control, effect.peer, effect.payload)
@@ -208,8 +261,12 @@ class NodeDriver:
             elif isinstance(effect, core_effects.SendPeer):
                 self.peers.send(effect.address, effect.payload)
             elif isinstance(effect, core_effects.PushChanges):
-                assert self._nursery is not None
-                self._nursery.start_soon(self.push_changes, effect)
+                payload = self._push_payload(effect, pushed)
+                if payload is not None:
+                    self.peers.send(effect.address, payload)
+                else:  # a body to read from the store: off the loop
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self.push_changes, effect)
             elif isinstance(
                 effect,
                 core_effects.PersistChanges
@@ -322,25 +379,38 @@ class NodeDriver:
     def readings(self) -> dict[int, tuple[int, float]]:
         return {slot: self.slots.read(slot) for slot in self.core.pool.slots()}
 
+    def _push_payload(
+        self,
+        push: core_effects.PushChanges,
+        pushed: dict[int, tuple[tuple[Any, ...], bytes]],
+    ) -> bytes | None:
+        """The encoded push when every body it needs is in memory (None: read them)."""
+        if push.snapshot is not None:
+            return None  # a full state transfer: rare, and every live body
+        done = pushed.get(id(push.changes))
+        if done is not None and done[0] is push.changes:
+            return done[1]
+        bodies = self.recent_bodies.get_all(_wanted_bodies(push))
+        if bodies is None:
+            return None
+        payload = self._encode_push(push, bodies)
+        pushed[id(push.changes)] = (push.changes, payload)
+        return payload
+
+    def _encode_push(self, push: core_effects.PushChanges, bodies: dict[str, bytes]) -> bytes:
+        facts = self.core.facts
+        message = _wire.PeerChanges(
+            facts.node_id, facts.address, list(push.changes), bodies, push.snapshot
+        )
+        return _wire.encoder.encode(message)
+
     async def push_changes(self, push: core_effects.PushChanges) -> None:
         """Send changes to a peer with the bodies they introduce, read off the loop."""
         try:
-            wanted = {
-                op.record.content_id
-                for change in push.changes
-                for op in change.ops
-                if isinstance(op, PublishOp)
-            }
-            if push.snapshot is not None:  # a full state transfer: every live body
-                wanted |= {
-                    v.record.content_id for f in push.snapshot.functions for v in f.versions
-                }
-            bodies = await trio.to_thread.run_sync(self._bodies, wanted)
-            facts = self.core.facts
-            message = _wire.PeerChanges(
-                facts.node_id, facts.address, list(push.changes), bodies, push.snapshot
-            )
-            self.peers.send(push.address, _wire.encoder.encode(message))
+            bodies = await trio.to_thread.run_sync(self._bodies, _wanted_bodies(push))
+            for content_id, body in bodies.items():
+                self.recent_bodies.put(content_id, body)
+            self.peers.send(push.address, self._encode_push(push, bodies))
         except Exception as exc:
             log_internal(exc, "pushing changes to a peer")
 
@@ -417,8 +487,11 @@ class NodeDriver:
                     self.feed(self.core.persist_failed, write.ticket, error)
                 continue
             if isinstance(write, core_effects.PersistChanges):
+                for content_id, (_record, body) in write.bodies.items():
+                    self.recent_bodies.put(content_id, body)
                 self.feed(self.core.changes_persisted, write.ticket)
             elif isinstance(write, core_effects.PersistViews):
+                self.recent_bodies.drop(write.dropped_bodies)
                 self.feed(self.core.views_persisted, write.ticket)
 
     def _commit(self, write: Write) -> None:
@@ -631,6 +704,19 @@ class NodeDriver:
         os.close(self._parent_read)
         if self._parent_write >= 0:
             os.close(self._parent_write)
+
+
+def _wanted_bodies(push: core_effects.PushChanges) -> set[str]:
+    """The content ids whose bodies go with ``push``."""
+    wanted = {
+        op.record.content_id
+        for change in push.changes
+        for op in change.ops
+        if isinstance(op, PublishOp)
+    }
+    if push.snapshot is not None:  # a full state transfer: every live body
+        wanted |= {v.record.content_id for f in push.snapshot.functions for v in f.versions}
+    return wanted
 
 
 async def _reap(process: trio.Process) -> None:
