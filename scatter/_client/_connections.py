@@ -22,7 +22,9 @@ the bound, so the pool's ``max_connections`` threads are never what a call waits
 More connections than workers (many clients, or past ``--max-workers``) share workers, and
 a worker runs one call at a time. So a client on the node's machine claims its worker
 before each call (``_node/_slots.WorkerClaims``: an OFD lock on the worker's slot in the
-node's slots file, atomic across processes, ~2.5 us) and drops the claim with the reply.
+node's slots file, atomic across processes) and drops the claim after the reply: at once
+when the connection goes, else once ``CLAIM_KEPT_FOR`` passed without another call
+(a caller in a loop takes its claim back without a system call).
 A worker claimed by another connection, or running a call, is let go and another leased
 (an idle one, or a new process), so a call never waits behind someone else's slow or
 hung call while another worker could take it. Only when every worker is busy and no more
@@ -212,9 +214,11 @@ class WorkerConnection:
         claims = self.claims
         return claims is None or claims.claim(self.slot, self)
 
-    def unclaim(self) -> None:
+    def unclaim(self, *, keep: bool = False) -> None:
+        """Drop the claim; with ``keep``, only if the next call does not take it back
+        soon (``WorkerClaims.release``)."""
         if self.claims is not None:
-            self.claims.release(self.slot, self)
+            self.claims.release(self.slot, self, keep=keep)
 
     def dropped(self) -> bool:
         # EVENTS, not a non-blocking recv: raising zmq.Again costs ~25 us, on every call.
@@ -849,7 +853,7 @@ class ConnectionPool:
         if connection.broken or connection.epoch != self.control.epoch:
             self.discard(connection)
             return
-        connection.unclaim()
+        connection.unclaim(keep=True)
         connection.last_used = now = time.monotonic()
         if self._waiters and self._hand_over(connection):
             return

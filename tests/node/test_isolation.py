@@ -231,6 +231,79 @@ def test_a_worker_claim_excludes_other_processes_and_threads_and_dies_with_its_p
         claims.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_kept_claim_is_taken_back_by_its_holder_and_dropped_soon_after(tmp_path: Path) -> None:
+    # A claim outlives its call for CLAIM_KEPT_FOR, so that a caller in a loop takes
+    # it back without a system call; another process's client (here another open file
+    # of the slots, which OFD locks treat alike) gets the worker once it is dropped.
+    from scatter._node._slots import CLAIM_KEPT_FOR, SharedSlots, WorkerClaims
+
+    path = tmp_path / "slots"
+    SharedSlots(path, create=True).close()
+    mine, theirs = WorkerClaims(path), WorkerClaims(path)
+    try:
+        assert mine.claim(2, "me")
+        mine.release(2, "me", keep=True)
+        assert not theirs.claim(2, "them")  # kept: still mine
+        assert mine.claim(2, "me") and not mine.kept  # taken back, no new lock
+        mine.release(2, "me", keep=True)
+        deadline = time.monotonic() + 10
+        while not theirs.claim(2, "them"):  # dropped by mine's thread
+            assert time.monotonic() < deadline, "a kept claim was never dropped"
+            time.sleep(CLAIM_KEPT_FOR / 4)
+        assert not mine.claim(2, "me")
+        theirs.release(2, "them")
+        assert mine.claim(2, "me")
+        mine.release(2, "me")  # not kept: free at once
+        assert theirs.claim(2, "them")
+    finally:
+        mine.close()
+        theirs.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_kept_claim_never_lets_two_callers_hold_one_worker(tmp_path: Path) -> None:
+    # The holder taking its claim back races the thread dropping it; the other side
+    # claims as often as it can. Never may both believe they hold the worker.
+    from scatter._node._slots import CLAIM_KEPT_FOR, SharedSlots, WorkerClaims
+
+    path = tmp_path / "slots"
+    SharedSlots(path, create=True).close()
+    mine, theirs = WorkerClaims(path), WorkerClaims(path)
+    holding = {"me": False, "them": False}
+    overlaps: list[str] = []
+    stop = time.monotonic() + 3.0
+    counts = {"me": 0, "them": 0}
+
+    def caller(claims: WorkerClaims, who: str, other: str, keep: bool, pause: float) -> None:
+        while time.monotonic() < stop:
+            if claims.claim(5, who):
+                holding[who] = True
+                counts[who] += 1
+                if holding[other]:
+                    overlaps.append(who)
+                time.sleep(0)
+                holding[who] = False
+                claims.release(5, who, keep=keep)
+            # Pauses around the kept time, so that taking back and dropping meet.
+            time.sleep(pause * (counts[who] % 4))
+
+    threads = [
+        threading.Thread(target=caller, args=(mine, "me", "them", True, CLAIM_KEPT_FOR * 0.35)),
+        threading.Thread(target=caller, args=(theirs, "them", "me", False, 0.0001)),
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not overlaps, f"both held the worker {len(overlaps)} times"
+        assert counts["me"] > 50 and counts["them"] > 5, counts  # both got it, often
+    finally:
+        mine.close()
+        theirs.close()
+
+
 @pytest.mark.timeout(30)  # a map waiting for a worker its own pipes claimed hung 30 s per pipe
 def test_map_with_more_parallel_than_workers_makes_do_with_the_free_ones(tmp_path: Path) -> None:
     node = started_node(tmp_path, "--max-workers", "2")
