@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -1024,27 +1025,38 @@ class Rig:
         started = time.monotonic()
         hashes: list[str] = []
         last: list[str] = [""] * len(self.nodes)
-        while time.monotonic() - started < timeout:
-            hashes = []
-            for i, node in enumerate(self.nodes):
-                try:
-                    with scatter.Client(node.address, autostart=False) as client:
-                        status = client.status()
-                    seen = (
-                        status.replica_hash
-                        if not status.pending_changes
-                        else f"held ({status.pending_changes} pending)"
-                    )
-                except scatter.ScatterError:
-                    seen = "unreachable"
-                if seen != last[i]:
-                    # Which node lagged, and how: what a slow convergence is read from.
-                    self.convergence_trace.append((round(time.monotonic() - started, 3), i, seen))
-                    last[i] = seen
-                hashes.append(seen if not seen.startswith("held") else "held")
-            if len(set(hashes)) == 1 and hashes[0] not in ("held", "unreachable"):
-                return time.monotonic() - started, hashes
-            time.sleep(0.05)
+
+        def look(node: LocalNode) -> tuple[str, float]:
+            asked = time.monotonic()
+            try:
+                with scatter.Client(node.address, autostart=False) as client:
+                    status = client.status()
+                seen = (
+                    status.replica_hash
+                    if not status.pending_changes
+                    else f"held ({status.pending_changes} pending)"
+                )
+            except scatter.ScatterError:
+                seen = "unreachable"
+            return seen, time.monotonic() - asked
+
+        # Every node at once: one node slow to answer (busy catching up) must not hold
+        # back the look at the others, or the convergence time is the sum of the waits.
+        with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as looks:
+            while time.monotonic() - started < timeout:
+                hashes = []
+                for i, (seen, took) in enumerate(looks.map(look, self.nodes)):
+                    if seen != last[i]:
+                        # Which node lagged, and how (the status's round trip says
+                        # whether the node was slow to answer): read when convergence is slow.
+                        at = round(time.monotonic() - started, 3)
+                        shown = seen if took < 0.2 else f"{seen} (answered in {took:.2f} s)"
+                        self.convergence_trace.append((at, i, shown))
+                        last[i] = seen
+                    hashes.append(seen if not seen.startswith("held") else "held")
+                if len(set(hashes)) == 1 and hashes[0] not in ("held", "unreachable"):
+                    return time.monotonic() - started, hashes
+                time.sleep(0.05)
         return None, hashes
 
     def wait_for_membership(self, timeout: float) -> tuple[float | None, list[int]]:

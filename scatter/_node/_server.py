@@ -72,6 +72,10 @@ _RELAY_SEND_TIMEOUT = 2.0
 _RELAY_MARGIN = 1.0
 _RELAY_LOOK_INTERVAL = 0.1
 
+# An event the core and the driver took longer than this (seconds) to handle is logged
+# (its kind and time only): the loop did nothing else meanwhile, acks included.
+_SLOW_EVENT = 0.1
+
 # Bodies kept in memory for pushes (RecentBodies): at most this many bytes in all, and
 # only bodies of at most this size (a big one is rare and is read from the store).
 _RECENT_BODIES_BYTES = 16 * 2**20
@@ -227,10 +231,14 @@ class NodeDriver:
         with its type and place, never its values, and the node goes on: no task dies
         of one bad event.
         """
+        began = time.perf_counter()
         try:
             self.perform(event(*args, **kw))
         except Exception as exc:
             log_internal(exc, f"handling {getattr(event, '__name__', 'an event')}")
+        took = time.perf_counter() - began
+        if took > _SLOW_EVENT:  # the loop stood still: membership timers and all
+            log(f"handling {getattr(event, '__name__', 'an event')} took {took * 1000:.0f} ms")
         if self.config.log_membership and self.core.membership.version != self._logged_version:
             self._log_members()
 
