@@ -47,6 +47,7 @@ from scatter._core._node import (
     PersistChanges,
     PersistMembers,
     PersistViews,
+    PushBodies,
     PushChanges,
     Send,
     SendPeer,
@@ -437,6 +438,11 @@ class ClusterSimulation(_VirtualTime):
                     core.facts.node_id, address, list(effect.changes), bodies, effect.snapshot
                 )
                 self._send(address, effect.address, wire.encoder.encode(message))
+            elif isinstance(effect, PushBodies):
+                found = {cid: disk.bodies[cid] for cid in effect.content_ids if cid in disk.bodies}
+                if found:
+                    message = wire.PeerChanges(core.facts.node_id, address, [], found)
+                    self._send(address, effect.address, wire.encoder.encode(message))
             elif isinstance(effect, PersistChanges):
                 if effect.snapshot is not None:
                     disk.snapshot = effect.snapshot

@@ -523,6 +523,8 @@ def _history(status: _wire.NodeStatus) -> str:
         words += f", changes of {status.void_changes} writer(s) refused as void"
     if status.unconfirmed_changes:
         words += f", {status.unconfirmed_changes} compacted kept for members that lack them"
+    if status.missing_bodies:
+        words += f", {status.missing_bodies} bodies still to receive from the members"
     return words
 
 

@@ -38,6 +38,8 @@ ENV_LOG_MEMBERSHIP = "SCATTER_LOG_MEMBERSHIP"
 # Bounded history (NodeConfig.history_grace, compact_after): seconds, and a count.
 ENV_HISTORY_GRACE = "SCATTER_HISTORY_GRACE"
 ENV_COMPACT_AFTER = "SCATTER_COMPACT_AFTER"
+# Bytes of bodies one node-to-node message carries at most (NodeConfig.max_push_bytes).
+ENV_MAX_PUSH_BYTES = "SCATTER_MAX_PUSH_BYTES"
 
 
 def default_address(uid: int | None = None) -> str:
@@ -210,6 +212,11 @@ class NodeConfig:
     # Changes every member has seen are folded into the snapshot once at least this many
     # are (a snapshot write costs O(live registry): not worth it for every change).
     compact_after: int = 256
+    # Bytes of bodies one node-to-node message carries at most (beyond one body, which
+    # always goes): a full state transfer of a large registry, or a push of many big
+    # versions, sends what fits, and the receiver asks for the rest (PeerBodiesWanted)
+    # in messages of this size, so none nears max_message_bytes.
+    max_push_bytes: int = 16 * 2**20
     # Members to join through at start (`scatter node join ADDR`), beyond those the
     # node remembers from its last run.
     join: tuple[str, ...] = ()
@@ -226,6 +233,8 @@ class NodeConfig:
         # saturated. The floor never exceeds the ceiling.
         if self.min_workers > self.max_workers:
             object.__setattr__(self, "min_workers", self.max_workers)
+        if self.max_push_bytes < 1:
+            raise ConfigError(f"max_push_bytes must be at least 1, got {self.max_push_bytes}")
 
     @classmethod
     def local(cls, **overrides: object) -> NodeConfig:
@@ -317,6 +326,7 @@ def resolve_node_config(
     for name, key, kind in (
         (ENV_HISTORY_GRACE, "history_grace", float),
         (ENV_COMPACT_AFTER, "compact_after", int),
+        (ENV_MAX_PUSH_BYTES, "max_push_bytes", int),
     ):
         if env.get(name, "").strip() and key not in overrides:
             try:

@@ -66,6 +66,10 @@ Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
 #      reached this worker, or this relay, before: never run twice); the relay:
 #      ``Relay`` (a call the client cannot send to a member's worker itself, as its
 #      frame, run through the node) answered by ``Relayed`` (the worker's reply frame).
+#   (5 too, a new tag only) node to node: bodies travel in bounded messages; a body that
+#      did not fit is asked for (PeerBodiesWanted) and comes in a PeerChanges without
+#      changes. An older node drops the new message (malformed): its pushes carry every
+#      body, as before.
 PROTOCOL_VERSION_MIN = 4
 PROTOCOL_VERSION_MAX = 5
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
@@ -419,7 +423,16 @@ class PeerReply(msgspec.Struct, array_like=True, tag=74, frozen=True):
     payload: bytes
 
 
-PeerMessage = PeerGossip | PeerChanges | PeerDigest | PeerRequest | PeerReply
+class PeerBodiesWanted(msgspec.Struct, array_like=True, tag=75, frozen=True):
+    """Send ``source`` the bodies of ``content_ids`` you hold (``PeerChanges`` without
+    changes): versions it holds whose bodies did not fit the message that brought them."""
+
+    source: Ident
+    address: Address
+    content_ids: Annotated[list[Ident], msgspec.Meta(max_length=MAX_BATCH_CHANGES)]
+
+
+PeerMessage = PeerGossip | PeerChanges | PeerDigest | PeerRequest | PeerReply | PeerBodiesWanted
 
 ControlRequest = (
     Relay
@@ -430,6 +443,7 @@ ControlRequest = (
     | PeerGossip
     | PeerChanges
     | PeerDigest
+    | PeerBodiesWanted
     | CurrentVersion
     | PublishSet
     | Hello
@@ -563,6 +577,9 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     # seen them (Snapshot.unconfirmed): grows while a member is away, and forever for
     # one that never comes back (forgetting members is not built).
     unconfirmed_changes: int = 0
+    # Live versions whose bodies this node has not received yet (they did not fit the
+    # message that brought them): asked of the members; calls to them run elsewhere.
+    missing_bodies: int = 0
 
 
 class CaughtUp(msgspec.Struct, array_like=True, tag=38, frozen=True):

@@ -87,7 +87,7 @@ import math
 import random
 import traceback
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -208,6 +208,15 @@ class PushChanges:
 
 
 @dataclass(frozen=True)
+class PushBodies:
+    """Send the peer at ``address`` the bodies of ``content_ids`` the store holds (as
+    many as one push carries: it asks again for the rest)."""
+
+    address: str
+    content_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class PersistMembers:
     """Store the member table, so a restarted node rejoins by itself."""
 
@@ -253,6 +262,7 @@ Effect = (
     | RelayCall
     | SendPeer
     | PushChanges
+    | PushBodies
     | PersistChanges
     | PersistViews
     | PersistMembers
@@ -294,6 +304,7 @@ class _Write:
     adopted: Registry | None = None  # a state transfer: the registry to take (rule 9)
     writer_id: str = ""  # with ``adopted``: this node's writer from now on
     void: Mapping[str, int] | None = None  # the void record this write stores, if any
+    bodies: frozenset[str] = frozenset()  # the content ids of the bodies it stores
 
 
 @dataclass(frozen=True)
@@ -327,6 +338,13 @@ class _FromPeer:
     bodies: Mapping[str, tuple[VersionRecord, bytes]]  # checked already
 
 
+@dataclass(frozen=True)
+class _Bodies:
+    """Bodies a peer sent for versions held here without them, waiting their turn."""
+
+    bodies: Mapping[str, tuple[VersionRecord, bytes]]  # checked already
+
+
 _MUTATIONS = (_wire.Publish, _wire.PublishSet, _wire.Rollback, _wire.Vaporize)
 # Requests that read the registry and may carry the clock their client has seen (rule 8).
 _READS = (
@@ -348,6 +366,7 @@ _PEER_MESSAGES = (
     _wire.PeerDigest,
     _wire.PeerRequest,
     _wire.PeerReply,
+    _wire.PeerBodiesWanted,
 )
 MAX_CHANGES_PER_PUSH = 256  # an anti-entropy answer sends the rest next round
 # A full state transfer a peer did not take (lost, or declined: its own snapshot
@@ -415,6 +434,10 @@ class NodeCore:
         self._views: dict[str, FunctionView] = dict(views)  # {name: view}, as persisted
         self._body_ids = set(body_ids)  # only until start() reconciles
         self._refs: Counter[str] = Counter()  # {content_id: live versions using it}
+        # Live versions stored here without their body (it did not fit the message that
+        # brought them, or a start found it gone): {content_id: record}, asked of a
+        # member (PeerBodiesWanted) until it comes; calls to them fail with a load error.
+        self.missing_bodies: dict[str, VersionRecord] = {}
         self._tickets = itertools.count(1)
         self._write: _Write | None = None
         # (peer, request or _FromPeer, wall): what waits behind the write in flight
@@ -456,6 +479,7 @@ class NodeCore:
             _wire.PeerChanges: self._on_changes,
             _wire.PeerDigest: self._on_digest,
             _wire.PeerReply: self._on_peer_reply,
+            _wire.PeerBodiesWanted: self._on_bodies_wanted,
         }
         # Run here, or forward (_forwarding.py): what this node and its peers cannot
         # load, the requests forwarded to members, and the members' requests served here.
@@ -500,10 +524,18 @@ class NodeCore:
         effects: list[Effect] = []
         missing = self._refs.keys() - self._body_ids
         if missing:
+            self.missing_bodies = {
+                cid: self.registry.resolve_content(name, cid)[1]
+                for name, view in fresh.items()
+                if view
+                for cid in view.content_ids.values()
+                if cid in missing
+            }
             effects.append(
                 Log(
-                    f"{len(missing)} live version(s) have no body on this node; calls to "
-                    "them fail with a load error"
+                    f"{len(missing)} live version(s) have no body on this node; they are "
+                    "asked of the members, and calls to them fail with a load error until "
+                    "they come"
                 )
             )
         dropped = frozenset(self._body_ids - self._refs.keys())
@@ -603,7 +635,7 @@ class NodeCore:
             )
         while self._waiting:
             peer, request, _wall = self._waiting.popleft()
-            if not isinstance(request, _FromPeer | _Transfer):
+            if not isinstance(request, _FromPeer | _Transfer | _Bodies):
                 effects.append(self._send(peer, _stopping_failure(request.id)))
         held, self._held = self._held, []
         effects += [self._send(h.peer, _stopping_failure(h.request.id)) for h in held]
@@ -612,7 +644,8 @@ class NodeCore:
     def busy_writing(self) -> bool:
         """Whether a write is in flight or waiting: a stopping driver lets it finish."""
         return self._write is not None or any(
-            isinstance(r, _MUTATIONS | _FromPeer | _Transfer) for _, r, _ in self._waiting
+            isinstance(r, _MUTATIONS | _FromPeer | _Transfer | _Bodies)
+            for _, r, _ in self._waiting
         )
 
     @_answers_peers
@@ -626,8 +659,12 @@ class NodeCore:
             self.registry.commit_compaction(write.compaction)
             self._write = None
             return self._next()
-        if not write.changes and write.adopted is None:  # only what was refused as void
+        if not write.changes and write.adopted is None:  # bodies, or what was refused as void
             self._write = None
+            if write.bodies:
+                for content_id in write.bodies:
+                    self.missing_bodies.pop(content_id, None)
+                return self._ask_for_bodies() + self._next()  # the rest, at once
             return self._next()
         try:
             if write.adopted is not None:
@@ -644,7 +681,7 @@ class NodeCore:
                 *self._internal(write.peer, write.request_id, exc),
                 Stop("a stored change could not be applied (see the log)", failed=True),
             ]
-        views, dropped = self._derive(names)
+        views, dropped = self._derive(names, stored=write.bodies)
         if not views and not dropped:
             return self._finish(write)
         write.ticket = next(self._tickets)
@@ -727,6 +764,7 @@ class NodeCore:
                 effects.append(SendPeer(address, _wire.encoder.encode(digest)))
             if self._write is None and not self._waiting:
                 effects += self._compaction(now)
+            effects += self._ask_for_bodies()
         if len(self._news) and now >= self._next_change_gossip:
             self._next_change_gossip = now + config.membership.gossip_interval
             members = len(self.membership.live_others()) + 1
@@ -778,9 +816,9 @@ class NodeCore:
             # Below our snapshot, or holding what it made void (rule 9): all of it.
             if self._transfer_due(message.source, message.clock, now):
                 self.transfers_sent += 1
-                transfer = PushChanges(
-                    message.address, tuple(registry.log()), registry.transferable()
-                )
+                # What does not fit one message comes by anti-entropy once it is taken.
+                log = registry.log()[:_wire.MAX_BATCH_CHANGES]
+                transfer = PushChanges(message.address, tuple(log), registry.transferable())
                 effects.append(transfer)
         else:
             self._transfers_to.pop(message.source, None)
@@ -814,6 +852,8 @@ class NodeCore:
         if self.hold_peer_changes:
             return []
         snapshot = message.snapshot
+        if snapshot is None and not message.changes:
+            return self._on_bodies(message)
         if snapshot is not None and self._takes(snapshot):
             records = [v.record for f in snapshot.functions for v in f.versions]
             records += [
@@ -840,6 +880,44 @@ class NodeCore:
             self._waiting.append((b"", batch, 0.0))
             return effects
         return effects + self._begin_peer_write(batch)
+
+    def _on_bodies(self, message: _wire.PeerChanges) -> list[Effect]:
+        """Bodies a member sent for versions held here without them (asked for, or not:
+        only those still missing are stored, each checked against its record)."""
+        missing = self.missing_bodies
+        records = [missing[cid] for cid in message.bodies if cid in missing]
+        effects, bodies = self._checked_bodies(message, records)
+        if not bodies:
+            return effects
+        batch = _Bodies(bodies)
+        if self._write is not None:
+            self._waiting.append((b"", batch, 0.0))
+            return effects
+        return effects + self._begin_bodies_write(batch)
+
+    def _begin_bodies_write(self, batch: _Bodies) -> list[Effect]:
+        bodies = {cid: found for cid, found in batch.bodies.items() if cid in self.missing_bodies}
+        if not bodies:  # dropped meanwhile (no live version uses them), or stored
+            return self._next()
+        self._write = _Write((), next(self._tickets), bodies=frozenset(bodies))
+        return [PersistChanges(self._write.ticket, (), bodies)]
+
+    def _on_bodies_wanted(self, message: _wire.PeerBodiesWanted, now: float) -> list[Effect]:
+        wanted = tuple(cid for cid in message.content_ids if cid in self._refs)
+        return [PushBodies(message.address, wanted)] if wanted else []
+
+    def _ask_for_bodies(self) -> list[Effect]:
+        """Ask one random live member for bodies still missing here (the first
+        MAX_BATCH_CHANGES): at every anti-entropy round, and as soon as some came."""
+        if not self.missing_bodies:
+            return []
+        peers = self._peers(1)
+        if not peers:
+            return []
+        wanted = list(itertools.islice(self.missing_bodies, _wire.MAX_BATCH_CHANGES))
+        facts = self.facts
+        message = _wire.PeerBodiesWanted(facts.node_id, facts.address, wanted)
+        return [SendPeer(peers[0], _wire.encoder.encode(message))]
 
     def _checked_bodies(
         self, message: _wire.PeerChanges, records: Iterable[VersionRecord]
@@ -949,6 +1027,7 @@ class NodeCore:
             adopted=adopted,
             writer_id=writer,
             void=void,
+            bodies=frozenset(transfer.bodies),
         )
         log = Log(
             f"took a full state transfer from {transfer.source} (this node was behind its "
@@ -979,7 +1058,7 @@ class NodeCore:
             return self._next()
         # With nothing fresh, still a write: what was refused as void must outlive a
         # restart (a change counting it would wait forever for its past).
-        self._write = _Write(fresh, next(self._tickets), void=void)
+        self._write = _Write(fresh, next(self._tickets), void=void, bodies=frozenset(batch.bodies))
         purged = tuple(self.registry.take_purged())
         return [
             PersistChanges(self._write.ticket, fresh, batch.bodies, dropped=purged, void=void)
@@ -1012,6 +1091,8 @@ class NodeCore:
             return self._begin_peer_write(request)
         if isinstance(request, _Transfer):
             return self._begin_transfer(request, wall)
+        if isinstance(request, _Bodies):
+            return self._begin_bodies_write(request)
         if isinstance(request, _READS):
             seen = request.clock
             # A pinned version is the same everywhere: described here, or by a member
@@ -1201,7 +1282,14 @@ class NodeCore:
         bodies = {cid: found for cid, found in bodies.items() if cid in added}
         void = self._void_to_store()
         self._write = _Write(
-            (change,), next(self._tickets), peer, request.id, reply, local=True, void=void
+            (change,),
+            next(self._tickets),
+            peer,
+            request.id,
+            reply,
+            local=True,
+            void=void,
+            bodies=frozenset(bodies),
         )
         return [PersistChanges(self._write.ticket, (change,), bodies, void=void)]
 
@@ -1362,6 +1450,7 @@ class NodeCore:
             void_changes=stats.void,
             uptime=self._now - self._started_now,
             unconfirmed_changes=len(self.registry.snapshot.unconfirmed),
+            missing_bodies=len(self.missing_bodies),
         )
 
     def _stable_changes(self) -> int:
@@ -1791,11 +1880,16 @@ class NodeCore:
             return 0
 
     def _derive(
-        self, names: Iterable[str]
+        self, names: Iterable[str], *, stored: Collection[str] = ()
     ) -> tuple[dict[str, FunctionView | None], frozenset[str]]:
-        """The views ``names`` have now, and the bodies no live version uses any more."""
+        """The views ``names`` have now, and the bodies no live version uses any more.
+
+        A version that became live without its body among ``stored`` (the bodies the
+        write stored) has none here: it goes to ``missing_bodies``, to be asked for.
+        """
         views: dict[str, FunctionView | None] = {}
         delta: Counter[str] = Counter()
+        named: dict[str, str] = {}  # {content id: a name whose new view uses it}
         for name in names:
             new = self.registry.entry(name)
             old = self._views.get(name)
@@ -1806,12 +1900,19 @@ class NodeCore:
                 delta.subtract(old.content_ids.values())
             if new is not None:
                 delta.update(new.content_ids.values())
+                for content_id in new.content_ids.values():
+                    named.setdefault(content_id, name)
         dropped = set()
         for content_id, change in delta.items():
+            before = self._refs[content_id]
             self._refs[content_id] += change
             if self._refs[content_id] <= 0:
                 del self._refs[content_id]
                 dropped.add(content_id)
+                self.missing_bodies.pop(content_id, None)
+            elif before <= 0 and content_id not in stored:
+                record = self.registry.resolve_content(named[content_id], content_id)[1]
+                self.missing_bodies[content_id] = record
         for name, view in views.items():
             if view is None:
                 self._views.pop(name, None)
@@ -1851,7 +1952,9 @@ class NodeCore:
         after_a_client_change = False  # whose client may read it next: keep the order
         for item in self._waiting:
             request = item[1]
-            if after_a_client_change or isinstance(request, (*_MUTATIONS, _FromPeer, _Transfer)):
+            if after_a_client_change or isinstance(
+                request, (*_MUTATIONS, _FromPeer, _Transfer, _Bodies)
+            ):
                 behind.append(item)
                 after_a_client_change = after_a_client_change or isinstance(request, _MUTATIONS)
             else:

@@ -275,6 +275,9 @@ class NodeDriver:
                 else:  # a body to read from the store: off the loop
                     assert self._nursery is not None
                     self._nursery.start_soon(self.push_changes, effect)
+            elif isinstance(effect, core_effects.PushBodies):
+                assert self._nursery is not None
+                self._nursery.start_soon(self.push_bodies, effect)
             elif isinstance(
                 effect,
                 core_effects.PersistChanges
@@ -401,7 +404,7 @@ class NodeDriver:
         bodies = self.recent_bodies.get_all(_wanted_bodies(push))
         if bodies is None:
             return None
-        payload = self._encode_push(push, bodies)
+        payload = self._encode_push(push, _fitting(bodies, self.config.max_push_bytes))
         pushed[id(push.changes)] = (push.changes, payload)
         return payload
 
@@ -422,9 +425,34 @@ class NodeDriver:
         except Exception as exc:
             log_internal(exc, "pushing changes to a peer")
 
+    async def push_bodies(self, push: core_effects.PushBodies) -> None:
+        """Send a peer the bodies it asked for that fit one message (it asks again)."""
+        try:
+            bodies = await trio.to_thread.run_sync(self._bodies, push.content_ids)
+            if bodies:
+                facts = self.core.facts
+                message = _wire.PeerChanges(facts.node_id, facts.address, [], bodies)
+                self.peers.send(push.address, _wire.encoder.encode(message))
+        except Exception as exc:
+            log_internal(exc, "sending bodies to a peer")
+
     def _bodies(self, content_ids: Iterable[str]) -> dict[str, bytes]:
-        found = {cid: self.store.body(cid) for cid in content_ids}
-        return {cid: body for cid, body in found.items() if body is not None}
+        """The bodies of ``content_ids`` the store holds, as many as one message carries
+        (``max_push_bytes``, one at least): the receiver asks for the rest."""
+        found: dict[str, bytes] = {}
+        size = 0
+        for content_id in content_ids:
+            body = self.store.body(content_id)
+            if body is None:
+                continue
+            if found and (
+                size + len(body) > self.config.max_push_bytes
+                or len(found) >= _wire.MAX_BATCH_CHANGES
+            ):
+                break
+            found[content_id] = body
+            size += len(body)
+        return found
 
     # -- tasks --------------------------------------------------------------------
 
@@ -712,6 +740,22 @@ class NodeDriver:
         os.close(self._parent_read)
         if self._parent_write >= 0:
             os.close(self._parent_write)
+
+
+def _fitting(bodies: dict[str, bytes], budget: int) -> dict[str, bytes]:
+    """As many of ``bodies`` as one message carries (``budget`` bytes, one at least)."""
+    if len(bodies) <= 1 or (
+        sum(map(len, bodies.values())) <= budget and len(bodies) <= _wire.MAX_BATCH_CHANGES
+    ):
+        return bodies
+    fitting: dict[str, bytes] = {}
+    size = 0
+    for content_id, body in bodies.items():
+        if fitting and (size + len(body) > budget or len(fitting) >= _wire.MAX_BATCH_CHANGES):
+            break
+        fitting[content_id] = body
+        size += len(body)
+    return fitting
 
 
 def _wanted_bodies(push: core_effects.PushChanges) -> set[str]:

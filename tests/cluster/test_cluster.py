@@ -285,3 +285,63 @@ def test_a_node_back_after_the_history_grace_catches_up_and_nothing_comes_back(
             # first (they still carry the changes); either way it ends with them all.
             assert again.status().compacted_changes >= 4
             assert again.make_callable("add")(1, 1) == 102
+
+
+def _scaled(factor: int) -> object:
+    def scaled(x: int) -> int:
+        return x * factor
+
+    return scaled
+
+
+def _settled(nodes: list[LocalNode]) -> bool:
+    """Every node holds the same replica, with every live version's body."""
+    statuses = []
+    for node in nodes:
+        with client(node) as c:
+            statuses.append(c.status())
+    return len({s.replica_hash for s in statuses}) == 1 and not any(
+        s.missing_bodies or s.pending_changes for s in statuses
+    )
+
+
+@pytest.mark.timeout(150)
+def test_bodies_that_do_not_fit_one_message_come_in_parts(tmp_path: Path) -> None:
+    # One body per node-to-node message: a set's publish (one change, six bodies), then
+    # a full state transfer (a node back after the grace) each need several; the
+    # receivers ask for the rest (PeerBodiesWanted). Before, a transfer was one frame:
+    # past 64 MiB or 4,096 bodies it never arrived.
+    env = {
+        "SCATTER_MAX_PUSH_BYTES": "1",
+        "SCATTER_HISTORY_GRACE": "3",
+        "SCATTER_COMPACT_AFTER": "1",
+    }
+    with LocalCluster(tmp_path, 3, env=env) as three:
+        nodes = three.nodes
+        kit = scatter.FunctionSet("kit", address=nodes[0].address)
+        for factor in range(2, 8):
+            kit.function(_scaled(factor), name=f"times{factor}")  # type: ignore[arg-type]
+        kit.publish()
+        wait_until(lambda: _settled(nodes), 30, "every node holds the set's six bodies")
+        gone = nodes[2]
+        gone.kill()
+        for node in nodes[:2]:  # dead to both first: no push is queued for its return
+            wait_until(lambda node=node: _state_of(node, gone) == "dead", 30, "it is dead")
+        with client(nodes[0]) as first:
+            for factor in range(10, 16):
+                first.publish(_scaled(factor), name=f"times{factor}")  # type: ignore[arg-type]
+        for node in nodes[:2]:
+            with client(node) as stayed:
+                wait_until(
+                    lambda stayed=stayed: stayed.status().compacted_changes >= 7,
+                    60,
+                    "the two that stayed compact without the killed node, once past the grace",
+                )
+        restarted = LocalNode(gone.data_dir, port=gone.port, options=gone.options, env=env)
+        nodes[2] = restarted.start()
+        wait_until(lambda: _settled(nodes), 60, "the node back holds every body")
+        with client(restarted) as again:
+            assert again.status().compacted_changes >= 7  # it took the transfer
+            for factor in [*range(2, 8), *range(10, 16)]:
+                assert again.make_callable(f"times{factor}")(3) == 3 * factor
+        assert "have no body" not in restarted.log()
