@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import gc
 import os
 import platform
 import secrets
@@ -127,6 +128,24 @@ class PeerSockets:
         self._sockets.clear()
 
 
+class _GarbageCollections:
+    """Seconds the cyclic garbage collector ran in this process, so far (gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._began = 0.0
+        gc.callbacks.append(self._phase)
+
+    def _phase(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._began
+
+
+_GC = _GarbageCollections()
+
+
 class RecentBodies:
     """The bodies this node stored or read lately, by content id, least recent out first.
 
@@ -231,7 +250,7 @@ class NodeDriver:
         with its type and place, never its values, and the node goes on: no task dies
         of one bad event.
         """
-        began, began_cpu = time.perf_counter(), time.thread_time()
+        began, began_cpu, began_gc = time.perf_counter(), time.thread_time(), _GC.seconds
         try:
             self.perform(event(*args, **kw))
         except Exception as exc:
@@ -240,9 +259,10 @@ class NodeDriver:
         if took > _SLOW_EVENT:  # the loop stood still: membership timers and all
             # Its CPU says whether the work was slow or the machine gave us no core.
             cpu = time.thread_time() - began_cpu
+            collecting = _GC.seconds - began_gc
             log(
                 f"handling {getattr(event, '__name__', 'an event')} took {took * 1000:.0f} ms "
-                f"({cpu * 1000:.0f} ms of CPU)"
+                f"({cpu * 1000:.0f} ms of CPU, {collecting * 1000:.0f} ms collecting garbage)"
             )
         if self.config.log_membership and self.core.membership.version != self._logged_version:
             self._log_members()
