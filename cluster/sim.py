@@ -52,7 +52,7 @@ from scatter._core._node import (
     Send,
     SendPeer,
 )
-from scatter._core._registry import Change, FunctionView, PublishOp, Snapshot
+from scatter._core._registry import Change, FunctionView, Snapshot
 from scatter._exceptions import FunctionNotFound
 
 
@@ -423,16 +423,7 @@ class ClusterSimulation(_VirtualTime):
             elif isinstance(effect, SendPeer):
                 self._send(address, effect.address, effect.payload)
             elif isinstance(effect, PushChanges):
-                wanted = {
-                    op.record.content_id
-                    for change in effect.changes
-                    for op in change.ops
-                    if isinstance(op, PublishOp)
-                }
-                if effect.snapshot is not None:
-                    wanted |= {
-                        v.record.content_id for f in effect.snapshot.functions for v in f.versions
-                    }
+                wanted = effect.content_ids()
                 bodies = {cid: disk.bodies[cid] for cid in wanted if cid in disk.bodies}
                 message = wire.PeerChanges(
                     core.facts.node_id, address, list(effect.changes), bodies, effect.snapshot

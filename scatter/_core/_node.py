@@ -206,6 +206,18 @@ class PushChanges:
     # A full state transfer (rule 9): send this snapshot too, with every live body.
     snapshot: Snapshot | None = None
 
+    def content_ids(self) -> set[str]:
+        """The content ids whose bodies go with it."""
+        wanted = {
+            op.record.content_id
+            for change in self.changes
+            for op in change.ops
+            if isinstance(op, PublishOp)
+        }
+        if self.snapshot is not None:  # a full state transfer: every live body
+            wanted |= {v.record.content_id for f in self.snapshot.functions for v in f.versions}
+        return wanted
+
 
 @dataclass(frozen=True)
 class PushBodies:
@@ -302,7 +314,6 @@ class _Write:
     views_pending: bool = False  # applied; its views are being written (requests wait)
     compaction: Snapshot | None = None  # a compaction: the snapshot to commit (rule 9)
     adopted: Registry | None = None  # a state transfer: the registry to take (rule 9)
-    writer_id: str = ""  # with ``adopted``: this node's writer from now on
     void: Mapping[str, int] | None = None  # the void record this write stores, if any
     bodies: frozenset[str] = frozenset()  # the content ids of the bodies it stores
 
@@ -346,6 +357,8 @@ class _Bodies:
 
 
 _MUTATIONS = (_wire.Publish, _wire.PublishSet, _wire.Rollback, _wire.Vaporize)
+# What a peer sent, waiting its turn to be written: no client waits for an answer.
+_PEER_WRITES = (_FromPeer, _Transfer, _Bodies)
 # Requests that read the registry and may carry the clock their client has seen (rule 8).
 _READS = (
     _wire.Describe,
@@ -421,7 +434,6 @@ class NodeCore:
         )
         self._void_stored = dict(void or {})  # the registry's void record, as stored
         self._transfers = 0  # full state transfers taken in this start (writer ids)
-        self.transfers_sent = 0
         # {peer node: (its clock, our snapshot clock, when, how many sent)}: the last
         # full state transfer sent to it, while it still needs one (back-off, rule 9)
         self._transfers_to: dict[str, tuple[VectorClock, VectorClock, float, int]] = {}
@@ -635,7 +647,7 @@ class NodeCore:
             )
         while self._waiting:
             peer, request, _wall = self._waiting.popleft()
-            if not isinstance(request, _FromPeer | _Transfer | _Bodies):
+            if not isinstance(request, _PEER_WRITES):
                 effects.append(self._send(peer, _stopping_failure(request.id)))
         held, self._held = self._held, []
         effects += [self._send(h.peer, _stopping_failure(h.request.id)) for h in held]
@@ -644,8 +656,7 @@ class NodeCore:
     def busy_writing(self) -> bool:
         """Whether a write is in flight or waiting: a stopping driver lets it finish."""
         return self._write is not None or any(
-            isinstance(r, _MUTATIONS | _FromPeer | _Transfer | _Bodies)
-            for _, r, _ in self._waiting
+            isinstance(r, (*_MUTATIONS, *_PEER_WRITES)) for _, r, _ in self._waiting
         )
 
     @_answers_peers
@@ -670,7 +681,7 @@ class NodeCore:
             if write.adopted is not None:
                 names = set(self.registry.names()) | set(write.adopted.names())
                 self.registry = write.adopted
-                self.facts = replace(self.facts, writer_id=write.writer_id)
+                self.facts = replace(self.facts, writer_id=write.adopted.node_id)
             else:
                 names = self.registry.apply_many(write.changes)
         except Exception as exc:
@@ -704,6 +715,8 @@ class NodeCore:
                 what = f"change {write.changes[0].change_id}"
             elif write.changes or write.adopted or write.compaction:
                 what = "the registry's snapshot"
+            elif write.bodies:
+                what = f"{len(write.bodies)} bodies a member sent"
             else:
                 what = "what the registry refused as void"
             effects: list[Effect] = [Log(f"could not store {what}: {error}")]
@@ -815,7 +828,6 @@ class NodeCore:
         if not registry.can_serve(message.clock) or registry.holds_void(message.clock):
             # Below our snapshot, or holding what it made void (rule 9): all of it.
             if self._transfer_due(message.source, message.clock, now):
-                self.transfers_sent += 1
                 # What does not fit one message comes by anti-entropy once it is taken.
                 log = registry.log()[:_wire.MAX_BATCH_CHANGES]
                 transfer = PushChanges(message.address, tuple(log), registry.transferable())
@@ -871,7 +883,7 @@ class NodeCore:
             for c in message.changes
             if not registry.has_change(c.change_id) and registry.admissible(c)
         )
-        if not fresh and registry.void == self._void_stored:
+        if not fresh and self._void_to_store() is None:
             return []
         records = [op.record for c in fresh for op in c.ops if isinstance(op, PublishOp)]
         effects, bodies = self._checked_bodies(message, records)
@@ -1025,7 +1037,6 @@ class NodeCore:
             next(self._tickets),
             local=True,
             adopted=adopted,
-            writer_id=writer,
             void=void,
             bodies=frozenset(transfer.bodies),
         )
@@ -1952,9 +1963,7 @@ class NodeCore:
         after_a_client_change = False  # whose client may read it next: keep the order
         for item in self._waiting:
             request = item[1]
-            if after_a_client_change or isinstance(
-                request, (*_MUTATIONS, _FromPeer, _Transfer, _Bodies)
-            ):
+            if after_a_client_change or isinstance(request, (*_MUTATIONS, *_PEER_WRITES)):
                 behind.append(item)
                 after_a_client_change = after_a_client_change or isinstance(request, _MUTATIONS)
             else:

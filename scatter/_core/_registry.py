@@ -756,9 +756,7 @@ class Registry:
     def commit_compaction(self, snapshot: Snapshot) -> None:
         """Take ``snapshot`` (from :meth:`prepare_compaction`, stored) as the new base."""
         clock = snapshot.clock
-        count = 0
-        while count < len(self._log) and clock.dominates(self._log[count].clock):
-            count += 1
+        count = self.stable_count(clock)
         for change in self._log[:count]:
             del self._changes[change.change_id]
             del self._totals[change.change_id]
@@ -791,13 +789,10 @@ class Registry:
         last = self._base.last
         if last is None or self.has_change(change.change_id):
             return True
-        if order_key(change) >= last and not self._counts_void(change.clock):
+        if order_key(change) >= last and not self.holds_void(change.clock):
             return True
         self._refuse(change)
         return False
-
-    def _counts_void(self, clock: VectorClock) -> bool:
-        return any(clock.get(origin) >= counter for origin, counter in self._void.items())
 
     def _refuse(self, change: Change) -> None:
         """Remember ``change`` as void, and drop what is held pending on it (it would
@@ -808,7 +803,7 @@ class Registry:
         counter = change.clock.get(change.origin)
         self._void[change.origin] = min(self._void.get(change.origin, counter), counter)
         for held in sorted(self._pending.values(), key=order_key):
-            if held.change_id in self._pending and self._counts_void(held.clock):
+            if held.change_id in self._pending and self.holds_void(held.clock):
                 self._refuse(held)
 
     def _refuse_stale(self) -> None:

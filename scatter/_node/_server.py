@@ -45,7 +45,7 @@ from .._config import NodeConfig, default_data_dir, parse_address
 from .._core import _node as core_effects
 from .._core._membership import MemberInfo, State
 from .._core._node import NodeCore, NodeFacts
-from .._core._registry import PublishOp
+from .._core._registry import Change, Snapshot
 from .._exceptions import ConfigError
 from .._security import (
     WORKER_CLIENTS_VARIABLE,
@@ -251,17 +251,18 @@ class NodeDriver:
         of one bad event.
         """
         began, began_cpu, began_gc = time.perf_counter(), time.thread_time(), _GC.seconds
+        what = getattr(event, "__name__", "an event")
         try:
             self.perform(event(*args, **kw))
         except Exception as exc:
-            log_internal(exc, f"handling {getattr(event, '__name__', 'an event')}")
+            log_internal(exc, f"handling {what}")
         took = time.perf_counter() - began
         if took > _SLOW_EVENT:  # the loop stood still: membership timers and all
             # Its CPU says whether the work was slow or the machine gave us no core.
             cpu = time.thread_time() - began_cpu
             collecting = _GC.seconds - began_gc
             log(
-                f"handling {getattr(event, '__name__', 'an event')} took {took * 1000:.0f} ms "
+                f"handling {what} took {took * 1000:.0f} ms "
                 f"({cpu * 1000:.0f} ms of CPU, {collecting * 1000:.0f} ms collecting garbage)"
             )
         if self.config.log_membership and self.core.membership.version != self._logged_version:
@@ -284,7 +285,7 @@ class NodeDriver:
 
     def perform(self, effects: Iterable[core_effects.Effect]) -> None:
         # One change goes to every peer in one list of effects: encoded once.
-        pushed: dict[int, tuple[tuple[Any, ...], bytes]] = {}
+        pushed: dict[int, bytes] = {}
         for effect in effects:
             if isinstance(effect, core_effects.Send):
                 send_reply(self.control, effect.peer, effect.payload)
@@ -415,38 +416,37 @@ class NodeDriver:
     def readings(self) -> dict[int, tuple[int, float]]:
         return {slot: self.slots.read(slot) for slot in self.core.pool.slots()}
 
-    def _push_payload(
-        self,
-        push: core_effects.PushChanges,
-        pushed: dict[int, tuple[tuple[Any, ...], bytes]],
-    ) -> bytes | None:
-        """The encoded push when every body it needs is in memory (None: read them)."""
+    def _push_payload(self, push: core_effects.PushChanges, pushed: dict[int, bytes]) -> bytes | None:
+        """The encoded push when every body it needs is in memory (None: read them).
+        ``pushed``: this list of effects' pushes so far, by their changes' ``id`` (the
+        list holds the tuples, so an id is not reused meanwhile)."""
         if push.snapshot is not None:
             return None  # a full state transfer: rare, and every live body
         done = pushed.get(id(push.changes))
-        if done is not None and done[0] is push.changes:
-            return done[1]
-        bodies = self.recent_bodies.get_all(_wanted_bodies(push))
+        if done is not None:
+            return done
+        bodies = self.recent_bodies.get_all(push.content_ids())
         if bodies is None:
             return None
-        payload = self._encode_push(push, _fitting(bodies, self.config.max_push_bytes))
-        pushed[id(push.changes)] = (push.changes, payload)
+        payload = self._encode_push(push.changes, self._fitting(bodies.items()), push.snapshot)
+        pushed[id(push.changes)] = payload
         return payload
 
-    def _encode_push(self, push: core_effects.PushChanges, bodies: dict[str, bytes]) -> bytes:
+    def _encode_push(
+        self,
+        changes: Iterable[Change],
+        bodies: dict[str, bytes],
+        snapshot: Snapshot | None = None,
+    ) -> bytes:
         facts = self.core.facts
-        message = _wire.PeerChanges(
-            facts.node_id, facts.address, list(push.changes), bodies, push.snapshot
-        )
+        message = _wire.PeerChanges(facts.node_id, facts.address, list(changes), bodies, snapshot)
         return _wire.encoder.encode(message)
 
     async def push_changes(self, push: core_effects.PushChanges) -> None:
         """Send changes to a peer with the bodies they introduce, read off the loop."""
         try:
-            bodies = await trio.to_thread.run_sync(self._bodies, _wanted_bodies(push))
-            for content_id, body in bodies.items():
-                self.recent_bodies.put(content_id, body)
-            self.peers.send(push.address, self._encode_push(push, bodies))
+            bodies = await trio.to_thread.run_sync(self._bodies, push.content_ids())
+            self.peers.send(push.address, self._encode_push(push.changes, bodies, push.snapshot))
         except Exception as exc:
             log_internal(exc, "pushing changes to a peer")
 
@@ -455,29 +455,29 @@ class NodeDriver:
         try:
             bodies = await trio.to_thread.run_sync(self._bodies, push.content_ids)
             if bodies:
-                facts = self.core.facts
-                message = _wire.PeerChanges(facts.node_id, facts.address, [], bodies)
-                self.peers.send(push.address, _wire.encoder.encode(message))
+                self.peers.send(push.address, self._encode_push((), bodies))
         except Exception as exc:
             log_internal(exc, "sending bodies to a peer")
 
     def _bodies(self, content_ids: Iterable[str]) -> dict[str, bytes]:
-        """The bodies of ``content_ids`` the store holds, as many as one message carries
-        (``max_push_bytes``, one at least): the receiver asks for the rest."""
-        found: dict[str, bytes] = {}
+        """The bodies of ``content_ids`` the store holds, as many as one message carries:
+        read one by one, so none past the budget is read."""
+        return self._fitting(
+            (cid, body) for cid in content_ids if (body := self.store.body(cid)) is not None
+        )
+
+    def _fitting(self, bodies: Iterable[tuple[str, bytes]]) -> dict[str, bytes]:
+        """As many of ``bodies`` as one message carries (``max_push_bytes``, one at
+        least, and MAX_BATCH_CHANGES): the receiver asks for the rest."""
+        budget = self.config.max_push_bytes
+        fitting: dict[str, bytes] = {}
         size = 0
-        for content_id in content_ids:
-            body = self.store.body(content_id)
-            if body is None:
-                continue
-            if found and (
-                size + len(body) > self.config.max_push_bytes
-                or len(found) >= _wire.MAX_BATCH_CHANGES
-            ):
+        for content_id, body in bodies:
+            if fitting and (size + len(body) > budget or len(fitting) >= _wire.MAX_BATCH_CHANGES):
                 break
-            found[content_id] = body
+            fitting[content_id] = body
             size += len(body)
-        return found
+        return fitting
 
     # -- tasks --------------------------------------------------------------------
 
@@ -765,35 +765,6 @@ class NodeDriver:
         os.close(self._parent_read)
         if self._parent_write >= 0:
             os.close(self._parent_write)
-
-
-def _fitting(bodies: dict[str, bytes], budget: int) -> dict[str, bytes]:
-    """As many of ``bodies`` as one message carries (``budget`` bytes, one at least)."""
-    if len(bodies) <= 1 or (
-        sum(map(len, bodies.values())) <= budget and len(bodies) <= _wire.MAX_BATCH_CHANGES
-    ):
-        return bodies
-    fitting: dict[str, bytes] = {}
-    size = 0
-    for content_id, body in bodies.items():
-        if fitting and (size + len(body) > budget or len(fitting) >= _wire.MAX_BATCH_CHANGES):
-            break
-        fitting[content_id] = body
-        size += len(body)
-    return fitting
-
-
-def _wanted_bodies(push: core_effects.PushChanges) -> set[str]:
-    """The content ids whose bodies go with ``push``."""
-    wanted = {
-        op.record.content_id
-        for change in push.changes
-        for op in change.ops
-        if isinstance(op, PublishOp)
-    }
-    if push.snapshot is not None:  # a full state transfer: every live body
-        wanted |= {v.record.content_id for f in push.snapshot.functions for v in f.versions}
-    return wanted
 
 
 async def _reap(process: trio.Process) -> None:

@@ -200,9 +200,16 @@ class WorkerClaims:
         the worker runs one; True if claimed."""
         # A claim kept since the holder's last call: whoever pops it owns it (the
         # dropping thread pops only under the lock, and gives back one not yet due).
+        # Only its holder pops it here: another connection of this process to the
+        # same worker, popping and putting back, could hide it from its holder in
+        # between, which would then lock anew while the dropping thread drops it.
+        if self._kept_by_another(slot, holder):
+            return False
         kept = self.kept.pop(slot, None)
         if kept is None:
             with self._lock:
+                if self._kept_by_another(slot, holder):
+                    return False
                 kept = self.kept.pop(slot, None)
                 if kept is None:
                     return self._claim_locked(slot, holder)
@@ -213,6 +220,10 @@ class WorkerClaims:
             self.release(slot, holder)  # it runs a call of a client that did not claim
             return False
         return True
+
+    def _kept_by_another(self, slot: int, holder: object) -> bool:
+        seen = self.kept.get(slot)
+        return seen is not None and seen[0] is not holder
 
     def _claim_locked(self, slot: int, holder: object) -> bool:
         # dict.setdefault: one thread of this process wins a slot.

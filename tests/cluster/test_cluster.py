@@ -249,6 +249,21 @@ def test_a_peer_with_another_secret_gets_nothing_through(tmp_path: Path) -> None
         member.stop()
 
 
+def _compacted_past_the_grace(stayed: list[LocalNode], changes: int) -> None:
+    for node in stayed:
+        with client(node) as c:
+            wait_until(
+                lambda c=c: c.status().compacted_changes >= changes,
+                60,
+                "the nodes that stayed compact without the killed one, once past the grace",
+            )
+
+
+def _restarted(gone: LocalNode) -> LocalNode:
+    """``gone`` started again from its data directory, on its port, as it was."""
+    return LocalNode(gone.data_dir, port=gone.port, options=gone.options, env=gone.env).start()
+
+
 @pytest.mark.timeout(150)
 def test_a_node_back_after_the_history_grace_catches_up_and_nothing_comes_back(
     tmp_path: Path,
@@ -267,15 +282,8 @@ def test_a_node_back_after_the_history_grace_catches_up_and_nothing_comes_back(
         with client(nodes[0]) as first:
             first.publish(_add_v2(), name="add")  # type: ignore[arg-type]
             first.vaporize("doomed")
-        for node in nodes[:2]:
-            with client(node) as stayed:
-                wait_until(
-                    lambda stayed=stayed: stayed.status().compacted_changes >= 4,
-                    60,
-                    "the two that stayed compact without the killed node, once past the grace",
-                )
-        restarted = LocalNode(gone.data_dir, port=gone.port, options=gone.options, env=env)
-        nodes[2] = restarted.start()
+        _compacted_past_the_grace(nodes[:2], 4)
+        restarted = nodes[2] = _restarted(gone)
         _everywhere(nodes, "add", 2)
         _everywhere(nodes, "doomed", None)
         holds_for(lambda: _current(restarted, "doomed") is None, 2.0, "doomed stays vaporized")
@@ -330,15 +338,8 @@ def test_bodies_that_do_not_fit_one_message_come_in_parts(tmp_path: Path) -> Non
         with client(nodes[0]) as first:
             for factor in range(10, 16):
                 first.publish(_scaled(factor), name=f"times{factor}")  # type: ignore[arg-type]
-        for node in nodes[:2]:
-            with client(node) as stayed:
-                wait_until(
-                    lambda stayed=stayed: stayed.status().compacted_changes >= 7,
-                    60,
-                    "the two that stayed compact without the killed node, once past the grace",
-                )
-        restarted = LocalNode(gone.data_dir, port=gone.port, options=gone.options, env=env)
-        nodes[2] = restarted.start()
+        _compacted_past_the_grace(nodes[:2], 7)
+        restarted = nodes[2] = _restarted(gone)
         wait_until(lambda: _settled(nodes), 60, "the node back holds every body")
         with client(restarted) as again:
             assert again.status().compacted_changes >= 7  # it took the transfer

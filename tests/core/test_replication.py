@@ -185,10 +185,6 @@ def kept(registry: Registry, written: dict[str, Any], change_id: str) -> bool:
     )
 
 
-def _node_of(writer: str) -> str:
-    return writer.split(".", 1)[0]
-
-
 def _ops(change: object) -> list[tuple[object, ...]]:
     """What a change does, without the change ids a re-issue renames."""
     found: list[tuple[object, ...]] = []
