@@ -89,6 +89,16 @@ def test_membership_log_is_off_unless_the_environment_turns_it_on(tmp_path: Path
         resolve_node_config(data_dir=tmp_path, environ={"SCATTER_LOG_MEMBERSHIP": "loud"})
 
 
+def test_push_budget_from_environment_and_its_bad_values(tmp_path: Path) -> None:
+    assert resolve_node_config(data_dir=tmp_path, environ={}).max_push_bytes == 16 * 2**20
+    small = resolve_node_config(data_dir=tmp_path, environ={"SCATTER_MAX_PUSH_BYTES": "1"})
+    assert small.max_push_bytes == 1
+    with pytest.raises(ConfigError, match="SCATTER_MAX_PUSH_BYTES must be a number"):
+        resolve_node_config(data_dir=tmp_path, environ={"SCATTER_MAX_PUSH_BYTES": "lots"})
+    with pytest.raises(ConfigError, match="max_push_bytes must be at least 1, got 0"):
+        resolve_node_config(data_dir=tmp_path, environ={"SCATTER_MAX_PUSH_BYTES": "0"})
+
+
 def test_node_data_dir_from_environment(tmp_path: Path) -> None:
     config = resolve_node_config(environ={"SCATTER_DATA_DIR": str(tmp_path)})
     assert config.data_dir == tmp_path

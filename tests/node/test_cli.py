@@ -590,3 +590,15 @@ def test_node_start_in_the_foreground_serves_until_stopped(tmp_path: Path) -> No
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_status_history_line_counts_bodies_still_to_receive() -> None:
+    from scatter import _wire
+    from scatter._cli import _history
+
+    status = _wire.NodeStatus(
+        1, "n1", "tcp://127.0.0.1:1", 1, "/d", 0.0, 1, 1, 1, 0, 0, "3.11", "0", changes=3
+    )
+    assert "bodies" not in _history(status)
+    missing = msgspec.structs.replace(status, missing_bodies=2)
+    assert _history(missing).endswith(", 2 bodies still to receive from the members")
