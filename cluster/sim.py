@@ -26,7 +26,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -239,6 +239,7 @@ class ClusterSimulation(_VirtualTime):
         registry_gossip: bool = True,
         read_wait: float = NodeConfig.read_wait,
         history_grace: float = NodeConfig.history_grace,
+        forget_after: float = NodeConfig.forget_after,
         compact_after: int = NodeConfig.compact_after,
     ) -> None:
         self.rng = random.Random(seed)
@@ -253,6 +254,7 @@ class ClusterSimulation(_VirtualTime):
             registry_gossip=registry_gossip,
             read_wait=read_wait,
             history_grace=history_grace,
+            forget_after=forget_after,
             compact_after=compact_after,
         )
         self.addresses = [f"tcp://sim-{i}:1" for i in range(nodes)]
@@ -469,11 +471,12 @@ class ClusterSimulation(_VirtualTime):
 
     # -- questions ----------------------------------------------------------------------
 
-    def replicas(self) -> dict[str, tuple[object, ...]]:
-        """Each live node's registry as a comparable value: clock, functions, histories."""
+    def replicas(self, without: Collection[str] = ()) -> dict[str, tuple[object, ...]]:
+        """Each live node's registry as a comparable value: clock, functions, histories
+        (the nodes at ``without``, forgotten by the others, left out)."""
         out: dict[str, tuple[object, ...]] = {}
         for address, core in self.cores.items():
-            if address in self.down:
+            if address in self.down or address in without:
                 continue
             registry = core.registry
             names = sorted(registry.names())
@@ -488,14 +491,14 @@ class ClusterSimulation(_VirtualTime):
             out[address] = (registry.clock, msgspec.to_builtins(registry.functions()), histories)
         return out
 
-    def converged(self) -> bool:
-        live = [c for a, c in self.cores.items() if a not in self.down]
+    def converged(self, without: Collection[str] = ()) -> bool:
+        live = [c for a, c in self.cores.items() if a not in self.down and a not in without]
         clocks = [c.registry.clock for c in live]
         if any(clock != clocks[0] for clock in clocks[1:]) or any(
             c.registry.statistics().pending for c in live
         ):
             return False  # cheap: most calls end here
-        values = list(self.replicas().values())
+        values = list(self.replicas(without).values())
         return all(v == values[0] for v in values[1:])
 
 

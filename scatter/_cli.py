@@ -389,6 +389,35 @@ def node_leave(ctx: typer.Context) -> None:
     )
 
 
+@node_app.command("forget")
+def node_forget(
+    ctx: typer.Context,
+    nodes: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="NODE", help="Node ids of the members to forget (`scatter node status`)."
+        ),
+    ],
+) -> None:
+    """Forget members that will never come back, for good (at `scatter --address`).
+
+    Each must be dead or left; every other member alive, and a strict majority.
+
+    Members refuse what a forgotten one sends and stop keeping history for it.
+
+    It rejoins only with a new data directory (a new node id).
+
+    Members dead for longer than SCATTER_FORGET_AFTER (14 days) are forgotten unasked.
+    """
+    with _client(ctx) as client:
+        client.forget(nodes)
+        status = client.status()
+    _out.print(
+        f"node {status.node_id} forgot {', '.join(nodes)}; every member hears of it",
+        highlight=False,
+    )
+
+
 def _listening(address: str) -> bool:
     return port_open(*parse_address(address))
 
@@ -525,6 +554,8 @@ def _history(status: _wire.NodeStatus) -> str:
         words += f", {status.unconfirmed_changes} compacted kept for members that lack them"
     if status.missing_bodies:
         words += f", {status.missing_bodies} bodies still to receive from the members"
+    if status.forgotten:
+        words += f"; forgotten for good: {', '.join(status.forgotten)}"
     return words
 
 

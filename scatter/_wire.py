@@ -70,6 +70,11 @@ Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
 #      did not fit is asked for (PeerBodiesWanted) and comes in a PeerChanges without
 #      changes. An older node drops the new message (malformed): its pushes carry every
 #      body, as before.
+#   (5 too, new tags and a field with a default) forgetting members for good: ``Forget``
+#      (`scatter node forget`), answered ``Done``; the registry op ``forget``; node to
+#      node: ``PeerForgotten`` tells a forgotten node that its messages are refused;
+#      ``NodeStatus.forgotten``. An older node cannot decode a change with the new op
+#      (a malformed batch, dropped): upgrade every node before forgetting one.
 PROTOCOL_VERSION_MIN = 4
 PROTOCOL_VERSION_MAX = 5
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
@@ -367,6 +372,16 @@ class Relay(msgspec.Struct, array_like=True, tag=25, frozen=True):
     wait: Annotated[float, msgspec.Meta(gt=0, le=1e6)]
 
 
+class Forget(msgspec.Struct, array_like=True, tag=26, frozen=True):
+    """Forget ``nodes`` (node ids) for good (`scatter node forget`): members that never
+    come back. Refused unless each is dead or left, and every other member alive (two
+    sides of a partition must never forget each other). Answered ``Done`` once the
+    change is stored here; it spreads as any registry change."""
+
+    id: int
+    nodes: Annotated[list[Ident], msgspec.Meta(min_length=1, max_length=256)]
+
+
 # ----- node to node (on the control socket, role "peer"; one-way) -----
 
 
@@ -432,7 +447,22 @@ class PeerBodiesWanted(msgspec.Struct, array_like=True, tag=75, frozen=True):
     content_ids: Annotated[list[Ident], msgspec.Meta(max_length=MAX_BATCH_CHANGES)]
 
 
-PeerMessage = PeerGossip | PeerChanges | PeerDigest | PeerRequest | PeerReply | PeerBodiesWanted
+class PeerForgotten(msgspec.Struct, array_like=True, tag=76, frozen=True):
+    """To a node the cluster forgot (``Forget``): ``source`` refuses its messages."""
+
+    source: Ident
+    address: Address
+
+
+PeerMessage = (
+    PeerGossip
+    | PeerChanges
+    | PeerDigest
+    | PeerRequest
+    | PeerReply
+    | PeerBodiesWanted
+    | PeerForgotten
+)
 
 ControlRequest = (
     Relay
@@ -444,6 +474,8 @@ ControlRequest = (
     | PeerChanges
     | PeerDigest
     | PeerBodiesWanted
+    | PeerForgotten
+    | Forget
     | CurrentVersion
     | PublishSet
     | Hello
@@ -574,12 +606,14 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     saturated: bool = False
     queued: int = 0  # leases that waited or were given a busy worker while saturated
     # Bounded history: changes folded that the snapshot keeps for members that have not
-    # seen them (Snapshot.unconfirmed): grows while a member is away, and forever for
-    # one that never comes back (forgetting members is not built).
+    # seen them (Snapshot.unconfirmed): grows while a member is away, until it is back
+    # or forgotten (`scatter node forget`, or automatically after forget_after).
     unconfirmed_changes: int = 0
     # Live versions whose bodies this node has not received yet (they did not fit the
     # message that brought them): asked of the members; calls to them run elsewhere.
     missing_bodies: int = 0
+    # Node ids of the members this node's registry forgot (their messages are refused).
+    forgotten: list[str] = []
 
 
 class CaughtUp(msgspec.Struct, array_like=True, tag=38, frozen=True):

@@ -176,6 +176,12 @@ class Client:
         """Make the node leave its cluster gracefully (members see it as left), then stop."""
         self.request(lambda i: _wire.Leave(i))
 
+    def forget(self, nodes: list[str]) -> None:
+        """Make the node forget members (node ids) that never come back, for good: a
+        registry change every member applies. Refused (ConfigError, saying why) unless
+        each is dead or left and every other member is alive and a strict majority."""
+        self.request(lambda i: _wire.Forget(i, list(nodes)))
+
     def members(self) -> list[dict[str, Any]]:
         """The members the node knows: node, address, state, incarnation, changes_behind,
         and ``in_use``: True for the member this client uses (the node that answered)."""

@@ -304,6 +304,9 @@ class Membership:
         self._awareness = 0
         self._leaving = False
         self._seeds: list[str] = []  # join addresses, asked again while we know nobody
+        # Members forgotten for good (the registry's ForgetOp): out of the table, and
+        # news of them from members that have not heard yet is ignored.
+        self._forgotten: set[str] = set()
         self.version = 0  # moves whenever the table does: who, where, state, incarnation
         self._live_cache: tuple[int, list[MemberInfo]] = (-1, [])
         self._next_probe = now + self._rng.uniform(0, config.probe_interval)
@@ -360,12 +363,23 @@ class Membership:
         known = self._members  # holds our own entry: the check below skips it too
         added = 0
         for info in members:
-            if info.node not in known:
+            if info.node not in known and info.node not in self._forgotten:
                 # Entries are immutable: one shared by many members (the simulator's
                 # steady state of 10,000) costs one object, not 10,000.
                 known[info.node] = info if info.since == now else replace_struct(info, since=now)
                 added += 1
         self.version += added
+
+    def forget(self, nodes: Iterable[str]) -> None:
+        """Drop ``nodes`` from the table for good: nothing said of them brings them back
+        (the node core also refuses what they send)."""
+        for node in nodes:
+            if node == self.node or node in self._forgotten:
+                continue
+            self._forgotten.add(node)
+            self._suspicions.pop(node, None)
+            if self._members.pop(node, None) is not None:
+                self.version += 1
 
     def join(self, addresses: Iterable[str], now: float) -> list[Packet]:
         """Ask each known address for its table, sending ours (push/pull).
@@ -475,6 +489,8 @@ class Membership:
         return []
 
     def _merge(self, news: Message, now: float, *, from_sync: bool) -> None:
+        if news.node in self._forgotten:  # type: ignore[union-attr]
+            return
         if isinstance(news, Alive):
             self._on_alive(news, now)
         elif isinstance(news, Suspect):

@@ -76,6 +76,23 @@
 # `snapshot`). It adopts it as a write: the void changes it held (in its log, or folded
 # while a member had not seen them) are dropped and re-issued on top under a new writer
 # id, each naming the change it re-issues (Registry.adopt), then pushed.
+#
+# Rule 10: forgetting members for good. A member that never comes back would make every
+# node keep, in its snapshot's `unconfirmed`, each change folded since it left: history
+# that grows with changes made. So a member dead or left for longer than `forget_after`
+# (or named by `scatter node forget`) is forgotten by a registry change (ForgetOp), in
+# the one order like any other. It is made only while every other member not forgotten
+# is alive here and they are a strict majority of the members, so the two sides of a
+# partition never forget each other (a cluster of two joins a third first); automatically,
+# by the live member with the lowest node id. Once applied, the member is out of the
+# membership table and its messages are refused (it is told: PeerForgotten): it rejoins
+# only with a new data directory, a new node id, and what it wrote that nobody else had
+# is gone with it. Only once the forget is folded into this node's snapshot does a change
+# no longer wait for that member's confirmation to leave `unconfirmed`. Snapshots
+# folded apart are ranked first by how many members they forgot (_rank): one that folded
+# the forget wins over any that did not, so the forgotten member's lineage (its own
+# snapshot, or one adopted from it) never replaces ours, and what we released, every
+# member not forgotten had seen, so its lineage holds it or re-issues it.
 
 """The node core: control requests, worker events and ticks in; effects out. Pure."""
 
@@ -128,6 +145,7 @@ from ._registry import (
     Snapshot,
     VersionRecord,
     content_id_of,
+    node_of_writer,
 )
 from ._vclock import VectorClock
 
@@ -356,7 +374,7 @@ class _Bodies:
     bodies: Mapping[str, tuple[VersionRecord, bytes]]  # checked already
 
 
-_MUTATIONS = (_wire.Publish, _wire.PublishSet, _wire.Rollback, _wire.Vaporize)
+_MUTATIONS = (_wire.Publish, _wire.PublishSet, _wire.Rollback, _wire.Vaporize, _wire.Forget)
 # What a peer sent, waiting its turn to be written: no client waits for an answer.
 _PEER_WRITES = (_FromPeer, _Transfer, _Bodies)
 # Requests that read the registry and may carry the clock their client has seen (rule 8).
@@ -380,6 +398,7 @@ _PEER_MESSAGES = (
     _wire.PeerRequest,
     _wire.PeerReply,
     _wire.PeerBodiesWanted,
+    _wire.PeerForgotten,
 )
 MAX_CHANGES_PER_PUSH = 256  # an anti-entropy answer sends the rest next round
 # A full state transfer a peer did not take (lost, or declined: its own snapshot
@@ -474,6 +493,11 @@ class NodeCore:
         self._members_persisted_count = 0
         self._members_persisted_at = -math.inf
         self._peer_clocks: dict[str, Any] = {}  # {node id: the registry clock it last sent}
+        # Members the registry forgot, as the membership and the peer handlers know them
+        # (rule 10), and when each was last told so (PeerForgotten, at most once a round).
+        self._forgotten: frozenset[str] = frozenset()
+        self._told_forgotten: dict[str, float] = {}
+        self._forgotten_by = ""  # the member that told us the cluster forgot this node
         self._held: list[_Held] = []  # reads waiting for changes their client saw (rule 8)
         # {member address: (when to ask again, what the reads wanted, our clock then)}
         self._pulls: dict[str, tuple[float, VectorClock, VectorClock]] = {}
@@ -492,6 +516,7 @@ class NodeCore:
             _wire.PeerDigest: self._on_digest,
             _wire.PeerReply: self._on_peer_reply,
             _wire.PeerBodiesWanted: self._on_bodies_wanted,
+            _wire.PeerForgotten: self._on_forgotten,
         }
         # Run here, or forward (_forwarding.py): what this node and its peers cannot
         # load, the requests forwarded to members, and the members' requests served here.
@@ -557,6 +582,7 @@ class NodeCore:
             effects.append(PersistViews(next(self._tickets), views, dropped))
         effects.append(BumpGeneration())
         effects += self.pool.start(now)
+        effects += self._drop_forgotten()
         self.membership.remember(remembered, now)
         effects += self._packets(self.membership.join(join, now))
         return effects
@@ -595,6 +621,8 @@ class NodeCore:
                 return [Log(f"refused a peer message from a {role or 'unknown'} client")]
             return [self._send(peer, _wire.Failure(request.id, "forbidden", refusal))]
         if isinstance(request, _PEER_MESSAGES):
+            if request.source in self._forgotten:
+                return self._refuse_forgotten(request, now)
             try:
                 if isinstance(request, _wire.PeerRequest):
                     return self._on_peer_request(request, now, wall, readings)
@@ -668,6 +696,8 @@ class NodeCore:
             self._void_stored = dict(write.void)
         if write.compaction is not None:  # no lookup moves (rule 9): nothing to derive
             self.registry.commit_compaction(write.compaction)
+            for node in write.compaction.forgotten:  # asked for no more (rule 10)
+                self._peer_clocks.pop(node, None)
             self._write = None
             return self._next()
         if not write.changes and write.adopted is None:  # bodies, or what was refused as void
@@ -692,12 +722,13 @@ class NodeCore:
                 *self._internal(write.peer, write.request_id, exc),
                 Stop("a stored change could not be applied (see the log)", failed=True),
             ]
+        forgot = self._drop_forgotten()
         views, dropped = self._derive(names, stored=write.bodies)
         if not views and not dropped:
-            return self._finish(write)
+            return forgot + self._finish(write)
         write.ticket = next(self._tickets)
         write.views_pending = True
-        return [PersistViews(write.ticket, views, dropped)]
+        return [*forgot, PersistViews(write.ticket, views, dropped)]
 
     @_answers_peers
     def views_persisted(self, ticket: int) -> list[Effect]:
@@ -777,6 +808,8 @@ class NodeCore:
                 effects.append(SendPeer(address, _wire.encoder.encode(digest)))
             if self._write is None and not self._waiting:
                 effects += self._compaction(now)
+            if self._write is None and not self._waiting:
+                effects += self._forgetting_due(now)
             effects += self._ask_for_bodies()
         if len(self._news) and now >= self._next_change_gossip:
             self._next_change_gossip = now + config.membership.gossip_interval
@@ -950,6 +983,111 @@ class NodeCore:
             bodies[record.content_id] = (record, body)
         return effects, bodies
 
+    # -- forgetting members for good (rule 10) ------------------------------------
+
+    def _why_not_forget(self, nodes: Iterable[str]) -> str:
+        """Why ``nodes`` may not be forgotten now ("" if they may)."""
+        nodes = set(nodes)
+        me = self.facts.node_id
+        if me in nodes:
+            return f"{me} is this node: a node cannot forget itself (`scatter node leave`)"
+        already = sorted(nodes & self._forgotten)
+        if already:
+            return f"already forgotten: {', '.join(already)}"
+        known = self.membership.known()
+        strangers = sorted(nodes - known.keys())
+        if strangers:
+            members = ", ".join(sorted(known.keys() - {me})) or "none"
+            return f"no member {', '.join(strangers)} here (members: {members})"
+        live = sorted(n for n in nodes if known[n].state < State.DEAD)
+        if live:
+            return (
+                f"{', '.join(live)} {'is' if len(live) == 1 else 'are'} not dead or gone: "
+                "only a member declared dead, or one that left, can be forgotten"
+            )
+        if 2 * len(nodes) >= len(known):
+            return (
+                f"forgetting {len(nodes)} of the {len(known)} members needs the rest to be "
+                "a strict majority (a minority cut off must never forget the others): "
+                "wait, or join a new node first"
+            )
+        down = sorted(
+            m.node
+            for m in known.values()
+            if m.node != me and m.node not in nodes and m.state != State.ALIVE
+        )
+        if down:
+            return (
+                f"{', '.join(down)} {'is' if len(down) == 1 else 'are'} not alive here: "
+                "forget only while every other member is alive (two sides of a partition "
+                "must never forget each other); name them too if they are gone for good"
+            )
+        return ""
+
+    def _forgetting_due(self, now: float) -> list[Effect]:
+        """Forget the members dead or gone past ``forget_after`` (rule 10): made by the
+        live member with the lowest node id, only while every other member is alive."""
+        me = self.facts.node_id
+        known = self.membership.known()
+        limit = self.config.forget_after
+        gone = [
+            m.node
+            for m in known.values()
+            if m.node != me and m.state >= State.DEAD and now - m.since > limit
+        ]
+        if not gone or self._why_not_forget(gone):
+            return []
+        if min(n for n in known if n not in gone) != me:
+            return []  # the lowest live one makes it: one change, not one per member
+        change = self.registry.prepare_forget(gone, now=self._wall)
+        void = self._void_to_store()
+        self._write = _Write((change,), next(self._tickets), local=True, void=void)
+        log = Log(
+            f"forgetting {', '.join(sorted(gone))} for good: dead or gone for more than "
+            f"{limit:g} s (forget_after); their messages are refused from now on"
+        )
+        return [log, PersistChanges(self._write.ticket, (change,), {}, void=void)]
+
+    def _drop_forgotten(self) -> list[Effect]:
+        """Make the membership and the peer handlers refuse whom the registry forgot."""
+        forgotten = self.registry.forgotten
+        new = forgotten - self._forgotten
+        if not new:
+            return []
+        self._forgotten = forgotten
+        self.membership.forget(new)
+        for node in new:
+            self._transfers_to.pop(node, None)
+        return [
+            Log(
+                f"forgot {', '.join(sorted(new))} for good: messages from "
+                f"{'it' if len(new) == 1 else 'them'} are refused from now on"
+            )
+        ]
+
+    def _refuse_forgotten(self, message: Any, now: float) -> list[Effect]:
+        """A forgotten member spoke: drop it, and tell it (at most once a round)."""
+        address = getattr(message, "address", "")
+        last = self._told_forgotten.get(message.source, -math.inf)
+        if not address or now - last < self.config.anti_entropy_interval:
+            return []
+        self._told_forgotten[message.source] = now
+        notice = _wire.PeerForgotten(self.facts.node_id, self.facts.address)
+        return [SendPeer(address, _wire.encoder.encode(notice))]
+
+    def _on_forgotten(self, message: _wire.PeerForgotten, now: float) -> list[Effect]:
+        if self._forgotten_by:
+            return []
+        self._forgotten_by = message.source
+        return [
+            Log(
+                f"the cluster forgot this node ({self.facts.node_id}; told by "
+                f"{message.source} at {message.address}): its members refuse what it "
+                "sends. To rejoin, start it with a new data directory (a new node id); "
+                "what it changed that no other member holds is not carried over"
+            )
+        ]
+
     # -- bounded history (rule 9) -------------------------------------------------
 
     def frontier(self, now: float) -> VectorClock | None:
@@ -970,18 +1108,13 @@ class NodeCore:
                 low[writer] = min(count, theirs.get(writer))
         return VectorClock(low)
 
-    def _confirmed(self) -> VectorClock | None:
-        """What every member ever known has seen, the grace ignored (None: unknown)."""
-        low = dict(self.registry.clock.entries)
-        for member in self.membership.known().values():
-            if member.node == self.facts.node_id:
-                continue
-            theirs = self._peer_clocks.get(member.node)
-            if theirs is None:
-                return None
-            for writer, count in low.items():
-                low[writer] = min(count, theirs.get(writer))
-        return VectorClock(low)
+    def _confirmers(self) -> dict[str, VectorClock | None]:
+        """{member: its last registry clock (None: unknown)} of every member ever known,
+        the grace ignored, and of the forgotten ones: the registry leaves out those a
+        forget folded into the new snapshot (rule 10), never those only applied."""
+        me = self.facts.node_id
+        nodes = (self.membership.known().keys() | self.registry.forgotten) - {me}
+        return {node: self._peer_clocks.get(node) for node in nodes}
 
     def _takes(self, theirs: Snapshot) -> bool:
         """Whether to adopt a peer's snapshot: it holds what we lack or makes some of
@@ -996,13 +1129,13 @@ class NodeCore:
 
     def _compaction(self, now: float) -> list[Effect]:
         frontier = self.frontier(now)
-        if frontier is None:
-            return []
-        if self.registry.stable_count(frontier) < max(1, self.config.compact_after):
-            return []
-        snapshot = self.registry.prepare_compaction(
-            frontier, keep_unconfirmed=True, confirmed=self._confirmed()
-        )
+        if frontier is None or self.registry.stable_count(frontier) < max(
+            1, self.config.compact_after
+        ):
+            # Nothing to fold yet; but what a member back (or one forgotten) confirmed
+            # since is let go of now, not only at the next compaction.
+            frontier = VectorClock()
+        snapshot = self.registry.prepare_compaction(frontier, members=self._confirmers())
         if snapshot is None:
             return []
         base = self.registry.snapshot.clock
@@ -1193,13 +1326,13 @@ class NodeCore:
         """The entries of ``seen`` that name a node this one never heard of."""
         state_of = self.membership.state_of
         return VectorClock(
-            {w: n for w, n in seen.entries.items() if state_of(_node_of(w)) is None}
+            {w: n for w, n in seen.entries.items() if state_of(node_of_writer(w)) is None}
         )
 
     def _makers(self, seen: VectorClock) -> list[str]:
         """Addresses of the live members that made changes ``seen`` counts and this
         registry lacks: the ones to pull from."""
-        nodes = {_node_of(writer) for writer in self._missing_writers(seen)}
+        nodes = {node_of_writer(writer) for writer in self._missing_writers(seen)}
         return [m.address for m in self.membership.live_others() if m.node in nodes]
 
     def _pull(self) -> list[Effect]:
@@ -1277,7 +1410,7 @@ class NodeCore:
         """What a read answered without all of ``seen`` adds to a not-found answer."""
         mine = self.registry.clock
         missing = {w: n - mine.get(w) for w, n in seen.entries.items() if n > mine.get(w)}
-        nodes = ", ".join(sorted({_node_of(writer) for writer in missing}))
+        nodes = ", ".join(sorted({node_of_writer(writer) for writer in missing}))
         return (
             f"this node had not yet received {sum(missing.values())} registry change(s) "
             f"the client has seen, made on node(s) {nodes}; {how}"
@@ -1346,6 +1479,12 @@ class NodeCore:
                     request.id, request.name, self._current_or_zero(request.name), registry.clock
                 ),
             )
+        if isinstance(request, _wire.Forget):
+            refusal = self._why_not_forget(request.nodes)
+            if refusal:
+                raise ConfigError(refusal)
+            change = registry.prepare_forget(request.nodes, now=wall)
+            return change, {}, lambda: _wire.Done(request.id)
         change = registry.prepare_vaporize(request.name, now=wall)
         return change, {}, lambda: _wire.Moved(request.id, request.name, 0, registry.clock)
 
@@ -1462,6 +1601,7 @@ class NodeCore:
             uptime=self._now - self._started_now,
             unconfirmed_changes=len(self.registry.snapshot.unconfirmed),
             missing_bodies=len(self.missing_bodies),
+            forgotten=sorted(self._forgotten),
         )
 
     def _stable_changes(self) -> int:
@@ -2032,9 +2172,13 @@ def _refusal(request: Any, role: str) -> str:
     return f"{what} refused: the client is not authenticated (check SCATTER_SECRET)"
 
 
-def _rank(snapshot: Snapshot) -> tuple[tuple[int, str, str], int, tuple[tuple[str, int], ...]]:
+def _rank(
+    snapshot: Snapshot,
+) -> tuple[int, tuple[int, str, str], int, tuple[tuple[str, int], ...]]:
     """The order between two snapshots neither of which contains the other: the one
-    that ends later in the one order wins. So whatever the loser folded and the winner
+    that folded more forgets wins (rule 10: a forget folded released what was kept for
+    the forgotten, which the other, never having folded it, may lack), then the one
+    that ends later in the one order. So whatever the loser folded and the winner
     lacks sorts before the winner's end: void, re-issued by the nodes that drop it
     (Registry.adopt). It must be total: two sides of a partition can fold different
     changes under one same last change (each folded a concurrent change of its own that
@@ -2042,15 +2186,11 @@ def _rank(snapshot: Snapshot) -> tuple[tuple[int, str, str], int, tuple[tuple[st
     and they would send each other transfers forever. The clock breaks that tie (two
     snapshots with one clock fold the same changes: they are the same state)."""
     return (
+        len(snapshot.forgotten),
         snapshot.last or (0, "", ""),
         snapshot.changes,
         tuple(sorted(snapshot.clock.entries.items())),
     )
-
-
-def _node_of(writer: str) -> str:
-    """The node id in a writer id (``<node id>.<start>.<random>``, see _server.py)."""
-    return writer.split(".", 1)[0]
 
 
 def _stopping_failure(request_id: int) -> _wire.Failure:

@@ -146,6 +146,7 @@ __all__ = [
     "MAX_FUNCTION_NAME_CHARS",
     "NAME_RULE",
     "Change",
+    "ForgetOp",
     "FunctionInfo",
     "FunctionView",
     "Op",
@@ -160,6 +161,7 @@ __all__ = [
     "VersionRecord",
     "check_name",
     "content_id_of",
+    "node_of_writer",
     "order_key",
     "resolve_view",
 ]
@@ -266,7 +268,19 @@ class VaporizeOp(msgspec.Struct, frozen=True, kw_only=True, tag="vaporize"):
     name: Name
 
 
-Op: TypeAlias = PublishOp | PublishSetOp | RollbackOp | VaporizeOp
+class ForgetOp(msgspec.Struct, frozen=True, kw_only=True, tag="forget"):
+    """Forget ``members`` for good (bounded history): nodes that never come back.
+
+    Their messages are refused from then on (a node forgotten rejoins only with a new
+    data directory: a new node id), and once a node has folded this change into its
+    snapshot it stops keeping, for them, the changes they never saw (``unconfirmed``).
+    Alone in its change. See rule 10 of ``_node.py``.
+    """
+
+    members: Annotated[tuple[Ident, ...], msgspec.Meta(min_length=1, max_length=MAX_CHANGE_OPS)]
+
+
+Op: TypeAlias = PublishOp | PublishSetOp | RollbackOp | VaporizeOp | ForgetOp
 
 
 class Change(msgspec.Struct, frozen=True, kw_only=True):
@@ -354,6 +368,10 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     # lost. Dropped once every member known has them. Never sent in a transfer.
     unconfirmed: tuple[Change, ...] = ()
     reissued: tuple[Ident, ...] = ()  # ids re-issued by a change folded in (one applies)
+    # Members forgotten by a change folded in (ForgetOp), sorted. Snapshots folded apart
+    # are ranked first by how many (_rank in _node.py): a forget folded releases what
+    # was kept for those members, so the snapshot that folded it must win.
+    forgotten: tuple[Ident, ...] = ()
 
 
 snapshot_decoder = msgspec.msgpack.Decoder(Snapshot)
@@ -585,6 +603,7 @@ class Registry:
         self._touched: dict[str, _LookupKey] | None = None  # {name: key before this change}
         self._rebuilds = 0
         self._reissued: set[str] = set()  # ids of void changes re-issued (state, rule 9)
+        self._forgotten: set[str] = set()  # members forgotten by a change applied (ForgetOp)
         # Bounded history: the state of the changes compacted away, and what was refused.
         self._base = Snapshot()
         self._void: dict[str, int] = {}  # {origin: lowest counter refused as void}
@@ -717,37 +736,51 @@ class Registry:
         self,
         stable: VectorClock,
         *,
-        keep_unconfirmed: bool = False,
-        confirmed: VectorClock | None = None,
+        members: Mapping[str, VectorClock | None] | None = None,
     ) -> Snapshot | None:
         """The snapshot :meth:`compact` would make (None: nothing to fold); changes nothing.
 
         Args:
-            keep_unconfirmed: keep the changes folded that ``confirmed`` does not count
-                in the snapshot's ``unconfirmed`` (the node core does).
-            confirmed: what every member ever known has seen, the grace ignored (None:
-                not known).
+            members: {member: the registry clock it last reported (None: not known)} of
+                every member ever known and not forgotten (the grace ignored), if given
+                (the node core does): the changes folded that one of them has not seen
+                are kept in the snapshot's ``unconfirmed``. A member that a change
+                folded in this very snapshot forgets counts no more: never before its
+                forget is folded (rule 10 of ``_node.py``). With nothing to fold, the
+                snapshot as it is, without what they all confirmed since (None if none).
         """
         count = self.stable_count(stable)
-        if not count:
+        if count:
+            prefix = self._log[:count]
+            scratch = Registry(self.node_id)
+            scratch._base = self._base
+            scratch._load_base()
+            clock = self._base.clock
+            for change in prefix:
+                scratch._apply_ops(change)
+                clock = clock.merge(change.clock)
+            snapshot = scratch._export(clock, order_key(prefix[-1]), self._base.changes + count)
+        elif members is None or not self._base.unconfirmed:
             return None
-        prefix = self._log[:count]
-        scratch = Registry(self.node_id)
-        scratch._base = self._base
-        scratch._load_base()
-        clock = self._base.clock
-        for change in prefix:
-            scratch._apply_ops(change)
-            clock = clock.merge(change.clock)
-        snapshot = scratch._export(clock, order_key(prefix[-1]), self._base.changes + count)
-        if keep_unconfirmed:
+        else:  # nothing to fold: only what members confirmed since to let go of
+            prefix, snapshot = [], self._base
+        if members is not None:
+            forgotten = set(snapshot.forgotten)
+            clocks = [clock for m, clock in members.items() if m not in forgotten]
             unconfirmed = tuple(
                 c
                 for c in (*self._base.unconfirmed, *prefix)
-                if confirmed is None or not confirmed.dominates(c.clock)
+                if not all(seen is not None and seen.dominates(c.clock) for seen in clocks)
             )
+            if not count and len(unconfirmed) == len(self._base.unconfirmed):
+                return None
             snapshot = msgspec.structs.replace(snapshot, unconfirmed=unconfirmed)
         return snapshot
+
+    @property
+    def forgotten(self) -> frozenset[str]:
+        """Members forgotten by a change applied (folded or not): refused from now on."""
+        return frozenset(self._forgotten)
 
     def transferable(self) -> Snapshot:
         """The snapshot as a state transfer sends it (without this node's unconfirmed)."""
@@ -789,10 +822,25 @@ class Registry:
         last = self._base.last
         if last is None or self.has_change(change.change_id):
             return True
-        if order_key(change) >= last and not self.holds_void(change.clock):
+        if (
+            order_key(change) >= last
+            and not self.holds_void(change.clock)
+            and not self._counts_the_forgotten(change.clock)
+        ):
             return True
         self._refuse(change)
         return False
+
+    def _counts_the_forgotten(self, clock: VectorClock) -> bool:
+        """Whether ``clock`` counts a change of a member whose forget is folded here and
+        that this registry lacks: a past nobody will ever send (rule 10 of _node.py: every
+        member not dead past the grace had applied the forget, and so stopped taking the
+        forgotten member's messages, and this registry held all they held)."""
+        forgotten = self._base.forgotten
+        return bool(forgotten) and any(
+            count > self._clock.get(writer) and node_of_writer(writer) in forgotten
+            for writer, count in clock.entries.items()
+        )
 
     def _refuse(self, change: Change) -> None:
         """Remember ``change`` as void, and drop what is held pending on it (it would
@@ -809,12 +857,15 @@ class Registry:
     def _refuse_stale(self) -> None:
         """Refuse the pending changes a new snapshot made void: they sort before its end,
         so they can never take their place (their past is a void change, gone for good;
-        a change whose past is still to come sorts after what every member has seen)."""
+        a change whose past is still to come sorts after what every member has seen), or
+        their past is a forgotten member's that never came here (gone with it)."""
         last = self._base.last
         if last is None:
             return
         for held in sorted(self._pending.values(), key=order_key):
-            if held.change_id in self._pending and order_key(held) < last:
+            if held.change_id in self._pending and (
+                order_key(held) < last or self._counts_the_forgotten(held.clock)
+            ):
                 self._refuse(held)
 
     def take_purged(self) -> list[str]:
@@ -942,6 +993,7 @@ class Registry:
             self._sets[saved_set.name] = group
         self._high_water = dict(base.high_water)
         self._reissued = set(base.reissued)
+        self._forgotten = set(base.forgotten)
         self._views = {}
         self._touched = None
 
@@ -979,6 +1031,7 @@ class Registry:
             sets=sets,
             high_water=dict(sorted(self._high_water.items())),
             reissued=tuple(sorted(self._reissued)),
+            forgotten=tuple(sorted(self._forgotten)),
         )
 
     def pending(self) -> list[Change]:
@@ -996,6 +1049,12 @@ class Registry:
     def rollback(self, name: str, to: int | None = None, *, now: float) -> Change:
         """:meth:`prepare_rollback`, then :meth:`apply`."""
         change = self._applied(self.prepare_rollback(name, to, now=now))
+        assert change is not None
+        return change
+
+    def forget(self, members: Sequence[str], *, now: float) -> Change:
+        """:meth:`prepare_forget`, then :meth:`apply`."""
+        change = self._applied(self.prepare_forget(members, now=now))
         assert change is not None
         return change
 
@@ -1138,6 +1197,14 @@ class Registry:
             target = function.versions[number].change_id
         op = RollbackOp(name=name, target=target, target_version=number)
         return self._local_change([op], now)
+
+    def prepare_forget(self, members: Sequence[str], *, now: float) -> Change:
+        """A change that forgets ``members`` (node ids) for good; the node core decides
+        whether it may (rule 10 of ``_node.py``): the registry only records it."""
+        wanted = tuple(sorted(set(members) - self._forgotten))
+        if not wanted or "" in wanted:
+            raise ConfigError("name at least one member not forgotten already")
+        return self._local_change([ForgetOp(members=wanted)], now)
 
     def prepare_vaporize(self, name: str, *, now: float) -> Change:
         """The change that deletes a function, or a set and all it owns, with every version.
@@ -1600,6 +1667,8 @@ class Registry:
                 self._apply_publish_set(change, op)
             elif isinstance(op, RollbackOp):
                 self._apply_rollback(op)
+            elif isinstance(op, ForgetOp):
+                self._forgotten.update(op.members)
             else:
                 self._vaporize(op.name)
 
@@ -1790,6 +1859,12 @@ NAME_RULE = (
 )
 
 
+def node_of_writer(writer: str) -> str:
+    """The node id in a writer id (``<node id>.<start>.<random>``, or a re-issuing one
+    ``<writer>~<n>``; see _node/_server.py): node ids have no dots."""
+    return writer.split(".", 1)[0]
+
+
 def check_name(name: object) -> str:
     """Refuse a new function or set name that breaks NAME_RULE; return it unchanged.
 
@@ -1867,6 +1942,13 @@ def _check_change(change: Change) -> None:
     seen: set[str] = set()
     sets: set[str] = set()
     member_of: set[str] = set()
+    if any(isinstance(op, ForgetOp) for op in change.ops):
+        (op, *others) = change.ops
+        if others or not isinstance(op, ForgetOp):
+            raise ProtocolError(f"change {change.change_id!r}: a forget must be alone in its change")
+        if "" in op.members or len(set(op.members)) != len(op.members):
+            raise ProtocolError(f"change {change.change_id!r} forgets an empty or repeated member")
+        return
     for op in change.ops:
         if isinstance(op, PublishOp):
             name = op.record.name
@@ -1883,8 +1965,10 @@ def _check_change(change: Change) -> None:
                     f"change {change.change_id!r}: set {name!r} has a bad member name"
                 )
             sets.add(name)
-        else:
+        elif isinstance(op, RollbackOp | VaporizeOp):
             name = op.name
+        else:  # a forget: alone in its change, checked above
+            continue
         if not name:
             raise ProtocolError(f"change {change.change_id!r} has an op with an empty name")
         if name in seen:

@@ -354,3 +354,84 @@ def test_bodies_that_do_not_fit_one_message_come_in_parts(tmp_path: Path) -> Non
             for factor in [*range(2, 8), *range(10, 16)]:
                 assert again.make_callable(f"times{factor}")(3) == 3 * factor
         assert "have no body" not in restarted.log()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scatter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
+def _unconfirmed(node: LocalNode) -> int:
+    with client(node) as c:
+        return c.status().unconfirmed_changes
+
+
+@pytest.mark.timeout(150)
+def test_a_member_gone_for_good_is_forgotten_and_refused_when_it_comes_back(
+    tmp_path: Path,
+) -> None:
+    # A grace of 3 s, compaction after every stable change: what the two that stay fold
+    # once the third is dead past the grace, they keep for it (unconfirmed) until it is
+    # forgotten; then nothing.
+    env = {"SCATTER_HISTORY_GRACE": "3", "SCATTER_COMPACT_AFTER": "1"}
+    with LocalCluster(tmp_path, 3, env=env) as three:
+        nodes = three.nodes
+        gone, stayed = nodes[2], nodes[:2]
+        with client(gone) as third:
+            gone_id = third.status().node_id
+            third.publish(add)
+        _everywhere(nodes, "add", 1)
+        with client(stayed[1]) as second:
+            second_id = second.status().node_id
+        refused = _cli("--address", stayed[0].address, "node", "forget", second_id)
+        assert refused.returncode != 0 and "not dead or gone" in refused.stderr, refused
+        gone.kill()
+        _dead_to(stayed, gone)
+        with client(stayed[0]) as first:
+            first.publish(_add_v2(), name="add")  # type: ignore[arg-type]
+        for node in stayed:
+            wait_until(lambda node=node: _unconfirmed(node) > 0, 60, "kept for the dead member")
+        forgot = _cli("--address", stayed[0].address, "node", "forget", gone_id)
+        assert forgot.returncode == 0, forgot.stderr
+        with client(stayed[1]) as second:
+            second.rollback("add")  # one more change to fold, the forget with it
+        for node in stayed:
+            wait_until(lambda node=node: _unconfirmed(node) == 0, 60, "nothing kept any more")
+            with client(node) as c:
+                status = c.status()
+                assert status.forgotten == [gone_id]
+                assert gone.address not in [m["address"] for m in status.members]
+        shown = _cli("--address", stayed[1].address, "node", "status")
+        assert f"forgotten for good: {gone_id}" in shown.stdout, shown.stdout
+        # Back from its old data directory: refused, told so, and its changes stay its own.
+        back = nodes[2] = _restarted(gone)
+        with client(back) as again:
+            again.publish(_scaled(7), name="stray")  # type: ignore[arg-type]
+        wait_until(lambda: "the cluster forgot this node" in back.log(), 30, "it is told")
+        holds_for(
+            lambda: all(_current(node, "stray") is None for node in stayed)
+            and all(_state_of(node, back) == "unknown" for node in stayed),
+            3.0,
+            "the forgotten member stays out",
+        )
+
+
+@pytest.mark.timeout(120)
+def test_a_member_dead_past_forget_after_is_forgotten_unasked(tmp_path: Path) -> None:
+    env = {"SCATTER_HISTORY_GRACE": "2", "SCATTER_FORGET_AFTER": "4"}
+    with LocalCluster(tmp_path, 3, env=env) as three:
+        nodes = three.nodes
+        with client(nodes[2]) as third:
+            gone_id = third.status().node_id
+        nodes[2].kill()
+        for node in nodes[:2]:
+            with client(node) as c:
+                wait_until(
+                    lambda c=c: c.status().forgotten == [gone_id], 60, "forgotten by both"
+                )
+        assert "forgetting" in nodes[0].log() + nodes[1].log()

@@ -28,12 +28,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from cluster.sim import ClusterSimulation
 from scatter import _wire
 from scatter._config import NodeConfig
-from scatter._core._registry import PublishOp, PublishSetOp, Registry, RollbackOp
+from scatter._core._registry import ForgetOp, PublishOp, PublishSetOp, Registry, RollbackOp
 
 NAMES = ("add", "mul", "neg")
 BODIES = (b"v1", b"v2", b"v3")
 NODES = 4
 GRACE = 3.0  # seconds a dead member holds back compaction
+FORGET = 6.0  # seconds after which a dead member is forgotten (Forgetting)
 
 # Hundreds of histories in CI; `nox -s sim` (SCATTER_SIM_EXAMPLES) asks for thousands.
 EXAMPLES = int(os.environ.get("SCATTER_SIM_EXAMPLES", "300"))
@@ -47,6 +48,7 @@ class Replication(RuleBasedStateMachine):
     # Compaction after every change every member has seen; the grace is the default
     # (7 days), so no member is ever left behind: no void change, no transfer.
     grace = NodeConfig.history_grace
+    forget = NodeConfig.forget_after
 
     def __init__(self) -> None:
         super().__init__()
@@ -57,7 +59,12 @@ class Replication(RuleBasedStateMachine):
     @initialize(seed=st.integers(0, 2**32 - 1))
     def boot(self, seed: int) -> None:
         self.sim = ClusterSimulation(
-            NODES, seed=seed, loss=0.10, history_grace=self.grace, compact_after=1
+            NODES,
+            seed=seed,
+            loss=0.10,
+            history_grace=self.grace,
+            forget_after=self.forget,
+            compact_after=1,
         )
 
     def _node(self, index: int) -> str:
@@ -135,6 +142,12 @@ class Replication(RuleBasedStateMachine):
             restarted = Registry.from_snapshot("check", registry.snapshot, registry.log())
             assert restarted.functions() == registry.functions()
 
+    def _gone(self) -> set[str]:
+        """Addresses of the members some node forgot."""
+        assert self.sim is not None
+        forgotten = set().union(*(c.registry.forgotten for c in self.sim.cores.values()))
+        return {self.sim.addresses[int(node[1:])] for node in forgotten}
+
     def _counted(self, registry: Registry) -> list[object]:
         """Every change ``registry``'s clock counts (applied), compacted away or not."""
         assert self.sim is not None
@@ -148,13 +161,27 @@ class Replication(RuleBasedStateMachine):
             return
         sim = self.sim
         sim.heal()
-        settled = sim.run_until(sim.converged, limit=sim.now + 120.0)
+        # Forgotten members come back as they were, and stay out: the others refuse them.
+        # (One may be forgotten while the heal spreads: it was gone past forget_after.)
+        settled = sim.run_until(lambda: sim.converged(self._gone()), limit=sim.now + 120.0)
         assert settled is not None, "replicas did not converge within 120 s of the heal"
-        first = next(iter(sim.cores.values())).registry
+        forgets = forgets_in(sim.written)
+        gone = {sim.addresses[int(node[1:])] for node in forgets}
+        assert gone == self._gone()
+        cores = {a: c for a, c in sim.cores.items() if a not in gone}
+        first = next(iter(cores.values())).registry
         reference = Registry.from_changes("reference", self._counted(first))
-        for change_id in self.acknowledged:
+        forgets_made = [f.change_id for found in forgets.values() for f in found]
+        for change_id in [*self.acknowledged, *forgets_made]:
+            change = sim.written[change_id]
+            node = change.origin.split(".")[0]
+            if node in forgets and not any(
+                f.clock.get(change.origin) >= change.clock.get(change.origin)
+                for f in forgets[node]
+            ):
+                continue  # a forgotten member's, that no forget counts: gone with it
             assert kept(first, sim.written, change_id), f"lost {change_id}"
-        for address, core in sim.cores.items():
+        for address, core in cores.items():
             assert core.registry.clock == first.clock, address
             assert core.registry.functions() == reference.functions(), address
             for name in reference.names():
@@ -167,6 +194,33 @@ class Replication(RuleBasedStateMachine):
                 except LookupError:
                     found = None
                 assert found == expected, (address, name)
+        if gone:
+            # Nothing is kept for the forgotten once the forget is folded: one more
+            # change, folded everywhere, leaves every snapshot with nothing unconfirmed.
+            address = next(iter(cores))
+            self._ask(sim.addresses.index(address), _publish(self._next_id(), "add", b"end"))
+
+            def emptied() -> bool:
+                gone = self._gone()
+                cores = [c for a, c in sim.cores.items() if a not in gone]
+                return sim.converged(gone) and all(
+                    not c.registry.snapshot.unconfirmed and not c.registry.log() for c in cores
+                )
+
+            assert sim.run_until(emptied, limit=sim.now + 120.0) is not None, {
+                a: len(c.registry.snapshot.unconfirmed) for a, c in sim.cores.items()
+            }
+
+
+def forgets_in(written: dict[str, Any]) -> dict[str, list[Any]]:
+    """{node id: the changes that forget it} among every change ever stored."""
+    found: dict[str, list[Any]] = {}
+    for change in written.values():
+        for op in change.ops:
+            if isinstance(op, ForgetOp):
+                for node in op.members:
+                    found.setdefault(node, []).append(change)
+    return found
 
 
 def kept(registry: Registry, written: dict[str, Any], change_id: str) -> bool:
@@ -195,6 +249,8 @@ def _ops(change: object) -> list[tuple[object, ...]]:
             found.append(("set", op.name, op.proposed_version, sorted(op.members)))
         elif isinstance(op, RollbackOp):
             found.append(("rollback", op.name, op.target_version))
+        elif isinstance(op, ForgetOp):
+            found.append(("forget", op.members))
         else:
             found.append(("vaporize", op.name))
     return found
@@ -216,6 +272,22 @@ class AwayPastTheGrace(Replication):
         self.sim.run_for(GRACE + extra + 3.0)
 
 
+class Forgetting(AwayPastTheGrace):
+    """The same, and members cut off past 6 s are forgotten for good: by the live member
+    with the lowest node id (``forget_after``), or on request at any member. They come
+    back at the end as they were, refused; the others converge without them, lose
+    nothing but what the forgotten alone held, and then keep nothing for them."""
+
+    forget = FORGET
+
+    @rule(node=st.integers(0, NODES - 1), by=st.integers(0, NODES - 1))
+    def forget_one(self, node: int, by: int) -> None:
+        # Mostly refused (the member is alive, or another is not): the refusals are
+        # part of what is tested; an accepted one is a change like any other.
+        reply = self._ask(by, _wire.Forget(self._next_id(), [f"n{node % NODES}"]))
+        assert reply is None or isinstance(reply, _wire.Done | _wire.Failure), reply
+
+
 TestReplication = Replication.TestCase
 TestReplication.settings = settings(
     max_examples=EXAMPLES, stateful_step_count=25, deadline=None
@@ -225,6 +297,13 @@ TestReplication.settings = settings(
 # had seen, then dropped as void by a member adopting the other side's snapshot.
 TestAwayPastTheGrace = AwayPastTheGrace.TestCase
 TestAwayPastTheGrace.settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=25,
+    deadline=None,
+    derandomize="SCATTER_SIM_EXAMPLES" not in os.environ,
+)
+TestForgetting = Forgetting.TestCase
+TestForgetting.settings = settings(
     max_examples=EXAMPLES,
     stateful_step_count=25,
     deadline=None,
