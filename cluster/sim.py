@@ -239,7 +239,6 @@ class ClusterSimulation(_VirtualTime):
         registry_gossip: bool = True,
         read_wait: float = NodeConfig.read_wait,
         history_grace: float = NodeConfig.history_grace,
-        forget_after: float = NodeConfig.forget_after,
         compact_after: int = NodeConfig.compact_after,
     ) -> None:
         self.rng = random.Random(seed)
@@ -254,7 +253,6 @@ class ClusterSimulation(_VirtualTime):
             registry_gossip=registry_gossip,
             read_wait=read_wait,
             history_grace=history_grace,
-            forget_after=forget_after,
             compact_after=compact_after,
         )
         self.addresses = [f"tcp://sim-{i}:1" for i in range(nodes)]

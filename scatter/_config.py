@@ -35,9 +35,8 @@ ENV_SECRET = "SCATTER_SECRET"
 ENV_TEST_REGISTRY_GOSSIP = "SCATTER_TEST_REGISTRY_GOSSIP"
 # "1": a node logs every change of a member's state or incarnation (NodeConfig.log_membership).
 ENV_LOG_MEMBERSHIP = "SCATTER_LOG_MEMBERSHIP"
-# Bounded history (NodeConfig.history_grace, forget_after, compact_after): seconds, a count.
+# Bounded history (NodeConfig.history_grace, compact_after): seconds, and a count.
 ENV_HISTORY_GRACE = "SCATTER_HISTORY_GRACE"
-ENV_FORGET_AFTER = "SCATTER_FORGET_AFTER"
 ENV_COMPACT_AFTER = "SCATTER_COMPACT_AFTER"
 # Bytes of bodies one node-to-node message carries at most (NodeConfig.max_push_bytes).
 ENV_MAX_PUSH_BYTES = "SCATTER_MAX_PUSH_BYTES"
@@ -210,13 +209,6 @@ class NodeConfig:
     # re-issued on top (seconds; 7 days, as Riak's and below Cassandra's 10-day
     # gc_grace_seconds: an outage longer than a week is a rebuild, not a hiccup).
     history_grace: float = 7 * 24 * 3600.0
-    # A member dead or gone for longer than this is forgotten for good: a registry change
-    # made by the live member with the lowest node id, only while every other member is
-    # alive (rule 10 of _core/_node.py). The others then stop keeping history for it and
-    # refuse its messages; it rejoins only with a new data directory. At least the grace
-    # (seconds; 14 days: twice the grace, as Serf's reconnect_timeout reaps a failed
-    # member, longer because forgetting drops what it wrote and nobody else saw).
-    forget_after: float = 14 * 24 * 3600.0
     # Changes every member has seen are folded into the snapshot once at least this many
     # are (a snapshot write costs O(live registry): not worth it for every change).
     compact_after: int = 256
@@ -241,12 +233,6 @@ class NodeConfig:
         # saturated. The floor never exceeds the ceiling.
         if self.min_workers > self.max_workers:
             object.__setattr__(self, "min_workers", self.max_workers)
-        if not self.forget_after >= self.history_grace > 0:
-            raise ConfigError(
-                f"forget_after ({self.forget_after} s) must be at least history_grace "
-                f"({self.history_grace} s), and history_grace above 0: a member is "
-                "forgotten only after the others stopped waiting for it"
-            )
         if self.max_push_bytes < 1:
             raise ConfigError(f"max_push_bytes must be at least 1, got {self.max_push_bytes}")
 
@@ -339,7 +325,6 @@ def resolve_node_config(
         overrides["log_membership"] = _env_bool(ENV_LOG_MEMBERSHIP, env[ENV_LOG_MEMBERSHIP])
     for name, key, kind in (
         (ENV_HISTORY_GRACE, "history_grace", float),
-        (ENV_FORGET_AFTER, "forget_after", float),
         (ENV_COMPACT_AFTER, "compact_after", int),
         (ENV_MAX_PUSH_BYTES, "max_push_bytes", int),
     ):

@@ -70,11 +70,13 @@ Membership = Ping | PingReq | Ack | Nack | Alive | Suspect | Dead | Sync
 #      did not fit is asked for (PeerBodiesWanted) and comes in a PeerChanges without
 #      changes. An older node drops the new message (malformed): its pushes carry every
 #      body, as before.
-#   (5 too, new tags and a field with a default) forgetting members for good: ``Forget``
-#      (`scatter node forget`), answered ``Done``; the registry op ``forget``; node to
-#      node: ``PeerForgotten`` tells a forgotten node that its messages are refused;
-#      ``NodeStatus.forgotten``. An older node cannot decode a change with the new op
-#      (a malformed batch, dropped): upgrade every node before forgetting one.
+#   (5 too, new tags and fields with defaults) members gone for good: ``Forget``
+#      (`scatter node forget`), answered ``Done``; ``Leave`` now hands this node's
+#      changes over and forgets the node before it says goodbye; the registry op
+#      ``forget``; node to node: ``PeerForgotten`` tells a forgotten node that its
+#      messages are refused, ``PeerDigest.forgets`` says the sender applies forgets (an
+#      older node cannot decode one: neither is made while a live member does not say
+#      so); ``NodeStatus.forgotten`` and ``forgotten_by``.
 PROTOCOL_VERSION_MIN = 4
 PROTOCOL_VERSION_MAX = 5
 PROTOCOL_VERSION = PROTOCOL_VERSION_MAX
@@ -334,7 +336,10 @@ class CurrentVersion(msgspec.Struct, array_like=True, tag=22, frozen=True):
 
 
 class Leave(msgspec.Struct, array_like=True, tag=23, frozen=True):
-    """Leave the cluster gracefully, then stop (`scatter node leave`)."""
+    """Leave the cluster for good, then stop (`scatter node leave`): once a live member
+    holds every change this node holds, the node forgets itself (a registry change the
+    members apply), says goodbye and stops; its data directory starts afresh, as a new
+    node, if started again. Refused (nothing done) if no live member takes them."""
 
     id: int
 
@@ -373,9 +378,9 @@ class Relay(msgspec.Struct, array_like=True, tag=25, frozen=True):
 
 
 class Forget(msgspec.Struct, array_like=True, tag=26, frozen=True):
-    """Forget ``nodes`` (node ids) for good (`scatter node forget`): members that never
-    come back. Refused unless each is dead or left, and every other member alive (two
-    sides of a partition must never forget each other). Answered ``Done`` once the
+    """Forget ``nodes`` (node ids) for good (`scatter node forget`): members that crashed
+    and whose data directories are gone, so that they never act again. Refused unless
+    each is dead or left and every other member is alive. Answered ``Done`` once the
     change is stored here; it spreads as any registry change."""
 
     id: int
@@ -416,6 +421,10 @@ class PeerDigest(msgspec.Struct, array_like=True, tag=72, frozen=True):
     # {content id: why}: bodies ``source`` learned it cannot load (a missing module,
     # another Python); bounded, most recent first. Receivers route calls elsewhere.
     cannot_load: Annotated[dict[Ident, Text], msgspec.Meta(max_length=MAX_CANNOT_LOAD)] = {}
+    # The sender applies registry changes that forget members (ForgetOp): a node leaves,
+    # or forgets a member, only once every live member says so (an older one would drop
+    # every batch holding such a change, and never get past it).
+    forgets: bool = False
 
 
 class PeerRequest(msgspec.Struct, array_like=True, tag=73, frozen=True):
@@ -614,6 +623,9 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     missing_bodies: int = 0
     # Node ids of the members this node's registry forgot (their messages are refused).
     forgotten: list[str] = []
+    # The member that told this node the cluster forgot it ("" if none did): it refuses
+    # changes, and must start again with a new data directory to rejoin.
+    forgotten_by: str = ""
 
 
 class CaughtUp(msgspec.Struct, array_like=True, tag=38, frozen=True):

@@ -336,6 +336,18 @@ class _Write:
     bodies: frozenset[str] = frozenset()  # the content ids of the bodies it stores
 
 
+@dataclass
+class _Leaving:
+    """A ``Leave`` under way (rule 10): handing this node's changes over, then its forget."""
+
+    peer: bytes
+    request_id: int
+    deadline: float  # monotonic: no member took our changes by then, the leave fails
+    next_ask: float = 0.0  # monotonic: when to send our digest to the live members again
+    forget: str = ""  # the id of our own forget, once made
+    goodbye_by: float = 0.0  # monotonic: say goodbye by then, whoever holds the forget
+
+
 @dataclass(frozen=True)
 class _Held:
     """A read whose client has seen changes this node lacks, or a route lease of the
@@ -401,6 +413,12 @@ _PEER_MESSAGES = (
     _wire.PeerForgotten,
 )
 MAX_CHANGES_PER_PUSH = 256  # an anti-entropy answer sends the rest next round
+# Leaving (rule 10): seconds for a live member to hold every change of the leaving node
+# before the leave fails; how often the leaving node sends its digest meanwhile; and how
+# long it waits for a member to hold its own forget before it says goodbye anyway.
+LEAVE_HANDOVER_TIMEOUT = 10.0
+LEAVE_ASK_INTERVAL = 0.2
+LEAVE_GOODBYE_WAIT = 2.0
 # A full state transfer a peer did not take (lost, or declined: its own snapshot
 # outranks ours, and it is ours that will have to go) is sent again to the same peer
 # clock only after a back-off doubling from the anti-entropy interval up to this many
@@ -498,6 +516,8 @@ class NodeCore:
         self._forgotten: frozenset[str] = frozenset()
         self._told_forgotten: dict[str, float] = {}
         self._forgotten_by = ""  # the member that told us the cluster forgot this node
+        self._forget_aware: set[str] = set()  # members whose digests say they apply forgets
+        self._leaving: _Leaving | None = None
         self._held: list[_Held] = []  # reads waiting for changes their client saw (rule 8)
         # {member address: (when to ask again, what the reads wanted, our clock then)}
         self._pulls: dict[str, tuple[float, VectorClock, VectorClock]] = {}
@@ -646,8 +666,15 @@ class NodeCore:
         if isinstance(request, _wire.Shutdown):
             return [self._send(peer, _wire.Done(request.id)), Stop("asked to stop")]
         if isinstance(request, _wire.Leave):
-            packets = self._packets(self.membership.leave(now))
-            return [*packets, self._send(peer, _wire.Done(request.id)), Stop("left the cluster")]
+            return self._begin_leave(peer, request, now)
+        if isinstance(request, _MUTATIONS) and (self._leaving or self._forgotten_by):
+            why = (
+                "the node is leaving its cluster"
+                if self._leaving
+                else f"the cluster forgot this node (told by {self._forgotten_by}): start "
+                "it with a new data directory to rejoin"
+            )
+            return [self._send(peer, _wire.Failure(request.id, "internal", f"{why}; nothing was changed"))]
         if self._write is not None and (
             self._write.views_pending or isinstance(request, _MUTATIONS)
         ):
@@ -799,6 +826,8 @@ class NodeCore:
             effects += self._pull()  # again, where the last pull went unanswered
         if self._forwards or self._parked:
             effects += self._forwards_due(now)
+        if self._leaving is not None:
+            effects += self._leave_due(now)
         effects += self._packets(self.membership.tick(now))
         config = self.config
         if now >= self._next_anti_entropy:
@@ -808,8 +837,6 @@ class NodeCore:
                 effects.append(SendPeer(address, _wire.encoder.encode(digest)))
             if self._write is None and not self._waiting:
                 effects += self._compaction(now)
-            if self._write is None and not self._waiting:
-                effects += self._forgetting_due(now)
             effects += self._ask_for_bodies()
         if len(self._news) and now >= self._next_change_gossip:
             self._next_change_gossip = now + config.membership.gossip_interval
@@ -841,6 +868,8 @@ class NodeCore:
         times = [self.membership.next_wakeup(), self._next_anti_entropy]
         if len(self._news):
             times.append(self._next_change_gossip)
+        if self._leaving is not None:
+            times.append(self._leaving.next_ask)
         if self._held:
             times.append(min(held.deadline for held in self._held))
             times += [asked[0] for asked in self._pulls.values()]
@@ -853,6 +882,10 @@ class NodeCore:
 
     def _on_digest(self, message: _wire.PeerDigest, now: float) -> list[Effect]:
         self._peer_clocks[message.source] = message.clock
+        if message.forgets:
+            self._forget_aware.add(message.source)
+        else:
+            self._forget_aware.discard(message.source)
         effects: list[Effect] = []
         if message.cannot_load:
             self.cannot_load.heard(message.source, message.cannot_load)
@@ -872,6 +905,8 @@ class NodeCore:
         if message.reply:
             mine = self._digest(reply=False)
             effects.append(SendPeer(message.address, _wire.encoder.encode(mine)))
+        if self._leaving is not None and message.clock.dominates(self.registry.clock):
+            effects += self._leave_held(now)
         return effects
 
     def _transfer_due(self, peer: str, theirs: VectorClock, now: float) -> bool:
@@ -1005,12 +1040,9 @@ class NodeCore:
                 f"{', '.join(live)} {'is' if len(live) == 1 else 'are'} not dead or gone: "
                 "only a member declared dead, or one that left, can be forgotten"
             )
-        if 2 * len(nodes) >= len(known):
-            return (
-                f"forgetting {len(nodes)} of the {len(known)} members needs the rest to be "
-                "a strict majority (a minority cut off must never forget the others): "
-                "wait, or join a new node first"
-            )
+        unaware = self._unaware()
+        if unaware:
+            return unaware
         down = sorted(
             m.node
             for m in known.values()
@@ -1024,29 +1056,83 @@ class NodeCore:
             )
         return ""
 
-    def _forgetting_due(self, now: float) -> list[Effect]:
-        """Forget the members dead or gone past ``forget_after`` (rule 10): made by the
-        live member with the lowest node id, only while every other member is alive."""
-        me = self.facts.node_id
-        known = self.membership.known()
-        limit = self.config.forget_after
-        gone = [
-            m.node
-            for m in known.values()
-            if m.node != me and m.state >= State.DEAD and now - m.since > limit
-        ]
-        if not gone or self._why_not_forget(gone):
+    def _unaware(self) -> str:
+        """Why a forget may not be made now ("" if it may): a live member whose digests
+        do not say it applies forgets (an older release, or not heard from yet)."""
+        unaware = sorted(
+            m.node for m in self.membership.live_others() if m.node not in self._forget_aware
+        )
+        if not unaware:
+            return ""
+        return (
+            f"{', '.join(unaware)} {'has' if len(unaware) == 1 else 'have'} not said "
+            "that it applies forgets (an older release cannot: upgrade it first), or has "
+            "not sent its digest yet: try again in a few seconds"
+        )
+
+    def _begin_leave(self, peer: bytes, request: _wire.Leave, now: float) -> list[Effect]:
+        """Leave for good (rule 10): first a live member must hold every change this node
+        holds (none is lost with it); then the node forgets itself, says goodbye and
+        stops. Until then it refuses changes; a leave nobody takes in time fails."""
+        if self._leaving is not None:
+            return [self._send(peer, _wire.Failure(request.id, "invalid", "already leaving"))]
+        if not self.membership.live_others():
+            why = (
+                "no live member to hand this node's changes to, so leaving would lose them "
+                "(`scatter node stop` stops it, and keeps them)"
+            )
+            return [self._send(peer, _wire.Failure(request.id, "invalid", why))]
+        self._leaving = _Leaving(peer, request.id, deadline=now + LEAVE_HANDOVER_TIMEOUT)
+        return self._leave_due(now)
+
+    def _leave_due(self, now: float) -> list[Effect]:
+        leaving = self._leaving
+        assert leaving is not None
+        if leaving.forget and now >= leaving.goodbye_by and self._write is None:
+            return self._goodbye(now)  # what the members do not hold, anti-entropy brings
+        if not leaving.forget and now >= leaving.deadline:
+            self._leaving = None
+            why = self._unaware() or (
+                f"no live member held every change of this node within "
+                f"{LEAVE_HANDOVER_TIMEOUT:g} s"
+            )
+            failure = _wire.Failure(
+                leaving.request_id, "internal", f"{why}; the node did not leave (it still serves)"
+            )
+            return [self._send(leaving.peer, failure)]
+        if now < leaving.next_ask:
             return []
-        if min(n for n in known if n not in gone) != me:
-            return []  # the lowest live one makes it: one change, not one per member
-        change = self.registry.prepare_forget(gone, now=self._wall)
+        leaving.next_ask = now + LEAVE_ASK_INTERVAL
+        digest = _wire.encoder.encode(self._digest(reply=True))
+        return [SendPeer(m.address, digest) for m in self.membership.live_others()]
+
+    def _leave_held(self, now: float) -> list[Effect]:
+        """A live member holds every change this node holds: forget ourselves, or, once
+        that change is held too, say goodbye."""
+        leaving = self._leaving
+        assert leaving is not None
+        if leaving.forget:
+            if self.registry.has_change(leaving.forget) and self._write is None:
+                return self._goodbye(now)
+            return []
+        if self._write is not None or self._waiting or self._unaware():
+            return []  # asked again: the clock to hand over moves, or a member must say
+            # that it applies forgets (our digests ask each for its own)
+        change = self.registry.prepare_forget([self.facts.node_id], now=self._wall)
+        leaving.forget = change.change_id
+        leaving.goodbye_by = now + LEAVE_GOODBYE_WAIT
+        leaving.next_ask = now  # the forget goes to them at once, then the digests
         void = self._void_to_store()
         self._write = _Write((change,), next(self._tickets), local=True, void=void)
-        log = Log(
-            f"forgetting {', '.join(sorted(gone))} for good: dead or gone for more than "
-            f"{limit:g} s (forget_after); their messages are refused from now on"
-        )
-        return [log, PersistChanges(self._write.ticket, (change,), {}, void=void)]
+        return [PersistChanges(self._write.ticket, (change,), {}, void=void)]
+
+    def _goodbye(self, now: float) -> list[Effect]:
+        leaving = self._leaving
+        assert leaving is not None
+        self._leaving = None
+        packets = self._packets(self.membership.leave(now))
+        done = self._send(leaving.peer, _wire.Done(leaving.request_id))
+        return [*packets, done, Stop("left the cluster for good")]
 
     def _drop_forgotten(self) -> list[Effect]:
         """Make the membership and the peer handlers refuse whom the registry forgot."""
@@ -1076,15 +1162,16 @@ class NodeCore:
         return [SendPeer(address, _wire.encoder.encode(notice))]
 
     def _on_forgotten(self, message: _wire.PeerForgotten, now: float) -> list[Effect]:
-        if self._forgotten_by:
-            return []
+        if self._forgotten_by or self.facts.node_id in self._forgotten:
+            return []  # told already, or it left: it knows
         self._forgotten_by = message.source
         return [
             Log(
                 f"the cluster forgot this node ({self.facts.node_id}; told by "
                 f"{message.source} at {message.address}): its members refuse what it "
-                "sends. To rejoin, start it with a new data directory (a new node id); "
-                "what it changed that no other member holds is not carried over"
+                "sends, and it refuses changes. To rejoin, start it with a new data "
+                "directory (a new node id); what it changed that no other member holds "
+                "is not carried over"
             )
         ]
 
@@ -1602,6 +1689,7 @@ class NodeCore:
             unconfirmed_changes=len(self.registry.snapshot.unconfirmed),
             missing_bodies=len(self.missing_bodies),
             forgotten=sorted(self._forgotten),
+            forgotten_by=self._forgotten_by,
         )
 
     def _stable_changes(self) -> int:
@@ -1649,6 +1737,7 @@ class NodeCore:
             self.registry.clock,
             reply=reply,
             cannot_load=self.cannot_load.recent(_wire.MAX_CANNOT_LOAD),
+            forgets=True,
         )
 
     def _route_lease(
@@ -2172,13 +2261,9 @@ def _refusal(request: Any, role: str) -> str:
     return f"{what} refused: the client is not authenticated (check SCATTER_SECRET)"
 
 
-def _rank(
-    snapshot: Snapshot,
-) -> tuple[int, tuple[int, str, str], int, tuple[tuple[str, int], ...]]:
+def _rank(snapshot: Snapshot) -> tuple[tuple[int, str, str], int, tuple[tuple[str, int], ...]]:
     """The order between two snapshots neither of which contains the other: the one
-    that folded more forgets wins (rule 10: a forget folded released what was kept for
-    the forgotten, which the other, never having folded it, may lack), then the one
-    that ends later in the one order. So whatever the loser folded and the winner
+    that ends later in the one order wins. So whatever the loser folded and the winner
     lacks sorts before the winner's end: void, re-issued by the nodes that drop it
     (Registry.adopt). It must be total: two sides of a partition can fold different
     changes under one same last change (each folded a concurrent change of its own that
@@ -2186,7 +2271,6 @@ def _rank(
     and they would send each other transfers forever. The clock breaks that tie (two
     snapshots with one clock fold the same changes: they are the same state)."""
     return (
-        len(snapshot.forgotten),
         snapshot.last or (0, "", ""),
         snapshot.changes,
         tuple(sorted(snapshot.clock.entries.items())),

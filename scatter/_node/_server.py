@@ -61,7 +61,7 @@ from .._security import (
 )
 from .._transport._zmq_trio import TrioSocket
 from ._slots import SharedSlots
-from ._store import RegistryStore
+from ._store import NodeIdentity, RegistryStore
 
 SCATTER_VERSION = "0.1.0"
 
@@ -912,26 +912,15 @@ async def serve_node(
         shutil.rmtree(run_root, ignore_errors=True)
         run_dir = run_root / str(identity.incarnation)
         slots = SharedSlots(run_dir / "slots", create=True)
-        facts = NodeFacts(
-            node_id=identity.node_id,
-            # A fresh writer id at every start: a restored backup or a copied directory
-            # can never number a change the way one that peers hold already is.
-            writer_id=f"{identity.node_id}.{identity.incarnation}.{secrets.token_hex(3)}",
-            incarnation=identity.incarnation,
-            address=config.address,
-            pid=os.getpid(),
-            data_dir=str(config.data_dir),
-            started_at=time.time(),
-            python=platform.python_version(),
-            scatter_version=SCATTER_VERSION,
-            seed=secrets.randbits(32),
-        )
+        core = _core_of(config, identity, store)
+        if identity.node_id in core.registry.forgotten:
+            identity, notice = store.start_afresh()  # it left for good (rule 10): a new node
+            log(notice)
+            core = _core_of(config, identity, store)
         members = store.members()
         remembered = [
             m.address for m in members if m.node != identity.node_id and m.state <= State.SUSPECT
         ]
-        snapshot, changes, views, bodies = store.load_replica()
-        core = NodeCore(config, facts, changes, views, bodies, snapshot=snapshot, void=store.void())
         core.hold_peer_changes = os.environ.get("SCATTER_TEST_HOLD_PEER_CHANGES") == "1"
         driver = NodeDriver(config, core, store, slots, sock, run_dir, keys)
         driver.relay_keys = {
@@ -953,6 +942,25 @@ async def serve_node(
         lock.close()
     if driver is not None and driver.exit_code:
         raise SystemExit(driver.exit_code)
+
+
+def _core_of(config: NodeConfig, identity: NodeIdentity, store: RegistryStore) -> NodeCore:
+    facts = NodeFacts(
+        node_id=identity.node_id,
+        # A fresh writer id at every start: a restored backup or a copied directory
+        # can never number a change the way one that peers hold already is.
+        writer_id=f"{identity.node_id}.{identity.incarnation}.{secrets.token_hex(3)}",
+        incarnation=identity.incarnation,
+        address=config.address,
+        pid=os.getpid(),
+        data_dir=str(config.data_dir),
+        started_at=time.time(),
+        python=platform.python_version(),
+        scatter_version=SCATTER_VERSION,
+        seed=secrets.randbits(32),
+    )
+    snapshot, changes, views, bodies = store.load_replica()
+    return NodeCore(config, facts, changes, views, bodies, snapshot=snapshot, void=store.void())
 
 
 async def _run(

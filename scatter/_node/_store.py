@@ -113,6 +113,25 @@ class RegistryStore:
             self._cache.set("format", STORE_FORMAT)
         return identity, notice
 
+    def start_afresh(self) -> tuple[NodeIdentity, str]:
+        """The node of this directory left its cluster for good (its registry forgot it):
+        drop its replica, keep the members it knew (to rejoin through), take a new id."""
+        with self._cache.transact():
+            old = _identity_decoder.decode(self._cache["identity"])
+            members = self._cache.get("members")
+            self._cache.clear()
+            if members is not None:
+                self._cache.set("members", members)
+            identity = NodeIdentity(node_id=_new_node_id(), incarnation=1, home=old.home)
+            self._cache.set("identity", _encoder.encode(identity))
+            self._cache.set("format", STORE_FORMAT)
+        notice = (
+            f"node {old.node_id} of this data directory left its cluster for good; it "
+            f"starts empty as the new node {identity.node_id}, and joins through the "
+            "members it knew"
+        )
+        return identity, notice
+
     def _upgrade_from_format_1(self) -> None:
         node_id = self._cache.get("node_id")
         for key in list(self._cache.iterkeys()):

@@ -216,7 +216,8 @@ def test_join_status_and_leave_from_the_command_line(tmp_path: Path) -> None:
         left = cli("--address", second.address, "node", "leave")
         assert left.returncode == 0, left.stderr
         assert "left its cluster" in left.stdout
-        wait_until(lambda: _state_of(first, second) == "left", 20, "the member is seen as left")
+        # Gone for good: forgotten by the member, out of its table.
+        wait_until(lambda: _state_of(first, second) == "unknown", 20, "the member is gone")
     finally:
         if pid is not None:
             from cluster.launch import kill_if_alive
@@ -408,30 +409,48 @@ def test_a_member_gone_for_good_is_forgotten_and_refused_when_it_comes_back(
                 assert gone.address not in [m["address"] for m in status.members]
         shown = _cli("--address", stayed[1].address, "node", "status")
         assert f"forgotten for good: {gone_id}" in shown.stdout, shown.stdout
-        # Back from its old data directory: refused, told so, and its changes stay its own.
+        # Back from its old data directory after all (its operator was wrong): refused,
+        # told so, and from then on it refuses changes itself.
         back = nodes[2] = _restarted(gone)
-        with client(back) as again:
-            again.publish(_scaled(7), name="stray")  # type: ignore[arg-type]
         wait_until(lambda: "the cluster forgot this node" in back.log(), 30, "it is told")
+        with client(back) as again:
+            with pytest.raises(scatter.ScatterError, match="forgot this node"):
+                again.publish(_scaled(7), name="stray")  # type: ignore[arg-type]
+            assert again.status().forgotten_by in (
+                client(stayed[0]).status().node_id,
+                second_id,
+            )
         holds_for(
-            lambda: all(_current(node, "stray") is None for node in stayed)
-            and all(_state_of(node, back) == "unknown" for node in stayed),
+            lambda: all(_state_of(node, back) == "unknown" for node in stayed),
             3.0,
             "the forgotten member stays out",
         )
 
 
-@pytest.mark.timeout(120)
-def test_a_member_dead_past_forget_after_is_forgotten_unasked(tmp_path: Path) -> None:
-    env = {"SCATTER_HISTORY_GRACE": "2", "SCATTER_FORGET_AFTER": "4"}
+@pytest.mark.timeout(150)
+def test_a_node_that_leaves_hands_its_changes_over_and_starts_afresh(tmp_path: Path) -> None:
+    env = {"SCATTER_HISTORY_GRACE": "3", "SCATTER_COMPACT_AFTER": "1"}
     with LocalCluster(tmp_path, 3, env=env) as three:
         nodes = three.nodes
-        with client(nodes[2]) as third:
-            gone_id = third.status().node_id
-        nodes[2].kill()
-        for node in nodes[:2]:
+        leaving, stayed = nodes[2], nodes[:2]
+        with client(leaving) as third:
+            left_id = third.status().node_id
+            third.publish(add)
+        left = _cli("--address", leaving.address, "node", "leave")
+        assert left.returncode == 0, left.stderr
+        leaving.stop()  # exited already (the CLI waits for it): reaped
+        for node in stayed:
+            assert _current(node, "add") == 1  # handed over before it went
             with client(node) as c:
-                wait_until(
-                    lambda c=c: c.status().forgotten == [gone_id], 60, "forgotten by both"
-                )
-        assert "forgetting" in nodes[0].log() + nodes[1].log()
+                wait_until(lambda c=c: c.status().forgotten == [left_id], 30, "forgotten")
+        with client(stayed[0]) as first:
+            first.publish(_add_v2(), name="add")  # type: ignore[arg-type]
+        for node in stayed:
+            wait_until(lambda node=node: _unconfirmed(node) == 0, 30, "nothing kept for it")
+        # Started again from its data directory: a new node, that catches up.
+        again = nodes[2] = _restarted(leaving)
+        assert "left its cluster for good" in again.log()
+        with client(again) as c:
+            assert c.status().node_id != left_id
+        _everywhere(nodes, "add", 2, timeout=30.0)
+        wait_until(lambda: _state_of(stayed[0], again) == "alive", 30, "the new node is a member")

@@ -11,10 +11,8 @@ import pytest
 
 from cluster.sim import ClusterSimulation
 from scatter import _wire
-from scatter._config import NodeConfig
 from scatter._core._membership import Alive, MemberInfo, Membership, MembershipConfig, State
-from scatter._core._node import _rank
-from scatter._core._registry import Change, ForgetOp, Registry, Snapshot, snapshot_decoder
+from scatter._core._registry import Change, ForgetOp, Registry, snapshot_decoder
 from scatter._exceptions import ConfigError, ProtocolError
 from tests.core.test_registry import record
 
@@ -42,10 +40,10 @@ def _cut_off(sim: ClusterSimulation, alone: str) -> None:
     sim.partition([a for a in sim.addresses if a != alone], [alone])
 
 
-def test_only_a_dead_member_is_forgotten_and_only_by_a_live_majority() -> None:
+def test_only_a_dead_member_is_forgotten_and_only_while_the_others_are_alive() -> None:
     sim = _sim(4)
     a, b, c, d = sim.addresses
-    sim.run_for(1.0)
+    sim.run_for(3.0)  # every member has sent its digest: all apply forgets
     refusals = {
         ("n0",): "cannot forget itself",
         ("n9",): "no member n9",
@@ -55,27 +53,27 @@ def test_only_a_dead_member_is_forgotten_and_only_by_a_live_majority() -> None:
         reply = _forget(sim, a, *nodes)
         assert isinstance(reply, _wire.Failure) and why in reply.message, reply
         assert reply.kind == "invalid"
-    sim.partition([a, b], [c], [d])
-    sim.run_for(20.0)  # c and d dead to a and b
+    sim.down |= {c, d}  # both crash
+    sim.run_for(20.0)
     reply = _forget(sim, a, "n2")
     assert isinstance(reply, _wire.Failure) and "n3 is not alive here" in reply.message
-    reply = _forget(sim, a, "n2", "n3")  # both dead: but a and b are no majority of 4
-    assert isinstance(reply, _wire.Failure) and "strict majority" in reply.message
-    sim.partition([a, b, c], [d])
-    sim.run_for(10.0)
-    assert isinstance(_forget(sim, a, "n3"), _wire.Done)
+    sim.cores[a]._forget_aware.discard("n1")  # as if b ran an older release
+    reply = _forget(sim, a, "n2", "n3")
+    assert isinstance(reply, _wire.Failure) and "n1 has not said" in reply.message
+    sim.run_for(3.0)  # b's next digest says it does
+    assert isinstance(_forget(sim, a, "n2", "n3"), _wire.Done)
     sim.run_for(1.0)
     reply = _forget(sim, b, "n3")  # heard of it by now
     assert isinstance(reply, _wire.Failure) and "already forgotten: n3" in reply.message
 
 
-def test_what_is_kept_for_a_member_goes_only_once_its_forget_is_folded() -> None:
+def test_what_is_kept_for_a_crashed_member_goes_once_it_is_forgotten() -> None:
     sim = _sim()
     a, b, c = sim.addresses
-    sim.run_for(1.0)
-    _cut_off(sim, c)
+    sim.run_for(3.0)
+    sim.down.add(c)  # crashed, its disk lost
     sim.request(a, _publish(1, "add", b"v1"))
-    sim.run_for(20.0)  # c dead past the grace: a and b fold without it, and keep for it
+    sim.run_for(20.0)  # dead past the grace: a and b fold without it, and keep for it
     assert _status(sim, a).unconfirmed_changes == 1
     assert isinstance(_forget(sim, a, "n2"), _wire.Done)
     sim.run_for(5.0)
@@ -85,14 +83,81 @@ def test_what_is_kept_for_a_member_goes_only_once_its_forget_is_folded() -> None
         assert status.unconfirmed_changes == 0, address
         assert "n2" in sim.cores[address].registry.snapshot.forgotten
         assert c not in [m["address"] for m in status.members]
-    # Back as it was: refused, and told so; nothing it sends gets in.
+    # Back with its data after all (its operator was wrong): refused, and told so; it
+    # refuses changes from then on.
+    sim.down.discard(c)
     sim.heal()
-    sim.request(c, _publish(2, "stray", b"v1"))
+    sim.run_for(10.0)
+    reply = sim.request(c, _publish(2, "stray", b"v1"))
+    assert isinstance(reply, _wire.Failure) and "forgot this node" in reply.message
+    assert _status(sim, c).forgotten_by in ("n0", "n1")
+    for address in (a, b):
+        assert c not in [m["address"] for m in _status(sim, address).members]
+
+
+def test_a_change_waiting_for_a_past_gone_with_a_forgotten_member_is_refused() -> None:
+    """Found by the Forgetting state machine: n0 wrote twice alone, then a third time
+    after the heal; only the third reached the others, and waited for the first two
+    (held by n0 alone) forever once n0 was gone for good and forgotten."""
+    sim = _sim(4)
+    a, b, c, d = sim.addresses
+    sim.run_for(3.0)
+    sim.partition([a], [b, c, d])
+    sim.request(a, _publish(1, "add", b"v1"))
+    sim.request(a, _publish(2, "add", b"v2"))
+    reply = sim.request(a, _wire.Rollback(3, "add"))
+    assert isinstance(reply, _wire.Moved)
+    change = sim.cores[a].registry.log()[-1]
+    sim.down.add(a)  # a crashes for good; only its last change got out, alone:
+    for address in (b, c, d):
+        sim.cores[address].registry.apply(change)  # held: its past is not here
+    assert sim.cores[b].registry.pending()
+    sim.run_for(20.0)
+    assert isinstance(_forget(sim, b, "n0"), _wire.Done)
+    sim.run_for(10.0)
+    for address in (b, c, d):
+        assert not sim.cores[address].registry.pending(), address
+    assert sim.converged({a})
+
+
+def test_a_leaving_node_hands_its_changes_over_then_forgets_itself() -> None:
+    sim = _sim()
+    a, b, c = sim.addresses
+    sim.run_for(3.0)
+    sim.request(c, _publish(1, "mine", b"v1"))
+    sim.submit(c, _wire.Leave(2))
+    refused = sim.request(c, _publish(3, "late", b"v1"))  # while it leaves
+    assert isinstance(refused, _wire.Failure) and "leaving" in refused.message
+    sim.run_until(lambda: sim.answer(c, 2) is not None, limit=sim.now + 15.0)
+    assert isinstance(sim.answer(c, 2), _wire.Done)
+    sim.down.add(c)  # it stopped
     sim.run_for(10.0)
     for address in (a, b):
-        assert "stray" not in sim.cores[address].registry.names()
+        registry = sim.cores[address].registry
+        assert "mine" in registry.names()  # handed over
+        assert registry.forgotten == frozenset({"n2"})
         assert c not in [m["address"] for m in _status(sim, address).members]
-    assert sim.cores[c]._forgotten_by in ("n0", "n1")
+    sim.request(a, _publish(4, "after", b"v1"))
+    sim.run_for(10.0)
+    for address in (a, b):  # folded without it, and nothing kept for it
+        status = _status(sim, address)
+        assert status.unconfirmed_changes == 0 and status.compacted_changes > 0
+
+
+def test_a_leave_nobody_can_take_fails_and_the_node_serves_on() -> None:
+    sim = _sim()
+    a, b, c = sim.addresses
+    sim.run_for(3.0)
+    sim.request(c, _publish(1, "mine", b"v1"))
+    sim.partition([a, b], [c])  # c still thinks them alive: its digests go nowhere
+    sim.submit(c, _wire.Leave(2))
+    sim.run_until(lambda: sim.answer(c, 2) is not None, limit=sim.now + 30.0)
+    failed = sim.answer(c, 2)
+    assert isinstance(failed, _wire.Failure) and "did not leave" in failed.message
+    assert isinstance(sim.request(c, _publish(3, "still", b"v1")), _wire.Published)
+    lone = _sim(1)
+    alone = lone.request(lone.addresses[0], _wire.Leave(1))
+    assert isinstance(alone, _wire.Failure) and "no live member" in alone.message
 
 
 def test_a_forget_applied_but_not_folded_releases_nothing() -> None:
@@ -130,12 +195,6 @@ def test_a_forget_travels_alone_and_names_each_member_once() -> None:
     assert decoded == forget
 
 
-def test_a_snapshot_that_folded_more_forgets_outranks_one_that_ends_later() -> None:
-    late = Snapshot(last=(9, "z", "z:9"), changes=9)
-    forgetful = Snapshot(last=(2, "a", "a:2"), changes=2, forgotten=("gone",))
-    assert _rank(forgetful) > _rank(late)
-
-
 def test_the_membership_ignores_news_of_a_forgotten_member() -> None:
     me = Membership("n0", "tcp://a:1", MembershipConfig.local(), seed=1)
     me.remember([MemberInfo(node="n1", address="tcp://b:1", incarnation=1, state=State.DEAD, since=0.0)], 0.0)
@@ -144,9 +203,3 @@ def test_the_membership_ignores_news_of_a_forgotten_member() -> None:
     me.receive("tcp://c:1", [Alive("n1", "tcp://b:1", 99)], 1.0)
     me.remember([MemberInfo(node="n1", address="tcp://b:1", incarnation=1, state=State.ALIVE, since=0.0)], 1.0)
     assert "n1" not in me.known()
-
-
-def test_forget_after_is_at_least_the_grace() -> None:
-    with pytest.raises(ConfigError, match="at least history_grace"):
-        NodeConfig(history_grace=10.0, forget_after=5.0)
-    assert NodeConfig().forget_after == 2 * NodeConfig().history_grace

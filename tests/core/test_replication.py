@@ -28,13 +28,19 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from cluster.sim import ClusterSimulation
 from scatter import _wire
 from scatter._config import NodeConfig
-from scatter._core._registry import ForgetOp, PublishOp, PublishSetOp, Registry, RollbackOp
+from scatter._core._registry import (
+    ForgetOp,
+    PublishOp,
+    PublishSetOp,
+    Registry,
+    RollbackOp,
+    node_of_writer,
+)
 
 NAMES = ("add", "mul", "neg")
 BODIES = (b"v1", b"v2", b"v3")
 NODES = 4
 GRACE = 3.0  # seconds a dead member holds back compaction
-FORGET = 6.0  # seconds after which a dead member is forgotten (Forgetting)
 
 # Hundreds of histories in CI; `nox -s sim` (SCATTER_SIM_EXAMPLES) asks for thousands.
 EXAMPLES = int(os.environ.get("SCATTER_SIM_EXAMPLES", "300"))
@@ -48,13 +54,13 @@ class Replication(RuleBasedStateMachine):
     # Compaction after every change every member has seen; the grace is the default
     # (7 days), so no member is ever left behind: no void change, no transfer.
     grace = NodeConfig.history_grace
-    forget = NodeConfig.forget_after
 
     def __init__(self) -> None:
         super().__init__()
         self.sim: ClusterSimulation | None = None
         self.ids = 0
         self.acknowledged: list[str] = []  # change ids a client was told succeeded
+        self.gone: set[str] = set()  # addresses of nodes that left or crashed for good
 
     @initialize(seed=st.integers(0, 2**32 - 1))
     def boot(self, seed: int) -> None:
@@ -63,7 +69,6 @@ class Replication(RuleBasedStateMachine):
             seed=seed,
             loss=0.10,
             history_grace=self.grace,
-            forget_after=self.forget,
             compact_after=1,
         )
 
@@ -127,7 +132,8 @@ class Replication(RuleBasedStateMachine):
     @rule(node=st.integers(0, NODES - 1))
     def restart(self, node: int) -> None:
         assert self.sim is not None
-        self.sim.restart(self._node(node))
+        if self._node(node) not in self.gone:
+            self.sim.restart(self._node(node))
 
     @invariant()
     def every_replica_is_a_function_of_its_changes(self) -> None:
@@ -142,12 +148,6 @@ class Replication(RuleBasedStateMachine):
             restarted = Registry.from_snapshot("check", registry.snapshot, registry.log())
             assert restarted.functions() == registry.functions()
 
-    def _gone(self) -> set[str]:
-        """Addresses of the members some node forgot."""
-        assert self.sim is not None
-        forgotten = set().union(*(c.registry.forgotten for c in self.sim.cores.values()))
-        return {self.sim.addresses[int(node[1:])] for node in forgotten}
-
     def _counted(self, registry: Registry) -> list[object]:
         """Every change ``registry``'s clock counts (applied), compacted away or not."""
         assert self.sim is not None
@@ -161,25 +161,16 @@ class Replication(RuleBasedStateMachine):
             return
         sim = self.sim
         sim.heal()
-        # Forgotten members come back as they were, and stay out: the others refuse them.
-        # (One may be forgotten while the heal spreads: it was gone past forget_after.)
-        settled = sim.run_until(lambda: sim.converged(self._gone()), limit=sim.now + 120.0)
+        gone = self.gone
+        sim.down |= gone  # gone for good: never back
+        settled = sim.run_until(lambda: sim.converged(gone), limit=sim.now + 120.0)
         assert settled is not None, "replicas did not converge within 120 s of the heal"
-        forgets = forgets_in(sim.written)
-        gone = {sim.addresses[int(node[1:])] for node in forgets}
-        assert gone == self._gone()
         cores = {a: c for a, c in sim.cores.items() if a not in gone}
         first = next(iter(cores.values())).registry
         reference = Registry.from_changes("reference", self._counted(first))
-        forgets_made = [f.change_id for found in forgets.values() for f in found]
-        for change_id in [*self.acknowledged, *forgets_made]:
-            change = sim.written[change_id]
-            node = change.origin.split(".")[0]
-            if node in forgets and not any(
-                f.clock.get(change.origin) >= change.clock.get(change.origin)
-                for f in forgets[node]
-            ):
-                continue  # a forgotten member's, that no forget counts: gone with it
+        forgets = forgets_in(sim.written)
+        made = [f.change_id for found in forgets.values() for f in found]
+        for change_id in [*self.acknowledged, *made]:
             assert kept(first, sim.written, change_id), f"lost {change_id}"
         for address, core in cores.items():
             assert core.registry.clock == first.clock, address
@@ -194,22 +185,20 @@ class Replication(RuleBasedStateMachine):
                 except LookupError:
                     found = None
                 assert found == expected, (address, name)
-        if gone:
-            # Nothing is kept for the forgotten once the forget is folded: one more
-            # change, folded everywhere, leaves every snapshot with nothing unconfirmed.
-            address = next(iter(cores))
-            self._ask(sim.addresses.index(address), _publish(self._next_id(), "add", b"end"))
+        self.nothing_kept_for_the_gone()
 
-            def emptied() -> bool:
-                gone = self._gone()
-                cores = [c for a, c in sim.cores.items() if a not in gone]
-                return sim.converged(gone) and all(
-                    not c.registry.snapshot.unconfirmed and not c.registry.log() for c in cores
-                )
+    def nothing_kept_for_the_gone(self) -> None:
+        """Bounded history: once every member gone for good left or is forgotten, and one
+        more change is folded everywhere, no snapshot keeps anything for anyone."""
 
-            assert sim.run_until(emptied, limit=sim.now + 120.0) is not None, {
-                a: len(c.registry.snapshot.unconfirmed) for a, c in sim.cores.items()
-            }
+
+def _applied(registry: Registry, written: dict[str, Any], change_id: str) -> bool:
+    """Whether ``registry`` applied the change (or a re-issue of it): held pending, it
+    may wait for a past that is gone."""
+    pending = {c.change_id for c in registry.pending()}
+    if change_id in pending:
+        return False
+    return kept(registry, written, change_id)
 
 
 def forgets_in(written: dict[str, Any]) -> dict[str, list[Any]]:
@@ -273,19 +262,86 @@ class AwayPastTheGrace(Replication):
 
 
 class Forgetting(AwayPastTheGrace):
-    """The same, and members cut off past 6 s are forgotten for good: by the live member
-    with the lowest node id (``forget_after``), or on request at any member. They come
-    back at the end as they were, refused; the others converge without them, lose
-    nothing but what the forgotten alone held, and then keep nothing for them."""
+    """The same, and members gone for good: one leaves (it hands its changes over,
+    forgets itself and stops), or crashes and never comes back, and is then forgotten on
+    request at any member (mostly refused: it is not dead yet, or another member is not
+    alive; the refusals are tested too). At most two of the four go. The others converge
+    without them, lose nothing acknowledged but what a crashed one alone held, and once
+    the gone are all forgotten, keep nothing for them."""
 
-    forget = FORGET
+    def _stays(self) -> bool:
+        return len(self.gone) < 2
+
+    @rule(node=st.integers(0, NODES - 1))
+    def leave(self, node: int) -> None:
+        assert self.sim is not None
+        address = self._node(node)
+        if address in self.sim.down or address in self.gone or not self._stays():
+            return
+        request = _wire.Leave(self._next_id())
+        self.sim.submit(address, request)
+        self.sim.run_until(lambda: self.sim.answer(address, request.id) is not None,
+                           limit=self.sim.now + 15.0)
+        reply = self.sim.answer(address, request.id)
+        assert isinstance(reply, _wire.Done | _wire.Failure), reply
+        if isinstance(reply, _wire.Done):
+            self.gone.add(address)
+            self.sim.down.add(address)
+
+    @rule(node=st.integers(0, NODES - 1))
+    def crash_for_good(self, node: int) -> None:
+        assert self.sim is not None
+        address = self._node(node)
+        if address in self.gone or not self._stays():
+            return
+        self.gone.add(address)
+        self.sim.down.add(address)
+        # What no other node holds now is gone with it (it may still be in flight).
+        crashed = self.sim.cores[address].facts.node_id
+        others = [c.registry for a, c in self.sim.cores.items() if a not in self.gone]
+        self.acknowledged = [
+            change_id
+            for change_id in self.acknowledged
+            if node_of_writer(self.sim.written[change_id].origin) != crashed
+            or any(_applied(r, self.sim.written, change_id) for r in others)
+        ]
 
     @rule(node=st.integers(0, NODES - 1), by=st.integers(0, NODES - 1))
     def forget_one(self, node: int, by: int) -> None:
-        # Mostly refused (the member is alive, or another is not): the refusals are
-        # part of what is tested; an accepted one is a change like any other.
+        # Only a node gone for good may be forgotten (what `scatter node forget` asks
+        # of its operator); the cores refuse it until it is dead, and while another
+        # member is not alive.
+        assert self.sim is not None
+        if self._node(node) not in self.gone:
+            return
         reply = self._ask(by, _wire.Forget(self._next_id(), [f"n{node % NODES}"]))
         assert reply is None or isinstance(reply, _wire.Done | _wire.Failure), reply
+
+    def nothing_kept_for_the_gone(self) -> None:
+        sim = self.sim
+        assert sim is not None
+        live = [a for a in sim.addresses if a not in self.gone]
+        forgotten = sim.cores[live[0]].registry.forgotten
+        nodes = [sim.cores[a].facts.node_id for a in sorted(self.gone)]
+        nodes = [node for node in nodes if node not in forgotten]
+        for _ in range(20 if nodes else 0):  # the crashed ones not forgotten yet: now
+            reply = sim.request(live[0], _wire.Forget(self._next_id(), nodes))
+            if isinstance(reply, _wire.Done):
+                break
+            sim.run_for(1.0)  # not every member said it applies forgets yet
+        else:
+            assert not nodes, f"{nodes} could not be forgotten: {reply}"
+        self._ask(sim.addresses.index(live[0]), _publish(self._next_id(), "add", b"end"))
+
+        def emptied() -> bool:
+            return sim.converged(self.gone) and all(
+                not sim.cores[a].registry.snapshot.unconfirmed and not sim.cores[a].registry.log()
+                for a in live
+            )
+
+        assert sim.run_until(emptied, limit=sim.now + 120.0) is not None, {
+            a: len(sim.cores[a].registry.snapshot.unconfirmed) for a in live
+        }
 
 
 TestReplication = Replication.TestCase
