@@ -378,7 +378,12 @@ def _start_node(
 
 @node_app.command("leave")
 def node_leave(ctx: typer.Context) -> None:
-    """Make the node (at `scatter --address`) leave its cluster gracefully, then stop."""
+    """Make the node (at `scatter --address`) leave its cluster for good, then stop.
+
+    It first hands every change it holds to a live member; then the cluster forgets it.
+
+    Started again, its data directory starts empty, as a new node that rejoins.
+    """
     with _client(ctx) as client:
         status = client.status()
         client.leave()
@@ -399,15 +404,15 @@ def node_forget(
         ),
     ],
 ) -> None:
-    """Forget members that will never come back, for good (at `scatter --address`).
+    """Forget members that crashed and whose data directories are gone, for good.
 
-    Each must be dead or left; every other member alive, and a strict majority.
+    Each must be dead (or left), and every other member alive (at `scatter --address`).
 
-    Members refuse what a forgotten one sends and stop keeping history for it.
+    Members stop keeping history for them, and refuse what they send.
 
-    It rejoins only with a new data directory (a new node id).
+    One that comes back after all refuses changes; it rejoins with a new data directory.
 
-    Members dead for longer than SCATTER_FORGET_AFTER (14 days) are forgotten unasked.
+    A node that leaves (`scatter node leave`) needs no forget: it forgets itself.
     """
     with _client(ctx) as client:
         client.forget(nodes)

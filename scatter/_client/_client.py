@@ -173,13 +173,16 @@ class Client:
         return status
 
     def leave(self) -> None:
-        """Make the node leave its cluster gracefully (members see it as left), then stop."""
+        """Make the node leave its cluster for good, then stop: once a live member holds
+        every change it holds, the members forget it. Raises if none takes them in time
+        (the node then stays, as it was)."""
         self.request(lambda i: _wire.Leave(i))
 
     def forget(self, nodes: list[str]) -> None:
-        """Make the node forget members (node ids) that never come back, for good: a
-        registry change every member applies. Refused (ConfigError, saying why) unless
-        each is dead or left and every other member is alive and a strict majority."""
+        """Make the node forget members (node ids) that crashed and whose data
+        directories are gone, for good: a registry change every member applies. Refused
+        (ConfigError, saying why) unless each is dead or left and every other member is
+        alive here and applies forgets."""
         self.request(lambda i: _wire.Forget(i, list(nodes)))
 
     def members(self) -> list[dict[str, Any]]:

@@ -77,22 +77,32 @@
 # while a member had not seen them) are dropped and re-issued on top under a new writer
 # id, each naming the change it re-issues (Registry.adopt), then pushed.
 #
-# Rule 10: forgetting members for good. A member that never comes back would make every
-# node keep, in its snapshot's `unconfirmed`, each change folded since it left: history
-# that grows with changes made. So a member dead or left for longer than `forget_after`
-# (or named by `scatter node forget`) is forgotten by a registry change (ForgetOp), in
-# the one order like any other. It is made only while every other member not forgotten
-# is alive here and they are a strict majority of the members, so the two sides of a
-# partition never forget each other (a cluster of two joins a third first); automatically,
-# by the live member with the lowest node id. Once applied, the member is out of the
-# membership table and its messages are refused (it is told: PeerForgotten): it rejoins
-# only with a new data directory, a new node id, and what it wrote that nobody else had
-# is gone with it. Only once the forget is folded into this node's snapshot does a change
-# no longer wait for that member's confirmation to leave `unconfirmed`. Snapshots
-# folded apart are ranked first by how many members they forgot (_rank): one that folded
-# the forget wins over any that did not, so the forgotten member's lineage (its own
-# snapshot, or one adopted from it) never replaces ours, and what we released, every
-# member not forgotten had seen, so its lineage holds it or re-issues it.
+# Rule 10: members gone for good. A member that never comes back would make every node
+# keep, in its snapshot's `unconfirmed`, each change folded since it left: history that
+# grows with changes made. What is kept for it guards against one thing: its lineage (a
+# snapshot lacking those changes, its own or one adopted from it) outranking ours later.
+# Only a member that acts again can bring that about; so a member stops counting as a
+# confirmer only once it is certain never to act again with its identity and data:
+#   - it left (`scatter node leave`): it refuses changes, waits until a live member holds
+#     every change it holds (the handover: a digest whose clock dominates ours), forgets
+#     itself (ForgetOp naming itself, a registry change like any other), waits up to
+#     LEAVE_GOODBYE_WAIT for a member to hold that too, says goodbye and stops. Started
+#     again, its data directory (or a copy) sees its own forget and starts empty as a new
+#     node. A leave nobody takes within LEAVE_HANDOVER_TIMEOUT fails; nothing is done.
+#   - an operator forgot it (`scatter node forget NODE`): the word that it crashed and its
+#     data directory is gone. Refused unless it is dead or left and every other member
+#     is alive here.
+# A forget is made only once every live member said it applies forgets (an older release
+# would drop every batch holding one). Once applied, the member is out of the table, news
+# of it is ignored, its messages are dropped and answered by PeerForgotten (if it comes
+# back after all, it refuses changes and says so in its status). Once the forget is
+# folded into a snapshot, the changes kept for it alone go (at the next round: the
+# snapshot also lets go, without new folding, of what members back from an absence have
+# confirmed since). A change held pending for a past of the forgotten member that never
+# came is refused as void then (its past is gone). Why that is enough: every other member
+# confirmed what we release, and a node keeps what it confirmed (in its state, or
+# re-issued when it adopts another snapshot) until every member not gone for good has it;
+# a lineage that lacks it can only start at a member gone for good, which never acts.
 
 """The node core: control requests, worker events and ticks in; effects out. Pure."""
 
@@ -518,6 +528,7 @@ class NodeCore:
         self._forgotten_by = ""  # the member that told us the cluster forgot this node
         self._forget_aware: set[str] = set()  # members whose digests say they apply forgets
         self._leaving: _Leaving | None = None
+        self._release_looked: Any = None  # what _confirmations_moved saw last
         self._held: list[_Held] = []  # reads waiting for changes their client saw (rule 8)
         # {member address: (when to ask again, what the reads wanted, our clock then)}
         self._pulls: dict[str, tuple[float, VectorClock, VectorClock]] = {}
@@ -1203,6 +1214,29 @@ class NodeCore:
         nodes = (self.membership.known().keys() | self.registry.forgotten) - {me}
         return {node: self._peer_clocks.get(node) for node in nodes}
 
+    def _confirmations_moved(self, members: Mapping[str, VectorClock | None]) -> bool:
+        """Whether the snapshot keeps changes (``unconfirmed``) and what every member
+        (not forgotten in it) has seen moved since we last looked."""
+        base = self.registry.snapshot
+        if not base.unconfirmed or any(clock is None for clock in members.values()):
+            return False
+        forgotten = set(base.forgotten)
+        low: dict[str, int] | None = None
+        for node, clock in members.items():
+            if node in forgotten or clock is None:
+                continue
+            entries = clock.entries
+            low = (
+                dict(entries)
+                if low is None
+                else {w: min(n, entries.get(w, 0)) for w, n in low.items()}
+            )
+        key = (len(base.unconfirmed), base.last, tuple(sorted((low or {}).items())))
+        if key == self._release_looked:
+            return False
+        self._release_looked = key
+        return True
+
     def _takes(self, theirs: Snapshot) -> bool:
         """Whether to adopt a peer's snapshot: it holds what we lack or makes some of
         ours void, and it is the one both sides keep. Two snapshots made apart (each
@@ -1216,13 +1250,17 @@ class NodeCore:
 
     def _compaction(self, now: float) -> list[Effect]:
         frontier = self.frontier(now)
+        members = self._confirmers()
         if frontier is None or self.registry.stable_count(frontier) < max(
             1, self.config.compact_after
         ):
             # Nothing to fold yet; but what a member back (or one forgotten) confirmed
-            # since is let go of now, not only at the next compaction.
+            # since is let go of now, not only at the next compaction. Looked for only
+            # when what they all confirmed moved: never while one of them stays away.
+            if not self._confirmations_moved(members):
+                return []
             frontier = VectorClock()
-        snapshot = self.registry.prepare_compaction(frontier, members=self._confirmers())
+        snapshot = self.registry.prepare_compaction(frontier, members=members)
         if snapshot is None:
             return []
         base = self.registry.snapshot.clock

@@ -913,8 +913,9 @@ async def serve_node(
         run_dir = run_root / str(identity.incarnation)
         slots = SharedSlots(run_dir / "slots", create=True)
         core = _core_of(config, identity, store)
-        if identity.node_id in core.registry.forgotten:
-            identity, notice = store.start_afresh()  # it left for good (rule 10): a new node
+        # It left for good (rule 10), or this is a copy of one that did: a new node.
+        if {identity.node_id, store.previous_node_id} & core.registry.forgotten:
+            identity, notice = store.start_afresh()
             log(notice)
             core = _core_of(config, identity, store)
         members = store.members()

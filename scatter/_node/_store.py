@@ -77,6 +77,7 @@ class RegistryStore:
         self.directory = directory
         # No eviction: a registry is not a cache, losing an entry would lose a version.
         self._cache = diskcache.Cache(str(directory), eviction_policy="none", size_limit=2**62)
+        self.previous_node_id = ""  # the id this directory's node had before this start
 
     def close(self) -> None:
         self._cache.close()
@@ -98,6 +99,7 @@ class RegistryStore:
                 identity = NodeIdentity(node_id=_new_node_id(), incarnation=1, home=home)
             else:
                 old = _identity_decoder.decode(found)
+                self.previous_node_id = old.node_id
                 if old.home == home:
                     identity = NodeIdentity(
                         node_id=old.node_id, incarnation=old.incarnation + 1, home=home

@@ -316,3 +316,25 @@ def test_what_the_registry_refused_as_void_is_stored_with_the_replica(tmp_path: 
         assert reopened.void() == {"n4.2.cccccc": 5}
     finally:
         reopened.close()
+
+
+def test_a_data_directory_whose_node_left_starts_afresh_keeping_its_members(
+    tmp_path: Path,
+) -> None:
+    from scatter._core._membership import MemberInfo, State
+
+    store = RegistryStore(tmp_path / "registry")
+    try:
+        first, _ = store.open_as_node()
+        friend = MemberInfo(node="friend", address="tcp://127.0.0.1:9", incarnation=1,
+                            state=State.ALIVE, since=0.0)
+        store.commit_members([friend])
+        store._cache.set(("change", "x:1"), b"whatever was here")  # the old replica
+        again, notice = store.start_afresh()
+        assert again.node_id != first.node_id and again.incarnation == 1
+        assert f"node {first.node_id} of this data directory left" in notice
+        assert store.members() == [friend]  # to rejoin through
+        assert ("change", "x:1") not in store._cache
+        assert store.load_replica()[1] == []
+    finally:
+        store.close()
