@@ -1218,13 +1218,15 @@ class NodeCore:
         """Whether the snapshot keeps changes (``unconfirmed``) and what every member
         (not forgotten in it) has seen moved since we last looked."""
         base = self.registry.snapshot
-        if not base.unconfirmed or any(clock is None for clock in members.values()):
+        if not base.unconfirmed:
             return False
         forgotten = set(base.forgotten)
         low: dict[str, int] | None = None
         for node, clock in members.items():
-            if node in forgotten or clock is None:
+            if node in forgotten:
                 continue
+            if clock is None:
+                return False
             entries = clock.entries
             low = (
                 dict(entries)

@@ -203,3 +203,27 @@ def test_the_membership_ignores_news_of_a_forgotten_member() -> None:
     me.receive("tcp://c:1", [Alive("n1", "tcp://b:1", 99)], 1.0)
     me.remember([MemberInfo(node="n1", address="tcp://b:1", incarnation=1, state=State.ALIVE, since=0.0)], 1.0)
     assert "n1" not in me.known()
+
+
+def test_what_members_back_from_an_absence_confirm_is_let_go_of_at_the_next_round() -> None:
+    """Found by the Forgetting state machine: a node that folded its own change alone (the
+    others dead to it past the grace) kept it after they came back and had it, until its
+    next compaction, because a member that had left (forgotten, its clock unknown)
+    still counted as unknown."""
+    sim = _sim(4)
+    a, b, c, d = sim.addresses
+    sim.run_for(3.0)
+    sim.submit(b, _wire.Leave(1))
+    sim.run_until(lambda: sim.answer(b, 1) is not None, limit=sim.now + 15.0)
+    assert isinstance(sim.answer(b, 1), _wire.Done)
+    sim.down.add(b)
+    sim.run_for(5.0)
+    sim.partition([a], [c, d])
+    sim.run_for(15.0)  # c and d dead to a past the grace, and a to them
+    sim.request(a, _publish(2, "alone", b"v1"))
+    sim.run_for(3.0)
+    assert _status(sim, a).unconfirmed_changes == 1  # folded without c and d: kept
+    sim.cut = set()
+    sim.run_for(15.0)  # no new change: only what c and d confirmed lets it go
+    assert sim.converged({b})
+    assert _status(sim, a).unconfirmed_changes == 0
