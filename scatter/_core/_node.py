@@ -1100,7 +1100,13 @@ class NodeCore:
         leaving = self._leaving
         assert leaving is not None
         if leaving.forget and now >= leaving.goodbye_by and self._write is None:
-            return self._goodbye(now)  # what the members do not hold, anti-entropy brings
+            # Every other change is held by a member; only our forget may be held by none.
+            log = Log(
+                f"no member said it holds this node's forget within {LEAVE_GOODBYE_WAIT:g} s: "
+                "should none have it, the members see this node as dead and keep history "
+                f"for it until `scatter node forget {self.facts.node_id}` on one of them"
+            )
+            return [log, *self._goodbye(now)]
         if not leaving.forget and now >= leaving.deadline:
             self._leaving = None
             why = self._unaware() or (

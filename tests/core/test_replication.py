@@ -5,12 +5,14 @@ registry and membership of every node): random publishes, set publishes, rollbac
 vaporizes at random nodes, messages lost (10%), delayed and reordered, partitions
 healed, nodes restarted from what they persisted; every node compacts what all members
 have seen after every change (`compact_after=1`). `AwayPastTheGrace` also cuts nodes off
-past the history grace (3 s there) while the others compact without them. At every step each replica is the full replay of the changes its
-clock counts, though it holds only a snapshot and the changes on top. Once everything
-heals and anti-entropy settles, every replica holds the same state, the one the set of
-all changes it counts defines (numbers agree, nothing vaporized comes back), and every
-acknowledged change is held everywhere, or was re-issued on top by some node after a
-full state transfer (it was made away past the grace).
+past the history grace (3 s there) while the others compact without them; `Forgetting`
+also has members leave, or crash for good and be forgotten (rule 10 of _node.py). At
+every step each replica is the full replay of the changes its clock counts, though it
+holds only a snapshot and the changes on top. Once everything heals and anti-entropy
+settles, every replica holds the same state, the one the set of all changes it counts
+defines (numbers agree, nothing vaporized comes back), and every acknowledged change is
+held everywhere, or was re-issued on top by some node after a full state transfer (it
+was made away past the grace), unless only a node that crashed for good held it.
 
 Derandomized in CI, but which histories depends on the local modules loaded: Hypothesis
 mixes constants from their source into what it draws, so the whole suite and this file
@@ -289,6 +291,17 @@ class Forgetting(AwayPastTheGrace):
         if isinstance(reply, _wire.Done):
             self.gone.add(address)
             self.sim.down.add(address)
+            # Every change it held was held by a live member before it forgot itself;
+            # its forget itself may have reached none (it said goodbye after a wait):
+            # then the others see it as dead, until an operator forgets it.
+            me = self.sim.cores[address].facts.node_id
+            others = [c.registry for a, c in self.sim.cores.items() if a not in self.gone]
+            self.exempt |= {
+                f.change_id
+                for f in forgets_in(self.sim.written).get(me, [])
+                if node_of_writer(f.origin) == me
+                and not any(_applied(r, self.sim.written, f.change_id) for r in others)
+            }
 
     @rule(node=st.integers(0, NODES - 1))
     def crash_for_good(self, node: int) -> None:
