@@ -556,7 +556,10 @@ def _history(status: _wire.NodeStatus) -> str:
     if status.void_changes:
         words += f", changes of {status.void_changes} writer(s) refused as void"
     if status.unconfirmed_changes:
-        words += f", {status.unconfirmed_changes} compacted kept for members that lack them"
+        words += (
+            f", {status.unconfirmed_changes} compacted kept for members that lack them "
+            "(until they are back; `scatter node forget` one whose data is gone)"
+        )
     if status.missing_bodies:
         words += f", {status.missing_bodies} bodies still to receive from the members"
     if status.forgotten:
