@@ -425,6 +425,9 @@ class PeerDigest(msgspec.Struct, array_like=True, tag=72, frozen=True):
     # or forgets a member, only once every live member says so (an older one would drop
     # every batch holding such a change, and never get past it).
     forgets: bool = False
+    # Live versions the sender holds without their bodies (still to come): a node that
+    # leaves hands over only to a member that holds every change and every body.
+    missing_bodies: int = 0
 
 
 class PeerRequest(msgspec.Struct, array_like=True, tag=73, frozen=True):
@@ -457,10 +460,12 @@ class PeerBodiesWanted(msgspec.Struct, array_like=True, tag=75, frozen=True):
 
 
 class PeerForgotten(msgspec.Struct, array_like=True, tag=76, frozen=True):
-    """To a node the cluster forgot (``Forget``): ``source`` refuses its messages."""
+    """To a node the cluster forgot (``Forget``): ``source`` refuses its messages. ``node``
+    is the id forgotten: a new node at a forgotten one's address ignores the notice."""
 
     source: Ident
     address: Address
+    node: Ident = ""
 
 
 PeerMessage = (
@@ -615,8 +620,8 @@ class NodeStatus(msgspec.Struct, array_like=True, tag=37, frozen=True):
     saturated: bool = False
     queued: int = 0  # leases that waited or were given a busy worker while saturated
     # Bounded history: changes folded that the snapshot keeps for members that have not
-    # seen them (Snapshot.unconfirmed): grows while a member is away, until it is back
-    # or forgotten (`scatter node forget`, or automatically after forget_after).
+    # seen them (Snapshot.unconfirmed): grows while a member is away, until it is back,
+    # leaves, or is forgotten (`scatter node forget`).
     unconfirmed_changes: int = 0
     # Live versions whose bodies this node has not received yet (they did not fit the
     # message that brought them): asked of the members; calls to them run elsewhere.

@@ -176,7 +176,9 @@ class Client:
         """Make the node leave its cluster for good, then stop: once a live member holds
         every change it holds, the members forget it. Raises if none takes them in time
         (the node then stays, as it was)."""
-        self.request(lambda i: _wire.Leave(i))
+        # The node answers once a member holds its changes, or after 10 s + 2 s at most
+        # (LEAVE_HANDOVER_TIMEOUT, LEAVE_GOODBYE_WAIT in _core/_node.py).
+        self.request(lambda i: _wire.Leave(i), timeout=30.0)
 
     def forget(self, nodes: list[str]) -> None:
         """Make the node forget members (node ids) that crashed and whose data

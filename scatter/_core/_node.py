@@ -84,11 +84,14 @@
 # Only a member that acts again can bring that about; so a member stops counting as a
 # confirmer only once it is certain never to act again with its identity and data:
 #   - it left (`scatter node leave`): it refuses changes, waits until a live member holds
-#     every change it holds (the handover: a digest whose clock dominates ours), forgets
-#     itself (ForgetOp naming itself, a registry change like any other), waits up to
-#     LEAVE_GOODBYE_WAIT for a member to hold that too, says goodbye and stops. Started
+#     every change and body it holds (the handover: a digest whose clock dominates ours
+#     and that lacks no body), forgets itself (ForgetOp naming itself, a registry change
+#     like any other), says goodbye once a member shows it applied that too (it answers
+#     our digest with PeerForgotten) or after LEAVE_GOODBYE_WAIT, and stops. Started
 #     again, its data directory (or a copy) sees its own forget and starts empty as a new
-#     node. A leave nobody takes within LEAVE_HANDOVER_TIMEOUT fails; nothing is done.
+#     node, which forgets the old id itself once it has caught up, should the old forget
+#     never have got out. A leave nobody takes within LEAVE_HANDOVER_TIMEOUT fails;
+#     nothing is done.
 #   - an operator forgot it (`scatter node forget NODE`): the word that it crashed and its
 #     data directory is gone. Refused unless it is dead or left and every other member
 #     is alive here.
@@ -473,7 +476,10 @@ class NodeCore:
         *,
         snapshot: Snapshot | None = None,
         void: Mapping[str, int] | None = None,
+        former: Iterable[str] = (),
     ) -> None:
+        """``former``: ids this data directory's node had before it left and started
+        afresh; forgotten by this node once it has joined, if the cluster has not yet."""
         self.config = config
         self.facts = facts
         self.registry = Registry.from_snapshot(
@@ -529,6 +535,7 @@ class NodeCore:
         self._forget_aware: set[str] = set()  # members whose digests say they apply forgets
         self._leaving: _Leaving | None = None
         self._release_looked: Any = None  # what _confirmations_moved saw last
+        self._former = frozenset(former)  # our ids before a start afresh, to forget
         self._held: list[_Held] = []  # reads waiting for changes their client saw (rule 8)
         # {member address: (when to ask again, what the reads wanted, our clock then)}
         self._pulls: dict[str, tuple[float, VectorClock, VectorClock]] = {}
@@ -717,6 +724,9 @@ class NodeCore:
                 effects.append(self._send(peer, _stopping_failure(request.id)))
         held, self._held = self._held, []
         effects += [self._send(h.peer, _stopping_failure(h.request.id)) for h in held]
+        leaving, self._leaving = self._leaving, None
+        if leaving is not None:
+            effects.append(self._send(leaving.peer, _stopping_failure(leaving.request_id)))
         return effects
 
     def busy_writing(self) -> bool:
@@ -848,6 +858,8 @@ class NodeCore:
                 effects.append(SendPeer(address, _wire.encoder.encode(digest)))
             if self._write is None and not self._waiting:
                 effects += self._compaction(now)
+            if self._former and self._write is None and not self._waiting:
+                effects += self._forget_former()
             effects += self._ask_for_bodies()
         if len(self._news) and now >= self._next_change_gossip:
             self._next_change_gossip = now + config.membership.gossip_interval
@@ -916,7 +928,11 @@ class NodeCore:
         if message.reply:
             mine = self._digest(reply=False)
             effects.append(SendPeer(message.address, _wire.encoder.encode(mine)))
-        if self._leaving is not None and message.clock.dominates(self.registry.clock):
+        if (
+            self._leaving is not None
+            and message.clock.dominates(self.registry.clock)
+            and not message.missing_bodies
+        ):
             effects += self._leave_held(now)
         return effects
 
@@ -1087,6 +1103,9 @@ class NodeCore:
         stops. Until then it refuses changes; a leave nobody takes in time fails."""
         if self._leaving is not None:
             return [self._send(peer, _wire.Failure(request.id, "invalid", "already leaving"))]
+        if self._forgotten_by:
+            why = f"the cluster forgot this node already (told by {self._forgotten_by})"
+            return [self._send(peer, _wire.Failure(request.id, "invalid", why))]
         if not self.membership.live_others():
             why = (
                 "no live member to hand this node's changes to, so leaving would lose them "
@@ -1151,6 +1170,32 @@ class NodeCore:
         done = self._send(leaving.peer, _wire.Done(leaving.request_id))
         return [*packets, done, Stop("left the cluster for good")]
 
+    def _forget_former(self) -> list[Effect]:
+        """Forget the ids this directory's node had before it left (rule 10), should its
+        own forget never have got out: the replica they acted with is gone, so they never
+        act again. Once a live member is known and every live member applies forgets."""
+        nodes = self._former - self._forgotten
+        if not nodes:
+            self._former = frozenset()
+            return []
+        live = self.membership.live_others()
+        caught_up = any(
+            (theirs := self._peer_clocks.get(m.node)) is not None
+            and self.registry.clock.dominates(theirs)
+            for m in live
+        )
+        if self._leaving is not None or self._unaware() or not caught_up:
+            return []  # not before we hold what a member held: it may have forgotten them
+        self._former = frozenset()
+        change = self.registry.prepare_forget(sorted(nodes), now=self._wall)
+        void = self._void_to_store()
+        self._write = _Write((change,), next(self._tickets), local=True, void=void)
+        log = Log(
+            f"forgetting {', '.join(sorted(nodes))}, this data directory's node before it "
+            "left: its own forget had not reached the members"
+        )
+        return [log, PersistChanges(self._write.ticket, (change,), {}, void=void)]
+
     def _drop_forgotten(self) -> list[Effect]:
         """Make the membership and the peer handlers refuse whom the registry forgot."""
         forgotten = self.registry.forgotten
@@ -1175,10 +1220,15 @@ class NodeCore:
         if not address or now - last < self.config.anti_entropy_interval:
             return []
         self._told_forgotten[message.source] = now
-        notice = _wire.PeerForgotten(self.facts.node_id, self.facts.address)
+        notice = _wire.PeerForgotten(self.facts.node_id, self.facts.address, message.source)
         return [SendPeer(address, _wire.encoder.encode(notice))]
 
     def _on_forgotten(self, message: _wire.PeerForgotten, now: float) -> list[Effect]:
+        if message.node != self.facts.node_id:
+            return []  # meant for a former node at this address
+        leaving = self._leaving
+        if leaving is not None and leaving.forget and self._write is None:
+            return self._goodbye(now)  # a member applied our forget: it holds it
         if self._forgotten_by or self.facts.node_id in self._forgotten:
             return []  # told already, or it left: it knows
         self._forgotten_by = message.source
@@ -1784,6 +1834,7 @@ class NodeCore:
             reply=reply,
             cannot_load=self.cannot_load.recent(_wire.MAX_CANNOT_LOAD),
             forgets=True,
+            missing_bodies=len(self.missing_bodies),
         )
 
     def _route_lease(

@@ -368,9 +368,8 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     # lost. Dropped once every member known has them. Never sent in a transfer.
     unconfirmed: tuple[Change, ...] = ()
     reissued: tuple[Ident, ...] = ()  # ids re-issued by a change folded in (one applies)
-    # Members forgotten by a change folded in (ForgetOp), sorted. Snapshots folded apart
-    # are ranked first by how many (_rank in _node.py): a forget folded releases what
-    # was kept for those members, so the snapshot that folded it must win.
+    # Members forgotten by a change folded in (ForgetOp), sorted: nothing is kept for them
+    # in ``unconfirmed`` any more (rule 10 of _node.py).
     forgotten: tuple[Ident, ...] = ()
 
 

@@ -961,7 +961,16 @@ def _core_of(config: NodeConfig, identity: NodeIdentity, store: RegistryStore) -
         seed=secrets.randbits(32),
     )
     snapshot, changes, views, bodies = store.load_replica()
-    return NodeCore(config, facts, changes, views, bodies, snapshot=snapshot, void=store.void())
+    return NodeCore(
+        config,
+        facts,
+        changes,
+        views,
+        bodies,
+        snapshot=snapshot,
+        void=store.void(),
+        former=identity.former,
+    )
 
 
 async def _run(

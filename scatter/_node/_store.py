@@ -55,6 +55,10 @@ class NodeIdentity(msgspec.Struct, frozen=True, kw_only=True):
     # another place and takes a new id, so two live nodes never share one. A cloned VM
     # keeps machine id and inode: clone it, then give it a new /etc/machine-id.
     home: str
+    # Ids this directory's node had before it left its cluster and started afresh: the
+    # new node forgets them once it has joined, should the cluster not have yet (rule 10
+    # of _core/_node.py: the replica they acted with is gone).
+    former: tuple[str, ...] = ()
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -102,10 +106,15 @@ class RegistryStore:
                 self.previous_node_id = old.node_id
                 if old.home == home:
                     identity = NodeIdentity(
-                        node_id=old.node_id, incarnation=old.incarnation + 1, home=home
+                        node_id=old.node_id,
+                        incarnation=old.incarnation + 1,
+                        home=home,
+                        former=old.former,
                     )
                 else:
-                    identity = NodeIdentity(node_id=_new_node_id(), incarnation=1, home=home)
+                    identity = NodeIdentity(
+                        node_id=_new_node_id(), incarnation=1, home=home, former=old.former
+                    )
                     notice = (
                         f"this data directory was node {old.node_id} elsewhere (copied or "
                         f"moved); this node takes the new id {identity.node_id} so that "
@@ -120,17 +129,19 @@ class RegistryStore:
         drop its replica, keep the members it knew (to rejoin through), take a new id."""
         with self._cache.transact():
             old = _identity_decoder.decode(self._cache["identity"])
-            members = self._cache.get("members")
+            gone = {old.node_id, self.previous_node_id, *old.former} - {""}
+            members = [m for m in self.members() if m.node not in gone]
             self._cache.clear()
-            if members is not None:
-                self._cache.set("members", members)
-            identity = NodeIdentity(node_id=_new_node_id(), incarnation=1, home=old.home)
+            self._cache.set("members", _encoder.encode(members))
+            identity = NodeIdentity(
+                node_id=_new_node_id(), incarnation=1, home=old.home, former=tuple(sorted(gone))
+            )
             self._cache.set("identity", _encoder.encode(identity))
             self._cache.set("format", STORE_FORMAT)
         notice = (
             f"node {old.node_id} of this data directory left its cluster for good; it "
-            f"starts empty as the new node {identity.node_id}, and joins through the "
-            "members it knew"
+            f"starts empty as the new node {identity.node_id}, joins through the members "
+            "it knew, and makes sure they forgot the old one"
         )
         return identity, notice
 

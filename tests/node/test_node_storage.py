@@ -332,6 +332,7 @@ def test_a_data_directory_whose_node_left_starts_afresh_keeping_its_members(
         store._cache.set(("change", "x:1"), b"whatever was here")  # the old replica
         again, notice = store.start_afresh()
         assert again.node_id != first.node_id and again.incarnation == 1
+        assert again.former == (first.node_id,)  # to forget, should the cluster not have
         assert f"node {first.node_id} of this data directory left" in notice
         assert store.members() == [friend]  # to rejoin through
         assert ("change", "x:1") not in store._cache
