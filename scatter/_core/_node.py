@@ -164,6 +164,7 @@ from ._vclock import VectorClock
 
 __all__ = [
     "BumpGeneration",
+    "ClosePeer",
     "KillWorker",
     "Log",
     "NodeCore",
@@ -277,6 +278,14 @@ class Log:
 
 
 @dataclass(frozen=True)
+class ClosePeer:
+    """Close the connection to a member forgotten for good (rule 10): nothing more is
+    sent there but a notice, which opens a new one for as long as it speaks."""
+
+    address: str
+
+
+@dataclass(frozen=True)
 class Stop:
     reason: str
     failed: bool = False  # the node exits non-zero
@@ -311,6 +320,7 @@ Effect = (
     | PersistMembers
     | BumpGeneration
     | Log
+    | ClosePeer
     | Stop
     | PoolEffect
 )
@@ -1203,15 +1213,16 @@ class NodeCore:
         if not new:
             return []
         self._forgotten = forgotten
+        known = self.membership.known()
+        addresses = [known[node].address for node in sorted(new) if node in known]
         self.membership.forget(new)
         for node in new:
             self._transfers_to.pop(node, None)
-        return [
-            Log(
-                f"forgot {', '.join(sorted(new))} for good: messages from "
-                f"{'it' if len(new) == 1 else 'them'} are refused from now on"
-            )
-        ]
+        log = Log(
+            f"forgot {', '.join(sorted(new))} for good: messages from "
+            f"{'it' if len(new) == 1 else 'them'} are refused from now on"
+        )
+        return [log, *(ClosePeer(address) for address in addresses)]
 
     def _refuse_forgotten(self, message: Any, now: float) -> list[Effect]:
         """A forgotten member spoke: drop it, and tell it (at most once a round)."""

@@ -91,7 +91,8 @@ class PeerSockets:
 
     Resource handling: a peer's queue holds at most ``PEER_QUEUE`` messages; past that
     (a dead or slow peer) messages are dropped, as SWIM and anti-entropy expect a lossy
-    network. Sockets to members that died are closed by :meth:`forget`.
+    network. The socket to a member forgotten for good is closed by :meth:`forget`
+    (``ClosePeer``); one to a member only dead stays, for it may come back.
     """
 
     PEER_QUEUE = 64
@@ -294,6 +295,8 @@ class NodeDriver:
                 self._nursery.start_soon(self.relay_call, effect)
             elif isinstance(effect, core_effects.SendPeer):
                 self.peers.send(effect.address, effect.payload)
+            elif isinstance(effect, core_effects.ClosePeer):
+                self.peers.forget(effect.address)
             elif isinstance(effect, core_effects.PushChanges):
                 payload = self._push_payload(effect, pushed)
                 if payload is not None:

@@ -12,7 +12,7 @@ import pytest
 from cluster.sim import ClusterSimulation
 from scatter import _wire
 from scatter._core._membership import Alive, MemberInfo, Membership, MembershipConfig, State
-from scatter._core._node import LEAVE_GOODBYE_WAIT
+from scatter._core._node import LEAVE_GOODBYE_WAIT, ClosePeer, PersistChanges
 from scatter._core._registry import Change, ForgetOp, Registry, snapshot_decoder
 from scatter._exceptions import ConfigError, ProtocolError
 from tests.core.test_registry import record
@@ -290,3 +290,23 @@ def test_a_node_started_afresh_forgets_its_former_id_once_it_has_caught_up() -> 
     sim.run_for(10.0)
     for address in sim.addresses:
         assert sim.cores[address].registry.forgotten == frozenset({"n7"}), address
+
+
+def test_the_connection_to_a_forgotten_member_is_closed() -> None:
+    sim = _sim()
+    a, _b, c = sim.addresses
+    sim.run_for(3.0)
+    sim.down.add(c)
+    sim.run_for(10.0)
+    core = sim.cores[a]
+    effects = core.receive(
+        b"client",
+        _wire.encoder.encode(_wire.Forget(1, ["n2"])),
+        role="deploy",
+        now=sim.now,
+        wall=sim.now,
+        readings=dict,
+    )
+    persist = next(e for e in effects if isinstance(e, PersistChanges))
+    after = core.changes_persisted(persist.ticket)
+    assert ClosePeer(c) in after
