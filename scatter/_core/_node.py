@@ -1168,9 +1168,7 @@ class NodeCore:
         leaving.forget = change.change_id
         leaving.goodbye_by = now + LEAVE_GOODBYE_WAIT
         leaving.next_ask = now  # the forget goes to them at once, then the digests
-        void = self._void_to_store()
-        self._write = _Write((change,), next(self._tickets), local=True, void=void)
-        return [PersistChanges(self._write.ticket, (change,), {}, void=void)]
+        return self._write_own(change)
 
     def _goodbye(self, now: float) -> list[Effect]:
         leaving = self._leaving
@@ -1198,13 +1196,11 @@ class NodeCore:
             return []  # not before we hold what a member held: it may have forgotten them
         self._former = frozenset()
         change = self.registry.prepare_forget(sorted(nodes), now=self._wall)
-        void = self._void_to_store()
-        self._write = _Write((change,), next(self._tickets), local=True, void=void)
         log = Log(
             f"forgetting {', '.join(sorted(nodes))}, this data directory's node before it "
             "left: its own forget had not reached the members"
         )
-        return [log, PersistChanges(self._write.ticket, (change,), {}, void=void)]
+        return [log, *self._write_own(change)]
 
     def _drop_forgotten(self) -> list[Effect]:
         """Make the membership and the peer handlers refuse whom the registry forgot."""
@@ -1258,8 +1254,7 @@ class NodeCore:
     def frontier(self, now: float) -> VectorClock | None:
         """What every member not dead past the grace has seen; None while some of them
         has not told us its clock, or told us of changes we do not hold yet."""
-        mine = self.registry.clock
-        low = dict(mine.entries)
+        mine = low = self.registry.clock
         grace = self.config.history_grace
         for member in self.membership.known().values():
             if member.node == self.facts.node_id:
@@ -1269,9 +1264,8 @@ class NodeCore:
             theirs = self._peer_clocks.get(member.node)
             if theirs is None or not mine.dominates(theirs):
                 return None
-            for writer, count in low.items():
-                low[writer] = min(count, theirs.get(writer))
-        return VectorClock(low)
+            low = low.meet(theirs)
+        return low
 
     def _confirmers(self) -> dict[str, VectorClock | None]:
         """{member: its last registry clock (None: unknown)} of every member ever known,
@@ -1287,20 +1281,10 @@ class NodeCore:
         base = self.registry.snapshot
         if not base.unconfirmed:
             return False
-        forgotten = set(base.forgotten)
-        low: dict[str, int] | None = None
-        for node, clock in members.items():
-            if node in forgotten:
-                continue
-            if clock is None:
-                return False
-            entries = clock.entries
-            low = (
-                dict(entries)
-                if low is None
-                else {w: min(n, entries.get(w, 0)) for w, n in low.items()}
-            )
-        key = (len(base.unconfirmed), base.last, tuple(sorted((low or {}).items())))
+        confirmed = self.registry.confirmed_by(members, base.forgotten)
+        if confirmed is None:
+            return False
+        key = (len(base.unconfirmed), base.last, confirmed)
         if key == self._release_looked:
             return False
         self._release_looked = key
@@ -1618,12 +1602,25 @@ class NodeCore:
         # was (same code) must not leave an unused body behind.
         added = {op.record.content_id for op in change.ops if isinstance(op, PublishOp)}
         bodies = {cid: found for cid, found in bodies.items() if cid in added}
+        return self._write_own(change, bodies, peer, request.id, reply)
+
+    def _write_own(
+        self,
+        change: Change,
+        bodies: Mapping[str, tuple[VersionRecord, bytes]] | None = None,
+        peer: bytes = b"",
+        request_id: int = 0,
+        reply: Callable[[], Any] | None = None,
+    ) -> list[Effect]:
+        """Store a change of this node's (a client's, or its own: a forget), then apply
+        and push it (rule 4: the one write in flight)."""
+        bodies = bodies or {}
         void = self._void_to_store()
         self._write = _Write(
             (change,),
             next(self._tickets),
             peer,
-            request.id,
+            request_id,
             reply,
             local=True,
             void=void,

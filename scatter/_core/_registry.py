@@ -125,7 +125,7 @@ import bisect
 import hashlib
 import keyword
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Annotated, Any, Literal, TypeAlias
 
 import msgspec
@@ -764,17 +764,30 @@ class Registry:
         else:  # nothing to fold: only what members confirmed since to let go of
             prefix, snapshot = [], self._base
         if members is not None:
-            forgotten = set(snapshot.forgotten)
-            clocks = [clock for m, clock in members.items() if m not in forgotten]
+            confirmed = self.confirmed_by(members, snapshot.forgotten)
             unconfirmed = tuple(
                 c
                 for c in (*self._base.unconfirmed, *prefix)
-                if not all(seen is not None and seen.dominates(c.clock) for seen in clocks)
+                if confirmed is None or not confirmed.dominates(c.clock)
             )
             if not count and len(unconfirmed) == len(self._base.unconfirmed):
                 return None
             snapshot = msgspec.structs.replace(snapshot, unconfirmed=unconfirmed)
         return snapshot
+
+    def confirmed_by(
+        self, members: Mapping[str, VectorClock | None], forgotten: Collection[str] = ()
+    ) -> VectorClock | None:
+        """What this registry and every one of ``members`` (their last clocks; those in
+        ``forgotten`` left out) have all seen; None while one of those clocks is unknown."""
+        low = self._clock
+        for member, clock in members.items():
+            if member in forgotten:
+                continue
+            if clock is None:
+                return None
+            low = low.meet(clock)
+        return low
 
     @property
     def forgotten(self) -> frozenset[str]:

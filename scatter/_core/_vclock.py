@@ -93,6 +93,17 @@ class VectorClock(msgspec.Struct, frozen=True):
                 entries[node_id] = count
         return VectorClock(entries)
 
+    def meet(self, other: VectorClock) -> VectorClock:
+        """The greatest clock both dominate (entry-wise minimum): what both have seen."""
+        theirs = other.entries
+        return VectorClock(
+            {
+                node_id: min(count, theirs[node_id])
+                for node_id, count in self.entries.items()
+                if node_id in theirs
+            }
+        )
+
     def dominates(self, other: VectorClock) -> bool:
         """Whether every entry of ``self`` is >= the same entry of ``other``.
 

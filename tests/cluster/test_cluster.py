@@ -15,6 +15,8 @@ from cluster.launch import LocalCluster, LocalNode
 from tests.waiting import holds_for, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
+# A grace of 3 s, compaction after every stable change: history bounded within a test.
+FAST_HISTORY = {"SCATTER_HISTORY_GRACE": "3", "SCATTER_COMPACT_AFTER": "1"}
 
 
 def add(a: int, b: int) -> int:
@@ -186,34 +188,34 @@ def _versions(node: LocalNode) -> list[dict[str, object]]:
             return []
 
 
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scatter", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+
+
 @pytest.mark.timeout(120)
 def test_join_status_and_leave_from_the_command_line(tmp_path: Path) -> None:
     first = LocalNode(tmp_path / "first", options=["--profile", "local"]).start()
     second = LocalNode(tmp_path / "second")  # only for its port and directory
     pid = None
     try:
-
-        def cli(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run(
-                [sys.executable, "-m", "scatter", *args],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                cwd=ROOT,
-            )
-
         host_port = first.address.removeprefix("tcp://")
-        joined = cli(
+        joined = _cli(
             "node", "join", host_port, "--address", second.address,
             "--data-dir", str(second.data_dir), "--profile", "local", "--background",
         )
         assert joined.returncode == 0, joined.stderr
         pid = int(joined.stdout.split("pid ")[1].split(",")[0])
         wait_until(lambda: _state_of(first, second) == "alive", 20, "the joined node is alive")
-        status = cli("--address", first.address, "node", "status")
+        status = _cli("--address", first.address, "node", "status")
         assert status.returncode == 0, status.stderr
         assert second.address in status.stdout and "alive" in status.stdout
-        left = cli("--address", second.address, "node", "leave")
+        left = _cli("--address", second.address, "node", "leave")
         assert left.returncode == 0, left.stderr
         assert "left its cluster" in left.stdout
         # Gone for good: forgotten by the member, out of its table.
@@ -279,7 +281,7 @@ def test_a_node_back_after_the_history_grace_catches_up_and_nothing_comes_back(
 ) -> None:
     # A grace of 3 s and compaction after every stable change: the two that stay fold
     # their history without the killed one, which then lies below their snapshot.
-    env = {"SCATTER_HISTORY_GRACE": "3", "SCATTER_COMPACT_AFTER": "1"}
+    env = FAST_HISTORY
     with LocalCluster(tmp_path, 3, env=env) as three:
         nodes = three.nodes
         gone = nodes[2]
@@ -357,16 +359,6 @@ def test_bodies_that_do_not_fit_one_message_come_in_parts(tmp_path: Path) -> Non
         assert "have no body" not in restarted.log()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "scatter", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-
-
 def _unconfirmed(node: LocalNode) -> int:
     with client(node) as c:
         return c.status().unconfirmed_changes
@@ -379,7 +371,7 @@ def test_a_member_gone_for_good_is_forgotten_and_refused_when_it_comes_back(
     # A grace of 3 s, compaction after every stable change: what the two that stay fold
     # once the third is dead past the grace, they keep for it (unconfirmed) until it is
     # forgotten; then nothing.
-    env = {"SCATTER_HISTORY_GRACE": "3", "SCATTER_COMPACT_AFTER": "1"}
+    env = FAST_HISTORY
     with LocalCluster(tmp_path, 3, env=env) as three:
         nodes = three.nodes
         gone, stayed = nodes[2], nodes[:2]
@@ -429,7 +421,7 @@ def test_a_member_gone_for_good_is_forgotten_and_refused_when_it_comes_back(
 
 @pytest.mark.timeout(150)
 def test_a_node_that_leaves_hands_its_changes_over_and_starts_afresh(tmp_path: Path) -> None:
-    env = {"SCATTER_HISTORY_GRACE": "3", "SCATTER_COMPACT_AFTER": "1"}
+    env = FAST_HISTORY
     with LocalCluster(tmp_path, 3, env=env) as three:
         nodes = three.nodes
         leaving, stayed = nodes[2], nodes[:2]

@@ -374,24 +374,18 @@ class Forgetting(AwayPastTheGrace):
         }
 
 
-TestReplication = Replication.TestCase
-TestReplication.settings = settings(
-    max_examples=EXAMPLES, stateful_step_count=25, deadline=None
-)
 # Derandomized in CI: the same histories every run. Random ones (`nox -s sim`) can
 # still find the open case in cluster/README.md ("What is left"): a change every member
 # had seen, then dropped as void by a member adopting the other side's snapshot.
+_SWEPT = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=25,
+    deadline=None,
+    derandomize="SCATTER_SIM_EXAMPLES" not in os.environ,
+)
+TestReplication = Replication.TestCase
+TestReplication.settings = settings(max_examples=EXAMPLES, stateful_step_count=25, deadline=None)
 TestAwayPastTheGrace = AwayPastTheGrace.TestCase
-TestAwayPastTheGrace.settings = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=25,
-    deadline=None,
-    derandomize="SCATTER_SIM_EXAMPLES" not in os.environ,
-)
+TestAwayPastTheGrace.settings = _SWEPT
 TestForgetting = Forgetting.TestCase
-TestForgetting.settings = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=25,
-    deadline=None,
-    derandomize="SCATTER_SIM_EXAMPLES" not in os.environ,
-)
+TestForgetting.settings = _SWEPT

@@ -96,6 +96,18 @@ def test_merge_is_the_least_upper_bound(a: VectorClock, b: VectorClock, c: Vecto
 
 
 @settings(max_examples=100, deadline=None)
+@given(clocks, clocks, clocks)
+def test_meet_is_the_greatest_lower_bound(a: VectorClock, b: VectorClock, c: VectorClock) -> None:
+    m = a.meet(b)
+    assert m == b.meet(a)
+    assert a.dominates(m) and b.dominates(m)
+    assert a.meet(a) == a
+    assert a.meet(b).meet(c) == a.meet(b.meet(c))
+    if a.dominates(c) and b.dominates(c):
+        assert m.dominates(c)
+
+
+@settings(max_examples=100, deadline=None)
 @given(clocks, clocks, st.sampled_from(NODES))
 def test_total_extends_causal_order(a: VectorClock, b: VectorClock, node: str) -> None:
     # The registry sorts changes by total(): it must never put an effect before its cause.
