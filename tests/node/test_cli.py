@@ -602,3 +602,18 @@ def test_status_history_line_counts_bodies_still_to_receive() -> None:
     assert "bodies" not in _history(status)
     missing = msgspec.structs.replace(status, missing_bodies=2)
     assert _history(missing).endswith(", 2 bodies still to receive from the members")
+
+
+def test_status_history_line_says_how_to_stop_keeping_history_for_the_gone() -> None:
+    from scatter import _wire
+    from scatter._cli import _history
+
+    status = _wire.NodeStatus(
+        1, "n1", "tcp://127.0.0.1:1", 1, "/d", 0.0, 1, 1, 1, 0, 0, "3.11", "0", changes=3
+    )
+    assert "forget" not in _history(status)
+    kept = msgspec.structs.replace(status, unconfirmed_changes=4, forgotten=["n9"])
+    line = _history(kept)
+    assert "4 compacted kept for members that lack them" in line
+    assert "`scatter node forget` one whose data is gone" in line
+    assert line.endswith("; forgotten for good: n9")

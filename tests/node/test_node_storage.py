@@ -339,3 +339,22 @@ def test_a_data_directory_whose_node_left_starts_afresh_keeping_its_members(
         assert store.load_replica()[1] == []
     finally:
         store.close()
+
+
+def test_a_copied_data_directory_knows_the_id_it_was_so_a_left_one_starts_afresh(
+    tmp_path: Path,
+) -> None:
+    # The node checks both ids against what its replica forgot (_server.run_node).
+    store = RegistryStore(tmp_path / "node" / "registry")
+    try:
+        first, _ = store.open_as_node()
+    finally:
+        store.close()
+    shutil.copytree(tmp_path / "node", tmp_path / "copy")
+    copy = RegistryStore(tmp_path / "copy" / "registry")
+    try:
+        again, notice = copy.open_as_node()
+        assert again.node_id != first.node_id and notice
+        assert copy.previous_node_id == first.node_id
+    finally:
+        copy.close()
